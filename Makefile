@@ -1,0 +1,349 @@
+# libfreekv -- GNU Makefile.
+#
+#   make                 build/libfreekv.so.$(VERSION) (+ soname links) and build/libfreekv.a
+#   make check           build and run the Check unit tests (fetches Check if needed)
+#   make check-sanitize  the same with ASan + UBSan, in build-asan/
+#   make demo            build and run examples/demo.c
+#   make examples        build every examples/*.c
+#   make bench           build every bench/*.c (and bench/*.cu with CUDA=1)
+#   make install         PREFIX=/usr/local DESTDIR= LIBDIR= INCLUDEDIR=
+#   make uninstall | clean | distclean | print-check-flags
+#
+# Options: CUDA=0|1 (default: 1 when nvcc is found), CUDA_HOME, CHECK_PREFIX,
+# CFLAGS (default -O2 -g), LDFLAGS, NVCCFLAGS (default -O3), BUILD (default build).
+
+.DEFAULT_GOAL := all
+.DELETE_ON_ERROR:
+.SUFFIXES:
+
+# ---------------------------------------------------------------------------
+# Version, read from the public header (never hard-coded here).
+# ---------------------------------------------------------------------------
+
+HEADER := include/freekv.h
+fkv_version_field = $(shell awk '$$2 == "FKV_VERSION_$(1)" { print $$3; exit }' $(HEADER))
+MAJOR := $(call fkv_version_field,MAJOR)
+MINOR := $(call fkv_version_field,MINOR)
+PATCH := $(call fkv_version_field,PATCH)
+VERSION := $(MAJOR).$(MINOR).$(PATCH)
+ifeq ($(shell echo '$(VERSION)' | grep -E '^[0-9]+\.[0-9]+\.[0-9]+$$'),)
+  $(error could not read FKV_VERSION_MAJOR/MINOR/PATCH from $(HEADER) (got '$(VERSION)'))
+endif
+
+SONAME   := libfreekv.so.$(MAJOR)
+SO_REAL  := libfreekv.so.$(VERSION)
+
+# ---------------------------------------------------------------------------
+# Directories and tools
+# ---------------------------------------------------------------------------
+
+BUILD      ?= build
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+DESTDIR    ?=
+
+AR         ?= ar
+PKG_CONFIG ?= pkg-config
+INSTALL    ?= install
+
+# ---------------------------------------------------------------------------
+# CUDA detection. CUDA_HOME defaults to the toolkit of the nvcc on PATH, else
+# /usr/local/cuda. CUDA defaults to 1 when nvcc is found there.
+# ---------------------------------------------------------------------------
+
+NVCC_ON_PATH := $(shell command -v nvcc 2>/dev/null)
+ifeq ($(origin CUDA_HOME),undefined)
+  ifneq ($(NVCC_ON_PATH),)
+    CUDA_HOME := $(abspath $(dir $(NVCC_ON_PATH))..)
+  else
+    CUDA_HOME := /usr/local/cuda
+  endif
+endif
+ifeq ($(origin NVCC),undefined)
+  NVCC := $(firstword $(wildcard $(CUDA_HOME)/bin/nvcc) $(NVCC_ON_PATH))
+endif
+ifeq ($(origin CUDA),undefined)
+  CUDA := $(if $(NVCC),1,0)
+endif
+ifeq ($(NVCC),)
+  NVCC := nvcc
+endif
+ifneq ($(filter-out 0 1,$(CUDA)),)
+  $(error CUDA must be 0 or 1, not '$(CUDA)')
+endif
+CUDA_LIBDIR ?= $(CUDA_HOME)/lib64
+
+# ---------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------
+
+CFLAGS    ?= -O2 -g
+NVCCFLAGS ?= -O3
+NVCC_GENCODE ?= -gencode arch=compute_80,code=sm_80 \
+                -gencode arch=compute_90,code=sm_90 \
+                -gencode arch=compute_90,code=compute_90
+
+SANITIZE ?= 0
+ifeq ($(SANITIZE),1)
+  SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer \
+               -fno-sanitize-recover=all
+else
+  SAN_FLAGS :=
+endif
+
+FKV_CFLAGS := -std=c11 -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
+              -Iinclude -Ilib
+DEPFLAGS    = -MMD -MP -MF $(@:.o=.d)
+
+ifeq ($(CUDA),1)
+  CUDA_CPPFLAGS := -DFKV_WITH_CUDA -I$(CUDA_HOME)/include
+  # cudart is linked statically: libfreekv.so needs no libcudart at run time.
+  # nvcc's host code needs the C++ runtime (static-init guards, personality).
+  CUDA_LIBS     := -L$(CUDA_LIBDIR) -lcudart_static -ldl -lpthread -lrt -lstdc++
+else
+  CUDA_CPPFLAGS :=
+  CUDA_LIBS     :=
+endif
+
+# Every C file (library, tests, examples, bench) is compiled with these.
+ALL_CFLAGS  = $(CPPFLAGS) $(FKV_CFLAGS) $(CUDA_CPPFLAGS) $(SAN_FLAGS) $(CFLAGS) \
+              $(EXTRA_CFLAGS)
+ALL_NVCCFLAGS = -std=c++17 -Xcompiler -fPIC -Xcompiler -fvisibility=hidden \
+                -Iinclude -Ilib -Ikernels -DFKV_WITH_CUDA $(NVCC_GENCODE) \
+                $(NVCCFLAGS)
+ALL_LDFLAGS = $(SAN_FLAGS) $(LDFLAGS)
+# System libraries needed by anything linking libfreekv (static or shared).
+SYS_LIBS   := $(CUDA_LIBS) -lm -lpthread
+
+# ---------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------
+
+LIB_C_ALL  := $(wildcard lib/*.c)
+LIB_C_CUDA := $(foreach f,$(LIB_C_ALL),$(if $(findstring cuda,$(notdir $(f))),$(f)))
+ifeq ($(CUDA),1)
+  LIB_C    := $(LIB_C_ALL)
+  LIB_CU   := $(wildcard kernels/*.cu)
+else
+  LIB_C    := $(filter-out $(LIB_C_CUDA),$(LIB_C_ALL))
+  LIB_CU   :=
+endif
+LIB_OBJS   := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.cu.o)
+
+TEST_SRCS  := $(wildcard tests/*.c)
+TEST_OBJS  := $(TEST_SRCS:%.c=$(BUILD)/%.o)
+TEST_BIN   := $(BUILD)/tests/freekv_tests
+
+EXAMPLE_SRCS := $(wildcard examples/*.c)
+EXAMPLE_OBJS := $(EXAMPLE_SRCS:%.c=$(BUILD)/%.o)
+EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
+
+BENCH_C    := $(wildcard bench/*.c)
+BENCH_CU   := $(if $(filter 1,$(CUDA)),$(wildcard bench/*.cu))
+BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o)
+BENCH_C_BINS  := $(BENCH_C:bench/%.c=$(BUILD)/bench/%)
+BENCH_CU_BINS := $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
+ifeq ($(CUDA),1)
+  BENCH_LIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas
+endif
+
+STATIC_LIB := $(BUILD)/libfreekv.a
+SHARED_LIB := $(BUILD)/$(SO_REAL)
+SHARED_LINKS := $(BUILD)/$(SONAME) $(BUILD)/libfreekv.so
+MAP_FILE   := lib/libfreekv.map
+
+ALL_OBJS := $(LIB_OBJS) $(TEST_OBJS) $(EXAMPLE_OBJS) $(BENCH_OBJS)
+
+# ---------------------------------------------------------------------------
+# Check (unit-test framework) discovery:
+#   1. CHECK_PREFIX=dir given: dir/include, dir/lib/<multiarch>/libcheck.a or
+#      dir/lib/libcheck.a (+ libsubunit.a beside it);
+#   2. else pkg-config's check;
+#   3. else scripts/fetch-check.sh unpacks Debian's packages into .deps/root
+#      (no root install) and CHECK_PREFIX becomes .deps/root/usr.
+# ---------------------------------------------------------------------------
+
+CHECK_FETCH_DIR := .deps
+CHECK_STAMP     :=
+ifneq ($(strip $(CHECK_PREFIX)),)
+  CHECK_FROM := prefix
+else ifeq ($(shell $(PKG_CONFIG) --exists check 2>/dev/null && echo yes),yes)
+  CHECK_FROM := pkg-config
+else
+  CHECK_FROM   := fetch
+  CHECK_PREFIX := $(CHECK_FETCH_DIR)/root/usr
+  CHECK_STAMP  := $(CHECK_FETCH_DIR)/root/.complete
+endif
+
+ifeq ($(CHECK_FROM),pkg-config)
+  CHECK_CFLAGS := $(shell $(PKG_CONFIG) --cflags check)
+  CHECK_LIBS   := $(shell $(PKG_CONFIG) --libs check)
+else
+  MULTIARCH    := $(or $(shell $(CC) -print-multiarch 2>/dev/null),x86_64-linux-gnu)
+  CHECK_CFLAGS := -I$(CHECK_PREFIX)/include
+  # Recursive (=) and via $(shell): evaluated when the test binary is linked,
+  # i.e. after a fetch has put the files there.
+  CHECK_LIBDIR  = $(shell for d in $(CHECK_PREFIX)/lib/$(MULTIARCH) $(CHECK_PREFIX)/lib; do \
+                    if [ -f "$$d/libcheck.a" ]; then echo "$$d"; break; fi; done)
+  CHECK_LIBS    = $(if $(CHECK_LIBDIR),$(CHECK_LIBDIR)/libcheck.a \
+                    $(shell [ -f "$(CHECK_LIBDIR)/libsubunit.a" ] && echo "$(CHECK_LIBDIR)/libsubunit.a") \
+                    -lm -lpthread -lrt,$(error libcheck.a not found under $(CHECK_PREFIX)/lib/$(MULTIARCH) or $(CHECK_PREFIX)/lib))
+endif
+
+ifeq ($(SANITIZE),1)
+  # protect_shadow_gap=0: without it the CUDA driver cannot map its memory
+  # under ASan and cudaGetDeviceCount fails (checked on an H200).
+  TEST_ENV := ASAN_OPTIONS=detect_leaks=1$(if $(filter 1,$(CUDA)),:protect_shadow_gap=0) \
+              UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+              CK_TIMEOUT_MULTIPLIER=$(or $(CK_TIMEOUT_MULTIPLIER),4)
+  # The sanitized variant only needs the static library.
+  CHECK_LIB_DEPS := $(STATIC_LIB)
+else
+  TEST_ENV :=
+  CHECK_LIB_DEPS := $(SHARED_LIB) $(SHARED_LINKS) $(STATIC_LIB)
+endif
+
+# ---------------------------------------------------------------------------
+# Rebuild everything when the flags change (e.g. CUDA=0 -> CUDA=1).
+# ---------------------------------------------------------------------------
+
+FLAGS_STAMP := $(BUILD)/.flags
+FLAGS_TEXT  := CC=$(CC) $(ALL_CFLAGS) | NVCC=$(if $(LIB_CU)$(BENCH_CU),$(NVCC) $(ALL_NVCCFLAGS)) \
+               | CUDA=$(CUDA) | LIBS=$(SYS_LIBS) $(LDFLAGS)
+
+# ---------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------
+
+.PHONY: all check check-sanitize demo examples bench install uninstall clean \
+        distclean print-check-flags FORCE
+
+all: $(SHARED_LIB) $(SHARED_LINKS) $(STATIC_LIB)
+
+$(FLAGS_STAMP): FORCE
+	@mkdir -p $(@D)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(strip $(FLAGS_TEXT))' ]; then \
+	  printf '%s\n' '$(strip $(FLAGS_TEXT))' > $@; fi
+
+$(BUILD)/%.o: %.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) $(DEPFLAGS) -c -o $@ $<
+
+$(BUILD)/%.cu.o: %.cu $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(NVCC) $(ALL_NVCCFLAGS) -MMD -MP -MF $(@:.o=.d) -c -o $@ $<
+
+$(SHARED_LIB): $(LIB_OBJS) $(MAP_FILE)
+	$(CC) -shared -o $@ $(LIB_OBJS) $(ALL_LDFLAGS) \
+	  -Wl,--version-script=$(MAP_FILE) -Wl,-soname,$(SONAME) -Wl,--no-undefined \
+	  $(SYS_LIBS)
+
+$(BUILD)/$(SONAME): $(SHARED_LIB)
+	ln -sf $(SO_REAL) $@
+
+$(BUILD)/libfreekv.so: $(BUILD)/$(SONAME)
+	ln -sf $(SONAME) $@
+
+$(STATIC_LIB): $(LIB_OBJS)
+	@rm -f $@
+	$(AR) rcs $@ $(LIB_OBJS)
+
+# --- tests ------------------------------------------------------------------
+
+$(TEST_OBJS): EXTRA_CFLAGS = $(CHECK_CFLAGS)
+$(TEST_OBJS): | $(CHECK_STAMP)
+
+$(TEST_BIN): $(TEST_OBJS) $(STATIC_LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_LDFLAGS) -o $@ $(TEST_OBJS) $(STATIC_LIB) $(CHECK_LIBS) $(SYS_LIBS)
+
+ifneq ($(CHECK_STAMP),)
+$(CHECK_STAMP): scripts/fetch-check.sh
+	sh scripts/fetch-check.sh $(CHECK_FETCH_DIR)
+endif
+
+check: $(CHECK_LIB_DEPS) $(TEST_BIN)
+	$(TEST_ENV) $(TEST_BIN)
+
+check-sanitize:
+	$(MAKE) BUILD=build-asan SANITIZE=1 check
+
+print-check-flags:
+	@echo 'VERSION      = $(VERSION) (soname $(SONAME))'
+	@echo 'CUDA         = $(CUDA) (CUDA_HOME=$(CUDA_HOME), NVCC=$(NVCC))'
+	@echo 'CHECK_FROM   = $(CHECK_FROM)'
+	@echo 'CHECK_PREFIX = $(CHECK_PREFIX)'
+	@echo 'CHECK_CFLAGS = $(CHECK_CFLAGS)'
+ifeq ($(CHECK_FROM),fetch)
+	@echo 'CHECK_LIBS   = $(if $(wildcard $(CHECK_STAMP)),$(CHECK_LIBS),(after scripts/fetch-check.sh: $(CHECK_PREFIX)/lib/$(MULTIARCH)/libcheck.a libsubunit.a -lm -lpthread -lrt))'
+else
+	@echo 'CHECK_LIBS   = $(CHECK_LIBS)'
+endif
+	@echo 'SYS_LIBS     = $(SYS_LIBS)'
+
+# --- examples ---------------------------------------------------------------
+
+$(EXAMPLE_BINS): $(BUILD)/examples/%: $(BUILD)/examples/%.o $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $< $(STATIC_LIB) $(SYS_LIBS)
+
+examples: $(EXAMPLE_BINS)
+
+demo: $(BUILD)/examples/demo
+	$(BUILD)/examples/demo
+
+# --- benchmarks (nothing to do when bench/ has no sources) ------------------
+
+$(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
+
+$(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(STATIC_LIB)
+	$(CC) $(LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
+
+bench: $(BENCH_C_BINS) $(BENCH_CU_BINS)
+	@:
+
+# --- install ----------------------------------------------------------------
+
+PC_PREFIX     := $(PREFIX)
+PC_LIBDIR     := $(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))
+PC_INCLUDEDIR := $(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))
+
+$(BUILD)/freekv.pc: freekv.pc.in FORCE
+	@mkdir -p $(@D)
+	@sed -e 's|@PREFIX@|$(PC_PREFIX)|g' \
+	    -e 's|@LIBDIR@|$(PC_LIBDIR)|g' \
+	    -e 's|@INCLUDEDIR@|$(PC_INCLUDEDIR)|g' \
+	    -e 's|@VERSION@|$(VERSION)|g' \
+	    -e 's|@LIBS_PRIVATE@|$(strip $(SYS_LIBS))|g' \
+	    freekv.pc.in > $@.tmp
+	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv -f $@.tmp $@; fi
+
+install: all $(BUILD)/freekv.pc
+	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR) $(DESTDIR)$(PKGCONFIGDIR)
+	$(INSTALL) -m 644 include/freekv.h $(DESTDIR)$(INCLUDEDIR)/freekv.h
+	$(INSTALL) -m 755 $(SHARED_LIB) $(DESTDIR)$(LIBDIR)/$(SO_REAL)
+	ln -sf $(SO_REAL) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libfreekv.so
+	$(INSTALL) -m 644 $(STATIC_LIB) $(DESTDIR)$(LIBDIR)/libfreekv.a
+	$(INSTALL) -m 644 $(BUILD)/freekv.pc $(DESTDIR)$(PKGCONFIGDIR)/freekv.pc
+
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/freekv.h
+	rm -f $(DESTDIR)$(LIBDIR)/$(SO_REAL) $(DESTDIR)$(LIBDIR)/$(SONAME) \
+	      $(DESTDIR)$(LIBDIR)/libfreekv.so $(DESTDIR)$(LIBDIR)/libfreekv.a
+	rm -f $(DESTDIR)$(PKGCONFIGDIR)/freekv.pc
+
+clean:
+	rm -rf $(BUILD) build build-asan
+
+# Also drops the Check copy fetched by scripts/fetch-check.sh.
+distclean: clean
+	rm -rf $(CHECK_FETCH_DIR)
+
+# ---------------------------------------------------------------------------
+
+FORCE:
+
+-include $(ALL_OBJS:.o=.d)

@@ -1,0 +1,293 @@
+/*
+ * libfreekv: a paged KV cache with query-aware retrieval for long-context
+ * decoding (FreeKV, arXiv 2505.13109), as an embeddable C library.
+ *
+ * The whole public API is in this header. It is C99 and compiles as C++.
+ * See docs/api.md for every call's arguments, tensor shapes, memory space,
+ * call order, errors and thread rules.
+ *
+ * ABI rules: structs a caller holds (fkv_options, fkv_stats, fkv_batch) never
+ * change layout; fkv_options and fkv_stats grow only at their end and carry
+ * their own size in their first field.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#ifndef FREEKV_H
+#define FREEKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  define FKV_API
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#  define FKV_API __attribute__((visibility("default")))
+#else
+#  define FKV_API
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Version                                                                  */
+/* ------------------------------------------------------------------------ */
+
+#define FKV_VERSION_MAJOR 0
+#define FKV_VERSION_MINOR 1
+#define FKV_VERSION_PATCH 0
+#define FKV_VERSION_NUMBER \
+    (FKV_VERSION_MAJOR * 10000 + FKV_VERSION_MINOR * 100 + FKV_VERSION_PATCH)
+
+/* The version of the library linked at run time (compare with the macros). */
+FKV_API int fkv_version_number(void);
+/* "MAJOR.MINOR.PATCH"; a static string, never freed. */
+FKV_API const char *fkv_version_string(void);
+
+/* ------------------------------------------------------------------------ */
+/* Status codes. The numeric values are part of the ABI and never change.    */
+/* ------------------------------------------------------------------------ */
+
+typedef enum fkv_status {
+    FKV_OK = 0,
+    FKV_ERR_INVALID_ARGUMENT = 1, /* NULL pointer, bad count, malformed batch */
+    FKV_ERR_OUT_OF_RANGE = 2,     /* layer or head index out of range */
+    FKV_ERR_UNKNOWN_SEQUENCE = 3, /* sequence id never opened, or closed */
+    FKV_ERR_CAPACITY = 4,         /* more tokens or sequences than configured */
+    FKV_ERR_INVALID_STATE = 5,    /* call out of order (attend before append) */
+    FKV_ERR_UNSUPPORTED = 6,      /* dtype, head_dim, backend not supported */
+    FKV_ERR_VERSION_MISMATCH = 7, /* struct_size of a caller's struct unknown */
+    FKV_ERR_OUT_OF_MEMORY = 8,    /* host or device allocation failed */
+    FKV_ERR_DEVICE = 9,           /* CUDA or cuBLAS error; see fkv_last_error */
+    FKV_ERR_INTERNAL = 10         /* a bug in libfreekv; please report it */
+} fkv_status;
+
+/* A short static description of a status ("invalid argument"); never NULL. */
+FKV_API const char *fkv_status_string(fkv_status status);
+
+/* ------------------------------------------------------------------------ */
+/* Enumerations. Values are part of the ABI.                                */
+/* ------------------------------------------------------------------------ */
+
+typedef enum fkv_backend {
+    FKV_BACKEND_AUTO = 0, /* CUDA when built with it and a device exists */
+    FKV_BACKEND_CPU = 1,  /* portable C on host memory: the reference */
+    FKV_BACKEND_CUDA = 2
+} fkv_backend;
+
+typedef enum fkv_dtype {
+    FKV_DTYPE_F32 = 0,
+    FKV_DTYPE_F16 = 1, /* IEEE binary16 */
+    FKV_DTYPE_BF16 = 2 /* bfloat16 */
+} fkv_dtype;
+
+typedef enum fkv_policy {
+    /* Speculative selection with the previous step's query, recall off the
+     * critical path, correction of KV heads whose query drifted. */
+    FKV_POLICY_FREEKV = 0,
+    /* Select with the current query and recall on the critical path
+     * (ArkVale / InfiniGen style baseline). */
+    FKV_POLICY_SYNC = 1,
+    /* Select with the current query; all KV stays on the device (Quest). */
+    FKV_POLICY_RESIDENT = 2,
+    /* Full attention over all tokens; all KV stays on the device. */
+    FKV_POLICY_DENSE = 3
+} fkv_policy;
+
+typedef enum fkv_group_score {
+    /* Mean over the group's query heads of each head's softmax over page
+     * scores ("MeanS" in the FreeKV paper). */
+    FKV_GROUP_MEAN_SOFTMAX = 0,
+    /* Mean over the group's query heads of the raw page scores. */
+    FKV_GROUP_MEAN_SCORE = 1
+} fkv_group_score;
+
+/* correction_threshold at or below this value turns correction off. */
+#define FKV_CORRECTION_OFF (-2.0f)
+
+/* ------------------------------------------------------------------------ */
+/* Options                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* Fill with fkv_options_init(), change what you need, pass to fkv_create().
+ * The first field is the struct's size as the caller compiled it; the struct
+ * only ever grows at its end. */
+typedef struct fkv_options {
+    size_t struct_size;
+
+    fkv_backend backend;
+    int32_t device; /* CUDA device ordinal (CUDA backend) */
+
+    /* Model shape. Required: there are no useful defaults. */
+    int32_t num_layers;
+    int32_t num_q_heads;  /* a multiple of num_kv_heads */
+    int32_t num_kv_heads;
+    int32_t head_dim;     /* 64, 128 or 256 */
+    fkv_dtype dtype;      /* of K, V, Q and the output; default BF16 */
+    float softmax_scale;  /* 0 means 1/sqrt(head_dim) */
+
+    /* Retrieval. sink, window and budget are multiples of page_tokens, and
+     * budget_tokens >= sink_tokens + window_tokens. */
+    int32_t page_tokens;   /* default 32 */
+    int32_t budget_tokens; /* default 2048, per (sequence, layer, KV head) */
+    int32_t sink_tokens;   /* default 512 */
+    int32_t window_tokens; /* default 512 */
+    float correction_threshold;  /* default 0.8; FKV_CORRECTION_OFF: off */
+    fkv_policy policy;           /* default FKV_POLICY_FREEKV */
+    fkv_group_score group_score; /* default FKV_GROUP_MEAN_SOFTMAX */
+
+    /* Capacity. */
+    int32_t max_sequences;            /* open at once; default 8 */
+    int64_t max_tokens_per_sequence;  /* default 131072 */
+    uint64_t host_pool_bytes;         /* KV pool limit; 0 = no limit */
+} fkv_options;
+
+/* Fills *opts with the defaults and sets opts->struct_size to opts_size.
+ * Call as fkv_options_init(&opts, sizeof opts). Only the first opts_size
+ * bytes are written. Returns FKV_ERR_VERSION_MISMATCH if opts_size is smaller
+ * than the first published fkv_options. */
+FKV_API fkv_status fkv_options_init(fkv_options *opts, size_t opts_size);
+
+/* ------------------------------------------------------------------------ */
+/* Cache handle                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef struct fkv_cache fkv_cache;
+
+/* Creates a cache. On failure *cache is set to NULL and the message is
+ * available from fkv_last_error(NULL, ...) on the calling thread. */
+FKV_API fkv_status fkv_create(const fkv_options *opts, fkv_cache **cache);
+
+/* Frees everything the cache holds. NULL is a no-op. On the CUDA backend it
+ * first waits for the cache's outstanding work. */
+FKV_API void fkv_destroy(fkv_cache *cache);
+
+/* The options in force, with AUTO and 0 resolved (backend, softmax_scale).
+ * out->struct_size must be set by the caller; only that many bytes are
+ * written. */
+FKV_API fkv_status fkv_get_options(fkv_cache *cache, fkv_options *out);
+
+/* CUDA backend: the engine's stream (a cudaStream_t) on which attention runs
+ * and with which the library orders its own streams. NULL is the legacy
+ * default stream. The CPU backend accepts and ignores it. */
+FKV_API fkv_status fkv_set_stream(fkv_cache *cache, void *stream);
+
+/* Writes the message of the cache's last failed call into buf (always NUL
+ * terminated when len > 0) and returns the message's full length, like
+ * snprintf. The message is "" when no call has failed. With cache == NULL
+ * it reports the calling thread's last failure of a call that had no handle
+ * (fkv_create, or a call given a NULL cache). */
+FKV_API size_t fkv_last_error(const fkv_cache *cache, char *buf, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Sequences                                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Sequence ids are assigned by the library and never reused by one cache,
+ * so a stale id is reported as FKV_ERR_UNKNOWN_SEQUENCE. */
+typedef int64_t fkv_seq_id;
+
+FKV_API fkv_status fkv_seq_open(fkv_cache *cache, fkv_seq_id *seq);
+/* Frees the sequence's pages and slots. */
+FKV_API fkv_status fkv_seq_close(fkv_cache *cache, fkv_seq_id seq);
+/* Tokens held for every layer (the smallest per-layer count). */
+FKV_API fkv_status fkv_seq_length(fkv_cache *cache, fkv_seq_id seq,
+                                  int64_t *length);
+
+/* Makes sure the sequence holds host pool blocks (and, on the CUDA backend,
+ * device page-table entries) for `tokens` tokens on every layer, so that
+ * appends up to that length allocate nothing. Call it before capturing
+ * decode steps in a CUDA graph, for the tokens the replays will add. */
+FKV_API fkv_status fkv_seq_reserve(fkv_cache *cache, fkv_seq_id seq,
+                                   int64_t tokens);
+
+/* Waits for the cache's outstanding device work, refreshes the host's view
+ * of the sequences (lengths advanced by replays of a captured CUDA graph)
+ * and reports an error the device recorded during replay (an append beyond
+ * the reserved or configured capacity: FKV_ERR_CAPACITY). Call it after
+ * replaying captured steps and before eager calls. A no-op on the CPU. */
+FKV_API fkv_status fkv_sync(fkv_cache *cache);
+
+/* ------------------------------------------------------------------------ */
+/* Per-layer calls on a batch                                               */
+/* ------------------------------------------------------------------------ */
+
+/* A batch names its sequences (distinct, open) and, for fkv_append, each
+ * one's token count. Both arrays are host memory and are read during the
+ * call only. The layout of this struct never changes. */
+typedef struct fkv_batch {
+    int32_t num_seqs;
+    int32_t reserved; /* set to 0 */
+    const fkv_seq_id *seq_ids;   /* [num_seqs] */
+    const int32_t *num_tokens;   /* [num_seqs]; NULL means 1 token each */
+} fkv_batch;
+
+/* Decode order for each layer: fkv_append, fkv_attend, fkv_select,
+ * fkv_recall. Prefill: one fkv_append per layer with the whole prompt.
+ *
+ * Tensors are device pointers on the CUDA backend and host pointers on the
+ * CPU backend, contiguous, in opts.dtype:
+ *   k, v    [sum of num_tokens, num_kv_heads, head_dim], sequence after
+ *           sequence in batch order, after RoPE;
+ *   q, out  [num_seqs, num_q_heads, head_dim].
+ * A failed call leaves the cache exactly as it was. */
+FKV_API fkv_status fkv_append(fkv_cache *cache, int32_t layer,
+                              const fkv_batch *batch, const void *k,
+                              const void *v);
+
+/* Attention of q over the layer's cache for each sequence: sink, window,
+ * partial page and the selected pages (all tokens for FKV_POLICY_DENSE or
+ * when the context fits in the budget). FREEKV: corrects the KV heads whose
+ * query drifted (mean cosine < correction_threshold) before attending. */
+FKV_API fkv_status fkv_attend(fkv_cache *cache, int32_t layer,
+                              const fkv_batch *batch, const void *q,
+                              void *out);
+
+/* FREEKV: selects each KV head's pages for the next step with q (the query
+ * just attended with). A no-op for the other policies. */
+FKV_API fkv_status fkv_select(fkv_cache *cache, int32_t layer,
+                              const fkv_batch *batch, const void *q);
+
+/* FREEKV: starts moving the pages chosen by the last fkv_select that are not
+ * resident yet into the device slots; returns at once on the CUDA backend.
+ * A no-op for the other policies. */
+FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
+                              const fkv_batch *batch);
+
+/* ------------------------------------------------------------------------ */
+/* Introspection (off the decode path: may wait for the device)             */
+/* ------------------------------------------------------------------------ */
+
+/* The selected pages (indices from 0 in token order, ascending) that the
+ * last fkv_attend of (layer, seq) used for kv_head besides the sink, the
+ * window and the partial page. While the candidate pages number at most the
+ * budget's K, they are all selected and all listed. Writes at most capacity
+ * entries and sets *count to the number there are (0 before the first
+ * attend and under FKV_POLICY_DENSE). */
+FKV_API fkv_status fkv_get_selected_pages(fkv_cache *cache,
+                                          int32_t layer, fkv_seq_id seq,
+                                          int32_t kv_head, int32_t *pages,
+                                          int32_t capacity, int32_t *count);
+
+typedef struct fkv_stats {
+    size_t struct_size;       /* set by the caller: sizeof(fkv_stats) */
+    uint64_t steps;           /* fkv_attend calls on layer 0 */
+    uint64_t pages_recalled;  /* (page, KV head) units moved to the device */
+    uint64_t bytes_recalled;  /* K and V bytes of those units */
+    uint64_t corrections;     /* (sequence, layer, KV head) re-selections */
+    uint64_t heads_checked;   /* (sequence, layer, KV head) correction checks */
+    uint64_t host_bytes;      /* host memory held now */
+    uint64_t device_bytes;    /* device memory held now (0 on the CPU) */
+} fkv_stats;
+
+/* Counters since creation or the last fkv_reset_stats. */
+FKV_API fkv_status fkv_get_stats(fkv_cache *cache, fkv_stats *stats);
+/* Zeroes the counters (not the memory figures). */
+FKV_API fkv_status fkv_reset_stats(fkv_cache *cache);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FREEKV_H */

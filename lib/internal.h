@@ -1,0 +1,192 @@
+/* Internal declarations shared by the host code and the backends.
+ * Nothing here is exported: the build hides every symbol but fkv_*. */
+#ifndef FKV_INTERNAL_H
+#define FKV_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "freekv.h"
+#include "pool.h"
+
+#define FKV_ERROR_LEN 512
+
+#if defined(__GNUC__)
+#define FKV_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
+#else
+#define FKV_PRINTF(fmt, args)
+#endif
+
+/* Derived geometry, computed once from the options. */
+typedef struct fkvi_geometry {
+    int32_t layers, q_heads, kv_heads, group, head_dim;
+    int32_t page;            /* P: tokens per page */
+    int32_t sink_pages;      /* S */
+    int32_t window_pages;    /* W */
+    int32_t select_pages;    /* K */
+    int32_t ring_pages;      /* W + 1: window plus partial page */
+    int64_t max_tokens;
+    int32_t max_pages;       /* ceil(max_tokens / P) */
+    size_t elem_bytes;
+    size_t unit_elems;       /* one (page, KV head) of K and V: 2 * P * D */
+    size_t unit_bytes;
+    size_t block_bytes;      /* one (page) for all KV heads */
+    float scale;
+} fkvi_geometry;
+
+/* A batch after validation: sequence slots and token offsets. */
+typedef struct fkvi_batch {
+    int32_t n;
+    const int32_t *slot;      /* [n] sequence slot */
+    const int32_t *tokens;    /* [n] tokens appended (1 outside fkv_append) */
+    const int64_t *offset;    /* [n] first token row in k/v */
+    int64_t total_tokens;
+} fkvi_batch;
+
+typedef struct fkvi_sequence {
+    bool open;
+    int64_t generation;   /* id = generation * max_sequences + slot */
+    int64_t *length;      /* [layers] tokens held per layer */
+    int32_t *mapped;      /* [layers] pages [0, mapped) have pool blocks */
+    uint32_t *blocks;     /* [layers][max_pages] pool block of each page */
+} fkvi_sequence;
+
+typedef struct fkvi_counters {
+    uint64_t steps, pages_recalled, bytes_recalled, corrections, heads_checked;
+} fkvi_counters;
+
+typedef struct fkv_cache fkv_cache;
+
+/* What a backend implements. The host code validates every argument and
+ * reserves pool blocks before calling in; a backend call that fails must
+ * leave the backend's state as it was. destroy must also undo a create that
+ * failed half way. */
+typedef struct fkvi_backend_ops {
+    const char *name;
+    fkv_status (*create)(fkv_cache *c);
+    void (*destroy)(fkv_cache *c);
+    fkv_status (*set_stream)(fkv_cache *c, void *stream);
+    fkv_status (*seq_open)(fkv_cache *c, int32_t slot);
+    void (*seq_close)(fkv_cache *c, int32_t slot);
+    /* Tokens go to positions length[layer] .. +tokens of each sequence;
+     * their pool blocks are already in the page table. */
+    fkv_status (*append)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                         const void *k, const void *v);
+    fkv_status (*attend)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                         const void *q, void *out);
+    fkv_status (*select)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                         const void *q);
+    fkv_status (*recall)(fkv_cache *c, int32_t layer, const fkvi_batch *b);
+    /* Pages [first, last) of (slot, layer) just got pool blocks. */
+    fkv_status (*map_pages)(fkv_cache *c, int32_t slot, int32_t layer,
+                            int32_t first, int32_t last);
+    /* fkv_sync: wait, refresh lengths, report device-recorded errors. */
+    fkv_status (*sync)(fkv_cache *c);
+    fkv_status (*selected_pages)(fkv_cache *c, int32_t layer, int32_t slot,
+                                 int32_t kv_head, int32_t *pages,
+                                 int32_t capacity, int32_t *count);
+    /* Adds the backend's counters and memory figures to *s. */
+    fkv_status (*stats)(fkv_cache *c, fkv_stats *s);
+    void (*reset_stats)(fkv_cache *c);
+} fkvi_backend_ops;
+
+struct fkv_cache {
+    fkv_options opts; /* resolved: backend and scale concrete */
+    fkvi_geometry geo;
+    const fkvi_backend_ops *ops;
+    void *backend;    /* the backend's own state */
+
+    fkvi_sequence *seqs; /* [max_sequences] */
+    int32_t open_seqs;
+    fkv_pool pool;
+
+    /* Scratch for batch validation, sized for max_sequences. */
+    int32_t *batch_slot;
+    int32_t *batch_tokens;
+    int64_t *batch_offset;
+    int32_t *batch_mapped; /* mapped pages before an append, for undo */
+    uint8_t *batch_seen;
+
+    fkvi_counters counters;
+    uint64_t host_bytes_other; /* host memory held besides the pool */
+
+    char error[FKV_ERROR_LEN];
+};
+
+/* errors.c */
+fkv_status fkvi_fail(fkv_cache *c, fkv_status st, const char *fmt, ...)
+    FKV_PRINTF(3, 4);
+
+/* options.c */
+fkv_status fkvi_options_load(const fkv_options *user, fkv_options *out);
+void fkvi_geometry_init(const fkv_options *o, fkvi_geometry *g);
+
+/* sequences.c */
+fkv_status fkvi_resolve_sequence(fkv_cache *c, const char *fn, fkv_seq_id id,
+                                 int32_t *slot);
+/* Validates a batch for `layer`; with_tokens: an append (token counts and
+ * capacity). Fills *out with views of the cache's batch scratch. */
+fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
+                              const fkv_batch *batch, bool with_tokens,
+                              fkvi_batch *out);
+/* Maps pool blocks for the pages the batch's tokens reach, all or none;
+ * fkvi_release_pages undoes it (the old counts are kept in batch_mapped). */
+fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
+                              const fkvi_batch *b);
+void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b);
+
+/* dtype.c */
+size_t fkvi_dtype_size(fkv_dtype dt);
+float fkvi_f16_to_float(uint16_t h);
+uint16_t fkvi_float_to_f16(float f);
+float fkvi_bf16_to_float(uint16_t h);
+uint16_t fkvi_float_to_bf16(float f);
+/* Converts n elements starting at element index first. */
+void fkvi_load_row(fkv_dtype dt, const void *src, size_t first, size_t n,
+                   float *dst);
+void fkvi_store_row(fkv_dtype dt, const float *src, size_t n, void *dst,
+                    size_t first);
+
+/* selection.c: the host selection algorithm (docs/design.md section 3). */
+typedef struct fkvi_select_scratch {
+    double *scores;   /* [group][max_pages] */
+    double *agg;      /* [max_pages] */
+    void *order;      /* [max_pages] sort records */
+} fkvi_select_scratch;
+
+fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
+                                    const fkvi_geometry *g);
+void fkvi_select_scratch_free(fkvi_select_scratch *s);
+/* Candidates are pages [first, first + count). smax/smin: [max_pages][D]
+ * summaries of this KV head. q: [group][D]. Writes the selected pages in
+ * ascending order and returns how many. */
+int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
+                          const float *smax, const float *smin,
+                          const float *q, int32_t first, int32_t count,
+                          fkvi_select_scratch *s, int32_t *selected);
+/* Mean over the group's heads of cos(a[h], b[h]); a zero vector gives 0. */
+double fkvi_group_cosine(const float *a, const float *b, int32_t group,
+                         int32_t dim);
+
+/* Page ranges of one (sequence, layer) holding n tokens. */
+typedef struct fkvi_pages {
+    int32_t sealed;     /* full pages */
+    int32_t partial;    /* tokens in the partial page (0: none) */
+    int32_t sink_end;   /* sink pages [0, sink_end) */
+    int32_t cand_first; /* candidates [cand_first, cand_first + cand_count) */
+    int32_t cand_count;
+    int32_t window_first; /* window pages [window_first, sealed) */
+} fkvi_pages;
+
+void fkvi_page_ranges(const fkvi_geometry *g, int64_t n, fkvi_pages *r);
+
+/* Backends. */
+extern const fkvi_backend_ops fkvi_cpu_backend;
+#ifdef FKV_WITH_CUDA
+extern const fkvi_backend_ops fkvi_cuda_backend;
+/* Why the CUDA backend cannot be used here (NULL when it can). */
+const char *fkvi_cuda_unavailable(int device);
+#endif
+
+#endif /* FKV_INTERNAL_H */

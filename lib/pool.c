@@ -1,0 +1,125 @@
+/* Host page pool. Block ids are chunk * blocks_per_chunk + index, so that a
+ * block's address is two loads away; only the last chunk can be short (when
+ * the pool's byte limit cuts it). */
+#include "pool.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+void fkv_pool_init(fkv_pool *p, size_t block_bytes, uint64_t limit_bytes,
+                   size_t chunk_bytes, fkv_pool_allocator allocator)
+{
+    memset(p, 0, sizeof *p);
+    p->block_bytes = block_bytes;
+    p->limit_bytes = limit_bytes;
+    p->allocator = allocator;
+    size_t per_chunk = chunk_bytes / block_bytes;
+    p->blocks_per_chunk = per_chunk < 1 ? 1 : (uint32_t)per_chunk;
+}
+
+void fkv_pool_destroy(fkv_pool *p)
+{
+    for (uint32_t i = 0; i < p->n_chunks; i++)
+        p->allocator.release(p->chunks[i], p->allocator.ctx);
+    free(p->chunks);
+    free(p->chunk_blocks);
+    free(p->free_ids);
+    memset(p, 0, sizeof *p);
+}
+
+static uint64_t total_blocks(const fkv_pool *p)
+{
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < p->n_chunks; i++)
+        n += p->chunk_blocks[i];
+    return n;
+}
+
+/* Adds one chunk of `blocks` blocks to the free list. */
+static fkv_status grow(fkv_pool *p, uint32_t blocks)
+{
+    if (p->n_chunks == p->cap_chunks) {
+        uint32_t cap = p->cap_chunks ? 2 * p->cap_chunks : 8;
+        void **chunks = realloc(p->chunks, cap * sizeof *chunks);
+        if (!chunks)
+            return FKV_ERR_OUT_OF_MEMORY;
+        p->chunks = chunks;
+        uint32_t *counts = realloc(p->chunk_blocks, cap * sizeof *counts);
+        if (!counts)
+            return FKV_ERR_OUT_OF_MEMORY;
+        p->chunk_blocks = counts;
+        p->cap_chunks = cap;
+    }
+    uint64_t need_free = (uint64_t)p->n_free + blocks;
+    if (need_free > UINT32_MAX)
+        return FKV_ERR_CAPACITY;
+    if (need_free > p->cap_free) {
+        uint32_t cap = (uint32_t)need_free;
+        uint32_t *ids = realloc(p->free_ids, (size_t)cap * sizeof *ids);
+        if (!ids)
+            return FKV_ERR_OUT_OF_MEMORY;
+        p->free_ids = ids;
+        p->cap_free = cap;
+    }
+    void *mem = p->allocator.alloc((size_t)blocks * p->block_bytes,
+                                   p->allocator.ctx);
+    if (!mem)
+        return FKV_ERR_OUT_OF_MEMORY;
+    uint32_t chunk = p->n_chunks++;
+    p->chunks[chunk] = mem;
+    p->chunk_blocks[chunk] = blocks;
+    p->bytes_held += (uint64_t)blocks * p->block_bytes;
+    /* Push in reverse so that blocks are taken in address order. */
+    uint32_t base = chunk * p->blocks_per_chunk;
+    for (uint32_t i = blocks; i-- > 0;)
+        p->free_ids[p->n_free++] = base + i;
+    return FKV_OK;
+}
+
+fkv_status fkv_pool_reserve(fkv_pool *p, uint32_t n)
+{
+    if (n <= p->n_free)
+        return FKV_OK;
+    uint64_t need = n - p->n_free;
+    uint64_t have = total_blocks(p);
+    if (p->limit_bytes) {
+        uint64_t max_blocks = p->limit_bytes / p->block_bytes;
+        if (have + need > max_blocks)
+            return FKV_ERR_CAPACITY;
+    }
+    /* A short chunk may only be the last one: ids assume full chunks. */
+    if (p->n_chunks && p->chunk_blocks[p->n_chunks - 1] < p->blocks_per_chunk)
+        return FKV_ERR_CAPACITY;
+    while (p->n_free < n) {
+        uint32_t blocks = p->blocks_per_chunk;
+        if (p->limit_bytes) {
+            uint64_t room = p->limit_bytes / p->block_bytes - total_blocks(p);
+            uint64_t want = n - p->n_free;
+            /* Under a limit, take no more than needed once the limit is
+             * near, so that the pool can reach it exactly. */
+            if (room < blocks)
+                blocks = (uint32_t)(want > room ? room : want);
+        }
+        fkv_status st = grow(p, blocks);
+        if (st != FKV_OK)
+            return st;
+    }
+    return FKV_OK;
+}
+
+uint32_t fkv_pool_take(fkv_pool *p)
+{
+    return p->free_ids[--p->n_free];
+}
+
+void fkv_pool_give(fkv_pool *p, uint32_t id)
+{
+    p->free_ids[p->n_free++] = id;
+}
+
+void *fkv_pool_block(const fkv_pool *p, uint32_t id)
+{
+    uint32_t chunk = id / p->blocks_per_chunk;
+    uint32_t index = id % p->blocks_per_chunk;
+    return (char *)p->chunks[chunk] + (size_t)index * p->block_bytes;
+}
