@@ -94,7 +94,7 @@ else
 endif
 
 FKV_CFLAGS := -std=c11 -Wall -Wextra -Werror -fPIC -fvisibility=hidden \
-              -Iinclude -Ilib
+              -Iinclude -Ilib -Ikernels
 DEPFLAGS    = -MMD -MP -MF $(@:.o=.d)
 
 ifeq ($(CUDA),1)

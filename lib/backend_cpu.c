@@ -19,6 +19,8 @@ typedef struct cpu_layer {
     int32_t *active_pages;   /* [kv_heads][K] ascending */
     int32_t *active_slot;    /* [kv_heads][K] slot of each active page */
     int32_t *active_count;   /* [kv_heads]; -1: no selection yet */
+    int32_t *used_pages;     /* [kv_heads][K] what the last attend used */
+    int32_t *used_count;     /* [kv_heads] */
     int32_t *pending_pages;  /* [kv_heads][K] */
     int32_t *pending_count;  /* [kv_heads] */
     bool pending_valid;
@@ -129,6 +131,8 @@ static void free_layer(cpu_layer *L)
     free(L->active_pages);
     free(L->active_slot);
     free(L->active_count);
+    free(L->used_pages);
+    free(L->used_count);
     free(L->pending_pages);
     free(L->pending_count);
     free(L->active_q);
@@ -163,6 +167,8 @@ static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
     }
     ok &= (L->active_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
     ok &= (L->active_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
     ok &= (L->pending_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
     ok &= (L->pending_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
     size_t qn = (size_t)g->q_heads * g->head_dim;
@@ -498,6 +504,11 @@ static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                 }
             }
             int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
+            /* fkv_recall changes the active set before the next attend;
+             * keep what this one used for fkv_get_selected_pages. */
+            memcpy(L->used_pages + (size_t)h * K, active,
+                   (size_t)nsel * sizeof *active);
+            L->used_count[h] = nsel;
             int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
                                             nsel);
             for (int32_t j = 0; j < g->group; j++) {
@@ -554,11 +565,8 @@ static fkv_status cpu_selected_pages(fkv_cache *c, int32_t layer, int32_t slot,
                                      int32_t capacity, int32_t *count)
 {
     cpu_layer *L = layer_of(c, slot, layer);
-    int32_t n = c->opts.policy == FKV_POLICY_DENSE ? 0
-                                                   : L->active_count[kv_head];
-    if (n < 0)
-        n = 0;
-    const int32_t *src = L->active_pages + (size_t)kv_head * c->geo.select_pages;
+    int32_t n = L->used_count[kv_head];
+    const int32_t *src = L->used_pages + (size_t)kv_head * c->geo.select_pages;
     for (int32_t j = 0; j < n && j < capacity; j++)
         pages[j] = src[j];
     *count = n;

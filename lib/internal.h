@@ -78,9 +78,9 @@ typedef struct fkvi_backend_ops {
     fkv_status (*select)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                          const void *q);
     fkv_status (*recall)(fkv_cache *c, int32_t layer, const fkvi_batch *b);
-    /* Pages [first, last) of (slot, layer) just got pool blocks. */
-    fkv_status (*map_pages)(fkv_cache *c, int32_t slot, int32_t layer,
-                            int32_t first, int32_t last);
+    /* Pages [first, last) of (slot, layer) got or gave back pool blocks. */
+    fkv_status (*pages_changed)(fkv_cache *c, int32_t slot, int32_t layer,
+                                int32_t first, int32_t last);
     /* fkv_sync: wait, refresh lengths, report device-recorded errors. */
     fkv_status (*sync)(fkv_cache *c);
     fkv_status (*selected_pages)(fkv_cache *c, int32_t layer, int32_t slot,
@@ -109,7 +109,10 @@ struct fkv_cache {
     uint8_t *batch_seen;
 
     fkvi_counters counters;
-    uint64_t host_bytes_other; /* host memory held besides the pool */
+    uint64_t host_bytes_other;
+    /* The backend keeps every page on the device and needs no host pool
+     * (CUDA's RESIDENT and DENSE). */
+    bool pool_unused; /* host memory held besides the pool */
 
     char error[FKV_ERROR_LEN];
 };

@@ -13,7 +13,14 @@ void fkv_pool_init(fkv_pool *p, size_t block_bytes, uint64_t limit_bytes,
     p->block_bytes = block_bytes;
     p->limit_bytes = limit_bytes;
     p->allocator = allocator;
-    size_t per_chunk = chunk_bytes / block_bytes;
+    uint64_t per_chunk = chunk_bytes / block_bytes;
+    if (limit_bytes) {
+        /* Under a limit, chunks of a quarter of it at most, so that the pool
+         * grows gradually and only its very last chunk is short. */
+        uint64_t quarter = (limit_bytes / block_bytes + 3) / 4;
+        if (per_chunk > quarter)
+            per_chunk = quarter;
+    }
     p->blocks_per_chunk = per_chunk < 1 ? 1 : (uint32_t)per_chunk;
 }
 
@@ -50,7 +57,8 @@ static fkv_status grow(fkv_pool *p, uint32_t blocks)
         p->chunk_blocks = counts;
         p->cap_chunks = cap;
     }
-    uint64_t need_free = (uint64_t)p->n_free + blocks;
+    /* Every block can be free at once (all sequences closed). */
+    uint64_t need_free = total_blocks(p) + blocks;
     if (need_free > UINT32_MAX)
         return FKV_ERR_CAPACITY;
     if (need_free > p->cap_free) {
@@ -87,18 +95,14 @@ fkv_status fkv_pool_reserve(fkv_pool *p, uint32_t n)
         if (have + need > max_blocks)
             return FKV_ERR_CAPACITY;
     }
-    /* A short chunk may only be the last one: ids assume full chunks. */
-    if (p->n_chunks && p->chunk_blocks[p->n_chunks - 1] < p->blocks_per_chunk)
-        return FKV_ERR_CAPACITY;
     while (p->n_free < n) {
         uint32_t blocks = p->blocks_per_chunk;
         if (p->limit_bytes) {
+            /* The chunk that reaches the limit may be short; it is the last
+             * one there can be, as block ids assume full chunks before it. */
             uint64_t room = p->limit_bytes / p->block_bytes - total_blocks(p);
-            uint64_t want = n - p->n_free;
-            /* Under a limit, take no more than needed once the limit is
-             * near, so that the pool can reach it exactly. */
             if (room < blocks)
-                blocks = (uint32_t)(want > room ? room : want);
+                blocks = (uint32_t)room;
         }
         fkv_status st = grow(p, blocks);
         if (st != FKV_OK)

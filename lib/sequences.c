@@ -152,6 +152,9 @@ fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
     if (!batch->seq_ids)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "%s: batch->seq_ids is NULL", fn);
+    if (batch->reserved != 0)
+        return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                         "%s: batch->reserved must be 0", fn);
 
     fkv_status st = FKV_OK;
     int64_t offset = 0;
@@ -220,8 +223,9 @@ static fkv_status map_pages(fkv_cache *c, int32_t slot, int32_t layer,
     for (int32_t p = first; p < pages; p++)
         table[p] = fkv_pool_take(&c->pool);
     s->mapped[layer] = pages;
-    return c->ops->map_pages ? c->ops->map_pages(c, slot, layer, first, pages)
-                             : FKV_OK;
+    return c->ops->pages_changed
+               ? c->ops->pages_changed(c, slot, layer, first, pages)
+               : FKV_OK;
 }
 
 /* Gives back pages [keep, mapped) of (slot, layer). */
@@ -234,8 +238,14 @@ static void unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
         fkv_pool_give(&c->pool, table[p]);
         table[p] = FKV_POOL_NO_BLOCK;
     }
-    if (keep < s->mapped[layer])
+    if (keep < s->mapped[layer]) {
+        int32_t last = s->mapped[layer];
         s->mapped[layer] = keep;
+        /* Clears the device's entries; should that fail, the stale ones lie
+         * past every length and no kernel reads them before a remap. */
+        if (c->ops->pages_changed)
+            (void)c->ops->pages_changed(c, slot, layer, keep, last);
+    }
 }
 
 static fkv_status pool_failure(fkv_cache *c, const char *fn, fkv_status st,
@@ -261,6 +271,8 @@ static int32_t pages_for(const fkv_cache *c, int64_t tokens)
 fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
                               const fkvi_batch *b)
 {
+    if (c->pool_unused)
+        return FKV_OK;
     uint64_t needed = 0;
     for (int32_t i = 0; i < b->n; i++) {
         const fkvi_sequence *s = &c->seqs[b->slot[i]];
@@ -307,6 +319,8 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
                          "fkv_seq_reserve: %lld tokens; the range is [0, "
                          "max_tokens_per_sequence = %lld]", (long long)tokens,
                          (long long)c->geo.max_tokens);
+    if (c->pool_unused)
+        return FKV_OK;
     fkvi_sequence *s = &c->seqs[slot];
     int32_t want = pages_for(c, tokens);
     uint64_t needed = 0;
@@ -318,18 +332,22 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
     if (needed > UINT32_MAX)
         return fkvi_fail(c, FKV_ERR_CAPACITY,
                          "fkv_seq_reserve: too many pages at once");
+    int32_t *before = malloc((size_t)c->geo.layers * sizeof *before);
+    if (!before)
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_seq_reserve: no memory");
+    memcpy(before, s->mapped, (size_t)c->geo.layers * sizeof *before);
     st = fkv_pool_reserve(&c->pool, (uint32_t)needed);
-    if (st != FKV_OK)
+    if (st != FKV_OK) {
+        free(before);
         return pool_failure(c, "fkv_seq_reserve", st, needed);
-    for (int32_t l = 0; l < c->geo.layers; l++) {
-        int32_t before = s->mapped[l];
-        st = map_pages(c, slot, l, want);
-        if (st != FKV_OK) {
-            unmap_pages(c, slot, l, before);
-            return st; /* earlier layers keep their (harmless) blocks */
-        }
     }
-    return FKV_OK;
+    for (int32_t l = 0; l < c->geo.layers && st == FKV_OK; l++)
+        st = map_pages(c, slot, l, want);
+    if (st != FKV_OK) /* all or nothing */
+        for (int32_t l = 0; l < c->geo.layers; l++)
+            unmap_pages(c, slot, l, before[l]);
+    free(before);
+    return st;
 }
 
 fkv_status fkv_sync(fkv_cache *c)
