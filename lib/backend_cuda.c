@@ -1,26 +1,938 @@
-/* The CUDA backend. Until its kernels land, it reports itself unavailable,
- * so FKV_BACKEND_AUTO picks the CPU and FKV_BACKEND_CUDA fails cleanly. */
+/* The CUDA backend: device memory layout, streams and events, and the
+ * launches of the kernels in kernels/ in the order each policy needs.
+ *
+ * Streams: attention and everything on the critical path run on the
+ * engine's stream (fkv_set_stream); FREEKV's speculative selection and
+ * recall run on the library's low-priority side stream, ordered by events:
+ *   fkv_select(l): snapshot q and the length on the engine's stream, then
+ *                  the side stream waits for it and selects;
+ *   fkv_recall(l): recall on the side stream, recording recall_done[l];
+ *   fkv_attend(l): the engine's stream waits for recall_done[l] (the
+ *                  previous step's recall), then corrects and attends.
+ * No call synchronises with the host on the decode path; see
+ * docs/design.md for CUDA graph capture. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
 #include "internal.h"
+#include "kernels.h"
+
+typedef struct cuda_backend {
+    int device;
+    int sm_count;
+    cudaStream_t stream; /* the engine's; NULL: legacy default stream */
+    cudaStream_t side;   /* ours, lowest priority */
+    cudaEvent_t *select_ready; /* [layers] */
+    cudaEvent_t *recall_done;  /* [layers] */
+    cudaEvent_t stream_switch;
+
+    fkv_dev_geometry geo;
+    fkv_dev_state st_main; /* kernels on the engine's stream */
+    fkv_dev_state st_side; /* the same with the side stream's own scratch */
+    int32_t gather_blocks_main, gather_blocks_side;
+    int32_t max_bound_pages;
+
+    unsigned char **seq_base_host; /* pinned [max_seqs] */
+    unsigned char **seq_base_dev;
+    uint64_t *block_ptr_host;      /* pinned mirror of st.block_ptr */
+    uint64_t block_ptr_entries;
+    void *small;                   /* len, counters, error, append_done */
+    void *scratch[2];              /* scores, agg, work lists: main, side */
+    void *partials;
+    uint64_t device_bytes;
+} cuda_backend;
+
+static cuda_backend *backend_of(fkv_cache *c)
+{
+    return (cuda_backend *)c->backend;
+}
+
+/* ---- errors and the current device ------------------------------------ */
+
+static fkv_status cuda_fail(fkv_cache *c, cudaError_t e, const char *what)
+{
+    (void)cudaGetLastError(); /* a failed call must not fail the next one */
+    fkv_status st = e == cudaErrorMemoryAllocation ? FKV_ERR_OUT_OF_MEMORY
+                                                   : FKV_ERR_DEVICE;
+    return fkvi_fail(c, st, "%s: %s (%s)", what, cudaGetErrorString(e),
+                     cudaGetErrorName(e));
+}
+
+#define CUDA_TRY(c, call, what)                                              \
+    do {                                                                     \
+        cudaError_t e_ = (call);                                             \
+        if (e_ != cudaSuccess)                                               \
+            return cuda_fail((c), e_, (what));                               \
+    } while (0)
+
+/* The library works on its device and gives the caller's thread its own
+ * current device back. */
+typedef struct device_guard {
+    int previous;
+    int switched;
+} device_guard;
+
+static fkv_status enter(fkv_cache *c, device_guard *g)
+{
+    g->switched = 0;
+    CUDA_TRY(c, cudaGetDevice(&g->previous), "cudaGetDevice");
+    if (g->previous != backend_of(c)->device) {
+        CUDA_TRY(c, cudaSetDevice(backend_of(c)->device), "cudaSetDevice");
+        g->switched = 1;
+    }
+    return FKV_OK;
+}
+
+static void leave(const device_guard *g)
+{
+    if (g->switched)
+        (void)cudaSetDevice(g->previous);
+}
 
 const char *fkvi_cuda_unavailable(int device)
 {
-    (void)device;
-    return "the CUDA backend is not implemented in this release";
+    static _Thread_local char why[160];
+    int count = 0;
+    cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        snprintf(why, sizeof why, "no usable CUDA device (%s)",
+                 cudaGetErrorString(e));
+        return why;
+    }
+    if (count == 0)
+        return "no CUDA device";
+    if (device >= count) {
+        snprintf(why, sizeof why, "device %d does not exist (%d devices)",
+                 device, count);
+        return why;
+    }
+    int major = 0;
+    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                               device);
+    if (e != cudaSuccess || major < 8) {
+        (void)cudaGetLastError();
+        snprintf(why, sizeof why,
+                 "device %d has compute capability %d.x; 8.0 or newer is "
+                 "needed", device, major);
+        return why;
+    }
+    return NULL;
 }
 
-static fkv_status cuda_create(fkv_cache *c)
+/* ---- layout ------------------------------------------------------------ */
+
+static uint64_t align_up(uint64_t x, uint64_t a)
 {
-    return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                     "the CUDA backend is not implemented in this release");
+    return (x + a - 1) / a * a;
+}
+
+/* Places an array of n elements of `size` bytes at *off. */
+static uint64_t place(uint64_t *off, uint64_t n, uint64_t size)
+{
+    uint64_t at = align_up(*off, size >= 16 ? 16 : size);
+    *off = at + n * size;
+    return at;
+}
+
+static void layout(const fkv_cache *c, fkv_dev_geometry *d)
+{
+    const fkvi_geometry *g = &c->geo;
+    const fkv_policy policy = c->opts.policy;
+    memset(d, 0, sizeof *d);
+    d->layers = g->layers;
+    d->q_heads = g->q_heads;
+    d->kv_heads = g->kv_heads;
+    d->group = g->group;
+    d->head_dim = g->head_dim;
+    d->page = g->page;
+    d->sink_pages = g->sink_pages;
+    d->window_pages = g->window_pages;
+    d->select_pages = g->select_pages;
+    d->ring_pages = g->ring_pages;
+    d->max_pages = g->max_pages;
+    d->dtype = c->opts.dtype;
+    d->policy = policy;
+    d->group_score = c->opts.group_score;
+    d->store = policy == FKV_POLICY_RESIDENT || policy == FKV_POLICY_DENSE;
+    d->max_tokens = (int32_t)g->max_tokens;
+    d->scale = g->scale;
+    d->threshold = c->opts.correction_threshold;
+    d->unit_bytes = g->unit_bytes;
+
+    const uint64_t H = (uint64_t)g->kv_heads, K = (uint64_t)g->select_pages;
+    const uint64_t QD = (uint64_t)g->q_heads * g->head_dim;
+    uint64_t off = 0;
+    /* The arrays that start at -1 come first, in one range. */
+    d->neg_begin = off;
+    d->off_slot_page = place(&off, H * K, 4);
+    d->off_active_count = place(&off, H, 4);
+    d->off_fix_count = place(&off, H, 4);
+    d->neg_bytes = off - d->neg_begin;
+    d->off_active_pages = place(&off, H * K, 4);
+    d->off_active_slot = place(&off, H * K, 4);
+    d->off_pending_pages = place(&off, H * K, 4);
+    d->off_pending_count = place(&off, H, 4);
+    d->off_pending_valid = place(&off, H, 4);
+    d->off_fix_pages = place(&off, H * K, 4);
+    d->off_used_pages = place(&off, H * K, 4);
+    d->off_used_count = place(&off, H, 4);
+    d->off_snap_len = place(&off, 1, 4);
+    d->off_active_q = place(&off, QD, 4);
+    d->off_pending_q = place(&off, QD, 4);
+    off = align_up(off, 256);
+    d->meta_bytes = off;
+
+    const uint64_t unit = g->unit_bytes;
+    if (d->store) {
+        d->off_store = place(&off, H * (uint64_t)g->max_pages, unit);
+    } else {
+        d->off_sink = place(&off, H * (uint64_t)g->sink_pages, unit);
+        d->off_ring = place(&off, H * (uint64_t)g->ring_pages, unit);
+        d->off_slots = place(&off, H * K, unit);
+    }
+    if (policy != FKV_POLICY_DENSE) {
+        uint64_t n = H * (uint64_t)g->max_pages * g->head_dim;
+        d->off_smax = place(&off, n, g->elem_bytes);
+        d->off_smin = place(&off, n, g->elem_bytes);
+    }
+    d->layer_bytes = align_up(off, 256);
+}
+
+/* ---- creation ---------------------------------------------------------- */
+
+static void *pinned_alloc(size_t bytes, void *ctx)
+{
+    (void)ctx;
+    void *p = NULL;
+    if (cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) !=
+        cudaSuccess) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    return p;
+}
+
+static void pinned_release(void *p, void *ctx)
+{
+    (void)ctx;
+    (void)cudaFreeHost(p);
+}
+
+static fkv_status dev_alloc(fkv_cache *c, void **p, uint64_t bytes,
+                            const char *what)
+{
+    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    if (e != cudaSuccess) {
+        *p = NULL;
+        (void)cudaGetLastError();
+        return fkvi_fail(c, e == cudaErrorMemoryAllocation
+                                ? FKV_ERR_OUT_OF_MEMORY
+                                : FKV_ERR_DEVICE,
+                         "fkv_create: cudaMalloc of %llu bytes for %s: %s",
+                         (unsigned long long)bytes, what,
+                         cudaGetErrorString(e));
+    }
+    backend_of(c)->device_bytes += bytes;
+    return FKV_OK;
 }
 
 static void cuda_destroy(fkv_cache *c)
 {
-    (void)c;
+    cuda_backend *cb = backend_of(c);
+    if (!cb)
+        return;
+    int previous = -1;
+    if (cudaGetDevice(&previous) == cudaSuccess && previous != cb->device)
+        (void)cudaSetDevice(cb->device);
+    if (cb->side)
+        (void)cudaStreamSynchronize(cb->side);
+    (void)cudaStreamSynchronize(cb->stream);
+    /* The host pool's chunks are pinned: free them while the context and
+     * this backend (its allocator context) still exist. */
+    fkv_pool_destroy(&c->pool);
+    for (int32_t l = 0; cb->select_ready && l < c->geo.layers; l++)
+        if (cb->select_ready[l])
+            (void)cudaEventDestroy(cb->select_ready[l]);
+    for (int32_t l = 0; cb->recall_done && l < c->geo.layers; l++)
+        if (cb->recall_done[l])
+            (void)cudaEventDestroy(cb->recall_done[l]);
+    free(cb->select_ready);
+    free(cb->recall_done);
+    if (cb->stream_switch)
+        (void)cudaEventDestroy(cb->stream_switch);
+    if (cb->side)
+        (void)cudaStreamDestroy(cb->side);
+    (void)cudaFree(cb->seq_base_dev);
+    (void)cudaFree((void *)cb->st_main.block_ptr);
+    (void)cudaFree(cb->small);
+    (void)cudaFree(cb->scratch[0]);
+    (void)cudaFree(cb->scratch[1]);
+    (void)cudaFree(cb->partials);
+    (void)cudaFreeHost(cb->seq_base_host);
+    (void)cudaFreeHost(cb->block_ptr_host);
+    (void)cudaGetLastError();
+    if (previous >= 0 && previous != cb->device)
+        (void)cudaSetDevice(previous);
+    free(cb);
+    c->backend = NULL;
+}
+
+/* Carves one side's scratch (scores, agg, work lists) out of `base`. */
+static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
+                               unsigned char *base)
+{
+    const fkvi_geometry *g = &c->geo;
+    const uint64_t S = (uint64_t)c->opts.max_sequences, H = g->kv_heads;
+    const uint64_t pages = (uint64_t)g->max_pages, K = g->select_pages;
+    uint64_t off = 0;
+    uint64_t scores = place(&off, S * H * g->group * pages, 4);
+    uint64_t agg = place(&off, S * H * pages, 4);
+    uint64_t src = place(&off, S * H * K, 8);
+    uint64_t dst = place(&off, S * H * K, 8);
+    uint64_t count = place(&off, S * H, 4);
+    if (base) {
+        st->scores = (float *)(base + scores);
+        st->agg = (float *)(base + agg);
+        st->work_src = (uint64_t *)(base + src);
+        st->work_dst = (uint64_t *)(base + dst);
+        st->work_count = (int32_t *)(base + count);
+    }
+    return off;
+}
+
+static fkv_status cuda_create(fkv_cache *c)
+{
+    const fkvi_geometry *g = &c->geo;
+    cuda_backend *cb = calloc(1, sizeof *cb);
+    if (!cb)
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
+    c->backend = cb;
+    cb->device = c->opts.device;
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+
+#define TRY(call, what)                                                      \
+    do {                                                                     \
+        cudaError_t e_ = (call);                                             \
+        if (e_ != cudaSuccess) {                                             \
+            st = cuda_fail(c, e_, (what));                                   \
+            goto out;                                                        \
+        }                                                                    \
+    } while (0)
+#define TRY_ST(expr)                                                         \
+    do {                                                                     \
+        if ((st = (expr)) != FKV_OK)                                         \
+            goto out;                                                        \
+    } while (0)
+
+    layout(c, &cb->geo);
+    c->pool_unused = cb->geo.store != 0;
+    c->pool.allocator = (fkv_pool_allocator){pinned_alloc, pinned_release, c};
+    TRY(cudaDeviceGetAttribute(&cb->sm_count, cudaDevAttrMultiProcessorCount,
+                               cb->device), "cudaDeviceGetAttribute");
+    int least = 0, greatest = 0;
+    TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest),
+        "cudaDeviceGetStreamPriorityRange");
+    TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, least),
+        "cudaStreamCreateWithPriority");
+    cb->select_ready = calloc((size_t)g->layers, sizeof(cudaEvent_t));
+    cb->recall_done = calloc((size_t)g->layers, sizeof(cudaEvent_t));
+    if (!cb->select_ready || !cb->recall_done) {
+        st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
+        goto out;
+    }
+    TRY(cudaEventCreateWithFlags(&cb->stream_switch, cudaEventDisableTiming),
+        "cudaEventCreateWithFlags");
+    for (int32_t l = 0; l < g->layers; l++) {
+        TRY(cudaEventCreateWithFlags(&cb->select_ready[l],
+                                     cudaEventDisableTiming),
+            "cudaEventCreateWithFlags");
+        TRY(cudaEventCreateWithFlags(&cb->recall_done[l],
+                                     cudaEventDisableTiming),
+            "cudaEventCreateWithFlags");
+    }
+
+    const uint64_t S = (uint64_t)c->opts.max_sequences;
+    fkv_dev_state *m = &cb->st_main;
+    m->max_seqs = c->opts.max_sequences;
+
+    TRY(cudaHostAlloc((void **)&cb->seq_base_host, S * sizeof(void *),
+                      cudaHostAllocPortable), "cudaHostAlloc");
+    memset(cb->seq_base_host, 0, S * sizeof(void *));
+    TRY_ST(dev_alloc(c, (void **)&cb->seq_base_dev, S * sizeof(void *),
+                     "sequence table"));
+    TRY(cudaMemset(cb->seq_base_dev, 0, S * sizeof(void *)), "cudaMemset");
+    m->seq_base = cb->seq_base_dev;
+
+    cb->block_ptr_entries =
+        cb->geo.store ? 1 : S * g->layers * (uint64_t)g->max_pages;
+    TRY(cudaHostAlloc((void **)&cb->block_ptr_host,
+                      cb->block_ptr_entries * sizeof(uint64_t),
+                      cudaHostAllocPortable), "cudaHostAlloc");
+    memset(cb->block_ptr_host, 0, cb->block_ptr_entries * sizeof(uint64_t));
+    void *block_ptr = NULL;
+    TRY_ST(dev_alloc(c, &block_ptr, cb->block_ptr_entries * sizeof(uint64_t),
+                     "page table"));
+    m->block_ptr = block_ptr;
+    TRY(cudaMemset(block_ptr, 0, cb->block_ptr_entries * sizeof(uint64_t)),
+        "cudaMemset");
+
+    {
+        uint64_t off = 0;
+        uint64_t len = place(&off, S * g->layers, 4);
+        uint64_t counters = place(&off, FKV_DEV_COUNTERS, 8);
+        uint64_t error = place(&off, 1, 4);
+        uint64_t done = place(&off, (uint64_t)g->layers, 4);
+        TRY_ST(dev_alloc(c, &cb->small, off, "lengths and counters"));
+        TRY(cudaMemset(cb->small, 0, off), "cudaMemset");
+        unsigned char *b = cb->small;
+        m->len = (int32_t *)(b + len);
+        m->counters = (unsigned long long *)(b + counters);
+        m->error = (unsigned int *)(b + error);
+        m->append_done = (unsigned int *)(b + done);
+    }
+
+    cb->max_bound_pages = c->opts.policy == FKV_POLICY_DENSE
+                              ? g->max_pages
+                              : g->sink_pages + g->select_pages +
+                                    g->window_pages + 1;
+    m->max_splits = fkv_attend_splits(&cb->geo, 1, cb->max_bound_pages,
+                                      cb->sm_count);
+    {
+        uint64_t off = 0;
+        uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
+        uint64_t ml = place(&off, n * 2, 4);
+        uint64_t acc = place(&off, n * g->head_dim, 4);
+        TRY_ST(dev_alloc(c, &cb->partials, off, "attention partials"));
+        m->part_ml = (float *)((unsigned char *)cb->partials + ml);
+        m->part_acc = (float *)((unsigned char *)cb->partials + acc);
+    }
+
+    cb->st_side = *m;
+    uint64_t scratch = scratch_layout(c, m, NULL);
+    for (int s = 0; s < 2; s++)
+        TRY_ST(dev_alloc(c, &cb->scratch[s], scratch, "selection scratch"));
+    scratch_layout(c, m, cb->scratch[0]);
+    scratch_layout(c, &cb->st_side, cb->scratch[1]);
+
+    /* Correction recalls are on the critical path: use the whole GPU.
+     * Speculative recalls overlap the engine's GEMMs: take few SMs (DESIGN
+     * section 3: 16-32 blocks fill PCIe). */
+    cb->gather_blocks_main = cb->sm_count;
+    cb->gather_blocks_side = 32;
+    st = FKV_OK;
+out:
+#undef TRY
+#undef TRY_ST
+    leave(&guard);
+    if (st != FKV_OK) {
+        c->pool_unused = false;
+        cuda_destroy(c);
+    }
+    return st;
+}
+
+static fkv_status cuda_set_stream(fkv_cache *c, void *stream)
+{
+    cuda_backend *cb = backend_of(c);
+    if ((cudaStream_t)stream == cb->stream)
+        return FKV_OK;
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    /* Work already enqueued on the old stream (sequence set-up, page
+     * tables, appends) comes before anything on the new one. */
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent((cudaStream_t)stream, cb->stream_switch, 0);
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_set_stream");
+    cb->stream = (cudaStream_t)stream;
+    return FKV_OK;
+}
+
+/* ---- sequences and pages ----------------------------------------------- */
+
+static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    const fkvi_geometry *g = &c->geo;
+    uint64_t bytes = cb->geo.layer_bytes * (uint64_t)g->layers;
+    void *region = NULL;
+    cudaError_t e = cudaMalloc(&region, bytes);
+    if (e != cudaSuccess) {
+        leave(&guard);
+        (void)cudaGetLastError();
+        return fkvi_fail(c, e == cudaErrorMemoryAllocation
+                                ? FKV_ERR_OUT_OF_MEMORY
+                                : FKV_ERR_DEVICE,
+                         "fkv_seq_open: cudaMalloc of %llu bytes for the "
+                         "sequence's device state: %s",
+                         (unsigned long long)bytes, cudaGetErrorString(e));
+    }
+    cb->seq_base_host[slot] = region;
+    e = cudaMemcpyAsync(cb->seq_base_dev + slot, cb->seq_base_host + slot,
+                        sizeof(void *), cudaMemcpyHostToDevice, cb->stream);
+    if (e == cudaSuccess && !cb->geo.store) {
+        uint64_t per = (uint64_t)g->layers * g->max_pages;
+        memset(cb->block_ptr_host + slot * per, 0, per * sizeof(uint64_t));
+        e = cudaMemsetAsync((void *)(cb->st_main.block_ptr + slot * per), 0,
+                            per * sizeof(uint64_t), cb->stream);
+    }
+    if (e == cudaSuccess)
+        e = fkv_launch_seq_init(&cb->geo, &cb->st_main, slot, cb->stream);
+    if (e != cudaSuccess) {
+        (void)cudaFree(region);
+        cb->seq_base_host[slot] = NULL;
+        leave(&guard);
+        return cuda_fail(c, e, "fkv_seq_open");
+    }
+    cb->device_bytes += bytes;
+    leave(&guard);
+    return FKV_OK;
+}
+
+static void cuda_seq_close(fkv_cache *c, int32_t slot)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    /* cudaFree waits for the work in flight that may still use it. */
+    (void)cudaFree(cb->seq_base_host[slot]);
+    (void)cudaGetLastError();
+    cb->seq_base_host[slot] = NULL;
+    cb->device_bytes -= cb->geo.layer_bytes * (uint64_t)c->geo.layers;
+    leave(&guard);
+}
+
+static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
+                                     int32_t first, int32_t last)
+{
+    cuda_backend *cb = backend_of(c);
+    if (cb->geo.store || last <= first)
+        return FKV_OK;
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    const uint64_t row = ((uint64_t)slot * c->geo.layers + layer) *
+                         (uint64_t)c->geo.max_pages;
+    const uint32_t *blocks = c->seqs[slot].blocks + (size_t)layer * c->geo.max_pages;
+    for (int32_t p = first; p < last; p++) {
+        uint64_t dev = 0;
+        if (blocks[p] != FKV_POOL_NO_BLOCK) {
+            void *d = NULL;
+            cudaError_t e = cudaHostGetDevicePointer(
+                &d, fkv_pool_block(&c->pool, blocks[p]), 0);
+            if (e != cudaSuccess) {
+                leave(&guard);
+                return cuda_fail(c, e, "cudaHostGetDevicePointer");
+            }
+            dev = (uint64_t)(uintptr_t)d;
+        }
+        cb->block_ptr_host[row + p] = dev;
+    }
+    cudaError_t e = cudaMemcpyAsync(
+        (void *)(cb->st_main.block_ptr + row + first),
+        cb->block_ptr_host + row + first,
+        (size_t)(last - first) * sizeof(uint64_t), cudaMemcpyHostToDevice,
+        cb->stream);
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "cudaMemcpyAsync (page table)");
+    return FKV_OK;
+}
+
+/* ---- the per-layer calls ----------------------------------------------- */
+
+static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
+                                      const char *name, const void *p)
+{
+    struct cudaPointerAttributes a;
+    cudaError_t e = cudaPointerGetAttributes(&a, p);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                         "%s: %s is not a pointer CUDA knows (%s)", fn, name,
+                         cudaGetErrorString(e));
+    }
+    if (a.type == cudaMemoryTypeUnregistered)
+        return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                         "%s: %s is host memory; the CUDA backend takes "
+                         "device (or mapped) pointers", fn, name);
+    if (a.type == cudaMemoryTypeDevice && a.device != backend_of(c)->device)
+        return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                         "%s: %s is on device %d; the cache is on device %d",
+                         fn, name, a.device, backend_of(c)->device);
+    return FKV_OK;
+}
+
+/* The part [first, first + count) of a validated batch, for one launch. */
+static void dev_batch(const fkvi_batch *b, int32_t first, int32_t count,
+                      fkv_dev_batch *d)
+{
+    memset(d, 0, sizeof *d);
+    d->n = count;
+    for (int32_t j = 0; j < count; j++) {
+        d->slot[j] = b->slot[first + j];
+        d->tokens[j] = b->tokens[first + j];
+        d->offset[j] = b->offset[first + j] - b->offset[first];
+        if (d->tokens[j] > d->max_tokens)
+            d->max_tokens = d->tokens[j];
+    }
+}
+
+#define FOR_EACH_CHUNK(b, first, count)                                      \
+    for (int32_t first = 0, count = 0;                                       \
+         count = (b)->n - first < FKV_DEV_MAX_BATCH ? (b)->n - first         \
+                                                    : FKV_DEV_MAX_BATCH,     \
+                 first < (b)->n;                                             \
+         first += count)
+
+static bool capturing(cudaStream_t s)
+{
+    enum cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(s, &status) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return status == cudaStreamCaptureStatusActive;
+}
+
+static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                              const void *k, const void *v)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_device_pointer(c, "fkv_append", "k", k);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_append", "v", v);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const size_t row = (size_t)c->geo.kv_heads * c->geo.head_dim *
+                       c->geo.elem_bytes;
+    FOR_EACH_CHUNK(b, first, count) {
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        size_t at = (size_t)b->offset[first] * row;
+        cudaError_t e = fkv_launch_append(&cb->geo, &cb->st_main, &d, layer,
+                                          (const char *)k + at,
+                                          (const char *)v + at, cb->stream);
+        if (e != cudaSuccess) {
+            leave(&guard);
+            return cuda_fail(c, e, "fkv_append: append kernel");
+        }
+    }
+    leave(&guard);
+    return FKV_OK;
+}
+
+static int32_t bound_pages(fkv_cache *c, const fkvi_batch *b, int32_t layer)
+{
+    cuda_backend *cb = backend_of(c);
+    if (c->opts.policy != FKV_POLICY_DENSE)
+        return cb->max_bound_pages;
+    if (capturing(cb->stream)) /* replays will see longer sequences */
+        return cb->max_bound_pages;
+    int64_t most = 1;
+    for (int32_t i = 0; i < b->n; i++)
+        if (c->seqs[b->slot[i]].length[layer] > most)
+            most = c->seqs[b->slot[i]].length[layer];
+    return (int32_t)((most + c->geo.page - 1) / c->geo.page);
+}
+
+static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                              const void *q, void *out)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_device_pointer(c, "fkv_attend", "q", q);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_attend", "out", out);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const fkv_policy policy = c->opts.policy;
+    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
+                        c->geo.elem_bytes;
+    cudaError_t e = cudaSuccess;
+    /* The previous step's speculative recall of this layer. Under capture
+     * the previous replay has finished before this one starts. */
+    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
+        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    const int32_t bound = bound_pages(c, b, layer);
+    FOR_EACH_CHUNK(b, first, count) {
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        const void *qc = (const char *)q + first * qrow;
+        void *oc = (char *)out + first * qrow;
+        if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer, qc,
+                                  policy == FKV_POLICY_FREEKV
+                                      ? FKV_SELECT_CORRECT
+                                      : FKV_SELECT_FIX_ALL,
+                                  cb->stream);
+            if (e == cudaSuccess)
+                e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                                      FKV_RECALL_FIX, cb->gather_blocks_main,
+                                      cb->stream);
+        } else if (policy == FKV_POLICY_RESIDENT) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer, qc,
+                                  FKV_SELECT_ACTIVE, cb->stream);
+        }
+        if (e == cudaSuccess)
+            e = fkv_launch_attend(&cb->geo, &cb->st_main, &d, layer, qc, oc,
+                                  bound, cb->stream);
+    }
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_attend");
+    return FKV_OK;
+}
+
+static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                              const void *q)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_device_pointer(c, "fkv_select", "q", q);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
+                        c->geo.elem_bytes;
+    cudaError_t e = cudaSuccess;
+    FOR_EACH_CHUNK(b, first, count) {
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        e = fkv_launch_snapshot(&cb->geo, &cb->st_main, &d, layer,
+                                (const char *)q + first * qrow, cb->stream);
+        if (e != cudaSuccess)
+            break;
+    }
+    if (e == cudaSuccess)
+        e = cudaEventRecord(cb->select_ready[layer], cb->stream);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->side, cb->select_ready[layer], 0);
+    FOR_EACH_CHUNK(b, first, count) {
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        e = fkv_launch_select(&cb->geo, &cb->st_side, &d, layer, NULL,
+                              FKV_SELECT_PENDING, cb->side);
+    }
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_select");
+    return FKV_OK;
+}
+
+static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    cudaError_t e = cudaSuccess;
+    FOR_EACH_CHUNK(b, first, count) {
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        e = fkv_launch_recall(&cb->geo, &cb->st_side, &d, layer,
+                              FKV_RECALL_PENDING, cb->gather_blocks_side,
+                              cb->side);
+        if (e != cudaSuccess)
+            break;
+    }
+    if (e == cudaSuccess)
+        e = cudaEventRecord(cb->recall_done[layer], cb->side);
+    /* A captured step must join the side stream back before capture ends:
+     * the last layer's recall is the step's last side-stream work. */
+    if (e == cudaSuccess && layer == c->geo.layers - 1 && capturing(cb->stream))
+        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_recall");
+    return FKV_OK;
+}
+
+/* ---- off the decode path ----------------------------------------------- */
+
+static fkv_status wait_all(fkv_cache *c)
+{
+    cuda_backend *cb = backend_of(c);
+    CUDA_TRY(c, cudaStreamSynchronize(cb->side), "cudaStreamSynchronize");
+    CUDA_TRY(c, cudaStreamSynchronize(cb->stream), "cudaStreamSynchronize");
+    return FKV_OK;
+}
+
+static fkv_status cuda_selected_pages(fkv_cache *c, int32_t layer,
+                                      int32_t slot, int32_t kv_head,
+                                      int32_t *pages, int32_t capacity,
+                                      int32_t *count)
+{
+    cuda_backend *cb = backend_of(c);
+    const fkv_dev_geometry *g = &cb->geo;
+    if (c->opts.policy == FKV_POLICY_DENSE) {
+        *count = 0;
+        return FKV_OK;
+    }
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    if ((st = wait_all(c)) != FKV_OK) {
+        leave(&guard);
+        return st;
+    }
+    const bool resident = c->opts.policy == FKV_POLICY_RESIDENT;
+    const unsigned char *base =
+        cb->seq_base_host[slot] + (uint64_t)layer * g->layer_bytes;
+    const unsigned char *counts =
+        base + (resident ? g->off_active_count : g->off_used_count);
+    const unsigned char *list =
+        base + (resident ? g->off_active_pages : g->off_used_pages) +
+        (uint64_t)kv_head * g->select_pages * sizeof(int32_t);
+    int32_t n = 0;
+    cudaError_t e = cudaMemcpy(&n, counts + kv_head * sizeof(int32_t),
+                               sizeof n, cudaMemcpyDeviceToHost);
+    if (n < 0)
+        n = 0;
+    int32_t copy = n < capacity ? n : capacity;
+    if (e == cudaSuccess && copy > 0)
+        e = cudaMemcpy(pages, list, (size_t)copy * sizeof(int32_t),
+                       cudaMemcpyDeviceToHost);
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_get_selected_pages");
+    *count = n;
+    return FKV_OK;
+}
+
+static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    unsigned long long counters[FKV_DEV_COUNTERS];
+    if ((st = wait_all(c)) == FKV_OK) {
+        cudaError_t e = cudaMemcpy(counters, cb->st_main.counters,
+                                   sizeof counters, cudaMemcpyDeviceToHost);
+        if (e != cudaSuccess)
+            st = cuda_fail(c, e, "fkv_get_stats");
+    }
+    leave(&guard);
+    if (st != FKV_OK)
+        return st;
+    s->pages_recalled += counters[FKV_DEV_PAGES_RECALLED];
+    s->bytes_recalled += counters[FKV_DEV_BYTES_RECALLED];
+    s->corrections += counters[FKV_DEV_CORRECTIONS];
+    s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];
+    s->host_bytes += cb->block_ptr_entries * sizeof(uint64_t) + sizeof *cb;
+    s->device_bytes = cb->device_bytes;
+    return FKV_OK;
+}
+
+static void cuda_reset_stats(fkv_cache *c)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    if (wait_all(c) == FKV_OK)
+        (void)cudaMemset(cb->st_main.counters, 0,
+                         FKV_DEV_COUNTERS * sizeof(unsigned long long));
+    (void)cudaGetLastError();
+    leave(&guard);
+}
+
+static fkv_status cuda_sync(fkv_cache *c)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    const int32_t L = c->geo.layers;
+    const size_t bytes = (size_t)c->opts.max_sequences * L * sizeof(int32_t);
+    int32_t *len = malloc(bytes);
+    unsigned int error = 0;
+    if (!len) {
+        leave(&guard);
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_sync: no memory");
+    }
+    if ((st = wait_all(c)) == FKV_OK) {
+        cudaError_t e = cudaMemcpy(len, cb->st_main.len, bytes,
+                                   cudaMemcpyDeviceToHost);
+        if (e == cudaSuccess)
+            e = cudaMemcpy(&error, cb->st_main.error, sizeof error,
+                           cudaMemcpyDeviceToHost);
+        if (e == cudaSuccess && error)
+            e = cudaMemset(cb->st_main.error, 0, sizeof error);
+        /* Events last recorded inside a captured graph cannot be waited on
+         * by eager work; the side stream is idle now, so record them anew. */
+        for (int32_t l = 0; e == cudaSuccess && l < L; l++)
+            e = cudaEventRecord(cb->recall_done[l], cb->side);
+        if (e != cudaSuccess)
+            st = cuda_fail(c, e, "fkv_sync");
+    }
+    leave(&guard);
+    if (st == FKV_OK) {
+        for (int32_t s = 0; s < c->opts.max_sequences; s++)
+            if (c->seqs[s].open)
+                for (int32_t l = 0; l < L; l++)
+                    c->seqs[s].length[l] = len[(size_t)s * L + l];
+        if (error & FKV_DEV_ERR_CAPACITY)
+            st = fkvi_fail(c, FKV_ERR_CAPACITY,
+                           "fkv_sync: a replayed append went past the "
+                           "reserved pages (fkv_seq_reserve) or "
+                           "max_tokens_per_sequence; its tokens were "
+                           "dropped and the length kept");
+        else if (error)
+            st = fkvi_fail(c, FKV_ERR_INTERNAL,
+                           "fkv_sync: the device found an inconsistent page "
+                           "table (error bits 0x%x)", error);
+    }
+    free(len);
+    return st;
 }
 
 const fkvi_backend_ops fkvi_cuda_backend = {
     .name = "cuda",
     .create = cuda_create,
     .destroy = cuda_destroy,
+    .set_stream = cuda_set_stream,
+    .seq_open = cuda_seq_open,
+    .seq_close = cuda_seq_close,
+    .pages_changed = cuda_pages_changed,
+    .sync = cuda_sync,
+    .append = cuda_append,
+    .attend = cuda_attend,
+    .select = cuda_select,
+    .recall = cuda_recall,
+    .selected_pages = cuda_selected_pages,
+    .stats = cuda_stats,
+    .reset_stats = cuda_reset_stats,
 };

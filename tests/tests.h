@@ -258,5 +258,7 @@ Suite *suite_sequences(const char *prefix);
 Suite *suite_always(const char *prefix);
 Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
+/* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
+Suite *suite_cuda(const char *prefix);
 
 #endif /* FKV_TESTS_H */

@@ -1,0 +1,195 @@
+/* The C interface between the CUDA backend's host code (lib/backend_cuda.c)
+ * and the kernels (kernels/ *.cu). Plain C structs passed by value, so that
+ * a launch captured in a CUDA graph holds everything it needs; all state
+ * that changes from step to step lives in device memory.
+ *
+ * Every launcher enqueues on `stream` and returns cudaGetLastError(). */
+#ifndef FKV_KERNELS_H
+#define FKV_KERNELS_H
+
+#include <stdint.h>
+
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Sequences per launch; larger batches are split by the host code. */
+#define FKV_DEV_MAX_BATCH 32
+
+/* Device counters (fkv_stats), indices into fkv_dev_state.counters. */
+enum {
+    FKV_DEV_PAGES_RECALLED = 0,
+    FKV_DEV_BYTES_RECALLED = 1,
+    FKV_DEV_CORRECTIONS = 2,
+    FKV_DEV_HEADS_CHECKED = 3,
+    FKV_DEV_COUNTERS = 4
+};
+
+/* Bits of fkv_dev_state.error (sticky until fkv_sync reads them). */
+enum {
+    FKV_DEV_ERR_CAPACITY = 1, /* append past max_tokens or unmapped page */
+    FKV_DEV_ERR_INTERNAL = 2
+};
+
+/* Geometry and the layout of one (sequence, layer) region. A sequence slot
+ * owns layers * layer_bytes of device memory from seq_base[slot]; each
+ * layer's region holds the arrays below at the given byte offsets. Arrays
+ * a policy does not use have size 0. "Units" are one (page, KV head) of K
+ * then V: [2][page][head_dim] elements of the cache dtype. */
+typedef struct fkv_dev_geometry {
+    int32_t layers, q_heads, kv_heads, group, head_dim, page;
+    int32_t sink_pages, window_pages, select_pages, ring_pages, max_pages;
+    int32_t dtype;        /* fkv_dtype */
+    int32_t policy;       /* fkv_policy */
+    int32_t group_score;  /* fkv_group_score */
+    int32_t store;        /* 1: every page on the device (RESIDENT, DENSE) */
+    int32_t max_tokens;
+    float scale;
+    float threshold;      /* correction threshold */
+    uint64_t unit_bytes;
+    uint64_t layer_bytes;
+    /* units */
+    uint64_t off_sink;    /* [kv_heads][sink_pages] */
+    uint64_t off_ring;    /* [kv_heads][ring_pages]; page p >= S in
+                             (p - S) % ring_pages */
+    uint64_t off_slots;   /* [kv_heads][select_pages] */
+    uint64_t off_store;   /* [kv_heads][max_pages] (store policies) */
+    /* summaries, cache dtype, [kv_heads][max_pages][head_dim] */
+    uint64_t off_smax, off_smin;
+    /* int32 arrays; "-1" ones are set to -1 at sequence open */
+    uint64_t off_slot_page;     /* [kv_heads][K] page in slot, -1 empty */
+    uint64_t off_active_count;  /* [kv_heads] -1: no selection yet */
+    uint64_t off_fix_count;     /* [kv_heads] -1: nothing to correct */
+    uint64_t off_active_pages;  /* [kv_heads][K] ascending */
+    uint64_t off_active_slot;   /* [kv_heads][K] */
+    uint64_t off_pending_pages; /* [kv_heads][K] */
+    uint64_t off_pending_count; /* [kv_heads] */
+    uint64_t off_pending_valid; /* [kv_heads] 0/1 */
+    uint64_t off_fix_pages;     /* [kv_heads][K] */
+    uint64_t off_snap_len;      /* [1] length when fkv_select was called */
+    /* float arrays */
+    uint64_t off_active_q;      /* [q_heads][head_dim] */
+    uint64_t off_pending_q;     /* [q_heads][head_dim] */
+    uint64_t neg_begin, neg_bytes; /* the "-1" arrays: one range per layer */
+    /* what the last attend used (FREEKV, SYNC), for fkv_get_selected_pages */
+    uint64_t off_used_pages;    /* [kv_heads][K] */
+    uint64_t off_used_count;    /* [kv_heads] */
+    uint64_t meta_bytes;        /* metadata [0, meta_bytes) of each layer
+                                   region, zeroed at open; units follow */
+} fkv_dev_geometry;
+
+/* Device memory shared by all kernels of one cache. */
+typedef struct fkv_dev_state {
+    unsigned char *const *seq_base;  /* [max_seqs] (device array) */
+    int32_t *len;                    /* [max_seqs][layers] tokens held */
+    const uint64_t *block_ptr;       /* [max_seqs][layers][max_pages] device
+                                        address of each page's pool block
+                                        (mapped host memory), 0: none */
+    unsigned long long *counters;    /* [FKV_DEV_COUNTERS] */
+    unsigned int *error;             /* FKV_DEV_ERR_* bits */
+    unsigned int *append_done;       /* [layers] last-block counters */
+    float *scores;                   /* [max_seqs][kv_heads][group][max_pages] */
+    float *agg;                      /* [max_seqs][kv_heads][max_pages] */
+    /* recall work lists, [max_seqs][kv_heads][K] */
+    uint64_t *work_src;              /* device address of a pool unit */
+    uint64_t *work_dst;              /* device address of a slot unit */
+    int32_t *work_count;             /* [max_seqs][kv_heads] */
+    /* split attention partials */
+    float *part_ml;                  /* [max_seqs][q_heads][max_splits][2] */
+    float *part_acc;                 /* [max_seqs][q_heads][max_splits][D] */
+    int32_t max_splits;
+    int32_t max_seqs;
+} fkv_dev_state;
+
+typedef struct fkv_dev_batch {
+    int32_t n;
+    int32_t max_tokens;                   /* largest tokens[i] */
+    int32_t slot[FKV_DEV_MAX_BATCH];
+    int32_t tokens[FKV_DEV_MAX_BATCH];    /* append only */
+    int64_t offset[FKV_DEV_MAX_BATCH];    /* first row in k/v (append) */
+} fkv_dev_batch;
+
+/* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
+ * its lengths. */
+cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
+                                const fkv_dev_state *st, int32_t slot,
+                                cudaStream_t stream);
+
+/* Writes the batch's tokens (k, v: [rows][kv_heads][head_dim]) at the end of
+ * each sequence: to the host pool block (sliding-window policies) and to the
+ * device copy (sink, ring or store); summarises each page it completes;
+ * then advances len. Positions come from len on the device. */
+cudaError_t fkv_launch_append(const fkv_dev_geometry *g,
+                              const fkv_dev_state *st,
+                              const fkv_dev_batch *b, int32_t layer,
+                              const void *k, const void *v,
+                              cudaStream_t stream);
+
+/* Copies q ([n][q_heads][D], cache dtype) into pending_q as float and len
+ * into snap_len, so that a selection on another stream sees this moment. */
+cudaError_t fkv_launch_snapshot(const fkv_dev_geometry *g,
+                                const fkv_dev_state *st,
+                                const fkv_dev_batch *b, int32_t layer,
+                                const void *q, cudaStream_t stream);
+
+typedef enum fkv_select_mode {
+    /* FREEKV's fkv_select: query pending_q, length snap_len; writes
+     * pending_pages/count and sets pending_valid. */
+    FKV_SELECT_PENDING = 0,
+    /* FREEKV's attend: per KV head, count a check; if there is no active
+     * selection, or the candidates fit in K but are not all active, or the
+     * mean cosine of q with active_q is under the threshold: count a
+     * correction, select with q into fix_pages/count and set active_q to q.
+     * Otherwise fix_count = -1. */
+    FKV_SELECT_CORRECT = 1,
+    /* SYNC's attend: select every head with q into fix_pages/count. */
+    FKV_SELECT_FIX_ALL = 2,
+    /* RESIDENT's attend: select every head with q into active_pages/count. */
+    FKV_SELECT_ACTIVE = 3
+} fkv_select_mode;
+
+/* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING). */
+cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
+                              const fkv_dev_state *st,
+                              const fkv_dev_batch *b, int32_t layer,
+                              const void *q, fkv_select_mode mode,
+                              cudaStream_t stream);
+
+typedef enum fkv_recall_mode {
+    /* Make pending active where pending_valid (and copy pending_q to
+     * active_q, clear pending_valid). */
+    FKV_RECALL_PENDING = 0,
+    /* Make fix active where fix_count >= 0 (then set fix_count to -1). */
+    FKV_RECALL_FIX = 1
+} fkv_recall_mode;
+
+/* Incremental recall: pages of the new set already in a slot stay; the
+ * others are copied from the host pool into slots whose pages left the set.
+ * gather_blocks: blocks of the copy kernel (the PCIe/SM trade-off). */
+cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
+                              const fkv_dev_state *st,
+                              const fkv_dev_batch *b, int32_t layer,
+                              fkv_recall_mode mode, int32_t gather_blocks,
+                              cudaStream_t stream);
+
+/* Decode attention (split along the keys, then combined) over the sink,
+ * the active selection, the window and the partial page (every page for
+ * DENSE). q, out: [n][q_heads][D] cache dtype. bound_pages: the most pages
+ * any sequence of the batch can attend now (sets the split grid). */
+cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
+                              const fkv_dev_state *st,
+                              const fkv_dev_batch *b, int32_t layer,
+                              const void *q, void *out, int32_t bound_pages,
+                              cudaStream_t stream);
+
+/* The split count fkv_launch_attend uses for bound_pages (for sizing). */
+int32_t fkv_attend_splits(const fkv_dev_geometry *g, int32_t n,
+                          int32_t bound_pages, int32_t sm_count);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FKV_KERNELS_H */

@@ -1,0 +1,170 @@
+// Incremental recall, in two launches:
+//  plan   one block per (sequence, KV head): matches the new page set
+//         against the pages already in slots, gives each missing page a
+//         slot whose page left the set, writes the copy list and makes the
+//         set active;
+//  gather a fixed grid of warps copies each listed unit (one page of one KV
+//         head, K and V: 16 KiB for bf16, P 32, D 128) from the host pool
+//         (mapped pinned memory, read over PCIe) into its slot.
+// A fixed grid keeps the launch graph-capturable; gather_blocks sets how
+// many SMs recall takes from the engine (DESIGN section 3's trade-off).
+#include "common.cuh"
+
+namespace {
+
+constexpr int kPlanThreads = 128;
+constexpr int kGatherThreads = 256;
+
+__global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b,
+                            int32_t layer, int32_t mode)
+{
+    extern __shared__ int32_t smem[];
+    const int32_t K = g.select_pages;
+    int32_t *slot_page = smem;      // [K]
+    int32_t *new_slot = smem + K;   // [K]
+    int32_t *keep = smem + 2 * K;   // [K]
+
+    const int32_t h = blockIdx.x, i = blockIdx.y, slot = b.slot[i];
+    fkv::layer_view lv(g, st, slot, layer);
+    int32_t *work_count = st.work_count + (uint64_t)slot * g.kv_heads + h;
+    int32_t *active_pages = lv.k_array(g.off_active_pages, h);
+    int32_t *active_count = lv.h_array(g.off_active_count) + h;
+
+    const int32_t *pages;
+    int32_t count;
+    if (mode == FKV_RECALL_PENDING) {
+        if (!lv.h_array(g.off_pending_valid)[h]) {
+            if (threadIdx.x == 0) *work_count = 0;
+            return;
+        }
+        pages = lv.k_array(g.off_pending_pages, h);
+        count = lv.h_array(g.off_pending_count)[h];
+    } else {
+        count = lv.h_array(g.off_fix_count)[h];
+        if (count < 0) {
+            // No correction: attention uses the active set as it is.
+            int32_t n = *active_count < 0 ? 0 : *active_count;
+            int32_t *used = lv.k_array(g.off_used_pages, h);
+            for (int32_t j = threadIdx.x; j < n; j += blockDim.x) used[j] = active_pages[j];
+            if (threadIdx.x == 0) {
+                lv.h_array(g.off_used_count)[h] = n;
+                *work_count = 0;
+            }
+            return;
+        }
+        pages = lv.k_array(g.off_fix_pages, h);
+    }
+
+    int32_t *slots_of = lv.k_array(g.off_slot_page, h);
+    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) {
+        slot_page[s] = slots_of[s];
+        keep[s] = 0;
+    }
+    __syncthreads();
+    // Pages of the set that are resident keep their slot. Pages are
+    // distinct, and so are the pages in slots: no two threads mark one slot.
+    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
+        int32_t found = -1;
+        for (int32_t s = 0; s < K; s++)
+            if (slot_page[s] == pages[j]) { found = s; break; }
+        new_slot[j] = found;
+        if (found >= 0) keep[found] = 1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        // Missing pages take the slots whose pages left the set (the lowest
+        // scored), in slot order.
+        const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
+        const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
+        int32_t free_slot = 0, w = 0;
+        for (int32_t j = 0; j < count; j++) {
+            if (new_slot[j] >= 0) continue;
+            while (keep[free_slot]) free_slot++;
+            keep[free_slot] = 1;
+            new_slot[j] = free_slot;
+            slot_page[free_slot] = pages[j];
+            const uint64_t block = blocks[pages[j]];
+            if (!block) {
+                atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
+                continue;
+            }
+            st.work_src[list + w] = block + (uint64_t)h * g.unit_bytes;
+            st.work_dst[list + w] = reinterpret_cast<uint64_t>(lv.slot_unit(h, free_slot));
+            w++;
+        }
+        *work_count = w;
+        if (w) {
+            atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
+            atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED], (unsigned long long)w * g.unit_bytes);
+        }
+    }
+    __syncthreads();
+    int32_t *active_slot = lv.k_array(g.off_active_slot, h);
+    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) slots_of[s] = slot_page[s];
+    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
+        active_pages[j] = pages[j];
+        active_slot[j] = new_slot[j];
+    }
+    if (mode == FKV_RECALL_FIX) {
+        int32_t *used = lv.k_array(g.off_used_pages, h);
+        for (int32_t j = threadIdx.x; j < count; j += blockDim.x) used[j] = pages[j];
+    } else {
+        // The query that chose the set is the one correction compares with.
+        const int32_t n = g.group * g.head_dim;
+        const float *src = lv.at<float>(g.off_pending_q) + (uint64_t)h * n;
+        float *dst = lv.at<float>(g.off_active_q) + (uint64_t)h * n;
+        for (int32_t e = threadIdx.x; e < n; e += blockDim.x) dst[e] = src[e];
+    }
+    __syncthreads(); // every read of the mode's source arrays is done
+    if (threadIdx.x == 0) {
+        *active_count = count;
+        if (mode == FKV_RECALL_FIX) {
+            lv.h_array(g.off_used_count)[h] = count;
+            lv.h_array(g.off_fix_count)[h] = -1;
+        } else {
+            lv.h_array(g.off_pending_valid)[h] = 0;
+        }
+    }
+}
+
+__global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads,
+                              int32_t K, uint64_t unit_bytes)
+{
+    const int32_t lane = threadIdx.x % fkv::kWarp;
+    const int32_t warps = blockDim.x / fkv::kWarp;
+    const int64_t first = (int64_t)blockIdx.x * warps + threadIdx.x / fkv::kWarp;
+    const int64_t stride = (int64_t)gridDim.x * warps;
+    const int64_t items = (int64_t)b.n * kv_heads * K;
+    for (int64_t it = first; it < items; it += stride) {
+        const int32_t i = (int32_t)(it / ((int64_t)kv_heads * K));
+        const int32_t rem = (int32_t)(it % ((int64_t)kv_heads * K));
+        const int32_t h = rem / K, w = rem % K;
+        const uint64_t head = (uint64_t)b.slot[i] * kv_heads + h;
+        if (w >= st.work_count[head]) continue;
+        const uint64_t at = head * K + w;
+        fkv::copy16(reinterpret_cast<void *>(st.work_dst[at]),
+                    reinterpret_cast<const void *>(st.work_src[at]), unit_bytes, lane,
+                    fkv::kWarp);
+    }
+}
+
+} // namespace
+
+extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
+                                         const fkv_dev_state *st,
+                                         const fkv_dev_batch *b, int32_t layer,
+                                         fkv_recall_mode mode, int32_t gather_blocks,
+                                         cudaStream_t stream)
+{
+    if (b->n == 0)
+        return cudaSuccess;
+    const size_t smem = 3 * (size_t)g->select_pages * sizeof(int32_t);
+    plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(*g, *st, *b, layer,
+                                                                         (int32_t)mode);
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess)
+        return e;
+    gather_kernel<<<gather_blocks, kGatherThreads, 0, stream>>>(*st, *b, g->kv_heads,
+                                                                g->select_pages, g->unit_bytes);
+    return cudaGetLastError();
+}

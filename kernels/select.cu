@@ -1,0 +1,594 @@
+// Page selection (docs/design.md s.3-4): Quest scores of the candidate pages,
+// group aggregation and an exact top-K, for the four fkv_select_mode uses.
+// One block of 256 threads per (sequence, KV head); every decision of a
+// block is uniform across it, so the whole block returns together.
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace fkv {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kBins = 256;  // radix select digit: 8 bits
+// Pages per thread per round of the top-K passes (loads in flight per
+// thread; fewer barriers in the emission).
+constexpr int kItems = 4;
+constexpr int kRound = kThreads * kItems;
+static_assert(kThreads == kBins, "the digit search maps one thread per bin");
+
+// Block-wide scratch of fixed size (the per-head arrays are dynamic).
+struct block_shared {
+    uint32_t hist[kBins];
+    uint32_t warp_u[kWarps];
+    float warp_f[kWarps][4];
+    uint32_t digit, rank;
+    int32_t need;
+};
+
+// ---- small helpers ---------------------------------------------------------
+
+// Order-preserving float -> uint32 key (larger float, larger key). -0 is
+// folded into +0 because the CPU reference compares them equal (a tie).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    uint32_t u = __float_as_uint(x);
+    if (u == 0x80000000u) u = 0;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_float(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// Sums N values over the block in place, the same totals to every thread,
+// in a fixed order (so the result is deterministic). Ends with a barrier:
+// `s` can be reused.
+template <int N>
+__device__ __forceinline__ void block_sum(float (&v)[N], block_shared &s) {
+    static_assert(N <= kWarp, "one value per lane of the final read");
+#pragma unroll
+    for (int j = 0; j < N; j++) v[j] = warp_sum(v[j]);
+    if ((threadIdx.x & (kWarp - 1)) == 0)
+#pragma unroll
+        for (int j = 0; j < N; j++) s.warp_f[threadIdx.x / kWarp][j] = v[j];
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < N; j++) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) t += s.warp_f[w][j];
+        v[j] = t;
+    }
+    __syncthreads();
+}
+
+// Exclusive prefix sum over the block in thread order; `total` gets the sum
+// of all. Ends with a barrier: `s` can be reused.
+__device__ __forceinline__ uint32_t block_scan(uint32_t v, uint32_t &total,
+                                               block_shared &s) {
+    const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+    uint32_t x = v;
+#pragma unroll
+    for (int o = 1; o < kWarp; o <<= 1) {
+        uint32_t y = __shfl_up_sync(kFull, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == kWarp - 1) s.warp_u[warp] = x;
+    __syncthreads();
+    uint32_t before = 0, all = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; w++) {
+        uint32_t t = s.warp_u[w];
+        before += w < warp ? t : 0u;
+        all += t;
+    }
+    __syncthreads();
+    total = all;
+    return before + x - v;
+}
+
+// Sums U values per lane across the warp with U - 1 + log2(32 / U)
+// shuffles instead of 5 * U: each step folds half of the values into one
+// half of the lanes. Lane l ends with the total of value l / (32 / U).
+template <int U>
+__device__ __forceinline__ float warp_sum_multi(float (&v)[U], int lane) {
+    int n = U;
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) {
+        if (n > 1) {
+            const bool upper = (lane & o) != 0;
+#pragma unroll
+            for (int j = 0; j < U / 2; j++) {
+                if (j < n / 2) {
+                    float send = upper ? v[j] : v[j + n / 2];
+                    float keep = upper ? v[j + n / 2] : v[j];
+                    v[j] = keep + __shfl_xor_sync(kFull, send, o);
+                }
+            }
+            n >>= 1;
+        } else {
+            v[0] += __shfl_xor_sync(kFull, v[0], o);
+        }
+    }
+    return v[0];
+}
+
+// E consecutive elements of T (E * sizeof(T) bytes, aligned to that or to
+// 16), loaded with the widest vector loads and kept as loaded until
+// converted, so that the next pages' loads can be in flight meanwhile.
+template <typename T, int E> struct chunk {
+    static constexpr int kBytes = E * (int)sizeof(T);
+    static constexpr int kVecBytes = kBytes < 16 ? kBytes : 16;
+    using V = typename std::conditional<
+        kVecBytes == 16, uint4,
+        typename std::conditional<kVecBytes == 8, uint2, uint32_t>::type>::type;
+    static constexpr int kVecs = kBytes / kVecBytes;
+    static_assert(sizeof(V) == kVecBytes && kBytes % kVecBytes == 0,
+                  "chunk must be 4, 8 or a multiple of 16 bytes");
+    V v[kVecs];
+
+    // Read-only path: the summaries are not written during this kernel.
+    __device__ __forceinline__ void load(const T *p) {
+        const V *src = reinterpret_cast<const V *>(p);
+#pragma unroll
+        for (int i = 0; i < kVecs; i++) v[i] = __ldg(src + i);
+    }
+    __device__ __forceinline__ void to_float(float (&out)[E]) const {
+        union {
+            V v[kVecs];
+            T t[E];
+        } u;
+#pragma unroll
+        for (int i = 0; i < kVecs; i++) u.v[i] = v[i];
+#pragma unroll
+        for (int e = 0; e < E; e++) out[e] = to_f<T>(u.t[e]);
+    }
+};
+
+// E consecutive floats of shared memory (8- or 16-byte aligned).
+template <int E>
+__device__ __forceinline__ void load_shared(const float *p, float (&out)[E]) {
+    if constexpr (E % 4 == 0) {
+#pragma unroll
+        for (int i = 0; i < E / 4; i++) {
+            float4 t = reinterpret_cast<const float4 *>(p)[i];
+            out[4 * i] = t.x; out[4 * i + 1] = t.y;
+            out[4 * i + 2] = t.z; out[4 * i + 3] = t.w;
+        }
+    } else {
+        static_assert(E == 2, "head_dim / 32 is 2, 4 or 8");
+        float2 t = *reinterpret_cast<const float2 *>(p);
+        out[0] = t.x; out[1] = t.y;
+    }
+}
+
+// ---- selection -------------------------------------------------------------
+
+// Scores heads [g0, g0 + HC) of the U pages whose summaries the lanes hold
+// (lane l: channels [l*E, l*E + E)) and stores them. The HC * U sums are
+// reduced across the warp together, which costs about one shuffle each.
+template <int D, int U, int HC>
+__device__ __forceinline__ void score_heads(const float (&mx)[U][D / kWarp],
+                                            const float (&mn)[U][D / kWarp],
+                                            const float *q_s, int g0, int lane,
+                                            int page0, int valid, float *scores,
+                                            int max_pages, uint32_t *head_max) {
+    constexpr int E = D / kWarp, V = HC * U, kSpan = kWarp / V;
+    static_assert(V <= kWarp && kWarp % V == 0, "values per warp reduction");
+    float acc[V];
+#pragma unroll
+    for (int c = 0; c < HC; c++) {
+        float qv[E];
+        load_shared<E>(q_s + (g0 + c) * D + lane * E, qv);
+#pragma unroll
+        for (int u = 0; u < U; u++) acc[c * U + u] = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+            // max(q*mx, q*mn) is q*mx for q >= 0 and q*mn otherwise, since
+            // mx >= mn (rounding is monotonic, so also after rounding).
+            const bool pos = qv[e] >= 0.f;
+#pragma unroll
+            for (int u = 0; u < U; u++)
+                acc[c * U + u] = fmaf(qv[e], pos ? mx[u][e] : mn[u][e], acc[c * U + u]);
+        }
+    }
+    const float s = warp_sum_multi<V>(acc, lane);
+    const int v = lane / kSpan, c = v / U, u = v % U;
+    if (lane % kSpan == 0 && u < valid) {
+        scores[(size_t)(g0 + c) * max_pages + page0 + u] = s;
+        if (head_max) atomicMax(&head_max[g0 + c], order_key(s));
+    }
+}
+
+// Scores candidate pages [first, first + cand) for the G heads of q_s into
+// scores[g][page] (rows of max_pages). One warp per page, U pages per warp
+// step, the next step's loads issued before this step's math; heads in
+// fours, then one by one. When head_max is given, it also tracks each
+// head's maximum (as an order key) for the softmax.
+template <typename T, int D>
+__device__ __forceinline__ void score_pages(const layer_view &L, int h, int first,
+                                            int cand, int G, const float *q_s,
+                                            float *scores, int max_pages,
+                                            uint32_t *head_max) {
+    constexpr int E = D / kWarp;
+    constexpr int U = 512 / D;  // 16 channels of each summary per lane a step
+    constexpr int kHeads = U <= 4 ? 4 : 16 / U;  // at most 16 sums a reduction
+    constexpr int kStride = kWarps * U;
+    const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+
+    chunk<T, E> rmx[U], rmn[U];
+    // Pages past the end re-read the last candidate (valid memory); their
+    // sums are never stored.
+    auto fetch = [&](int base) {
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            const int page = first + (base + u < cand ? base + u : cand - 1);
+            rmx[u].load(L.summary_max<T>(h, page) + lane * E);
+            rmn[u].load(L.summary_min<T>(h, page) + lane * E);
+        }
+    };
+    int base = warp * U;
+    if (base < cand) fetch(base);
+    for (; base < cand; base += kStride) {
+        float mx[U][E], mn[U][E];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            rmx[u].to_float(mx[u]);
+            rmn[u].to_float(mn[u]);
+        }
+        if (base + kStride < cand) fetch(base + kStride);
+        const int valid = cand - base;  // pages of this step that exist (>= 1)
+        int g0 = 0;
+        for (; g0 + kHeads <= G; g0 += kHeads)
+            score_heads<D, U, kHeads>(mx, mn, q_s, g0, lane, first + base, valid,
+                                      scores, max_pages, head_max);
+        for (; g0 < G; g0++)
+            score_heads<D, U, 1>(mx, mn, q_s, g0, lane, first + base, valid,
+                                 scores, max_pages, head_max);
+    }
+}
+
+// Selects the K pages of [first, first + cand) with the largest aggregated
+// score (ties to the lower page) into out[0..K) in ascending page order and
+// returns the count. Uniform across the block; all threads must call it.
+template <typename T, int D>
+__device__ int select_pages(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                            const layer_view &L, int slot, int h, int first,
+                            int cand, const float *q_s, uint32_t *head_max,
+                            float *head_sum, uint32_t *keys_s, int key_cap,
+                            block_shared &sh, int32_t *out) {
+    const int K = g.select_pages, G = g.group, tid = threadIdx.x;
+    if (cand <= K) {  // everything fits: all candidates, in order
+        for (int j = tid; j < cand; j += kThreads) out[j] = first + j;
+        return cand;
+    }
+    if (K <= 0) return 0;
+
+    const size_t row = (size_t)slot * g.kv_heads + h;
+    float *scores = st.scores + row * G * g.max_pages;  // [G][max_pages]
+    float *agg = st.agg + row * g.max_pages;            // [max_pages]
+    const bool softmax = g.group_score == FKV_GROUP_MEAN_SOFTMAX;
+    // The top-K passes read the keys of agg from shared memory when they
+    // fit (the launcher sized it for max_pages when it could), else from agg.
+    if (cand > key_cap) keys_s = nullptr;
+    auto key_at = [&](int p) {
+        return keys_s ? keys_s[p] : order_key(agg[first + p]);
+    };
+
+    // 1. Scores (and, for the softmax, each head's maximum).
+    score_pages<T, D>(L, h, first, cand, G, q_s, scores, g.max_pages,
+                      softmax ? head_max : nullptr);
+    __syncthreads();
+
+    // 2. Softmax denominators, four heads a pass over the whole block. The
+    // scratch is re-read with plain loads (this kernel wrote it), kItems
+    // pages per thread at a time so that 4 * kItems loads are in flight.
+    if (softmax) {
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            float m[4], part[4];
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                m[c] = g0 + c < G ? key_float(head_max[g0 + c]) : 0.f;
+                part[c] = 0.f;
+            }
+            for (int base = 0; base < cand; base += kRound) {
+                float s[kItems][4];
+#pragma unroll
+                for (int j = 0; j < kItems; j++) {
+                    const int p = base + j * kThreads + tid;
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        s[j][c] = p < cand && g0 + c < G
+                            ? scores[(size_t)(g0 + c) * g.max_pages + first + p] : m[c];
+                }
+#pragma unroll
+                for (int j = 0; j < kItems; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        if (base + j * kThreads + tid < cand)
+                            part[c] += expf(g.scale * (s[j][c] - m[c]));
+            }
+            block_sum<4>(part, sh);
+            if (tid == 0)  // each >= 1: the maximum adds exp(0)
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    if (g0 + c < G) head_sum[g0 + c] = part[c];
+        }
+        __syncthreads();
+    }
+
+    // 3. Group aggregate, in the CPU's order of operations, kItems pages per
+    // thread at a time (their loads in flight together).
+    for (int base = 0; base < cand; base += kRound) {
+        float a[kItems];
+#pragma unroll
+        for (int j = 0; j < kItems; j++) a[j] = 0.f;
+        for (int gh = 0; gh < G; gh++) {
+            const float *row = scores + (size_t)gh * g.max_pages + first;
+            const float m = softmax ? key_float(head_max[gh]) : 0.f;
+            const float sum = softmax ? head_sum[gh] : 1.f;
+            float s[kItems];
+#pragma unroll
+            for (int j = 0; j < kItems; j++) {
+                const int p = base + j * kThreads + tid;
+                s[j] = p < cand ? row[p] : 0.f;
+            }
+#pragma unroll
+            for (int j = 0; j < kItems; j++)
+                a[j] += softmax ? expf(g.scale * (s[j] - m)) / sum : s[j];
+        }
+#pragma unroll
+        for (int j = 0; j < kItems; j++) {
+            const int p = base + j * kThreads + tid;
+            if (p < cand) {
+                agg[first + p] = a[j] / (float)G;
+                if (keys_s) keys_s[p] = order_key(a[j] / (float)G);
+            }
+        }
+    }
+    __syncthreads();
+
+    // 4. Radix select of the K-th largest key, 8 bits a pass from the top:
+    // `rank` is the wanted key's rank (1 = largest) among the keys that share
+    // the digits fixed so far. After the last pass the key is exact and rank
+    // is how many keys equal to it the top K takes (K - #keys above it).
+    uint32_t prefix = 0, mask = 0, rank = (uint32_t)K;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        sh.hist[tid] = 0;
+        __syncthreads();
+        for (int base = 0; base < cand; base += kRound) {
+            uint32_t digit[kItems];
+#pragma unroll
+            for (int j = 0; j < kItems; j++) {  // all loads first
+                const int p = base + j * kThreads + tid;
+                digit[j] = kBins;  // not counted
+                if (p < cand) {
+                    const uint32_t key = key_at(p);
+                    if ((key & mask) == prefix) digit[j] = (key >> shift) & 0xffu;
+                }
+            }
+            // Plain shared atomics: measured faster on H200 than aggregating
+            // equal digits with __match_any_sync, even with most keys in one bin.
+#pragma unroll
+            for (int j = 0; j < kItems; j++)
+                if (digit[j] < kBins) atomicAdd(&sh.hist[digit[j]], 1u);
+        }
+        __syncthreads();
+        // Thread t holds digit 255 - t, so the scan counts keys above it.
+        const uint32_t c = sh.hist[kBins - 1 - tid];
+        uint32_t total;
+        const uint32_t above = block_scan(c, total, sh);
+        if (above < rank && rank <= above + c) {  // exactly one thread
+            sh.digit = (uint32_t)(kBins - 1 - tid);
+            sh.rank = rank - above;
+        }
+        __syncthreads();
+        prefix |= sh.digit << shift;
+        mask |= 0xffu << shift;
+        rank = sh.rank;
+    }
+    const uint32_t kth = prefix;
+    const uint32_t need_eq = rank;
+
+    // 5. Emit in ascending page order, kRound pages a round (kItems
+    // consecutive ones per thread): every key above kth and the first need_eq
+    // keys equal to it. One scan counts both, as (equal << 16 | above): a
+    // round holds at most kRound < 2^16 of each.
+    uint32_t emitted = 0, eq_seen = 0;
+    for (int base = 0; base < cand && emitted < (uint32_t)K; base += kRound) {
+        const int p0 = base + tid * kItems;
+        uint32_t key[kItems], n_gt = 0, n_eq = 0;
+#pragma unroll
+        for (int j = 0; j < kItems; j++) {
+            key[j] = p0 + j < cand ? key_at(p0 + j) : 0u;  // 0: below kth
+            n_gt += key[j] > kth;
+            n_eq += key[j] == kth;
+        }
+        uint32_t total;
+        const uint32_t before = block_scan(n_eq << 16 | n_gt, total, sh);
+        const uint32_t left = need_eq - eq_seen;  // equal keys still wanted
+        uint32_t gt_before = before & 0xffffu, eq_before = before >> 16;
+#pragma unroll
+        for (int j = 0; j < kItems; j++) {
+            const bool gt = key[j] > kth, eq = key[j] == kth;
+            if (gt || (eq && eq_before < left))
+                out[emitted + gt_before + (eq_before < left ? eq_before : left)] =
+                    first + p0 + j;
+            gt_before += gt;
+            eq_before += eq;
+        }
+        const uint32_t eq_round = total >> 16;
+        const uint32_t eq_taken = eq_round < left ? eq_round : left;
+        emitted += (total & 0xffffu) + eq_taken;
+        eq_seen += eq_taken;
+    }
+    return K;
+}
+
+// ---- kernel ----------------------------------------------------------------
+
+// Structs by value (__grid_constant__: read in place in parameter space, no
+// per-thread copies, and addressable for layer_view), so that a captured
+// graph holds everything it needs.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+select_kernel(const __grid_constant__ fkv_dev_geometry g,
+              const __grid_constant__ fkv_dev_state st,
+              const __grid_constant__ fkv_dev_batch b, int32_t layer,
+              const T *__restrict__ q, int32_t mode, int32_t key_cap) {
+    // Dynamic: q_s [G][D] floats, head_max [G] keys, head_sum [G] floats
+    // (the cosines in FKV_SELECT_CORRECT), keys_s [key_cap]. float4: 16-byte
+    // aligned rows.
+    extern __shared__ float4 dyn_smem[];
+    __shared__ block_shared sh;
+    const int G = g.group, tid = threadIdx.x;
+    const int lane = tid & (kWarp - 1), warp = tid / kWarp;
+    float *q_s = reinterpret_cast<float *>(dyn_smem);
+    uint32_t *head_max = reinterpret_cast<uint32_t *>(q_s + (size_t)G * D);
+    float *head_sum = reinterpret_cast<float *>(head_max + G);
+    uint32_t *keys_s = reinterpret_cast<uint32_t *>(head_sum + G);
+
+    const int h = blockIdx.x, i = blockIdx.y;
+    const int slot = b.slot[i];
+    const layer_view L(g, st, slot, layer);
+
+    // 1. Length and candidate range.
+    const int32_t n = mode == FKV_SELECT_PENDING ? *L.at<int32_t>(g.off_snap_len)
+                                                 : seq_len(g, st, slot, layer);
+    const page_ranges r(g, n);
+    int cand = r.cand_count;
+    if (r.cand_first + cand > g.max_pages) {  // a length past the capacity
+        if (tid == 0) atomicOr(st.error, (unsigned)FKV_DEV_ERR_INTERNAL);
+        cand = g.max_pages > r.cand_first ? g.max_pages - r.cand_first : 0;
+    }
+
+    // 2. The group's query (heads h*G .. h*G+G-1 are contiguous) as float.
+    const size_t q_first = (size_t)h * G * D;
+    if (mode == FKV_SELECT_PENDING) {
+        const float *pq = L.at<float>(g.off_pending_q) + q_first;
+        for (int j = tid; j < G * D; j += kThreads) q_s[j] = pq[j];
+    } else {
+        const T *qi = q + (size_t)i * g.q_heads * D + q_first;
+        for (int j = tid; j < G * D; j += kThreads) q_s[j] = to_f<T>(qi[j]);
+    }
+    for (int j = tid; j < G; j += kThreads) head_max[j] = 0u;  // below any key
+    __syncthreads();
+
+    int32_t *out_pages, *out_count;
+    if (mode == FKV_SELECT_CORRECT) {
+        // 3. Correct this head now, or keep the speculative selection?
+        if (tid == 0) atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
+        int32_t *active_count = L.h_array(g.off_active_count) + h;
+        const int32_t ac = *active_count;
+        float *active_q = L.at<float>(g.off_active_q) + q_first;
+        bool need = ac < 0 || (cand <= g.select_pages && ac < cand);
+        if (!need) {  // uniform: every thread read the same ac
+            // Cosine per head, a warp each; the mean in the CPU's order.
+            for (int gh = warp; gh < G; gh += kWarps) {
+                const float *x = q_s + gh * D, *y = active_q + gh * D;
+                float xy = 0.f, xx = 0.f, yy = 0.f;
+#pragma unroll
+                for (int d = lane; d < D; d += kWarp) {
+                    xy += x[d] * y[d];
+                    xx += x[d] * x[d];
+                    yy += y[d] * y[d];
+                }
+                xy = warp_sum(xy);
+                xx = warp_sum(xx);
+                yy = warp_sum(yy);
+                // The ratio in double: xx * yy may underflow or overflow in
+                // float, and equal vectors must give exactly 1.
+                if (lane == 0)
+                    head_sum[gh] = xx > 0.f && yy > 0.f
+                        ? (float)((double)xy / sqrt((double)xx * (double)yy)) : 0.f;
+            }
+            __syncthreads();
+            if (tid == 0) {
+                double total = 0.0;
+                for (int gh = 0; gh < G; gh++) total += head_sum[gh];
+                sh.need = total / G < (double)g.threshold;
+            }
+            __syncthreads();
+            need = sh.need != 0;
+        }
+        if (!need) {
+            if (tid == 0) L.h_array(g.off_fix_count)[h] = -1;
+            return;
+        }
+        if (tid == 0) atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
+        // Every thread has read active_q (barrier above) or never will.
+        for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+        out_pages = L.k_array(g.off_fix_pages, h);
+        out_count = L.h_array(g.off_fix_count) + h;
+    } else if (mode == FKV_SELECT_ACTIVE) {
+        out_pages = L.k_array(g.off_active_pages, h);
+        out_count = L.h_array(g.off_active_count) + h;
+    } else if (mode == FKV_SELECT_PENDING) {
+        out_pages = L.k_array(g.off_pending_pages, h);
+        out_count = L.h_array(g.off_pending_count) + h;
+    } else {  // FKV_SELECT_FIX_ALL
+        out_pages = L.k_array(g.off_fix_pages, h);
+        out_count = L.h_array(g.off_fix_count) + h;
+    }
+
+    // 4. Select.
+    const int count = select_pages<T, D>(g, st, L, slot, h, r.cand_first, cand,
+                                         q_s, head_max, head_sum, keys_s, key_cap,
+                                         sh, out_pages);
+    if (tid == 0) *out_count = count;
+    if (mode == FKV_SELECT_PENDING) {
+        __syncthreads();  // every page written before the flag
+        if (tid == 0) L.h_array(g.off_pending_valid)[h] = 1;
+    }
+}
+
+template <typename T, int D>
+cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                   const fkv_dev_batch &b, int32_t layer, const void *q,
+                   fkv_select_mode mode, cudaStream_t stream) {
+    const size_t base = ((size_t)g.group * D + 2 * (size_t)g.group) * sizeof(float);
+    // Room for every page's key when that keeps the block within the default
+    // 48 KiB (up to ~10K pages); longer sequences read the keys from agg.
+    const size_t keys = (size_t)(g.max_pages > 0 ? g.max_pages : 0) * sizeof(uint32_t);
+    const int32_t key_cap = base + keys <= 48 * 1024 ? g.max_pages : 0;
+    const size_t smem = key_cap > 0 ? base + keys : base;
+    auto kernel = select_kernel<T, D>;
+    if (smem > 48 * 1024) {  // large groups need the opt-in limit
+        cudaError_t e = cudaFuncSetAttribute(
+            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return e;
+    }
+    kernel<<<dim3((unsigned)g.kv_heads, (unsigned)b.n), kThreads, smem, stream>>>(
+        g, st, b, layer, static_cast<const T *>(q), (int32_t)mode, key_cap);
+    return cudaGetLastError();
+}
+
+} // namespace
+} // namespace fkv
+
+extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
+                                         const fkv_dev_state *st,
+                                         const fkv_dev_batch *b, int32_t layer,
+                                         const void *q, fkv_select_mode mode,
+                                         cudaStream_t stream) {
+    if (!g || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
+        return cudaErrorInvalidValue;
+    if (b->n == 0) return cudaSuccess;
+    if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
+        return cudaErrorInvalidValue;
+    if (mode != FKV_SELECT_PENDING && mode != FKV_SELECT_CORRECT &&
+        mode != FKV_SELECT_FIX_ALL && mode != FKV_SELECT_ACTIVE)
+        return cudaErrorInvalidValue;
+    if (mode != FKV_SELECT_PENDING && !q) return cudaErrorInvalidValue;
+    return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
+        using T = decltype(dtag);
+        return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
+            constexpr int D = decltype(htag)::value;
+            return fkv::launch<T, D>(*g, *st, *b, layer, q, mode, stream);
+        });
+    });
+}

@@ -1,0 +1,39 @@
+// FREEKV's fkv_select runs its selection on the library's side stream; the
+// engine may overwrite q and append the next token meanwhile. This kernel,
+// on the engine's stream, keeps what the selection must see: the query (as
+// float, in pending_q) and the length at the time of the call.
+#include "common.cuh"
+
+namespace {
+
+template <typename T>
+__global__ void snapshot_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b,
+                                int32_t layer, const T *q)
+{
+    const int32_t i = blockIdx.x, slot = b.slot[i];
+    fkv::layer_view lv(g, st, slot, layer);
+    float *dst = lv.at<float>(g.off_pending_q);
+    const uint64_t n = (uint64_t)g.q_heads * g.head_dim;
+    const T *src = q + (uint64_t)i * n;
+    for (uint64_t e = threadIdx.x; e < n; e += blockDim.x)
+        dst[e] = fkv::to_f(src[e]);
+    if (threadIdx.x == 0)
+        *lv.at<int32_t>(g.off_snap_len) = fkv::seq_len(g, st, slot, layer);
+}
+
+} // namespace
+
+extern "C" cudaError_t fkv_launch_snapshot(const fkv_dev_geometry *g,
+                                           const fkv_dev_state *st,
+                                           const fkv_dev_batch *b, int32_t layer,
+                                           const void *q, cudaStream_t stream)
+{
+    if (b->n == 0)
+        return cudaSuccess;
+    return fkv::dispatch_dtype(g->dtype, [&](auto tag) {
+        using T = decltype(tag);
+        snapshot_kernel<T><<<b->n, 256, 0, stream>>>(*g, *st, *b, layer,
+                                                     static_cast<const T *>(q));
+        return cudaGetLastError();
+    });
+}
