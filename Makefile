@@ -145,8 +145,17 @@ BENCH_CU   := $(if $(filter 1,$(CUDA)),$(wildcard bench/*.cu))
 BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o)
 BENCH_C_BINS  := $(BENCH_C:bench/%.c=$(BUILD)/bench/%)
 BENCH_CU_BINS := $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
+# cuBLAS for the benchmarks' model stand-in. Static when the toolkit has the
+# archives (the binary then needs no libcublas at run time), else shared with
+# an rpath; either way a CUDA=1 benchmark starts on a machine without a GPU
+# (and runs the CPU backend there). BENCH_CUBLAS=static|shared overrides.
 ifeq ($(CUDA),1)
-  BENCH_LIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas
+  BENCH_CUBLAS ?= $(if $(wildcard $(CUDA_LIBDIR)/libcublas_static.a),static,shared)
+  ifeq ($(BENCH_CUBLAS),static)
+    BENCH_LIBS := -L$(CUDA_LIBDIR) -lcublas_static -lcublasLt_static -lculibos
+  else
+    BENCH_LIBS := -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcublas
+  endif
 endif
 
 STATIC_LIB := $(BUILD)/libfreekv.a
@@ -294,6 +303,14 @@ demo: $(BUILD)/examples/demo
 	$(BUILD)/examples/demo
 
 # --- benchmarks (nothing to do when bench/ has no sources) ------------------
+# Each bench/*.c (and bench/*.cu with CUDA=1) is one program; headers
+# (bench/bench.h) and scripts (bench/*.py) are not built.
+#   make bench         build them
+#   make bench-smoke   build them and run each with --smoke (tiny sizes, CPU
+#                      backend where there is no GPU; what CI runs)
+# On a GPU machine: build/bench/decode --help.
+
+BENCH_BINS := $(BENCH_C_BINS) $(BENCH_CU_BINS)
 
 $(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(STATIC_LIB)
 	$(CC) $(ALL_LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
@@ -301,8 +318,13 @@ $(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(STATIC_LIB)
 $(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(STATIC_LIB)
 	$(CC) $(LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
 
-bench: $(BENCH_C_BINS) $(BENCH_CU_BINS)
+bench: $(BENCH_BINS)
 	@:
+
+.PHONY: bench-smoke
+bench-smoke: $(BENCH_BINS)
+	@set -e; for b in $(BENCH_BINS); do \
+	  echo "::: $$b --smoke"; $$b --smoke; done
 
 # --- install ----------------------------------------------------------------
 
