@@ -18,7 +18,7 @@ typedef Suite *(*suite_fn)(const char *prefix);
 static const suite_fn k_suites[] = {
     suite_reference, suite_api,      suite_dense,     suite_selection,
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
-    suite_always,    suite_badinput, suite_stats,
+    suite_always,    suite_badinput, suite_stats,     suite_accuracy,
 };
 
 static SRunner *make_runner(const char *prefix)
