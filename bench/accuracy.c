@@ -26,19 +26,10 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
-#include <errno.h>
-#include <math.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#include "freekv.h"
+#include "bench.h"
 #include "workload.h"
 
 #ifdef FKV_WITH_CUDA
-#include <cuda_runtime_api.h>
-
 static void *cu_alloc(void *ctx, size_t n)
 {
     void *p = NULL;
@@ -75,13 +66,6 @@ typedef struct options {
     wl_shape shape;
 } options;
 
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void usage(FILE *f)
 {
     fprintf(f,
@@ -92,24 +76,6 @@ static void usage(FILE *f)
             "[--needles N] [--layers N]\n"
             "                [--budget TOKENS] [--dtype bf16|f16|f32] "
             "[--head-dim D]\n");
-}
-
-static int parse_int64(const char *s, int64_t *out)
-{
-    char *end;
-    long long x;
-    errno = 0;
-    x = strtoll(s, &end, 10);
-    if (errno || end == s)
-        return -1;
-    if (*end == 'k' || *end == 'K') {
-        x *= 1024;
-        end++;
-    }
-    if (*end)
-        return -1;
-    *out = x;
-    return 0;
 }
 
 static int parse_args(int argc, char **argv, options *o)
@@ -162,7 +128,7 @@ static int parse_args(int argc, char **argv, options *o)
             else
                 return fprintf(stderr, "accuracy: unknown backend %s\n", val), -1;
         } else if (!strcmp(a, "--seed")) {
-            if (parse_int64(val, &x) || x < 0)
+            if (bench_parse_int64(val, &x) || x < 0)
                 return fprintf(stderr, "accuracy: bad seed %s\n", val), -1;
             o->seed = (uint64_t)x;
         } else if (!strcmp(a, "--csv")) {
@@ -194,28 +160,29 @@ static int parse_args(int argc, char **argv, options *o)
             o->ncontexts = 0;
             for (tok = strtok_r(buf, ",", &save); tok;
                  tok = strtok_r(NULL, ",", &save)) {
-                if (parse_int64(tok, &x) || x < 1 || o->ncontexts >= 16)
+                if (bench_parse_int64(tok, &x) || x < 1 || o->ncontexts >= 16)
                     return fprintf(stderr, "accuracy: bad context %s\n", tok), -1;
                 o->contexts[o->ncontexts++] = x;
             }
         } else if (!strcmp(a, "--steps")) {
-            if (parse_int64(val, &x) || x < 2 || x > 100000)
+            if (bench_parse_int64(val, &x) || x < 2 || x > 100000)
                 return fprintf(stderr, "accuracy: bad steps %s\n", val), -1;
             o->steps = (int)x;
         } else if (!strcmp(a, "--needles")) {
-            if (parse_int64(val, &x) || x < 1 || x > WL_MAX_NEEDLES)
+            if (bench_parse_int64(val, &x) || x < 1 || x > WL_MAX_NEEDLES)
                 return fprintf(stderr, "accuracy: bad needles %s\n", val), -1;
             o->needles = (int)x;
         } else if (!strcmp(a, "--layers")) {
-            if (parse_int64(val, &x) || x < 1 || x > WL_MAX_LAYERS)
+            if (bench_parse_int64(val, &x) || x < 1 || x > WL_MAX_LAYERS)
                 return fprintf(stderr, "accuracy: bad layers %s\n", val), -1;
             o->shape.L = (int)x;
         } else if (!strcmp(a, "--budget")) {
-            if (parse_int64(val, &x) || x < 1 || x > (1 << 20))
+            if (bench_parse_int64(val, &x) || x < 1 || x > (1 << 20))
                 return fprintf(stderr, "accuracy: bad budget %s\n", val), -1;
             o->shape.budget = (int)x;
         } else if (!strcmp(a, "--head-dim")) {
-            if (parse_int64(val, &x) || (x != 64 && x != 128 && x != 256))
+            if (bench_parse_int64(val, &x) ||
+                (x != 64 && x != 128 && x != 256))
                 return fprintf(stderr, "accuracy: bad head dim %s\n", val), -1;
             o->shape.D = (int)x;
         } else if (!strcmp(a, "--dtype")) {
@@ -265,17 +232,6 @@ static int default_needles(const options *o, int64_t ctx)
     return ctx >= 131072 ? 8 : 10;
 }
 
-static const char *policy_name(fkv_policy p)
-{
-    switch (p) {
-    case FKV_POLICY_FREEKV: return "FREEKV";
-    case FKV_POLICY_SYNC: return "SYNC";
-    case FKV_POLICY_RESIDENT: return "RESIDENT";
-    case FKV_POLICY_DENSE: return "DENSE";
-    }
-    return "?";
-}
-
 static void fmt_pct(char *buf, size_t len, double x, int prec)
 {
     if (isnan(x) || isinf(x))
@@ -306,7 +262,7 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
     wl_session s;
     wl_mem mem = wl_host_mem();
     int steps, st, v, bad = 0;
-    double t0 = now_s(), t1, t2;
+    double t0 = bench_now_s(), t1, t2;
     const wl_shape *sh = &o->shape;
     double tol = sh->dtype == FKV_DTYPE_F32 ? 1e-4
                : sh->dtype == FKV_DTYPE_F16 ? 4e-3 : 2.5e-2;
@@ -337,7 +293,7 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
         fprintf(stderr, "accuracy: %s\n", s.err);
         return -1;
     }
-    t1 = now_s();
+    t1 = bench_now_s();
     for (st = 0; st < steps; ++st)
         if (wl_session_step(&s)) {
             fprintf(stderr, "accuracy: step %d: %s\n", st, s.err);
@@ -351,7 +307,7 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
         wl_gen_free(&g);
         return -1;
     }
-    t2 = now_s();
+    t2 = bench_now_s();
 
     {
         const wl_trace *tr = &s.tr;
@@ -450,11 +406,11 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
                         "%.6f,%llu,%llu,%.6f,%llu,%.4f,%.4f,%.3g,%.4f,%.4f,%.4f,"
                         "%.4f,%.4f,%.2f\n",
                         o->backend == FKV_BACKEND_CUDA ? "cuda" : "cpu",
-                        wl_dtype_name(sh->dtype), wl_kind_name(kind),
+                        bench_dtype_name(sh->dtype), wl_kind_name(kind),
                         (long long)ctx, sh->L, sh->QH, sh->KVH, sh->D, sh->P,
                         sh->sink, sh->window, sh->budget, steps,
                         steps - s.warmup, (unsigned long long)o->seed,
-                        var[v].name, policy_name(var[v].policy), tau,
+                        var[v].name, bench_policy_name(var[v].policy), tau,
                         wl_mass(m), wl_oracle_ratio(m), wl_sel_ratio(m),
                         m->worst_step,
                         m->worst_head, wl_overlap(m), wl_err(m),
@@ -529,7 +485,7 @@ int main(int argc, char **argv)
     options o;
     FILE *csv = NULL;
     int csv_header = 0, ki, ci, rc = 0;
-    double t0 = now_s();
+    double t0 = bench_now_s();
 
     if (parse_args(argc, argv, &o)) {
         usage(stderr);
@@ -563,7 +519,7 @@ int main(int argc, char **argv)
            "page %d, sink %d, window %d, budget %d (K = %d selected pages); "
            "seed %llu%s.\n",
            o.shape.L, o.shape.QH, o.shape.KVH, o.shape.D,
-           wl_dtype_name(o.shape.dtype), o.shape.P, o.shape.sink,
+           bench_dtype_name(o.shape.dtype), o.shape.P, o.shape.sink,
            o.shape.window, o.shape.budget,
            (o.shape.budget - o.shape.sink - o.shape.window) / o.shape.P,
            (unsigned long long)o.seed, o.smoke ? " (smoke)" : "");
@@ -586,6 +542,6 @@ int main(int argc, char **argv)
         }
     if (csv)
         fclose(csv);
-    printf("\nTotal time %.1f s.\n", now_s() - t0);
+    printf("\nTotal time %.1f s.\n", bench_now_s() - t0);
     return rc < 0 ? 1 : rc;
 }

@@ -40,21 +40,13 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
+#define BENCH_DIE_PREFIX "attend: FAILED: "
 
-#include <math.h>
-#include <stdarg.h>
+#include "bench.h"
+
 #include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <time.h>
-
-#include "freekv.h"
 
 #ifdef FKV_WITH_CUDA
-#include <cuda_runtime_api.h>
-
 #include "kernels.h"
 #endif
 
@@ -97,178 +89,8 @@ static const char k_usage[] =
     "               timing): checks this program's logic, not a benchmark\n";
 
 /* ------------------------------------------------------------------------ */
-/* Errors and small helpers                                                 */
-/* ------------------------------------------------------------------------ */
-
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "attend: FAILED: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
-}
-
-#define FK(cache, call)                                                      \
-    do {                                                                     \
-        fkv_status s_ = (call);                                              \
-        if (s_ != FKV_OK) {                                                  \
-            char m_[512];                                                    \
-            fkv_last_error((cache), m_, sizeof m_);                          \
-            die("%s:%d: %s: %s: %s", __FILE__, __LINE__, #call,             \
-                fkv_status_string(s_), m_);                                  \
-        }                                                                    \
-    } while (0)
-
-#ifdef FKV_WITH_CUDA
-#define CK(call)                                                             \
-    do {                                                                     \
-        cudaError_t e_ = (call);                                             \
-        if (e_ != cudaSuccess)                                               \
-            die("%s:%d: %s: %s (%s)", __FILE__, __LINE__, #call,            \
-                cudaGetErrorString(e_), cudaGetErrorName(e_));               \
-    } while (0)
-#endif
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p)
-        die("out of host memory (%zu bytes)", n);
-    return p;
-}
-
-static uint64_t splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [-1, 1). */
-static float uniform(uint64_t *s)
-{
-    return (float)((double)(splitmix64(s) >> 11) * (2.0 / 9007199254740992.0) -
-                   1.0);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static double median(const double *v, int n)
-{
-    if (n <= 0)
-        return NAN;
-    double *t = xmalloc((size_t)n * sizeof *t);
-    memcpy(t, v, (size_t)n * sizeof *t);
-    qsort(t, (size_t)n, sizeof *t, cmp_double);
-    double m = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-    free(t);
-    return m;
-}
-
-static double wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
-}
-
-/* ------------------------------------------------------------------------ */
 /* dtypes                                                                   */
 /* ------------------------------------------------------------------------ */
-
-static size_t dtype_size(fkv_dtype dt)
-{
-    return dt == FKV_DTYPE_F32 ? 4 : 2;
-}
-
-static const char *dtype_name(fkv_dtype dt)
-{
-    return dt == FKV_DTYPE_F32 ? "f32" : dt == FKV_DTYPE_F16 ? "f16" : "bf16";
-}
-
-static uint16_t f32_to_bf16(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u)
-        return 0x7FC0;
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f32_to_f16(float f)
-{
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-    if (ax >= 0x7F800000u)
-        return (uint16_t)(sign | (ax > 0x7F800000u ? 0x7E00u : 0x7C00u));
-    if (ax >= 0x477FF000u) /* rounds to >= 65520: infinity */
-        return (uint16_t)(sign | 0x7C00u);
-    if (ax < 0x38800000u) { /* below 2^-14: subnormal (exact scaling) */
-        float a;
-        memcpy(&a, &ax, 4);
-        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.0f));
-    }
-    uint32_t h = ((((ax >> 23) - 127u + 15u)) << 10) | ((ax & 0x7FFFFFu) >> 13);
-    const uint32_t rem = ax & 0x1FFFu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u)))
-        h++;
-    return (uint16_t)(sign | h);
-}
-
-static float f16_to_f32(uint16_t h)
-{
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu;
-    float f;
-    if (exp == 0) {
-        f = ldexpf((float)mant, -24);
-        return sign ? -f : f;
-    }
-    uint32_t u = exp == 31 ? sign | 0x7F800000u | (mant << 13)
-                           : sign | ((exp - 15u + 127u) << 23) | (mant << 13);
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static void store_elem(fkv_dtype dt, void *base, size_t i, float v)
-{
-    if (dt == FKV_DTYPE_F32) {
-        memcpy((unsigned char *)base + 4 * i, &v, 4);
-    } else {
-        uint16_t h = dt == FKV_DTYPE_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
-        memcpy((unsigned char *)base + 2 * i, &h, 2);
-    }
-}
-
-static float load_elem(fkv_dtype dt, const void *base, size_t i)
-{
-    if (dt == FKV_DTYPE_F32) {
-        float v;
-        memcpy(&v, (const unsigned char *)base + 4 * i, 4);
-        return v;
-    }
-    uint16_t h;
-    memcpy(&h, (const unsigned char *)base + 2 * i, 2);
-    return dt == FKV_DTYPE_BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
 
 /* Tolerance of the GPU's output against the float64 reference (relative
  * L2 error per query head), as tests/test_cuda.c's cu_tol. */
@@ -280,38 +102,6 @@ static double dtype_tol(fkv_dtype dt)
 /* ------------------------------------------------------------------------ */
 /* Arguments                                                                */
 /* ------------------------------------------------------------------------ */
-
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end = NULL;
-    long v = strtol(s, &end, 10);
-    if (!s[0] || *end || v < lo || v > hi)
-        return -1;
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_list(const char *s, int lo, int hi, int *out, int *n)
-{
-    char buf[256];
-    if (strlen(s) >= sizeof buf)
-        return -1;
-    strcpy(buf, s);
-    *n = 0;
-    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t;
-         t = strtok_r(NULL, ",", &save)) {
-        if (*n >= MAX_LIST || parse_int(t, lo, hi, &out[*n]) != 0)
-            return -1;
-        (*n)++;
-    }
-    return *n > 0 ? 0 : -1;
-}
-
-static void set_list(int *dst, int *n, const int *src, int count)
-{
-    memcpy(dst, src, (size_t)count * sizeof *src);
-    *n = count;
-}
 
 static int parse_args(int argc, char **argv, config *c)
 {
@@ -329,14 +119,14 @@ static int parse_args(int argc, char **argv, config *c)
         const int sbu[] = {512}, sba[] = {1};
         const int cbu[] = {512, 1024}, cba[] = {1, 2};
         if (c->cpu_check) {
-            set_list(c->budgets, &c->nbudgets, cbu, 2);
-            set_list(c->batches, &c->nbatches, cba, 2);
+            bench_set_list(c->budgets, &c->nbudgets, cbu, 2);
+            bench_set_list(c->batches, &c->nbatches, cba, 2);
         } else if (c->smoke) {
-            set_list(c->budgets, &c->nbudgets, sbu, 1);
-            set_list(c->batches, &c->nbatches, sba, 1);
+            bench_set_list(c->budgets, &c->nbudgets, sbu, 1);
+            bench_set_list(c->batches, &c->nbatches, sba, 1);
         } else {
-            set_list(c->budgets, &c->nbudgets, bu, 5);
-            set_list(c->batches, &c->nbatches, ba, 6);
+            bench_set_list(c->budgets, &c->nbudgets, bu, 5);
+            bench_set_list(c->batches, &c->nbatches, ba, 6);
         }
     }
     c->q_heads = 32;
@@ -376,22 +166,24 @@ static int parse_args(int argc, char **argv, config *c)
             c->csv = v;
         } else if (!strcmp(a, "--device")) {
             NEEDV;
-            bad = parse_int(v, 0, 1024, &c->device);
+            bad = bench_parse_int(v, 0, 1024, &c->device);
         } else if (!strcmp(a, "--budgets")) {
             NEEDV;
-            bad = parse_list(v, 1, 1 << 20, c->budgets, &c->nbudgets);
+            bad = bench_parse_list(v, 1, 1 << 20, c->budgets, &c->nbudgets,
+                                   MAX_LIST);
         } else if (!strcmp(a, "--batches")) {
             NEEDV;
-            bad = parse_list(v, 1, MAX_BATCH, c->batches, &c->nbatches);
+            bad = bench_parse_list(v, 1, MAX_BATCH, c->batches, &c->nbatches,
+                                   MAX_LIST);
         } else if (!strcmp(a, "--q-heads")) {
             NEEDV;
-            bad = parse_int(v, 1, 1024, &c->q_heads);
+            bad = bench_parse_int(v, 1, 1024, &c->q_heads);
         } else if (!strcmp(a, "--kv-heads")) {
             NEEDV;
-            bad = parse_int(v, 1, 1024, &c->kv_heads);
+            bad = bench_parse_int(v, 1, 1024, &c->kv_heads);
         } else if (!strcmp(a, "--head-dim")) {
             NEEDV;
-            bad = parse_int(v, 64, 256, &c->head_dim) ||
+            bad = bench_parse_int(v, 64, 256, &c->head_dim) ||
                   (c->head_dim != 64 && c->head_dim != 128 &&
                    c->head_dim != 256);
         } else if (!strcmp(a, "--dtype")) {
@@ -406,22 +198,22 @@ static int parse_args(int argc, char **argv, config *c)
                 bad = 1;
         } else if (!strcmp(a, "--reps")) {
             NEEDV;
-            bad = parse_int(v, 1, 100000, &c->reps);
+            bad = bench_parse_int(v, 1, 100000, &c->reps);
         } else if (!strcmp(a, "--min-calls")) {
             NEEDV;
-            bad = parse_int(v, 1, 100000, &c->min_calls);
+            bad = bench_parse_int(v, 1, 100000, &c->min_calls);
         } else if (!strcmp(a, "--rotate-mib")) {
             NEEDV;
-            bad = parse_int(v, 0, 1 << 20, &c->rotate_mib);
+            bad = bench_parse_int(v, 0, 1 << 20, &c->rotate_mib);
         } else if (!strcmp(a, "--resident-context")) {
             NEEDV;
-            bad = parse_int(v, 1, 1 << 22, &c->res_context);
+            bad = bench_parse_int(v, 1, 1 << 22, &c->res_context);
         } else if (!strcmp(a, "--resident-batch")) {
             NEEDV;
-            bad = parse_int(v, 1, MAX_BATCH, &c->res_batch);
+            bad = bench_parse_int(v, 1, MAX_BATCH, &c->res_batch);
         } else if (!strcmp(a, "--resident-budget")) {
             NEEDV;
-            bad = parse_int(v, 64, 1 << 20, &c->res_budget);
+            bad = bench_parse_int(v, 64, 1 << 20, &c->res_budget);
         } else {
             fprintf(stderr, "attend: unknown argument '%s'\n%s", a, k_usage);
             return -1;
@@ -452,118 +244,16 @@ static int parse_args(int argc, char **argv, config *c)
 static bool g_cpu; /* --cpu-check: CPU backend, host memory */
 #ifdef FKV_WITH_CUDA
 static cudaStream_t g_stream;
-#endif
-
-static void *dalloc(size_t n)
-{
-    if (g_cpu)
-        return xmalloc(n);
-#ifdef FKV_WITH_CUDA
-    void *p = NULL;
-    CK(cudaMalloc(&p, n ? n : 16));
-    return p;
 #else
-    die("internal: device memory without CUDA");
-    return NULL;
+static void *g_stream; /* never set: the timers use the host clock */
 #endif
-}
-
-static void dfree(void *p)
-{
-    if (g_cpu) {
-        free(p);
-        return;
-    }
-#ifdef FKV_WITH_CUDA
-    CK(cudaFree(p));
-#endif
-}
-
-static void to_dev(void *d, const void *h, size_t n)
-{
-    if (g_cpu) {
-        memcpy(d, h, n);
-        return;
-    }
-#ifdef FKV_WITH_CUDA
-    CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
-#endif
-}
-
-static void to_host(void *h, const void *d, size_t n)
-{
-    if (g_cpu) {
-        memcpy(h, d, n);
-        return;
-    }
-#ifdef FKV_WITH_CUDA
-    CK(cudaStreamSynchronize(g_stream));
-    CK(cudaMemcpy(h, d, n, cudaMemcpyDeviceToHost));
-#endif
-}
 
 static void dsync(void)
 {
 #ifdef FKV_WITH_CUDA
     if (!g_cpu)
-        CK(cudaStreamSynchronize(g_stream));
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(g_stream));
 #endif
-}
-
-typedef struct timer {
-#ifdef FKV_WITH_CUDA
-    cudaEvent_t a, b;
-#endif
-    double t0;
-} timer;
-
-static void timer_init(timer *t)
-{
-    memset(t, 0, sizeof *t);
-#ifdef FKV_WITH_CUDA
-    if (!g_cpu) {
-        CK(cudaEventCreate(&t->a));
-        CK(cudaEventCreate(&t->b));
-    }
-#endif
-}
-
-static void timer_free(timer *t)
-{
-#ifdef FKV_WITH_CUDA
-    if (!g_cpu) {
-        CK(cudaEventDestroy(t->a));
-        CK(cudaEventDestroy(t->b));
-    }
-#else
-    (void)t;
-#endif
-}
-
-static void timer_start(timer *t)
-{
-#ifdef FKV_WITH_CUDA
-    if (!g_cpu) {
-        CK(cudaEventRecord(t->a, g_stream));
-        return;
-    }
-#endif
-    t->t0 = wall_ms();
-}
-
-/* Milliseconds since timer_start (waits for the stream). */
-static double timer_stop(timer *t)
-{
-#ifdef FKV_WITH_CUDA
-    if (!g_cpu) {
-        float ms = 0.0f;
-        CK(cudaEventRecord(t->b, g_stream));
-        CK(cudaEventSynchronize(t->b));
-        CK(cudaEventElapsedTime(&ms, t->a, t->b));
-        return (double)ms;
-    }
-#endif
-    return wall_ms() - t->t0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -585,6 +275,12 @@ typedef struct data {
     float scale;
 } data;
 
+/* Uniform in [-1, 1), as float. */
+static float uniform(bench_rng *s)
+{
+    return (float)bench_rng_uniform_in(s, -1.0, 1.0);
+}
+
 static int64_t seq_offset(int s)
 {
     return (int64_t)((s * 61) % SLACK_TOKENS);
@@ -594,7 +290,7 @@ static void data_create(data *d, const config *c, int64_t max_context)
 {
     memset(d, 0, sizeof *d);
     d->dt = c->dtype;
-    d->esize = dtype_size(c->dtype);
+    d->esize = bench_dtype_size(c->dtype);
     d->H = c->kv_heads;
     d->QH = c->q_heads;
     d->G = c->q_heads / c->kv_heads;
@@ -604,38 +300,38 @@ static void data_create(data *d, const config *c, int64_t max_context)
     d->row_elems = (size_t)d->H * d->D;
     const size_t kv_elems = (size_t)d->tokens * d->row_elems;
     const size_t kv_bytes = kv_elems * d->esize;
-    d->hk = xmalloc(kv_bytes);
-    d->hv = xmalloc(kv_bytes);
+    d->hk = bench_xmalloc(kv_bytes);
+    d->hv = bench_xmalloc(kv_bytes);
     /* K, V uniform in [-1, 1); q uniform in [-a, a) with a such that the
      * logits scale * q.k have a standard deviation of about 2: the softmax
      * is neither flat (the output would be about mean(V) whatever tokens
      * were read, and the check would not discriminate) nor one-hot. */
-    uint64_t s = 0xA77E4Dull;
+    bench_rng s = {0xA77E4Dull};
     for (size_t i = 0; i < kv_elems; i++) {
-        store_elem(d->dt, d->hk, i, uniform(&s));
-        store_elem(d->dt, d->hv, i, uniform(&s));
+        bench_store_elem(d->dt, d->hk, i, uniform(&s));
+        bench_store_elem(d->dt, d->hv, i, uniform(&s));
     }
     const float qa = 6.0f; /* std of the logits: scale * qa * sqrt(D) / 3 */
     const size_t q_elems = (size_t)MAX_BATCH * d->QH * d->D;
-    d->hq = xmalloc(q_elems * d->esize);
+    d->hq = bench_xmalloc(q_elems * d->esize);
     for (size_t i = 0; i < q_elems; i++)
-        store_elem(d->dt, d->hq, i, qa * uniform(&s));
-    d->hout = xmalloc(q_elems * d->esize);
-    d->dk = dalloc(kv_bytes);
-    d->dv = dalloc(kv_bytes);
-    d->dq = dalloc(q_elems * d->esize);
-    d->dout = dalloc(q_elems * d->esize);
-    to_dev(d->dk, d->hk, kv_bytes);
-    to_dev(d->dv, d->hv, kv_bytes);
-    to_dev(d->dq, d->hq, q_elems * d->esize);
+        bench_store_elem(d->dt, d->hq, i, qa * uniform(&s));
+    d->hout = bench_xmalloc(q_elems * d->esize);
+    d->dk = bench_dev_alloc(g_cpu, kv_bytes);
+    d->dv = bench_dev_alloc(g_cpu, kv_bytes);
+    d->dq = bench_dev_alloc(g_cpu, q_elems * d->esize);
+    d->dout = bench_dev_alloc(g_cpu, q_elems * d->esize);
+    bench_to_dev(g_cpu, d->dk, d->hk, kv_bytes);
+    bench_to_dev(g_cpu, d->dv, d->hv, kv_bytes);
+    bench_to_dev(g_cpu, d->dq, d->hq, q_elems * d->esize);
 }
 
 static void data_destroy(data *d)
 {
-    dfree(d->dk);
-    dfree(d->dv);
-    dfree(d->dq);
-    dfree(d->dout);
+    bench_dev_free(g_cpu, d->dk);
+    bench_dev_free(g_cpu, d->dv);
+    bench_dev_free(g_cpu, d->dq);
+    bench_dev_free(g_cpu, d->dout);
     free(d->hk);
     free(d->hv);
     free(d->hq);
@@ -652,16 +348,16 @@ static double reference_error(const data *d, int s, int n, int32_t *const *toks,
 {
     const int D = d->D, G = d->G;
     const int64_t base = seq_offset(s);
-    double *logit = xmalloc((size_t)G * (n > 0 ? n : 1) * sizeof *logit);
-    double *q = xmalloc((size_t)G * D * sizeof *q);
-    double *acc = xmalloc((size_t)G * D * sizeof *acc);
-    float *kr = xmalloc((size_t)D * sizeof *kr);
+    double *logit = bench_xmalloc((size_t)G * (n > 0 ? n : 1) * sizeof *logit);
+    double *q = bench_xmalloc((size_t)G * D * sizeof *q);
+    double *acc = bench_xmalloc((size_t)G * D * sizeof *acc);
+    float *kr = bench_xmalloc((size_t)D * sizeof *kr);
     double worst = 0.0;
     for (int h = 0; h < d->H; h++) {
         const int m = toks ? count[h] : n;
         for (int g = 0; g < G; g++)
             for (int e = 0; e < D; e++)
-                q[g * D + e] = load_elem(
+                q[g * D + e] = bench_load_elem(
                     d->dt, d->hq, ((size_t)qrow * d->QH + h * G + g) * D + e);
         double mx[64];
         for (int g = 0; g < G && g < 64; g++)
@@ -670,7 +366,7 @@ static double reference_error(const data *d, int s, int n, int32_t *const *toks,
             const int64_t t = base + (toks ? toks[h][j] : j);
             const size_t at = (size_t)t * d->row_elems + (size_t)h * D;
             for (int e = 0; e < D; e++)
-                kr[e] = load_elem(d->dt, d->hk, at + e);
+                kr[e] = bench_load_elem(d->dt, d->hk, at + e);
             for (int g = 0; g < G; g++) {
                 double dot = 0.0;
                 for (int e = 0; e < D; e++)
@@ -687,7 +383,7 @@ static double reference_error(const data *d, int s, int n, int32_t *const *toks,
             const int64_t t = base + (toks ? toks[h][j] : j);
             const size_t at = (size_t)t * d->row_elems + (size_t)h * D;
             for (int e = 0; e < D; e++)
-                kr[e] = load_elem(d->dt, d->hv, at + e);
+                kr[e] = bench_load_elem(d->dt, d->hv, at + e);
             for (int g = 0; g < G; g++) {
                 const double p = exp(logit[(size_t)g * m + j] - mx[g]);
                 sum[g] += p;
@@ -699,8 +395,9 @@ static double reference_error(const data *d, int s, int n, int32_t *const *toks,
             double num = 0.0, den = 0.0;
             for (int e = 0; e < D; e++) {
                 const double want = acc[g * D + e] / sum[g];
-                const double got = (double)load_elem(
-                    d->dt, d->hout, ((size_t)orow * d->QH + h * G + g) * D + e);
+                const double got = (double)bench_load_elem(
+                    d->dt, d->hout,
+                    ((size_t)orow * d->QH + h * G + g) * D + e);
                 num += (got - want) * (got - want);
                 den += want * want;
             }
@@ -736,7 +433,7 @@ static void cache_create(bench_cache *b, const config *c, const data *d,
     b->context = context;
     b->budget = budget;
     fkv_options o;
-    FK(NULL, fkv_options_init(&o, sizeof o));
+    BENCH_FKV_CHECK(NULL, fkv_options_init(&o, sizeof o));
     o.backend = g_cpu ? FKV_BACKEND_CPU : ATTEND_GPU_BACKEND;
     o.device = c->device;
     o.num_layers = 1;
@@ -749,27 +446,29 @@ static void cache_create(bench_cache *b, const config *c, const data *d,
         o.budget_tokens = budget; /* sink 512 + window 512 + selected */
     o.max_sequences = nseq;
     o.max_tokens_per_sequence = context;
-    FK(NULL, fkv_create(&o, &b->c));
+    BENCH_FKV_CHECK(NULL, fkv_create(&o, &b->c));
 #ifdef FKV_WITH_CUDA
     if (!g_cpu)
-        FK(b->c, fkv_set_stream(b->c, (void *)g_stream));
+        BENCH_FKV_CHECK(b->c, fkv_set_stream(b->c, (void *)g_stream));
 #endif
-    b->ids = xmalloc((size_t)nseq * sizeof *b->ids);
+    b->ids = bench_xmalloc((size_t)nseq * sizeof *b->ids);
     const size_t row = d->row_elems * d->esize;
     for (int s = 0; s < nseq; s++) {
-        FK(b->c, fkv_seq_open(b->c, &b->ids[s]));
+        BENCH_FKV_CHECK(b->c, fkv_seq_open(b->c, &b->ids[s]));
         const int32_t tokens = context;
         const fkv_batch one = {1, 0, &b->ids[s], &tokens};
         const size_t at = (size_t)seq_offset(s) * row;
-        FK(b->c, fkv_append(b->c, 0, &one, d->dk + at, d->dv + at));
+        BENCH_FKV_CHECK(b->c,
+                        fkv_append(b->c, 0, &one, d->dk + at, d->dv + at));
     }
     dsync();
     for (int s = 0; s < nseq; s++) {
         int64_t len = 0;
-        FK(b->c, fkv_seq_length(b->c, b->ids[s], &len));
+        BENCH_FKV_CHECK(b->c, fkv_seq_length(b->c, b->ids[s], &len));
         if (len != context)
-            die("sequence %d holds %lld tokens after its prefill (want %d)",
-                s, (long long)len, context);
+            bench_die(
+                "sequence %d holds %lld tokens after its prefill (want %d)", s,
+                (long long)len, context);
     }
 }
 
@@ -777,7 +476,7 @@ static void cache_destroy(bench_cache *b)
 {
     dsync();
     for (int s = 0; s < b->nseq; s++)
-        FK(b->c, fkv_seq_close(b->c, b->ids[s]));
+        BENCH_FKV_CHECK(b->c, fkv_seq_close(b->c, b->ids[s]));
     fkv_destroy(b->c);
     free(b->ids);
     memset(b, 0, sizeof *b);
@@ -795,17 +494,18 @@ static double check_rows(const bench_cache *b, const data *d, int group,
                          int batch, const int *rows, int nrows,
                          const char *what)
 {
-    to_host(d->hout, d->dout,
-            (size_t)batch * d->QH * d->D * d->esize);
+    dsync();
+    bench_to_host(g_cpu, d->hout, d->dout,
+                  (size_t)batch * d->QH * d->D * d->esize);
     const double tol = dtype_tol(d->dt);
     double worst = 0.0;
     int32_t **toks = NULL;
     int32_t *count = NULL;
     if (b->policy == FKV_POLICY_RESIDENT) {
-        toks = xmalloc((size_t)d->H * sizeof *toks);
-        count = xmalloc((size_t)d->H * sizeof *count);
+        toks = bench_xmalloc((size_t)d->H * sizeof *toks);
+        count = bench_xmalloc((size_t)d->H * sizeof *count);
         for (int h = 0; h < d->H; h++)
-            toks[h] = xmalloc((size_t)b->context * sizeof **toks);
+            toks[h] = bench_xmalloc((size_t)b->context * sizeof **toks);
     }
     for (int k = 0; k < nrows; k++) {
         const int r = rows[k];
@@ -818,14 +518,16 @@ static double check_rows(const bench_cache *b, const data *d, int group,
             const int sink_end = sealed < S ? sealed : S;
             const int wf = sealed - W < S ? sink_end : sealed - W;
             const int cand = wf - S > 0 ? wf - S : 0;
-            int32_t *pages = xmalloc((size_t)(K + 1) * sizeof *pages);
+            int32_t *pages = bench_xmalloc((size_t)(K + 1) * sizeof *pages);
             for (int h = 0; h < d->H; h++) {
                 int32_t np = 0, m = 0;
-                FK(b->c, fkv_get_selected_pages(b->c, 0, b->ids[s], h, pages,
-                                                K + 1, &np));
+                BENCH_FKV_CHECK(b->c,
+                                fkv_get_selected_pages(b->c, 0, b->ids[s], h,
+                                                       pages, K + 1, &np));
                 const int want = cand < K ? cand : K;
                 if (np != want)
-                    die("%s: seq %d KV head %d: %d selected pages (want %d)",
+                    bench_die(
+                        "%s: seq %d KV head %d: %d selected pages (want %d)",
                         what, s, h, np, want);
                 for (int p = 0; p < sink_end; p++)
                     for (int t = 0; t < P; t++)
@@ -833,7 +535,8 @@ static double check_rows(const bench_cache *b, const data *d, int group,
                 for (int j = 0; j < np; j++) {
                     if (pages[j] < S || pages[j] >= wf ||
                         (j > 0 && pages[j] <= pages[j - 1]))
-                        die("%s: seq %d KV head %d: selected page %d is not a "
+                        bench_die(
+                            "%s: seq %d KV head %d: selected page %d is not a "
                             "candidate in [%d, %d) in ascending order",
                             what, s, h, pages[j], S, wf);
                     for (int t = 0; t < P; t++)
@@ -850,7 +553,8 @@ static double check_rows(const bench_cache *b, const data *d, int group,
         }
         const double e = reference_error(d, s, b->context, toks, count, r, r);
         if (!(e <= tol))
-            die("%s: sequence %d (row %d): relative error %.3g > %.3g against "
+            bench_die(
+                "%s: sequence %d (row %d): relative error %.3g > %.3g against "
                 "the float64 reference",
                 what, s, r, e, tol);
         if (e > worst)
@@ -880,7 +584,7 @@ static void attend_pass(const bench_cache *b, const data *d, int batch,
 {
     for (int k = 0; k < calls; k++) {
         const fkv_batch fb = group_batch(b, k % groups, batch);
-        FK(b->c, fkv_attend(b->c, 0, &fb, d->dq, d->dout));
+        BENCH_FKV_CHECK(b->c, fkv_attend(b->c, 0, &fb, d->dq, d->dout));
     }
 }
 
@@ -900,22 +604,23 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
     /* Eager, checked. */
     {
         const fkv_batch fb = group_batch(b, 0, batch);
-        FK(b->c, fkv_attend(b->c, 0, &fb, d->dq, d->dout));
+        BENCH_FKV_CHECK(b->c, fkv_attend(b->c, 0, &fb, d->dq, d->dout));
         snprintf(w, sizeof w, "%s, eager", what);
         r.err = check_rows(b, d, 0, batch, rows, nrows, w);
     }
-    timer t;
-    timer_init(&t);
-    double *ms = xmalloc((size_t)(c->reps > c->eager_reps ? c->reps
-                                                          : c->eager_reps) *
-                         sizeof *ms);
+    bench_timer t;
+    bench_timer_init(&t, !g_cpu, (void *)g_stream);
+    double *ms = bench_xmalloc(
+        (size_t)(c->reps > c->eager_reps ? c->reps : c->eager_reps) *
+        sizeof *ms);
     attend_pass(b, d, batch, r.groups, r.calls); /* warm-up */
     for (int k = 0; k < c->eager_reps; k++) {
-        timer_start(&t);
+        bench_timer_start(&t);
         attend_pass(b, d, batch, r.groups, r.calls);
-        ms[k] = timer_stop(&t) / r.calls;
+        bench_timer_stop(&t);
+        ms[k] = bench_timer_elapsed_ms(&t) / r.calls;
     }
-    r.eager_ms = median(ms, c->eager_reps);
+    r.eager_ms = bench_median(ms, (size_t)c->eager_reps);
 
     r.graph_ms = NAN;
 #ifdef FKV_WITH_CUDA
@@ -925,7 +630,8 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
         fkv_status st = FKV_OK;
         char msg[512] = "";
         dsync();
-        CK(cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeGlobal));
+        BENCH_CUDA_CHECK(
+            cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeGlobal));
         for (int k = 0; k < r.calls && st == FKV_OK; k++) {
             const fkv_batch fb = group_batch(b, k % r.groups, batch);
             st = fkv_attend(b->c, 0, &fb, d->dq, d->dout);
@@ -943,21 +649,22 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
                    st != FKV_OK ? fkv_status_string(st) : cudaGetErrorString(e),
                    msg[0] ? ": " : "", msg);
             if (exec)
-                CK(cudaGraphExecDestroy(exec));
+                BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
             if (graph)
-                CK(cudaGraphDestroy(graph));
+                BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
         } else {
             for (int k = 0; k < 2; k++)
-                CK(cudaGraphLaunch(exec, g_stream));
+                BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
             for (int k = 0; k < c->reps; k++) {
-                timer_start(&t);
-                CK(cudaGraphLaunch(exec, g_stream));
-                ms[k] = timer_stop(&t) / r.calls;
+                bench_timer_start(&t);
+                BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
+                bench_timer_stop(&t);
+                ms[k] = bench_timer_elapsed_ms(&t) / r.calls;
             }
-            r.graph_ms = median(ms, c->reps);
+            r.graph_ms = bench_median(ms, (size_t)c->reps);
             r.graph_ok = true;
-            CK(cudaGraphExecDestroy(exec));
-            CK(cudaGraphDestroy(graph));
+            BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
+            BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
         }
     }
 #endif
@@ -969,7 +676,7 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
     if (e2 > r.err)
         r.err = e2;
     free(ms);
-    timer_free(&t);
+    bench_timer_free(&t);
     return r;
 }
 
@@ -986,17 +693,12 @@ typedef struct arow {
 } arow;
 
 static arow *g_rows;
-static int g_nrows, g_cap;
+static int g_nrows;
+static size_t g_cap;
 
 static arow *add_row(void)
 {
-    if (g_nrows == g_cap) {
-        g_cap = g_cap ? 2 * g_cap : 64;
-        arow *r = realloc(g_rows, (size_t)g_cap * sizeof *r);
-        if (!r)
-            die("out of host memory");
-        g_rows = r;
-    }
+    g_rows = bench_grow(g_rows, &g_cap, (size_t)g_nrows, sizeof *g_rows);
     arow *r = &g_rows[g_nrows++];
     memset(r, 0, sizeof *r);
     r->splits = -1;
@@ -1004,20 +706,13 @@ static arow *add_row(void)
     return r;
 }
 
-static void fmt_num(char *buf, size_t n, double v, int prec)
-{
-    if (isnan(v))
-        snprintf(buf, n, "-");
-    else
-        snprintf(buf, n, "%.*f", prec, v);
-}
-
 static void print_table(const char *device, double copy_gbps, const config *c,
                         double l2_mib)
 {
     printf("\n== attend: decode attention, %s, %d q heads / %d KV heads / "
            "head_dim %d, %s ==\n",
-           device, c->q_heads, c->kv_heads, c->head_dim, dtype_name(c->dtype));
+           device, c->q_heads, c->kv_heads, c->head_dim,
+           bench_dtype_name(c->dtype));
     if (!isnan(copy_gbps))
         printf("copy D2D: %.1f GB/s (read + written); target: DENSE >= 70%% "
                "of it at batch >= 8; L2 %.0f MiB: each timing pass rotates "
@@ -1033,10 +728,10 @@ static void print_table(const char *device, double copy_gbps, const config *c,
             snprintf(sp, sizeof sp, "-");
         else
             snprintf(sp, sizeof sp, "%d", r->splits);
-        fmt_num(gu, sizeof gu, r->graph_us, 1);
-        fmt_num(eu, sizeof eu, r->eager_us, 1);
-        fmt_num(gb, sizeof gb, r->gbps, 1);
-        fmt_num(pc, sizeof pc, r->pct, 1);
+        bench_fmt(gu, sizeof gu, "%.1f", r->graph_us);
+        bench_fmt(eu, sizeof eu, "%.1f", r->eager_us);
+        bench_fmt(gb, sizeof gb, "%.1f", r->gbps);
+        bench_fmt(pc, sizeof pc, "%.1f", r->pct);
         printf("%-8s %7d %6d %5d %6s %8.1f %6.0f %9s %9s %8s %6s %8.1e%s\n",
                r->policy, r->context, r->budget, r->batch, sp, r->kv_mib,
                r->rot_mib, gu, eu, gb, pc, r->err,
@@ -1053,7 +748,7 @@ static void write_csv(const char *path, double copy_gbps)
 {
     FILE *f = fopen(path, "w");
     if (!f)
-        die("cannot open %s for writing", path);
+        bench_die("cannot open %s for writing", path);
     fprintf(f, "policy,context,budget,batch,splits,calls,kv_mib,rot_mib,"
                "bytes,graph_us,eager_us,gbps,pct_of_copy,copy_gbps,"
                "gbps_incl_summaries,max_rel_err\n");
@@ -1074,7 +769,7 @@ static void write_csv(const char *path, double copy_gbps)
         fputc('\n', f);
     }
     if (fclose(f) != 0)
-        die("writing %s failed", path);
+        bench_die("writing %s failed", path);
     printf("wrote %s (%d rows)\n", path, g_nrows);
 }
 
@@ -1082,15 +777,9 @@ static void write_csv(const char *path, double copy_gbps)
 /* Device facts                                                             */
 /* ------------------------------------------------------------------------ */
 
-typedef struct devinfo {
-    char name[256];
-    int sms;
-    double l2_mib;
-} devinfo;
-
 /* The split count fkv_attend uses (as lib/backend_cuda.c: capped by the
  * max_splits it sized for one sequence); -1 on the CPU. */
-static int split_count(const config *c, const devinfo *di, int batch,
+static int split_count(const config *c, const bench_device *di, int batch,
                        int bound_pages, int max_bound_pages)
 {
 #ifdef FKV_WITH_CUDA
@@ -1117,72 +806,45 @@ static int split_count(const config *c, const devinfo *di, int batch,
 }
 
 #ifdef FKV_WITH_CUDA
-static const char *device_unusable(int device)
-{
-    static char why[200];
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
-        return why;
-    }
-    if (count == 0)
-        return "no device";
-    if (device >= count) {
-        snprintf(why, sizeof why, "device %d does not exist (%d devices)",
-                 device, count);
-        return why;
-    }
-    int major = 0;
-    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                               device);
-    if (e != cudaSuccess || major < 8) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "device %d: compute capability %d.x < 8.0",
-                 device, major);
-        return why;
-    }
-    return NULL;
-}
-
 /* 2 x bytes / time of one large D2D cudaMemcpyAsync (read + written). */
 static double copy_bandwidth(bool smoke)
 {
     const size_t bytes = (size_t)(smoke ? 64 : 512) << 20;
     unsigned char *a = NULL, *b = NULL;
-    CK(cudaMalloc((void **)&a, bytes));
-    CK(cudaMalloc((void **)&b, bytes));
-    CK(cudaMemsetAsync(a, 0x5A, bytes, g_stream));
-    CK(cudaMemsetAsync(b, 0, bytes, g_stream));
-    timer t;
-    timer_init(&t);
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&a, bytes));
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&b, bytes));
+    BENCH_CUDA_CHECK(cudaMemsetAsync(a, 0x5A, bytes, g_stream));
+    BENCH_CUDA_CHECK(cudaMemsetAsync(b, 0, bytes, g_stream));
+    bench_timer t;
+    bench_timer_init(&t, !g_cpu, (void *)g_stream);
     const int reps = smoke ? 3 : 20;
-    double *ms = xmalloc((size_t)reps * sizeof *ms);
+    double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
     for (int r = -2; r < reps; r++) {
-        timer_start(&t);
-        CK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
-        const double m = timer_stop(&t);
+        bench_timer_start(&t);
+        BENCH_CUDA_CHECK(
+            cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, g_stream));
+        bench_timer_stop(&t);
+        const double m = bench_timer_elapsed_ms(&t);
         if (r >= 0)
             ms[r] = m;
     }
     /* The copy must have happened: spot-check both ends. */
     unsigned char head[4096], tail[4096];
-    CK(cudaMemcpy(head, b, sizeof head, cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(tail, b + bytes - sizeof tail, sizeof tail,
-                  cudaMemcpyDeviceToHost));
+    BENCH_CUDA_CHECK(cudaMemcpy(head, b, sizeof head, cudaMemcpyDeviceToHost));
+    BENCH_CUDA_CHECK(cudaMemcpy(tail, b + bytes - sizeof tail, sizeof tail,
+                                cudaMemcpyDeviceToHost));
     for (size_t i = 0; i < sizeof head; i++)
         if (head[i] != 0x5A || tail[i] != 0x5A)
-            die("D2D copy: destination bytes differ from the source");
-    const double t_ms = median(ms, reps);
+            bench_die("D2D copy: destination bytes differ from the source");
+    const double t_ms = bench_median(ms, (size_t)reps);
     const double gbps = 2.0 * (double)bytes / (t_ms * 1e-3) / 1e9;
     printf("copy: one cudaMemcpyAsync D2D of %zu MiB: %.1f us, %.1f GB/s "
            "(read + written; median of %d)\n",
            bytes >> 20, t_ms * 1e3, gbps, reps);
     free(ms);
-    timer_free(&t);
-    CK(cudaFree(a));
-    CK(cudaFree(b));
+    bench_timer_free(&t);
+    BENCH_CUDA_CHECK(cudaFree(a));
+    BENCH_CUDA_CHECK(cudaFree(b));
     return gbps;
 }
 #endif
@@ -1199,7 +861,7 @@ static double qo_bytes(const data *d, int batch)
     return 2.0 * (double)batch * d->QH * d->D * (double)d->esize;
 }
 
-static void bench_dense(const config *c, const data *d, const devinfo *di,
+static void bench_dense(const config *c, const data *d, const bench_device *di,
                         double copy_gbps)
 {
     int maxb = 1;
@@ -1218,11 +880,12 @@ static void bench_dense(const config *c, const data *d, const devinfo *di,
         if (nseq < maxb)
             nseq = maxb;
         bench_cache b;
-        const double t0 = wall_ms();
+        const double t0 = bench_now_ms();
         cache_create(&b, c, d, FKV_POLICY_DENSE, nseq, budget, budget);
         printf("DENSE context %d: %d sequences prefilled (%.0f MiB of K/V) "
                "in %.0f ms\n",
-               budget, nseq, nseq * seq_bytes / (1 << 20), wall_ms() - t0);
+               budget, nseq, nseq * seq_bytes / (1 << 20),
+               bench_now_ms() - t0);
         const int pages = (budget + 31) / 32;
         for (int ti = 0; ti < c->nbatches; ti++) {
             const int batch = c->batches[ti];
@@ -1248,8 +911,8 @@ static void bench_dense(const config *c, const data *d, const devinfo *di,
             row->pct = 100.0 * row->gbps / copy_gbps;
             row->err = r.err;
             char gu[32], pc[32];
-            fmt_num(gu, sizeof gu, row->graph_us, 1);
-            fmt_num(pc, sizeof pc, row->pct, 1);
+            bench_fmt(gu, sizeof gu, "%.1f", row->graph_us);
+            bench_fmt(pc, sizeof pc, "%.1f", row->pct);
             printf("  batch %2d: %s us/call (graph), %.1f us/call (eager), "
                    "%.1f GB/s, %s%% of copy, splits %d, rel err %.1e, "
                    "verified\n",
@@ -1260,18 +923,18 @@ static void bench_dense(const config *c, const data *d, const devinfo *di,
     }
 }
 
-static void bench_resident(const config *c, const data *d, const devinfo *di,
-                           double copy_gbps)
+static void bench_resident(const config *c, const data *d,
+                           const bench_device *di, double copy_gbps)
 {
     const int batch = c->res_batch, context = c->res_context;
     const int budget = c->res_budget;
     const int nseq = 2 * batch; /* two groups: consecutive calls differ */
     bench_cache b;
-    const double t0 = wall_ms();
+    const double t0 = bench_now_ms();
     cache_create(&b, c, d, FKV_POLICY_RESIDENT, nseq, context, budget);
     printf("RESIDENT context %d budget %d: %d sequences prefilled in %.0f "
            "ms\n",
-           context, budget, nseq, wall_ms() - t0);
+           context, budget, nseq, bench_now_ms() - t0);
     char what[96];
     snprintf(what, sizeof what, "RESIDENT context %d budget %d batch %d",
              context, budget, batch);
@@ -1337,7 +1000,7 @@ int main(int argc, char **argv)
     if (parse_args(argc, argv, &c) != 0)
         return 2;
     g_cpu = c.cpu_check;
-    devinfo di;
+    bench_device di;
     memset(&di, 0, sizeof di);
     double copy_gbps = NAN;
     if (!g_cpu) {
@@ -1346,26 +1009,19 @@ int main(int argc, char **argv)
                "CUDA=0)\n");
         return c.smoke ? 0 : 1;
 #else
-        const char *why = device_unusable(c.device);
+        const char *why = bench_cuda_unusable(c.device);
         if (why) {
             printf("attend: skipped (no CUDA device: %s)\n", why);
             return c.smoke ? 0 : 1;
         }
-        CK(cudaSetDevice(c.device));
-        struct cudaDeviceProp prop;
-        CK(cudaGetDeviceProperties(&prop, c.device));
-        snprintf(di.name, sizeof di.name, "%s", prop.name);
-        int l2 = 0;
-        CK(cudaDeviceGetAttribute(&di.sms, cudaDevAttrMultiProcessorCount,
-                                  c.device));
-        CK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, c.device));
-        di.l2_mib = (double)l2 / (1 << 20);
-        CK(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
+        bench_device_open(c.device, &di);
+        BENCH_CUDA_CHECK(
+            cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
 #endif
     } else {
         snprintf(di.name, sizeof di.name, "CPU backend (--cpu-check)");
     }
-    const double t_start = wall_ms();
+    const double t_start = bench_now_ms();
     printf("attend: %s, libfreekv %s%s\n", di.name, fkv_version_string(),
            c.smoke ? " (smoke)" : "");
     if (!g_cpu)
@@ -1404,10 +1060,10 @@ int main(int argc, char **argv)
     free(g_rows);
 #ifdef FKV_WITH_CUDA
     if (!g_cpu)
-        CK(cudaStreamDestroy(g_stream));
+        BENCH_CUDA_CHECK(cudaStreamDestroy(g_stream));
 #endif
     printf("attend: all outputs verified against a float64 reference; %.1f "
            "s\n",
-           (wall_ms() - t_start) / 1e3);
+           (bench_now_ms() - t_start) / 1e3);
     return 0;
 }

@@ -36,15 +36,11 @@
  *
  * SPDX-License-Identifier: MIT
  */
+#define BENCH_WITH_CUBLAS
 #include "bench.h"
 
 #include <ctype.h>
 #include <stdbool.h>
-
-#ifdef FKV_WITH_CUDA
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
-#endif
 
 /* ------------------------------------------------------------------------ */
 /* Data model constants                                                     */
@@ -111,17 +107,6 @@ typedef struct args {
     int smoke, gemm;
 } args;
 
-static const char *policy_name(fkv_policy p)
-{
-    switch (p) {
-    case FKV_POLICY_FREEKV: return "FREEKV";
-    case FKV_POLICY_SYNC: return "SYNC";
-    case FKV_POLICY_RESIDENT: return "RESIDENT";
-    case FKV_POLICY_DENSE: return "DENSE";
-    }
-    return "?";
-}
-
 /* Table order: FREEKV, SYNC, RESIDENT, DENSE. */
 static int policy_rank(fkv_policy p)
 {
@@ -173,12 +158,11 @@ static void usage(FILE *f)
 
 static int parse_int(const char *flag, const char *v, int lo, int hi)
 {
-    char *end = NULL;
-    long x = strtol(v, &end, 10);
-    if (end == v || *end != '\0' || x < lo || x > hi)
+    int x;
+    if (bench_parse_int(v, lo, hi, &x) != 0)
         bench_die("%s: expected an integer in [%d, %d], got '%s'", flag, lo,
                   hi, v);
-    return (int)x;
+    return x;
 }
 
 static double parse_double(const char *flag, const char *v)
@@ -457,24 +441,16 @@ typedef struct engine {
 } engine;
 
 #ifdef FKV_WITH_CUDA
-static void cublas_check(cublasStatus_t s, const char *what, int line)
-{
-    if (s != CUBLAS_STATUS_SUCCESS)
-        bench_die("decode.c:%d: %s failed: %s (%d)", line, what,
-                  cublasGetStatusString(s), (int)s);
-}
-#define CUBLAS_CHECK(call) cublas_check((call), #call, __LINE__)
-
 /* y[n][m] = x[n][k] . W, with W stored column-major m x k (lda = m),
  * x with row stride ldx, y with row stride m; bf16, fp32 accumulation. */
 static void gemm_bf16(engine *e, int m, int n, int k, const void *w,
                       const void *x, int ldx, void *y)
 {
     const float one = 1.0f, zero = 0.0f;
-    CUBLAS_CHECK(cublasGemmEx(e->blas, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k,
-                              &one, w, CUDA_R_16BF, m, x, CUDA_R_16BF, ldx,
-                              &zero, y, CUDA_R_16BF, m, CUBLAS_COMPUTE_32F,
-                              CUBLAS_GEMM_DEFAULT));
+    BENCH_CUBLAS_CHECK(cublasGemmEx(e->blas, CUBLAS_OP_N, CUBLAS_OP_N, m, n, k,
+                                    &one, w, CUDA_R_16BF, m, x, CUDA_R_16BF,
+                                    ldx, &zero, y, CUDA_R_16BF, m,
+                                    CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 /* Fills n bf16 elements at dev with uniform values in [-amp, amp): a host
@@ -533,14 +509,13 @@ static double copy_bandwidth(engine *e, void *dst, const void *src,
 
 static void engine_cuda_init(engine *e, const args *a)
 {
-    BENCH_CUDA_CHECK(cudaSetDevice(a->device));
-    struct cudaDeviceProp prop;
-    BENCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, a->device));
-    snprintf(e->device_name, sizeof e->device_name, "%s", prop.name);
+    bench_device dev;
+    bench_device_open(a->device, &dev);
+    snprintf(e->device_name, sizeof e->device_name, "%s", dev.name);
     BENCH_CUDA_CHECK(
         cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
-    CUBLAS_CHECK(cublasCreate(&e->blas));
-    CUBLAS_CHECK(cublasSetStream(e->blas, e->stream));
+    BENCH_CUBLAS_CHECK(cublasCreate(&e->blas));
+    BENCH_CUBLAS_CHECK(cublasSetStream(e->blas, e->stream));
 
     /* Bandwidths: one 256 MiB pinned host-to-device copy, one 1 GiB
      * device-to-device copy. */
@@ -605,7 +580,7 @@ static void engine_cuda_free(engine *e)
     BENCH_CUDA_CHECK(cudaFree(e->h));
     BENCH_CUDA_CHECK(cudaFree(e->gu));
     BENCH_CUDA_CHECK(cudaFree(e->out));
-    CUBLAS_CHECK(cublasDestroy(e->blas));
+    BENCH_CUBLAS_CHECK(cublasDestroy(e->blas));
     BENCH_CUDA_CHECK(cudaStreamDestroy(e->stream));
 }
 #endif /* FKV_WITH_CUDA */
@@ -1019,30 +994,25 @@ static void workload_alloc(engine *e, workload *w)
     w->coef_rows = B * chunk > T * B ? B * chunk : T * B;
     w->coef_host = bench_xmalloc(w->coef_rows * C * sizeof(uint16_t));
     w->on_device = e->backend == FKV_BACKEND_CUDA;
+    const int host = !w->on_device;
+    w->q_mem = w->q;
+    w->kdec = bench_dev_alloc(host, decbytes);
+    w->vdec = bench_dev_alloc(host, decbytes);
+    w->kstage = bench_dev_alloc(host, stage);
+    w->vstage = bench_dev_alloc(host, stage);
 #ifdef FKV_WITH_CUDA
     if (w->on_device) {
         const size_t qbytes = T * L * B * (size_t)w->QH * w->D * 2;
-        BENCH_CUDA_CHECK(cudaMalloc(&w->q_mem, qbytes));
+        w->q_mem = bench_dev_alloc(0, qbytes);
         h2d(e, w->q_mem, w->q, qbytes);
-        BENCH_CUDA_CHECK(cudaMalloc(&w->kdec, decbytes));
-        BENCH_CUDA_CHECK(cudaMalloc(&w->vdec, decbytes));
-        BENCH_CUDA_CHECK(cudaMalloc(&w->kstage, stage));
-        BENCH_CUDA_CHECK(cudaMalloc(&w->vstage, stage));
-        BENCH_CUDA_CHECK(cudaMalloc(&w->coef_dev, w->coef_rows * C * 2));
+        w->coef_dev = bench_dev_alloc(0, w->coef_rows * C * 2);
         size_t basis = L * C * HD * 2;
-        BENCH_CUDA_CHECK(cudaMalloc(&w->kbasis_dev, basis));
-        BENCH_CUDA_CHECK(cudaMalloc(&w->vbasis_dev, basis));
+        w->kbasis_dev = bench_dev_alloc(0, basis);
+        w->vbasis_dev = bench_dev_alloc(0, basis);
         h2d(e, w->kbasis_dev, w->kbasis, basis);
         h2d(e, w->vbasis_dev, w->vbasis, basis);
-    } else
-#endif
-    {
-        w->q_mem = w->q;
-        w->kdec = bench_xmalloc(decbytes);
-        w->vdec = bench_xmalloc(decbytes);
-        w->kstage = bench_xmalloc(stage);
-        w->vstage = bench_xmalloc(stage);
     }
+#endif
 
     /* Decode tokens' K and V, rows (step, sequence), for every layer. */
     for (int t = 0; t < w->T; t++)
@@ -1064,25 +1034,20 @@ static void workload_alloc(engine *e, workload *w)
 static void workload_free(engine *e, workload *w)
 {
     (void)e;
+    const int host = !w->on_device;
 #ifdef FKV_WITH_CUDA
     if (w->on_device) {
         BENCH_CUDA_CHECK(cudaStreamSynchronize(e->stream));
-        BENCH_CUDA_CHECK(cudaFree(w->q_mem));
-        BENCH_CUDA_CHECK(cudaFree(w->kdec));
-        BENCH_CUDA_CHECK(cudaFree(w->vdec));
-        BENCH_CUDA_CHECK(cudaFree(w->kstage));
-        BENCH_CUDA_CHECK(cudaFree(w->vstage));
-        BENCH_CUDA_CHECK(cudaFree(w->coef_dev));
-        BENCH_CUDA_CHECK(cudaFree(w->kbasis_dev));
-        BENCH_CUDA_CHECK(cudaFree(w->vbasis_dev));
-    } else
-#endif
-    {
-        free(w->kdec);
-        free(w->vdec);
-        free(w->kstage);
-        free(w->vstage);
+        bench_dev_free(0, w->q_mem);
+        bench_dev_free(0, w->coef_dev);
+        bench_dev_free(0, w->kbasis_dev);
+        bench_dev_free(0, w->vbasis_dev);
     }
+#endif
+    bench_dev_free(host, w->kdec);
+    bench_dev_free(host, w->vdec);
+    bench_dev_free(host, w->kstage);
+    bench_dev_free(host, w->vstage);
     free(w->coef_host);
     free(w->center);
     free(w->head_dir);
@@ -1583,8 +1548,8 @@ static void csv_row(FILE *f, const engine *e, const args *a, const result *r)
             backend_name(e->backend), e->device_name, a->model_label,
             a->layers, a->q_heads, a->kv_heads, a->head_dim, a->hidden,
             a->intermediate, a->page, a->budget, a->sink, a->window,
-            a->threshold, policy_name(r->policy), (long long)r->ctx, r->batch,
-            status_name(r->status), r->note, a->warmup, a->steps);
+            a->threshold, bench_policy_name(r->policy), (long long)r->ctx,
+            r->batch, status_name(r->status), r->note, a->warmup, a->steps);
     double rate = r->heads_checked > 0 ? r->corrections / r->heads_checked
                                        : NAN;
     double vals[] = {
@@ -1602,14 +1567,6 @@ static void csv_row(FILE *f, const engine *e, const args *a, const result *r)
         csv_num(f, vals[i]);
     fputc('\n', f);
     fflush(f);
-}
-
-static void fmt(char *buf, size_t n, const char *f, double v)
-{
-    if (v == v)
-        snprintf(buf, n, f, v);
-    else
-        snprintf(buf, n, "-");
 }
 
 static int cmp_result(const void *x, const void *y)
@@ -1640,25 +1597,28 @@ static void print_tables(const engine *e, result *res, int n)
         bool ok = r->status == RUN_OK;
         snprintf(b[0], 48, "%lld", (long long)r->ctx);
         snprintf(b[1], 48, "%d", r->batch);
-        snprintf(b[2], 48, "%s", policy_name(r->policy));
-        fmt(b[3], 48, "%.3f", ok ? r->ms_median : NAN);
-        fmt(b[4], 48, "%.3f", ok ? r->ms_p90 : NAN);
-        fmt(b[5], 48, "%.3f", ok ? r->host_ms : NAN);
-        fmt(b[6], 48, "%.0f", ok ? r->tokens_per_s : NAN);
-        fmt(b[7], 48, "%.1f", ok && r->heads_checked > 0 ? r->corrections : NAN);
-        fmt(b[8], 48, "%.0f", ok && r->heads_checked > 0 ? r->heads_checked : NAN);
-        fmt(b[9], 48, "%.1f", ok ? r->pages : NAN);
-        fmt(b[10], 48, "%.2f", ok ? r->bytes / 1048576.0 : NAN);
-        fmt(b[11], 48, "%.1f", ok ? 100.0 * r->churn : NAN);
-        fmt(b[12], 48, "%.3f", ok ? r->cos_mean : NAN);
-        fmt(b[13], 48, "%.2f", ok ? r->device_bytes / 1073741824.0 : NAN);
-        fmt(b[14], 48, "%.2f", ok ? r->host_bytes / 1073741824.0 : NAN);
-        fmt(b[15], 48, "%.3f", r->gemm_ms == 0.0 ? NAN : r->gemm_ms);
-        fmt(b[16], 48, "%.3f", ok ? r->recall_bound_ms : NAN);
-        fmt(b[17], 48, "%.3f", ok ? r->attend_bound_ms : NAN);
-        fmt(b[18], 48, "%.3f", ok ? r->bound_ms : NAN);
-        fmt(b[19], 48, "%.2f",
-            ok && r->bound_ms > 0 ? r->ms_median / r->bound_ms : NAN);
+        snprintf(b[2], 48, "%s", bench_policy_name(r->policy));
+        bench_fmt(b[3], 48, "%.3f", ok ? r->ms_median : NAN);
+        bench_fmt(b[4], 48, "%.3f", ok ? r->ms_p90 : NAN);
+        bench_fmt(b[5], 48, "%.3f", ok ? r->host_ms : NAN);
+        bench_fmt(b[6], 48, "%.0f", ok ? r->tokens_per_s : NAN);
+        bench_fmt(b[7], 48, "%.1f",
+                  ok && r->heads_checked > 0 ? r->corrections : NAN);
+        bench_fmt(b[8], 48, "%.0f",
+                  ok && r->heads_checked > 0 ? r->heads_checked : NAN);
+        bench_fmt(b[9], 48, "%.1f", ok ? r->pages : NAN);
+        bench_fmt(b[10], 48, "%.2f", ok ? r->bytes / 1048576.0 : NAN);
+        bench_fmt(b[11], 48, "%.1f", ok ? 100.0 * r->churn : NAN);
+        bench_fmt(b[12], 48, "%.3f", ok ? r->cos_mean : NAN);
+        bench_fmt(b[13], 48, "%.2f",
+                  ok ? r->device_bytes / 1073741824.0 : NAN);
+        bench_fmt(b[14], 48, "%.2f", ok ? r->host_bytes / 1073741824.0 : NAN);
+        bench_fmt(b[15], 48, "%.3f", r->gemm_ms == 0.0 ? NAN : r->gemm_ms);
+        bench_fmt(b[16], 48, "%.3f", ok ? r->recall_bound_ms : NAN);
+        bench_fmt(b[17], 48, "%.3f", ok ? r->attend_bound_ms : NAN);
+        bench_fmt(b[18], 48, "%.3f", ok ? r->bound_ms : NAN);
+        bench_fmt(b[19], 48, "%.2f",
+                  ok && r->bound_ms > 0 ? r->ms_median / r->bound_ms : NAN);
         for (int c = 0; c < 20; c++)
             bench_table_add(&t, "%s", b[c]);
         bench_table_add(&t, "%s", r->note);
@@ -1700,11 +1660,11 @@ static void print_tables(const engine *e, result *res, int n)
                 sy = res[j].ms_median;
         }
         char c[5][48];
-        fmt(c[0], 48, "%.3f", fk);
-        fmt(c[1], 48, "%.3f", rs);
-        fmt(c[2], 48, "%.3f", sy);
-        fmt(c[3], 48, "%.3f", fk / rs);
-        fmt(c[4], 48, "%.3f", fk / sy);
+        bench_fmt(c[0], 48, "%.3f", fk);
+        bench_fmt(c[1], 48, "%.3f", rs);
+        bench_fmt(c[2], 48, "%.3f", sy);
+        bench_fmt(c[3], 48, "%.3f", fk / rs);
+        bench_fmt(c[4], 48, "%.3f", fk / sy);
         bench_table_add(&r, "%lld", (long long)res[i].ctx);
         bench_table_add(&r, "%d", res[i].batch);
         for (int k = 0; k < 5; k++)
@@ -1858,11 +1818,11 @@ int main(int argc, char **argv)
             double t0 = bench_now_ms();
             run_config(&e, &a, it->ci, it->bi, it->policy, r);
             fprintf(stderr, "[%d/%d %5.0f s] %-8s context %7lld batch %3d: ",
-                    i + 1, n_items, elapsed, policy_name(r->policy),
+                    i + 1, n_items, elapsed, bench_policy_name(r->policy),
                     (long long)r->ctx, r->batch);
             if (r->status == RUN_OK) {
                 char churn[32];
-                fmt(churn, sizeof churn, "%.1f%%", 100.0 * r->churn);
+                bench_fmt(churn, sizeof churn, "%.1f%%", 100.0 * r->churn);
                 fprintf(stderr, "%.3f ms (p90 %.3f), %.1f pages/step, "
                         "%.1f corrections/step, churn %s, cos %.3f, prefill "
                         "%.1f s, %.1f s in all\n", r->ms_median, r->ms_p90,

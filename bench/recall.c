@@ -28,10 +28,11 @@
  * Every variant's copied bytes are compared with the host pool (exit 1 on a
  * mismatch). Prints a compact table last; --csv FILE writes its rows.
  *
- * The device region of each sequence is laid out here the way
- * lib/backend_cuda.c's layout() lays out a FREEKV layer (the same arrays in
- * the same order, without sink, window ring and summaries, which recall does
- * not touch); fkv_dev_state carries only what recall reads and writes.
+ * The device region of each sequence is laid out by the CUDA backend's own
+ * fkvi_cuda_layout (lib/cuda_layout.c) for a one-layer FREEKV cache without
+ * sink and window pages, so recall sees the backend's arrays at the
+ * backend's offsets; fkv_dev_state carries only what recall reads and
+ * writes.
  *
  * --smoke: the smallest configuration, a few seconds. Without a usable CUDA
  * device (or built with CUDA=0) it prints one "skipped" line and exits 0
@@ -40,25 +41,18 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
+#define BENCH_DIE_PREFIX "recall: FAILED: "
+#define BENCH_WITH_CUBLAS
 
-#include <math.h>
+#include "bench.h"
+
 #include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#include "freekv.h"
 
 #ifdef FKV_WITH_CUDA
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdatomic.h>
-#include <time.h>
 
-#include <cublas_v2.h>
-#include <cuda_runtime_api.h>
-
+#include "internal.h" /* fkvi_cuda_layout: the backend's own layout */
 #include "kernels.h"
 #endif
 
@@ -95,38 +89,6 @@ static const char k_usage[] =
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
     "               beside the GEMMs (one layer's worth)\n";
 
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end = NULL;
-    long v = strtol(s, &end, 10);
-    if (!s[0] || *end || v < lo || v > hi)
-        return -1;
-    *out = (int)v;
-    return 0;
-}
-
-static int parse_list(const char *s, int lo, int hi, int *out, int *n)
-{
-    char buf[256];
-    if (strlen(s) >= sizeof buf)
-        return -1;
-    strcpy(buf, s);
-    *n = 0;
-    for (char *save = NULL, *t = strtok_r(buf, ",", &save); t;
-         t = strtok_r(NULL, ",", &save)) {
-        if (*n >= MAX_LIST || parse_int(t, lo, hi, &out[*n]) != 0)
-            return -1;
-        (*n)++;
-    }
-    return *n > 0 ? 0 : -1;
-}
-
-static void set_list(int *dst, int *n, const int *src, int count)
-{
-    memcpy(dst, src, (size_t)count * sizeof *src);
-    *n = count;
-}
-
 static int parse_args(int argc, char **argv, config *c)
 {
     memset(c, 0, sizeof *c);
@@ -140,17 +102,17 @@ static int parse_args(int argc, char **argv, config *c)
         const int gb[] = {1, 8}, cb[] = {16, 32};
         const int sb[] = {1}, sp[] = {32}, sg[] = {16, 0}, scb[] = {16};
         if (smoke) {
-            set_list(c->batches, &c->nbatches, sb, 1);
-            set_list(c->pages, &c->npages, sp, 1);
-            set_list(c->blocks, &c->nblocks, sg, 2);
-            set_list(c->gemm_batches, &c->ngemm_batches, sb, 1);
-            set_list(c->conc_blocks, &c->nconc_blocks, scb, 1);
+            bench_set_list(c->batches, &c->nbatches, sb, 1);
+            bench_set_list(c->pages, &c->npages, sp, 1);
+            bench_set_list(c->blocks, &c->nblocks, sg, 2);
+            bench_set_list(c->gemm_batches, &c->ngemm_batches, sb, 1);
+            bench_set_list(c->conc_blocks, &c->nconc_blocks, scb, 1);
         } else {
-            set_list(c->batches, &c->nbatches, b, 2);
-            set_list(c->pages, &c->npages, p, 3);
-            set_list(c->blocks, &c->nblocks, g, 5);
-            set_list(c->gemm_batches, &c->ngemm_batches, gb, 2);
-            set_list(c->conc_blocks, &c->nconc_blocks, cb, 2);
+            bench_set_list(c->batches, &c->nbatches, b, 2);
+            bench_set_list(c->pages, &c->npages, p, 3);
+            bench_set_list(c->blocks, &c->nblocks, g, 5);
+            bench_set_list(c->gemm_batches, &c->ngemm_batches, gb, 2);
+            bench_set_list(c->conc_blocks, &c->nconc_blocks, cb, 2);
         }
     }
     c->reps = smoke ? 5 : 50;
@@ -191,59 +153,61 @@ static int parse_args(int argc, char **argv, config *c)
             c->csv = v;
         } else if (!strcmp(a, "--device")) {
             NEEDV;
-            bad = parse_int(v, 0, 1024, &c->device);
+            bad = bench_parse_int(v, 0, 1024, &c->device);
         } else if (!strcmp(a, "--batches")) {
             NEEDV;
-            bad = parse_list(v, 1, MAX_BATCH, c->batches,
-                             &c->nbatches);
+            bad = bench_parse_list(v, 1, MAX_BATCH, c->batches, &c->nbatches,
+                                   MAX_LIST);
         } else if (!strcmp(a, "--pages")) {
             NEEDV;
-            bad = parse_list(v, 1, 4096, c->pages, &c->npages);
+            bad = bench_parse_list(v, 1, 4096, c->pages, &c->npages, MAX_LIST);
         } else if (!strcmp(a, "--blocks")) {
             NEEDV;
-            bad = parse_list(v, 0, 65535, c->blocks, &c->nblocks);
+            bad = bench_parse_list(v, 0, 65535, c->blocks, &c->nblocks,
+                                   MAX_LIST);
         } else if (!strcmp(a, "--reps")) {
             NEEDV;
-            bad = parse_int(v, 1, 100000, &c->reps);
+            bad = bench_parse_int(v, 1, 100000, &c->reps);
         } else if (!strcmp(a, "--unit-reps")) {
             NEEDV;
-            bad = parse_int(v, 1, 100000, &c->unit_reps);
+            bad = bench_parse_int(v, 1, 100000, &c->unit_reps);
         } else if (!strcmp(a, "--big-mib")) {
             NEEDV;
-            bad = parse_int(v, 1, 65536, &c->big_mib);
+            bad = bench_parse_int(v, 1, 65536, &c->big_mib);
         } else if (!strcmp(a, "--pool-pages")) {
             NEEDV;
-            bad = parse_int(v, 2, 1 << 20, &c->pool_pages);
+            bad = bench_parse_int(v, 2, 1 << 20, &c->pool_pages);
         } else if (!strcmp(a, "--kv-heads")) {
             NEEDV;
-            bad = parse_int(v, 1, 256, &c->kv_heads);
+            bad = bench_parse_int(v, 1, 256, &c->kv_heads);
         } else if (!strcmp(a, "--group")) {
             NEEDV;
-            bad = parse_int(v, 1, 64, &c->group);
+            bad = bench_parse_int(v, 1, 64, &c->group);
         } else if (!strcmp(a, "--head-dim")) {
             NEEDV;
-            bad = parse_int(v, 64, 256, &c->head_dim) ||
+            bad = bench_parse_int(v, 64, 256, &c->head_dim) ||
                   (c->head_dim != 64 && c->head_dim != 128 &&
                    c->head_dim != 256);
         } else if (!strcmp(a, "--page")) {
             NEEDV;
-            bad = parse_int(v, 1, 1024, &c->page);
+            bad = bench_parse_int(v, 1, 1024, &c->page);
         } else if (!strcmp(a, "--gemm-batches")) {
             NEEDV;
-            bad = parse_list(v, 1, MAX_BATCH, c->gemm_batches,
-                             &c->ngemm_batches);
+            bad = bench_parse_list(v, 1, MAX_BATCH, c->gemm_batches,
+                                   &c->ngemm_batches, MAX_LIST);
         } else if (!strcmp(a, "--gemm-layers")) {
             NEEDV;
-            bad = parse_int(v, 1, 128, &c->gemm_layers);
+            bad = bench_parse_int(v, 1, 128, &c->gemm_layers);
         } else if (!strcmp(a, "--gemm-reps")) {
             NEEDV;
-            bad = parse_int(v, 1, 10000, &c->gemm_reps);
+            bad = bench_parse_int(v, 1, 10000, &c->gemm_reps);
         } else if (!strcmp(a, "--conc-pages")) {
             NEEDV;
-            bad = parse_int(v, 1, 4096, &c->conc_pages);
+            bad = bench_parse_int(v, 1, 4096, &c->conc_pages);
         } else if (!strcmp(a, "--conc-blocks")) {
             NEEDV;
-            bad = parse_list(v, 0, 65535, c->conc_blocks, &c->nconc_blocks);
+            bad = bench_parse_list(v, 0, 65535, c->conc_blocks,
+                                   &c->nconc_blocks, MAX_LIST);
         } else {
             fprintf(stderr, "recall: unknown argument '%s'\n%s", a, k_usage);
             return -1;
@@ -288,61 +252,8 @@ int main(int argc, char **argv)
 #else /* FKV_WITH_CUDA */
 
 /* ------------------------------------------------------------------------ */
-/* Errors                                                                   */
-/* ------------------------------------------------------------------------ */
-
-static void die(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fprintf(stderr, "recall: FAILED: ");
-    vfprintf(stderr, fmt, ap);
-    fprintf(stderr, "\n");
-    va_end(ap);
-    exit(1);
-}
-
-#define CK(call)                                                             \
-    do {                                                                     \
-        cudaError_t e_ = (call);                                             \
-        if (e_ != cudaSuccess)                                               \
-            die("%s:%d: %s: %s (%s)", __FILE__, __LINE__, #call,            \
-                cudaGetErrorString(e_), cudaGetErrorName(e_));               \
-    } while (0)
-
-#define CKB(call)                                                            \
-    do {                                                                     \
-        cublasStatus_t s_ = (call);                                          \
-        if (s_ != CUBLAS_STATUS_SUCCESS)                                     \
-            die("%s:%d: %s: cuBLAS status %d (%s)", __FILE__, __LINE__,      \
-                #call, (int)s_, cublasGetStatusString(s_));                  \
-    } while (0)
-
-static void *xmalloc(size_t n)
-{
-    void *p = malloc(n ? n : 1);
-    if (!p)
-        die("out of host memory (%zu bytes)", n);
-    return p;
-}
-
-/* ------------------------------------------------------------------------ */
 /* Small helpers                                                            */
 /* ------------------------------------------------------------------------ */
-
-static uint64_t splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 static int cmp_i32(const void *a, const void *b)
 {
@@ -350,50 +261,10 @@ static int cmp_i32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-/* Median of n values (sorts a copy). */
-static double median(const double *v, int n)
-{
-    if (n <= 0)
-        return NAN;
-    double *t = xmalloc((size_t)n * sizeof *t);
-    memcpy(t, v, (size_t)n * sizeof *t);
-    qsort(t, (size_t)n, sizeof *t, cmp_double);
-    double m = n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-    free(t);
-    return m;
-}
-
-static double elapsed_ms(cudaEvent_t a, cudaEvent_t b)
-{
-    float ms = 0.0f;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    return (double)ms;
-}
-
-static double wall_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static void sleep_us(long us)
 {
     struct timespec ts = {us / 1000000, (us % 1000000) * 1000};
     nanosleep(&ts, NULL);
-}
-
-static uint64_t align_up(uint64_t x, uint64_t a)
-{
-    return (x + a - 1) / a * a;
-}
-
-/* As lib/backend_cuda.c: an array of n elements of `size` bytes at *off. */
-static uint64_t place(uint64_t *off, uint64_t n, uint64_t size)
-{
-    uint64_t at = align_up(*off, size >= 16 ? 16 : size);
-    *off = at + n * size;
-    return at;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -409,18 +280,13 @@ typedef struct row {
 } row;
 
 static row *g_rows;
-static int g_nrows, g_cap;
+static int g_nrows;
+static size_t g_cap;
 
 static row *add_row(const char *section, const char *variant, int batch,
                     int pages, int blocks)
 {
-    if (g_nrows == g_cap) {
-        g_cap = g_cap ? 2 * g_cap : 64;
-        row *r = realloc(g_rows, (size_t)g_cap * sizeof *r);
-        if (!r)
-            die("out of host memory");
-        g_rows = r;
-    }
+    g_rows = bench_grow(g_rows, &g_cap, (size_t)g_nrows, sizeof *g_rows);
     row *r = &g_rows[g_nrows++];
     memset(r, 0, sizeof *r);
     snprintf(r->section, sizeof r->section, "%s", section);
@@ -457,21 +323,22 @@ static void pool_create(pool *p, int seqs, int pages, int kv_heads,
     p->block_bytes = unit_bytes * (uint64_t)kv_heads;
     const uint64_t blocks = (uint64_t)seqs * pages;
     p->bytes = blocks * p->block_bytes;
-    CK(cudaHostAlloc((void **)&p->host, p->bytes,
-                     cudaHostAllocMapped | cudaHostAllocPortable));
+    BENCH_CUDA_CHECK(
+        cudaHostAlloc((void **)&p->host, p->bytes,
+                      cudaHostAllocMapped | cudaHostAllocPortable));
     void *d = NULL;
-    CK(cudaHostGetDevicePointer(&d, p->host, 0));
+    BENCH_CUDA_CHECK(cudaHostGetDevicePointer(&d, p->host, 0));
     p->dev = d;
     /* Random content: every unit differs, so a misplaced copy shows. */
-    uint64_t s = 0x5EC0A11ull;
+    bench_rng s = {0x5EC0A11ull};
     uint64_t *w = (uint64_t *)p->host;
     for (uint64_t i = 0; i < p->bytes / 8; i++)
-        w[i] = splitmix64(&s);
-    p->perm = xmalloc(blocks * sizeof *p->perm);
+        w[i] = bench_rng_next(&s);
+    p->perm = bench_xmalloc(blocks * sizeof *p->perm);
     for (uint64_t i = 0; i < blocks; i++)
         p->perm[i] = (uint32_t)i;
     for (uint64_t i = blocks - 1; i > 0; i--) {
-        uint64_t j = splitmix64(&s) % (i + 1);
+        uint64_t j = bench_rng_next(&s) % (i + 1);
         uint32_t t = p->perm[i];
         p->perm[i] = p->perm[j];
         p->perm[j] = t;
@@ -481,7 +348,7 @@ static void pool_create(pool *p, int seqs, int pages, int kv_heads,
 static void pool_destroy(pool *p)
 {
     if (p->host)
-        CK(cudaFreeHost(p->host));
+        BENCH_CUDA_CHECK(cudaFreeHost(p->host));
     free(p->perm);
     memset(p, 0, sizeof *p);
 }
@@ -492,9 +359,9 @@ static uint64_t pool_block_offset(const pool *p, int seq, int page)
 }
 
 /* ------------------------------------------------------------------------ */
-/* A recall context: n sequences, each one layer region laid out as          */
-/* lib/backend_cuda.c's layout() does for FREEKV, and the device state that  */
-/* fkv_launch_recall reads and writes.                                       */
+/* A recall context: n sequences, each one layer region laid out by          */
+/* fkvi_cuda_layout as the CUDA backend lays out FREEKV, and the device      */
+/* state that fkv_launch_recall reads and writes.                            */
 /* ------------------------------------------------------------------------ */
 
 typedef struct rctx {
@@ -521,57 +388,31 @@ typedef struct rctx {
     size_t *usize;                 /* [units] */
 } rctx;
 
+/* The device geometry of a one-layer FREEKV cache with no sink and no
+ * window (K selected pages, max_pages pages per sequence), laid out by the
+ * CUDA backend's own fkvi_cuda_layout. */
 static void rctx_layout(fkv_dev_geometry *d, const config *c, int K,
                         int max_pages)
 {
-    const uint64_t H = (uint64_t)c->kv_heads, KK = (uint64_t)K;
-    const uint64_t QD = (uint64_t)c->kv_heads * c->group * c->head_dim;
-    memset(d, 0, sizeof *d);
-    d->layers = 1;
-    d->q_heads = c->kv_heads * c->group;
-    d->kv_heads = c->kv_heads;
-    d->group = c->group;
-    d->head_dim = c->head_dim;
-    d->page = c->page;
-    d->sink_pages = 0;
-    d->window_pages = 0;
-    d->select_pages = K;
-    d->ring_pages = 1;
-    d->max_pages = max_pages;
-    d->dtype = FKV_DTYPE_BF16;
-    d->policy = FKV_POLICY_FREEKV;
-    d->group_score = FKV_GROUP_MEAN_SOFTMAX;
-    d->store = 0;
-    d->max_tokens = max_pages * c->page;
-    d->scale = 1.0f / sqrtf((float)c->head_dim);
-    d->threshold = 0.8f;
-    d->unit_bytes = 2ull * c->page * c->head_dim * 2; /* bf16 */
-
-    uint64_t off = 0;
-    d->neg_begin = off;
-    d->off_slot_page = place(&off, H * KK, 4);
-    d->off_active_count = place(&off, H, 4);
-    d->off_fix_count = place(&off, H, 4);
-    d->neg_bytes = off - d->neg_begin;
-    d->off_active_pages = place(&off, H * KK, 4);
-    d->off_active_slot = place(&off, H * KK, 4);
-    d->off_pending_pages = place(&off, H * KK, 4);
-    d->off_pending_count = place(&off, H, 4);
-    d->off_pending_valid = place(&off, H, 4);
-    d->off_fix_pages = place(&off, H * KK, 4);
-    d->off_used_pages = place(&off, H * KK, 4);
-    d->off_used_count = place(&off, H, 4);
-    d->off_snap_len = place(&off, 1, 4);
-    d->off_active_q = place(&off, QD, 4);
-    d->off_pending_q = place(&off, QD, 4);
-    off = align_up(off, 256);
-    d->meta_bytes = off;
-    /* Recall touches only the slots; sink and ring point there too so that
-     * no offset names memory outside the region. */
-    d->off_slots = place(&off, H * KK, d->unit_bytes);
-    d->off_sink = d->off_slots;
-    d->off_ring = d->off_slots;
-    d->layer_bytes = align_up(off, 256);
+    fkv_options o, opts;
+    fkvi_geometry g;
+    BENCH_FKV_CHECK(NULL, fkv_options_init(&o, sizeof o));
+    o.backend = FKV_BACKEND_CUDA;
+    o.num_layers = 1;
+    o.num_q_heads = c->kv_heads * c->group;
+    o.num_kv_heads = c->kv_heads;
+    o.head_dim = c->head_dim;
+    o.dtype = FKV_DTYPE_BF16;
+    o.page_tokens = c->page;
+    o.sink_tokens = 0;
+    o.window_tokens = 0;
+    o.budget_tokens = K * c->page;
+    o.policy = FKV_POLICY_FREEKV;
+    o.max_sequences = FKV_DEV_MAX_BATCH;
+    o.max_tokens_per_sequence = (int64_t)max_pages * c->page;
+    BENCH_FKV_CHECK(NULL, fkvi_options_load(&o, &opts));
+    fkvi_geometry_init(&opts, &g);
+    fkvi_cuda_layout(&opts, &g, d);
 }
 
 static void rctx_create(rctx *x, const config *c, const pool *p, int n,
@@ -579,17 +420,18 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
 {
     memset(x, 0, sizeof *x);
     if (n > FKV_DEV_MAX_BATCH || n > p->seqs)
-        die("batch %d exceeds the pool (%d sequences) or FKV_DEV_MAX_BATCH",
-            n, p->seqs);
+        bench_die(
+            "batch %d exceeds the pool (%d sequences) or FKV_DEV_MAX_BATCH", n,
+            p->seqs);
     if (2 * K > p->pages)
-        die("K %d needs at least %d pool pages per sequence", K, 2 * K);
+        bench_die("K %d needs at least %d pool pages per sequence", K, 2 * K);
     x->n = n;
     x->K = K;
     x->H = c->kv_heads;
     rctx_layout(&x->g, c, K, p->pages);
     x->unit_bytes = x->g.unit_bytes;
     if (x->unit_bytes != p->unit_bytes)
-        die("internal: unit size mismatch");
+        bench_die("internal: unit size mismatch");
     const int H = x->H;
     x->units = (size_t)n * H * K;
 
@@ -597,48 +439,51 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
     x->arm_ints = (size_t)H * K + 2 * (size_t)H;
     if (x->g.off_pending_count != x->g.off_pending_pages + (uint64_t)H * K * 4 ||
         x->g.off_pending_valid != x->g.off_pending_count + (uint64_t)H * 4)
-        die("internal: pending arrays are not contiguous");
+        bench_die("internal: pending arrays are not contiguous");
 
     /* Regions, all metadata zero and the "-1" arrays -1, as seq_init does. */
     const uint64_t region = x->g.layer_bytes;
-    CK(cudaMalloc((void **)&x->regions, region * n));
-    CK(cudaMemset(x->regions, 0, region * n));
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&x->regions, region * n));
+    BENCH_CUDA_CHECK(cudaMemset(x->regions, 0, region * n));
     for (int i = 0; i < n; i++)
-        CK(cudaMemset(x->regions + region * i + x->g.neg_begin, 0xFF,
-                      x->g.neg_bytes));
-    unsigned char **bases = xmalloc((size_t)n * sizeof *bases);
+        BENCH_CUDA_CHECK(cudaMemset(x->regions + region * i + x->g.neg_begin,
+                                    0xFF, x->g.neg_bytes));
+    unsigned char **bases = bench_xmalloc((size_t)n * sizeof *bases);
     for (int i = 0; i < n; i++)
         bases[i] = x->regions + region * i;
-    CK(cudaMalloc((void **)&x->seq_base_dev, (size_t)n * sizeof *bases));
-    CK(cudaMemcpy(x->seq_base_dev, bases, (size_t)n * sizeof *bases,
-                  cudaMemcpyHostToDevice));
+    BENCH_CUDA_CHECK(
+        cudaMalloc((void **)&x->seq_base_dev, (size_t)n * sizeof *bases));
+    BENCH_CUDA_CHECK(cudaMemcpy(x->seq_base_dev, bases,
+                                (size_t)n * sizeof *bases,
+                                cudaMemcpyHostToDevice));
     free(bases);
 
     /* Page table: the device address of each page's pool block. */
     const uint64_t P = (uint64_t)p->pages;
-    uint64_t *bp = xmalloc(n * P * sizeof *bp);
+    uint64_t *bp = bench_xmalloc(n * P * sizeof *bp);
     for (int i = 0; i < n; i++)
         for (uint64_t pg = 0; pg < P; pg++)
             bp[i * P + pg] = (uint64_t)(uintptr_t)(p->dev +
                                                    pool_block_offset(p, i, (int)pg));
-    CK(cudaMalloc((void **)&x->block_ptr_dev, n * P * sizeof *bp));
-    CK(cudaMemcpy(x->block_ptr_dev, bp, n * P * sizeof *bp,
-                  cudaMemcpyHostToDevice));
+    BENCH_CUDA_CHECK(
+        cudaMalloc((void **)&x->block_ptr_dev, n * P * sizeof *bp));
+    BENCH_CUDA_CHECK(cudaMemcpy(x->block_ptr_dev, bp, n * P * sizeof *bp,
+                                cudaMemcpyHostToDevice));
     free(bp);
 
     /* counters [FKV_DEV_COUNTERS] u64, error u32, len [n] i32 */
     uint64_t off = 0;
-    const uint64_t o_counters = place(&off, FKV_DEV_COUNTERS, 8);
-    const uint64_t o_error = place(&off, 1, 4);
-    const uint64_t o_len = place(&off, (uint64_t)n, 4);
-    CK(cudaMalloc((void **)&x->small, off));
-    CK(cudaMemset(x->small, 0, off));
+    const uint64_t o_counters = fkvi_cuda_place(&off, FKV_DEV_COUNTERS, 8);
+    const uint64_t o_error = fkvi_cuda_place(&off, 1, 4);
+    const uint64_t o_len = fkvi_cuda_place(&off, (uint64_t)n, 4);
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&x->small, off));
+    BENCH_CUDA_CHECK(cudaMemset(x->small, 0, off));
     off = 0;
-    const uint64_t o_src = place(&off, x->units, 8);
-    const uint64_t o_dst = place(&off, x->units, 8);
-    const uint64_t o_count = place(&off, (uint64_t)n * H, 4);
-    CK(cudaMalloc((void **)&x->work, off));
-    CK(cudaMemset(x->work, 0, off));
+    const uint64_t o_src = fkvi_cuda_place(&off, x->units, 8);
+    const uint64_t o_dst = fkvi_cuda_place(&off, x->units, 8);
+    const uint64_t o_count = fkvi_cuda_place(&off, (uint64_t)n * H, 4);
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&x->work, off));
+    BENCH_CUDA_CHECK(cudaMemset(x->work, 0, off));
 
     memset(&x->st, 0, sizeof x->st);
     x->st.seq_base = x->seq_base_dev;
@@ -660,16 +505,17 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
     }
 
     /* Two disjoint random page sets per (sequence, KV head). */
-    int32_t *pick = xmalloc(P * sizeof *pick);
+    int32_t *pick = bench_xmalloc(P * sizeof *pick);
     for (int s = 0; s < 2; s++)
-        x->set[s] = xmalloc(x->units * sizeof(int32_t));
+        x->set[s] = bench_xmalloc(x->units * sizeof(int32_t));
     for (int i = 0; i < n; i++)
         for (int h = 0; h < H; h++) {
-            uint64_t r = seed ^ ((uint64_t)i << 32) ^ ((uint64_t)h << 16);
+            bench_rng r = {seed ^ ((uint64_t)i << 32) ^ ((uint64_t)h << 16)};
             for (uint64_t pg = 0; pg < P; pg++)
                 pick[pg] = (int32_t)pg;
             for (int j = 0; j < 2 * K; j++) {
-                uint64_t t = (uint64_t)j + splitmix64(&r) % (P - (uint64_t)j);
+                uint64_t t =
+                    (uint64_t)j + bench_rng_next(&r) % (P - (uint64_t)j);
                 int32_t tmp = pick[j];
                 pick[j] = pick[t];
                 pick[t] = tmp;
@@ -683,7 +529,7 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
     free(pick);
 
     /* Arm templates: [pending_pages H*K][pending_count H][pending_valid H]. */
-    int32_t *arm = xmalloc((size_t)n * x->arm_ints * sizeof *arm);
+    int32_t *arm = bench_xmalloc((size_t)n * x->arm_ints * sizeof *arm);
     for (int s = 0; s < 2; s++) {
         for (int i = 0; i < n; i++) {
             int32_t *a = arm + (size_t)i * x->arm_ints;
@@ -694,20 +540,22 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
                 a[(size_t)H * K + H + h] = 1;
             }
         }
-        CK(cudaMalloc((void **)&x->arm_dev[s],
-                      (size_t)n * x->arm_ints * sizeof *arm));
-        CK(cudaMemcpy(x->arm_dev[s], arm, (size_t)n * x->arm_ints * sizeof *arm,
-                      cudaMemcpyHostToDevice));
+        BENCH_CUDA_CHECK(cudaMalloc((void **)&x->arm_dev[s],
+                                    (size_t)n * x->arm_ints * sizeof *arm));
+        BENCH_CUDA_CHECK(cudaMemcpy(x->arm_dev[s], arm,
+                                    (size_t)n * x->arm_ints * sizeof *arm,
+                                    cudaMemcpyHostToDevice));
     }
     free(arm);
 
     /* Per-unit copy lists (same units, same order as the sets). */
-    CK(cudaMalloc((void **)&x->unit_dst, x->units * x->unit_bytes));
-    CK(cudaMemset(x->unit_dst, 0, x->units * x->unit_bytes));
-    x->udst = xmalloc(x->units * sizeof *x->udst);
-    x->usize = xmalloc(x->units * sizeof *x->usize);
+    BENCH_CUDA_CHECK(
+        cudaMalloc((void **)&x->unit_dst, x->units * x->unit_bytes));
+    BENCH_CUDA_CHECK(cudaMemset(x->unit_dst, 0, x->units * x->unit_bytes));
+    x->udst = bench_xmalloc(x->units * sizeof *x->udst);
+    x->usize = bench_xmalloc(x->units * sizeof *x->usize);
     for (int s = 0; s < 2; s++)
-        x->usrc[s] = xmalloc(x->units * sizeof *x->usrc[s]);
+        x->usrc[s] = bench_xmalloc(x->units * sizeof *x->usrc[s]);
     for (size_t u = 0; u < x->units; u++) {
         const int i = (int)(u / ((size_t)H * K));
         const int h = (int)(u / (size_t)K % (size_t)H);
@@ -717,20 +565,20 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
             x->usrc[s][u] = p->host + pool_block_offset(p, i, x->set[s][u]) +
                             (uint64_t)h * x->unit_bytes;
     }
-    CK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 static void rctx_destroy(rctx *x)
 {
-    CK(cudaDeviceSynchronize());
-    CK(cudaFree(x->regions));
-    CK(cudaFree(x->seq_base_dev));
-    CK(cudaFree(x->block_ptr_dev));
-    CK(cudaFree(x->small));
-    CK(cudaFree(x->work));
-    CK(cudaFree(x->unit_dst));
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaFree(x->regions));
+    BENCH_CUDA_CHECK(cudaFree(x->seq_base_dev));
+    BENCH_CUDA_CHECK(cudaFree(x->block_ptr_dev));
+    BENCH_CUDA_CHECK(cudaFree(x->small));
+    BENCH_CUDA_CHECK(cudaFree(x->work));
+    BENCH_CUDA_CHECK(cudaFree(x->unit_dst));
     for (int s = 0; s < 2; s++) {
-        CK(cudaFree(x->arm_dev[s]));
+        BENCH_CUDA_CHECK(cudaFree(x->arm_dev[s]));
         free(x->set[s]);
         free((void *)x->usrc[s]);
     }
@@ -741,10 +589,10 @@ static void rctx_destroy(rctx *x)
 
 static void rctx_reset_counters(rctx *x)
 {
-    CK(cudaDeviceSynchronize());
-    CK(cudaMemset(x->st.counters, 0,
-                  FKV_DEV_COUNTERS * sizeof(unsigned long long)));
-    CK(cudaMemset(x->st.error, 0, sizeof(unsigned int)));
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaMemset(
+        x->st.counters, 0, FKV_DEV_COUNTERS * sizeof(unsigned long long)));
+    BENCH_CUDA_CHECK(cudaMemset(x->st.error, 0, sizeof(unsigned int)));
     x->runs = 0;
 }
 
@@ -777,20 +625,21 @@ static cudaError_t rctx_enqueue(rctx *x, int blocks, cudaStream_t s,
  * unit, and the device counted exactly runs * units copies. */
 static void rctx_verify(const rctx *x, const pool *p, const char *what)
 {
-    CK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
     if (x->runs == 0)
         return;
     const int last = x->parity ^ 1, H = x->H, K = x->K;
     const fkv_dev_geometry *g = &x->g;
-    unsigned char *meta = xmalloc(g->meta_bytes);
+    unsigned char *meta = bench_xmalloc(g->meta_bytes);
     const size_t slot_bytes = (size_t)H * K * x->unit_bytes;
-    unsigned char *slots = xmalloc(slot_bytes);
-    unsigned char *seen = xmalloc((size_t)K);
+    unsigned char *slots = bench_xmalloc(slot_bytes);
+    unsigned char *seen = bench_xmalloc((size_t)K);
     for (int i = 0; i < x->n; i++) {
         const unsigned char *base = x->regions + g->layer_bytes * i;
-        CK(cudaMemcpy(meta, base, g->meta_bytes, cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(slots, base + g->off_slots, slot_bytes,
-                      cudaMemcpyDeviceToHost));
+        BENCH_CUDA_CHECK(
+            cudaMemcpy(meta, base, g->meta_bytes, cudaMemcpyDeviceToHost));
+        BENCH_CUDA_CHECK(cudaMemcpy(slots, base + g->off_slots, slot_bytes,
+                                    cudaMemcpyDeviceToHost));
         const int32_t *count = (const int32_t *)(meta + g->off_active_count);
         const int32_t *valid = (const int32_t *)(meta + g->off_pending_valid);
         for (int h = 0; h < H; h++) {
@@ -802,15 +651,16 @@ static void rctx_verify(const rctx *x, const pool *p, const char *what)
                 (const int32_t *)(meta + g->off_slot_page) + (size_t)h * K;
             const int32_t *want = x->set[last] + ((size_t)i * H + h) * K;
             if (count[h] != K || valid[h] != 0)
-                die("%s: seq %d KV head %d: active_count %d (want %d), "
-                    "pending_valid %d (want 0)",
-                    what, i, h, count[h], K, valid[h]);
+                bench_die("%s: seq %d KV head %d: active_count %d (want %d), "
+                          "pending_valid %d (want 0)",
+                          what, i, h, count[h], K, valid[h]);
             memset(seen, 0, (size_t)K);
             for (int j = 0; j < K; j++) {
                 const int32_t s = slot[j];
                 if (pages[j] != want[j] || s < 0 || s >= K || seen[s] ||
                     slot_page[s] != want[j])
-                    die("%s: seq %d KV head %d entry %d: page %d in slot %d "
+                    bench_die(
+                        "%s: seq %d KV head %d entry %d: page %d in slot %d "
                         "(want page %d in a distinct slot)",
                         what, i, h, j, pages[j], s, want[j]);
                 seen[s] = 1;
@@ -819,21 +669,23 @@ static void rctx_verify(const rctx *x, const pool *p, const char *what)
                                            (uint64_t)h * x->unit_bytes;
                 if (memcmp(slots + ((size_t)h * K + s) * x->unit_bytes, src,
                            x->unit_bytes) != 0)
-                    die("%s: seq %d KV head %d page %d: slot %d's bytes differ "
-                        "from the host pool's unit",
-                        what, i, h, want[j], s);
+                    bench_die("%s: seq %d KV head %d page %d: slot %d's "
+                              "bytes differ from the host pool's unit",
+                              what, i, h, want[j], s);
             }
         }
     }
     unsigned long long counters[FKV_DEV_COUNTERS];
     unsigned int error = 0;
-    CK(cudaMemcpy(counters, x->st.counters, sizeof counters,
-                  cudaMemcpyDeviceToHost));
-    CK(cudaMemcpy(&error, x->st.error, sizeof error, cudaMemcpyDeviceToHost));
+    BENCH_CUDA_CHECK(cudaMemcpy(counters, x->st.counters, sizeof counters,
+                                cudaMemcpyDeviceToHost));
+    BENCH_CUDA_CHECK(
+        cudaMemcpy(&error, x->st.error, sizeof error, cudaMemcpyDeviceToHost));
     const unsigned long long want = (unsigned long long)x->runs * x->units;
     if (error || counters[FKV_DEV_PAGES_RECALLED] != want ||
         counters[FKV_DEV_BYTES_RECALLED] != want * x->unit_bytes)
-        die("%s: device error bits 0x%x, %llu units / %llu bytes recalled "
+        bench_die(
+            "%s: device error bits 0x%x, %llu units / %llu bytes recalled "
             "(want 0, %llu units / %llu bytes: every recall must copy all K "
             "pages of every (sequence, KV head))",
             what, error, counters[FKV_DEV_PAGES_RECALLED],
@@ -849,17 +701,18 @@ static void rctx_verify(const rctx *x, const pool *p, const char *what)
 static void units_verify(const rctx *x, int par, size_t upto, bool rest,
                          const char *what)
 {
-    CK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
     const size_t n = rest ? x->units : upto;
     if (n == 0)
         return;
-    unsigned char *buf = xmalloc(n * x->unit_bytes);
-    CK(cudaMemcpy(buf, x->unit_dst, n * x->unit_bytes,
-                  cudaMemcpyDeviceToHost));
+    unsigned char *buf = bench_xmalloc(n * x->unit_bytes);
+    BENCH_CUDA_CHECK(cudaMemcpy(buf, x->unit_dst, n * x->unit_bytes,
+                                cudaMemcpyDeviceToHost));
     for (size_t u = 0; u < n; u++) {
         const int s = u < upto ? par : par ^ 1;
         if (memcmp(buf + u * x->unit_bytes, x->usrc[s][u], x->unit_bytes) != 0)
-            die("%s: unit %zu (seq %zu, KV head %zu) differs from the host "
+            bench_die(
+                "%s: unit %zu (seq %zu, KV head %zu) differs from the host "
                 "pool's unit",
                 what, u, u / ((size_t)x->H * x->K),
                 u / (size_t)x->K % (size_t)x->H);
@@ -901,29 +754,30 @@ static cudaError_t batch_copy(void **dst, const void **src, size_t *sizes,
 static double bench_big_copy(const config *c, cudaStream_t s)
 {
     const size_t bytes = (size_t)c->big_mib << 20;
-    unsigned char *h = NULL, *d = NULL, *back = xmalloc(bytes);
-    CK(cudaHostAlloc((void **)&h, bytes, cudaHostAllocDefault));
-    CK(cudaMalloc((void **)&d, bytes));
-    uint64_t seed = 0xB16C0B1ull;
+    unsigned char *h = NULL, *d = NULL, *back = bench_xmalloc(bytes);
+    BENCH_CUDA_CHECK(cudaHostAlloc((void **)&h, bytes, cudaHostAllocDefault));
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&d, bytes));
+    bench_rng seed = {0xB16C0B1ull};
     for (size_t i = 0; i < bytes / 8; i++)
-        ((uint64_t *)h)[i] = splitmix64(&seed);
+        ((uint64_t *)h)[i] = bench_rng_next(&seed);
     const int reps = c->smoke ? 3 : 20, warm = 2;
     cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    double *ms = xmalloc((size_t)reps * sizeof *ms);
+    BENCH_CUDA_CHECK(cudaEventCreate(&e0));
+    BENCH_CUDA_CHECK(cudaEventCreate(&e1));
+    double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
     for (int r = -warm; r < reps; r++) {
-        CK(cudaEventRecord(e0, s));
-        CK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
+        BENCH_CUDA_CHECK(cudaEventRecord(e0, s));
+        BENCH_CUDA_CHECK(
+            cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, s));
+        BENCH_CUDA_CHECK(cudaEventRecord(e1, s));
+        BENCH_CUDA_CHECK(cudaEventSynchronize(e1));
         if (r >= 0)
-            ms[r] = elapsed_ms(e0, e1);
+            ms[r] = bench_event_ms(e0, e1);
     }
-    CK(cudaMemcpy(back, d, bytes, cudaMemcpyDeviceToHost));
+    BENCH_CUDA_CHECK(cudaMemcpy(back, d, bytes, cudaMemcpyDeviceToHost));
     if (memcmp(back, h, bytes) != 0)
-        die("large copy: device bytes differ from the host buffer");
-    const double t = median(ms, reps);
+        bench_die("large copy: device bytes differ from the host buffer");
+    const double t = bench_median(ms, (size_t)reps);
     const double gbps = (double)bytes / (t * 1e-3) / 1e9;
     row *r = add_row("h2d", "big pinned cudaMemcpyAsync", -1, -1, -1);
     r->mib = (double)bytes / (1 << 20);
@@ -933,10 +787,10 @@ static double bench_big_copy(const config *c, cudaStream_t s)
     printf("(a) one pinned cudaMemcpyAsync of %d MiB: %.1f us, %.2f GB/s "
            "(median of %d, bytes verified)\n",
            c->big_mib, t * 1e3, gbps, reps);
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
-    CK(cudaFreeHost(h));
-    CK(cudaFree(d));
+    BENCH_CUDA_CHECK(cudaEventDestroy(e0));
+    BENCH_CUDA_CHECK(cudaEventDestroy(e1));
+    BENCH_CUDA_CHECK(cudaFreeHost(h));
+    BENCH_CUDA_CHECK(cudaFree(d));
     free(back);
     free(ms);
     return gbps;
@@ -949,23 +803,24 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
 {
     const int reps = c->unit_reps, warm = 1;
     cudaEvent_t e0, e1;
-    CK(cudaEventCreate(&e0));
-    CK(cudaEventCreate(&e1));
-    double *ms = xmalloc((size_t)reps * sizeof *ms);
+    BENCH_CUDA_CHECK(cudaEventCreate(&e0));
+    BENCH_CUDA_CHECK(cudaEventCreate(&e1));
+    double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
     const double mib = (double)(x->units * x->unit_bytes) / (1 << 20);
     int par = 0;
     for (int r = -warm; r < reps; r++, par ^= 1) {
-        CK(cudaEventRecord(e0, s));
+        BENCH_CUDA_CHECK(cudaEventRecord(e0, s));
         for (size_t u = 0; u < x->units; u++)
-            CK(cudaMemcpyAsync(x->udst[u], x->usrc[par][u], x->unit_bytes,
-                               cudaMemcpyHostToDevice, s));
-        CK(cudaEventRecord(e1, s));
-        CK(cudaEventSynchronize(e1));
+            BENCH_CUDA_CHECK(cudaMemcpyAsync(x->udst[u], x->usrc[par][u],
+                                             x->unit_bytes,
+                                             cudaMemcpyHostToDevice, s));
+        BENCH_CUDA_CHECK(cudaEventRecord(e1, s));
+        BENCH_CUDA_CHECK(cudaEventSynchronize(e1));
         if (r >= 0)
-            ms[r] = elapsed_ms(e0, e1);
+            ms[r] = bench_event_ms(e0, e1);
     }
     units_verify(x, par ^ 1, x->units, false, "per-unit cudaMemcpyAsync");
-    double t = median(ms, reps);
+    double t = bench_median(ms, (size_t)reps);
     row *rw = add_row("h2d", "per-unit cudaMemcpyAsync", x->n, x->K, -1);
     rw->mib = mib;
     rw->us = t * 1e3;
@@ -979,7 +834,7 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
     bool batch_ok = try_batch;
     if (try_batch) {
         for (int r = -warm; r < reps && batch_ok; r++, par ^= 1) {
-            CK(cudaEventRecord(e0, s));
+            BENCH_CUDA_CHECK(cudaEventRecord(e0, s));
             cudaError_t e = batch_copy(x->udst, x->usrc[par], x->usize,
                                        x->units, s);
             if (e != cudaSuccess) {
@@ -990,14 +845,14 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
                 batch_ok = false;
                 break;
             }
-            CK(cudaEventRecord(e1, s));
-            CK(cudaEventSynchronize(e1));
+            BENCH_CUDA_CHECK(cudaEventRecord(e1, s));
+            BENCH_CUDA_CHECK(cudaEventSynchronize(e1));
             if (r >= 0)
-                ms[r] = elapsed_ms(e0, e1);
+                ms[r] = bench_event_ms(e0, e1);
         }
         if (batch_ok) {
             units_verify(x, par ^ 1, x->units, false, "cudaMemcpyBatchAsync");
-            t = median(ms, reps);
+            t = bench_median(ms, (size_t)reps);
             rw = add_row("h2d", "cudaMemcpyBatchAsync (units)", x->n, x->K, -1);
             rw->mib = mib;
             rw->us = t * 1e3;
@@ -1008,9 +863,9 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
                    x->n, x->K, x->units, rw->us, rw->gbps, rw->pct);
         }
     }
-    CK(cudaStreamSynchronize(s));
-    CK(cudaEventDestroy(e0));
-    CK(cudaEventDestroy(e1));
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(s));
+    BENCH_CUDA_CHECK(cudaEventDestroy(e0));
+    BENCH_CUDA_CHECK(cudaEventDestroy(e1));
     free(ms);
     return batch_ok;
 }
@@ -1020,13 +875,13 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
                          cudaStream_t s, int sm_count, double big_gbps)
 {
     const int reps = c->reps, warm = c->warmup;
-    cudaEvent_t *e0 = xmalloc((size_t)(reps + warm) * sizeof *e0);
-    cudaEvent_t *e1 = xmalloc((size_t)(reps + warm) * sizeof *e1);
+    cudaEvent_t *e0 = bench_xmalloc((size_t)(reps + warm) * sizeof *e0);
+    cudaEvent_t *e1 = bench_xmalloc((size_t)(reps + warm) * sizeof *e1);
     for (int r = 0; r < reps + warm; r++) {
-        CK(cudaEventCreate(&e0[r]));
-        CK(cudaEventCreate(&e1[r]));
+        BENCH_CUDA_CHECK(cudaEventCreate(&e0[r]));
+        BENCH_CUDA_CHECK(cudaEventCreate(&e1[r]));
     }
-    double *ms = xmalloc((size_t)reps * sizeof *ms);
+    double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
     const double bytes = (double)x->units * (double)x->unit_bytes;
     for (int bi = 0; bi < c->nblocks; bi++) {
         const int blocks = c->blocks[bi] > 0 ? c->blocks[bi] : sm_count;
@@ -1036,15 +891,15 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
         rctx_reset_counters(x);
         /* One checked recall before timing: from whatever the slots held
          * (empty at first) to the next set. */
-        CK(rctx_enqueue(x, blocks, s, NULL, NULL));
+        BENCH_CUDA_CHECK(rctx_enqueue(x, blocks, s, NULL, NULL));
         rctx_verify(x, p, what);
         for (int r = 0; r < reps + warm; r++)
-            CK(rctx_enqueue(x, blocks, s, e0[r], e1[r]));
-        CK(cudaStreamSynchronize(s));
+            BENCH_CUDA_CHECK(rctx_enqueue(x, blocks, s, e0[r], e1[r]));
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(s));
         for (int r = 0; r < reps; r++)
-            ms[r] = elapsed_ms(e0[warm + r], e1[warm + r]);
+            ms[r] = bench_event_ms(e0[warm + r], e1[warm + r]);
         rctx_verify(x, p, what);
-        const double t = median(ms, reps);
+        const double t = bench_median(ms, (size_t)reps);
         row *rw = add_row("h2d", "recall fkv_launch_recall", x->n, x->K,
                           blocks);
         rw->mib = bytes / (1 << 20);
@@ -1057,8 +912,8 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
                rw->pct >= 90.0 ? ", target met" : ", below the 90% target");
     }
     for (int r = 0; r < reps + warm; r++) {
-        CK(cudaEventDestroy(e0[r]));
-        CK(cudaEventDestroy(e1[r]));
+        BENCH_CUDA_CHECK(cudaEventDestroy(e0[r]));
+        BENCH_CUDA_CHECK(cudaEventDestroy(e1[r]));
     }
     free(e0);
     free(e1);
@@ -1094,43 +949,44 @@ static void model_create(model *m, int layers, int max_batch, cudaStream_t s)
         m->off[j] = off;
         off += (uint64_t)k_gemm_shape[j][0] * k_gemm_shape[j][1] * 2;
     }
-    m->layer_bytes = align_up(off, 256);
+    m->layer_bytes = fkvi_cuda_align_up(off, 256);
     const uint64_t total = m->layer_bytes * (uint64_t)layers;
-    CK(cudaMalloc((void **)&m->w, total));
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&m->w, total));
     /* Small random bf16 weights: a 16 MiB random chunk, replicated. */
     const size_t chunk = (size_t)16 << 20;
-    uint16_t *hw = xmalloc(chunk);
-    uint64_t seed = 0x6E33ull;
+    uint16_t *hw = bench_xmalloc(chunk);
+    bench_rng seed = {0x6E33ull};
     for (size_t i = 0; i < chunk / 2; i++) {
         /* bf16 of a value in [-1/32, 1/32): sign, exponent 2^-6..2^-5 */
-        uint64_t r = splitmix64(&seed);
+        uint64_t r = bench_rng_next(&seed);
         hw[i] = (uint16_t)(((r & 1) << 15) | (0x3C80u + (uint16_t)((r >> 1) & 0x7F)));
     }
-    CK(cudaMemcpy(m->w, hw, chunk < total ? chunk : total,
-                  cudaMemcpyHostToDevice));
+    BENCH_CUDA_CHECK(cudaMemcpy(m->w, hw, chunk < total ? chunk : total,
+                                cudaMemcpyHostToDevice));
     for (uint64_t at = chunk; at < total; at += chunk) {
         uint64_t n = total - at < chunk ? total - at : chunk;
-        CK(cudaMemcpy(m->w + at, m->w, n, cudaMemcpyDeviceToDevice));
+        BENCH_CUDA_CHECK(
+            cudaMemcpy(m->w + at, m->w, n, cudaMemcpyDeviceToDevice));
     }
     const size_t xbytes = (size_t)max_batch * 28672 * 2;
-    CK(cudaMalloc(&m->x, xbytes));
-    CK(cudaMalloc(&m->y, xbytes));
-    CK(cudaMemcpy(m->x, hw, xbytes < chunk ? xbytes : chunk,
-                  cudaMemcpyHostToDevice));
-    CK(cudaMemset(m->y, 0, xbytes));
+    BENCH_CUDA_CHECK(cudaMalloc(&m->x, xbytes));
+    BENCH_CUDA_CHECK(cudaMalloc(&m->y, xbytes));
+    BENCH_CUDA_CHECK(cudaMemcpy(m->x, hw, xbytes < chunk ? xbytes : chunk,
+                                cudaMemcpyHostToDevice));
+    BENCH_CUDA_CHECK(cudaMemset(m->y, 0, xbytes));
     free(hw);
-    CKB(cublasCreate(&m->h));
-    CKB(cublasSetStream(m->h, s));
-    CK(cudaDeviceSynchronize());
+    BENCH_CUBLAS_CHECK(cublasCreate(&m->h));
+    BENCH_CUBLAS_CHECK(cublasSetStream(m->h, s));
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 static void model_destroy(model *m)
 {
-    CK(cudaDeviceSynchronize());
-    CKB(cublasDestroy(m->h));
-    CK(cudaFree(m->w));
-    CK(cudaFree(m->x));
-    CK(cudaFree(m->y));
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    BENCH_CUBLAS_CHECK(cublasDestroy(m->h));
+    BENCH_CUDA_CHECK(cudaFree(m->w));
+    BENCH_CUDA_CHECK(cudaFree(m->x));
+    BENCH_CUDA_CHECK(cudaFree(m->y));
     memset(m, 0, sizeof *m);
 }
 
@@ -1142,20 +998,20 @@ static double model_step(model *m, int batch, cudaEvent_t wait, cudaEvent_t g0,
 {
     const float one = 1.0f, zero = 0.0f;
     if (wait)
-        CK(cudaStreamWaitEvent(m->s, wait, 0));
-    CK(cudaEventRecord(g0, m->s));
+        BENCH_CUDA_CHECK(cudaStreamWaitEvent(m->s, wait, 0));
+    BENCH_CUDA_CHECK(cudaEventRecord(g0, m->s));
     for (int l = 0; l < m->layers; l++)
         for (int j = 0; j < 4; j++) {
             const int k = k_gemm_shape[j][0], n = k_gemm_shape[j][1];
             const unsigned char *w = m->w + m->layer_bytes * l + m->off[j];
-            CKB(cublasGemmEx(m->h, CUBLAS_OP_T, CUBLAS_OP_N, n, batch, k, &one,
-                             w, CUDA_R_16BF, k, m->x, CUDA_R_16BF, k, &zero,
-                             m->y, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
-                             CUBLAS_GEMM_DEFAULT));
+            BENCH_CUBLAS_CHECK(cublasGemmEx(
+                m->h, CUBLAS_OP_T, CUBLAS_OP_N, n, batch, k, &one, w,
+                CUDA_R_16BF, k, m->x, CUDA_R_16BF, k, &zero, m->y, CUDA_R_16BF,
+                n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
         }
-    CK(cudaEventRecord(g1, m->s));
-    CK(cudaEventSynchronize(g1));
-    return elapsed_ms(g0, g1);
+    BENCH_CUDA_CHECK(cudaEventRecord(g1, m->s));
+    BENCH_CUDA_CHECK(cudaEventSynchronize(g1));
+    return bench_event_ms(g0, g1);
 }
 
 /* A host thread that keeps one recall variant running on a stream, a
@@ -1273,18 +1129,18 @@ static void feeder_init(feeder *f, feed_kind kind, rctx *x, int blocks,
     f->chunk_bytes = kind == FEED_RECALL
                          ? (double)x->units * (double)x->unit_bytes
                          : (double)f->chunk_units * (double)x->unit_bytes;
-    CK(cudaEventCreate(&f->begin));
-    f->ev = xmalloc((size_t)nev * sizeof *f->ev);
+    BENCH_CUDA_CHECK(cudaEventCreate(&f->begin));
+    f->ev = bench_xmalloc((size_t)nev * sizeof *f->ev);
     for (int i = 0; i < nev; i++)
-        CK(cudaEventCreate(&f->ev[i]));
+        BENCH_CUDA_CHECK(cudaEventCreate(&f->ev[i]));
 }
 
 static void feeder_free(feeder *f)
 {
-    CK(cudaDeviceSynchronize());
-    CK(cudaEventDestroy(f->begin));
+    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    BENCH_CUDA_CHECK(cudaEventDestroy(f->begin));
     for (int i = 0; i < f->nev; i++)
-        CK(cudaEventDestroy(f->ev[i]));
+        BENCH_CUDA_CHECK(cudaEventDestroy(f->ev[i]));
     free(f->ev);
 }
 
@@ -1296,12 +1152,12 @@ static void feeder_start(feeder *f, pthread_t *t, int limit)
     f->limit = limit < f->nev ? limit : f->nev;
     int rc = pthread_create(t, NULL, feeder_main, f);
     if (rc != 0)
-        die("pthread_create failed (%d)", rc);
+        bench_die("pthread_create failed (%d)", rc);
     while (atomic_load(&f->state) == 0)
         sleep_us(20);
     if (atomic_load(&f->state) == 2) {
         pthread_join(*t, NULL);
-        die("%s", f->err);
+        bench_die("%s", f->err);
     }
 }
 
@@ -1310,8 +1166,8 @@ static void feeder_join(feeder *f, pthread_t t)
     atomic_store(&f->stop, 1);
     pthread_join(t, NULL);
     if (atomic_load(&f->state) == 2)
-        die("%s", f->err);
-    CK(cudaStreamSynchronize(f->s));
+        bench_die("%s", f->err);
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(f->s));
 }
 
 /* Bandwidth of the chunks that completed in [t0, t1] ms after f->begin
@@ -1321,7 +1177,7 @@ static double feeder_gbps(const feeder *f, double t0, double t1)
     int first = -1, last = -1;
     double tf = 0.0, tl = 0.0;
     for (int i = 0; i < f->issued; i++) {
-        const double t = elapsed_ms(f->begin, f->ev[i]);
+        const double t = bench_event_ms(f->begin, f->ev[i]);
         if (t < t0 || t > t1)
             continue;
         if (first < 0) {
@@ -1351,10 +1207,12 @@ static void bench_gemm(const config *c, const pool *p, int device,
                        int sm_count, bool batch_ok)
 {
     int least = 0, greatest = 0;
-    CK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    BENCH_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
     cudaStream_t gs, rs;
-    CK(cudaStreamCreateWithPriority(&gs, cudaStreamNonBlocking, greatest));
-    CK(cudaStreamCreateWithPriority(&rs, cudaStreamNonBlocking, least));
+    BENCH_CUDA_CHECK(
+        cudaStreamCreateWithPriority(&gs, cudaStreamNonBlocking, greatest));
+    BENCH_CUDA_CHECK(
+        cudaStreamCreateWithPriority(&rs, cudaStreamNonBlocking, least));
     int max_batch = 1;
     for (int i = 0; i < c->ngemm_batches; i++)
         if (c->gemm_batches[i] > max_batch)
@@ -1367,11 +1225,11 @@ static void bench_gemm(const config *c, const pool *p, int device,
            c->gemm_layers, (double)m.layer_bytes * c->gemm_layers / 1e9,
            greatest, least);
     cudaEvent_t g0, g1;
-    CK(cudaEventCreate(&g0));
-    CK(cudaEventCreate(&g1));
+    BENCH_CUDA_CHECK(cudaEventCreate(&g0));
+    BENCH_CUDA_CHECK(cudaEventCreate(&g1));
     const int reps = c->gemm_reps;
-    double *ms = xmalloc((size_t)reps * sizeof *ms);
-    double *bw = xmalloc((size_t)reps * sizeof *bw);
+    double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
+    double *bw = bench_xmalloc((size_t)reps * sizeof *bw);
 
     for (int bi = 0; bi < c->ngemm_batches; bi++) {
         const int batch = c->gemm_batches[bi];
@@ -1379,7 +1237,7 @@ static void bench_gemm(const config *c, const pool *p, int device,
             (void)model_step(&m, batch, NULL, g0, g1);
         for (int r = 0; r < reps; r++)
             ms[r] = model_step(&m, batch, NULL, g0, g1);
-        const double alone = median(ms, reps);
+        const double alone = bench_median(ms, (size_t)reps);
         row *rw = add_row("gemm", "GEMMs alone", batch, -1, -1);
         rw->gemm_ms = alone;
         rw->alone_ms = alone;
@@ -1418,11 +1276,11 @@ static void bench_gemm(const config *c, const pool *p, int device,
                 feeder_start(&f, &t, f.nev);
                 ms[r] = model_step(&m, batch, f.ev[0], g0, g1);
                 feeder_join(&f, t);
-                const double t0 = elapsed_ms(f.begin, g0);
-                const double t1 = elapsed_ms(f.begin, g1);
+                const double t0 = bench_event_ms(f.begin, g0);
+                const double t1 = bench_event_ms(f.begin, g1);
                 bw[r] = feeder_gbps(&f, t0, t1);
                 if (f.issued == f.nev &&
-                    elapsed_ms(f.begin, f.ev[f.nev - 1]) < t1)
+                    bench_event_ms(f.begin, f.ev[f.nev - 1]) < t1)
                     printf("    (the feeder ran out of events before the "
                            "GEMMs ended: bandwidth covers part of the "
                            "window)\n");
@@ -1432,7 +1290,7 @@ static void bench_gemm(const config *c, const pool *p, int device,
                      name);
             feeder_verify(&f, p, what);
             feeder_free(&f);
-            const double with = median(ms, reps);
+            const double with = bench_median(ms, (size_t)reps);
             int nbw = 0;
             for (int r = 0; r < reps; r++)
                 if (!isnan(bw[r]))
@@ -1443,7 +1301,7 @@ static void bench_gemm(const config *c, const pool *p, int device,
             rw->gemm_ms = with;
             rw->alone_ms = alone;
             rw->slow_pct = 100.0 * (with / alone - 1.0);
-            rw->rec_gbps = nbw ? median(bw, nbw) : NAN;
+            rw->rec_gbps = nbw ? bench_median(bw, (size_t)nbw) : NAN;
             rw->rec_alone_gbps = alone_bw;
             printf("(d) batch %d, %s beside: GEMMs %.3f ms (%+.1f%%), recall "
                    "%.2f GB/s meanwhile (%.2f GB/s alone), verified\n",
@@ -1453,11 +1311,11 @@ static void bench_gemm(const config *c, const pool *p, int device,
     }
     free(ms);
     free(bw);
-    CK(cudaEventDestroy(g0));
-    CK(cudaEventDestroy(g1));
+    BENCH_CUDA_CHECK(cudaEventDestroy(g0));
+    BENCH_CUDA_CHECK(cudaEventDestroy(g1));
     model_destroy(&m);
-    CK(cudaStreamDestroy(gs));
-    CK(cudaStreamDestroy(rs));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(gs));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(rs));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1470,14 +1328,6 @@ static void fmt_int(char *buf, size_t n, int v)
         snprintf(buf, n, "-");
     else
         snprintf(buf, n, "%d", v);
-}
-
-static void fmt_num(char *buf, size_t n, double v, int prec)
-{
-    if (isnan(v))
-        snprintf(buf, n, "-");
-    else
-        snprintf(buf, n, "%.*f", prec, v);
 }
 
 static void print_table(const char *device_name, double big_gbps)
@@ -1495,10 +1345,10 @@ static void print_table(const char *device_name, double big_gbps)
         fmt_int(b, sizeof b, r->batch);
         fmt_int(k, sizeof k, r->pages);
         fmt_int(g, sizeof g, r->blocks);
-        fmt_num(mib, sizeof mib, r->mib, 1);
-        fmt_num(us, sizeof us, r->us, 1);
-        fmt_num(gb, sizeof gb, r->gbps, 2);
-        fmt_num(pct, sizeof pct, r->pct, 1);
+        bench_fmt(mib, sizeof mib, "%.1f", r->mib);
+        bench_fmt(us, sizeof us, "%.1f", r->us);
+        bench_fmt(gb, sizeof gb, "%.2f", r->gbps);
+        bench_fmt(pct, sizeof pct, "%.1f", r->pct);
         printf("%-30s %5s %6s %6s %8s %10s %8s %7s\n", r->variant, b, k, g,
                mib, us, gb, pct);
     }
@@ -1517,11 +1367,11 @@ static void print_table(const char *device_name, double big_gbps)
             continue;
         char b[16], gm[24], am[24], sl[24], rb[24], ab[24];
         fmt_int(b, sizeof b, r->batch);
-        fmt_num(gm, sizeof gm, r->gemm_ms, 3);
-        fmt_num(am, sizeof am, r->alone_ms, 3);
-        fmt_num(sl, sizeof sl, r->slow_pct, 1);
-        fmt_num(rb, sizeof rb, r->rec_gbps, 2);
-        fmt_num(ab, sizeof ab, r->rec_alone_gbps, 2);
+        bench_fmt(gm, sizeof gm, "%.3f", r->gemm_ms);
+        bench_fmt(am, sizeof am, "%.3f", r->alone_ms);
+        bench_fmt(sl, sizeof sl, "%.1f", r->slow_pct);
+        bench_fmt(rb, sizeof rb, "%.2f", r->rec_gbps);
+        bench_fmt(ab, sizeof ab, "%.2f", r->rec_alone_gbps);
         printf("%-30s %5s %9s %9s %9s %13s %11s\n", r->variant, b, gm, am, sl,
                rb, ab);
     }
@@ -1544,7 +1394,7 @@ static void write_csv(const char *path)
 {
     FILE *f = fopen(path, "w");
     if (!f)
-        die("cannot open %s for writing", path);
+        bench_die("cannot open %s for writing", path);
     fprintf(f, "section,variant,batch,pages_per_head,gather_blocks,mib,"
                "time_us,gbps,pct_of_big_copy,gemm_ms,gemm_alone_ms,"
                "slowdown_pct,recall_gbps_meanwhile,recall_gbps_alone\n");
@@ -1566,60 +1416,28 @@ static void write_csv(const char *path)
         fputc('\n', f);
     }
     if (fclose(f) != 0)
-        die("writing %s failed", path);
+        bench_die("writing %s failed", path);
     printf("wrote %s (%d rows)\n", path, g_nrows);
 }
 
 /* ------------------------------------------------------------------------ */
-
-static const char *device_unusable(int device)
-{
-    static char why[200];
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
-        return why;
-    }
-    if (count == 0)
-        return "no device";
-    if (device >= count) {
-        snprintf(why, sizeof why, "device %d does not exist (%d devices)",
-                 device, count);
-        return why;
-    }
-    int major = 0;
-    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                               device);
-    if (e != cudaSuccess || major < 8) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "device %d: compute capability %d.x < 8.0",
-                 device, major);
-        return why;
-    }
-    return NULL;
-}
 
 int main(int argc, char **argv)
 {
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
-    const char *why = device_unusable(c.device);
+    const char *why = bench_cuda_unusable(c.device);
     if (why) {
         printf("recall: skipped (no CUDA device: %s)\n", why);
         return c.smoke ? 0 : 1;
     }
-    const double t_start = wall_s();
-    CK(cudaSetDevice(c.device));
-    struct cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, c.device));
-    int sm_count = 0;
-    CK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount,
-                              c.device));
+    const double t_start = bench_now_s();
+    bench_device dev;
+    bench_device_open(c.device, &dev);
+    const int sm_count = dev.sms;
     const uint64_t unit = 2ull * c.page * c.head_dim * 2;
-    printf("recall: %s, %d SMs, libfreekv %s%s\n", prop.name, sm_count,
+    printf("recall: %s, %d SMs, libfreekv %s%s\n", dev.name, sm_count,
            fkv_version_string(), c.smoke ? " (smoke)" : "");
     printf("method: direct, through kernels/kernels.h: each sequence's "
            "device region laid out as lib/backend_cuda.c does for a FREEKV "
@@ -1630,7 +1448,7 @@ int main(int argc, char **argv)
            c.pool_pages);
 
     cudaStream_t s;
-    CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
 
     int max_batch = 1;
     for (int i = 0; i < c.nbatches; i++)
@@ -1660,13 +1478,13 @@ int main(int argc, char **argv)
     if (c.gemm)
         bench_gemm(&c, &p, c.device, sm_count, batch_ok);
 
-    print_table(prop.name, big);
+    print_table(dev.name, big);
     if (c.csv)
         write_csv(c.csv);
-    CK(cudaStreamDestroy(s));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(s));
     pool_destroy(&p);
     free(g_rows);
-    printf("recall: all copies verified; %.1f s\n", wall_s() - t_start);
+    printf("recall: all copies verified; %.1f s\n", bench_now_s() - t_start);
     return 0;
 }
 

@@ -62,6 +62,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bench.h" /* random numbers and element types */
 #include "freekv.h"
 
 #define WL_FN static inline
@@ -85,38 +86,35 @@ WL_FN const char *wl_kind_name(int kind)
 }
 
 /* ---------------------------------------------------------------------- */
-/* Random numbers (splitmix64, Marsaglia polar normals).                   */
+/* Random numbers (bench.h's splitmix64, Marsaglia polar normals).         */
 /* ---------------------------------------------------------------------- */
 
 typedef struct wl_rng {
-    uint64_t state;
+    bench_rng core;
     int has_spare;
     double spare;
 } wl_rng;
 
 WL_FN void wl_rng_seed(wl_rng *r, uint64_t seed)
 {
-    r->state = seed * 0x9e3779b97f4a7c15ULL + 0x2545f4914f6cdd1dULL;
+    r->core.state = seed * 0x9e3779b97f4a7c15ULL + 0x2545f4914f6cdd1dULL;
     r->has_spare = 0;
     r->spare = 0.0;
 }
 
 WL_FN uint64_t wl_rng_u64(wl_rng *r)
 {
-    uint64_t z = (r->state += 0x9e3779b97f4a7c15ULL);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
+    return bench_rng_next(&r->core);
 }
 
 WL_FN double wl_uniform(wl_rng *r)
 {
-    return (double)(wl_rng_u64(r) >> 11) * (1.0 / 9007199254740992.0);
+    return bench_rng_uniform(&r->core);
 }
 
 WL_FN double wl_uniform_in(wl_rng *r, double lo, double hi)
 {
-    return lo + (hi - lo) * wl_uniform(r);
+    return bench_rng_uniform_in(&r->core, lo, hi);
 }
 
 WL_FN double wl_normal(wl_rng *r)
@@ -143,113 +141,30 @@ WL_FN int wl_below(wl_rng *r, int n)
 }
 
 /* ---------------------------------------------------------------------- */
-/* Element types: rounding to nearest even, like the library's loads.      */
+/* Element types (bench.h's conversions: rounding to nearest even, like    */
+/* the library's loads).                                                   */
 /* ---------------------------------------------------------------------- */
 
-WL_FN size_t wl_dtype_bytes(fkv_dtype dt)
-{
-    return dt == FKV_DTYPE_F32 ? 4 : 2;
-}
-
-WL_FN const char *wl_dtype_name(fkv_dtype dt)
-{
-    return dt == FKV_DTYPE_F32 ? "f32" : dt == FKV_DTYPE_F16 ? "f16" : "bf16";
-}
-
-WL_FN uint16_t wl_f32_to_bf16(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-WL_FN float wl_bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-WL_FN uint16_t wl_f32_to_f16(float f)
-{
-    uint32_t x, sign, absx, mant, rest, h;
-    int32_t e;
-    memcpy(&x, &f, 4);
-    sign = (x >> 16) & 0x8000u;
-    absx = x & 0x7fffffffu;
-    if (absx >= 0x7f800000u)
-        return (uint16_t)(sign | 0x7c00u | (absx > 0x7f800000u ? 0x200u : 0u));
-    if (absx >= 0x477ff000u) /* rounds to infinity */
-        return (uint16_t)(sign | 0x7c00u);
-    if (absx < 0x38800000u) { /* below 2^-14: subnormal half */
-        float a;
-        double r, fl;
-        memcpy(&a, &absx, 4);
-        r = (double)a * 16777216.0; /* units of 2^-24 */
-        fl = floor(r);
-        if (r - fl > 0.5 || (r - fl == 0.5 && fmod(fl, 2.0) != 0.0))
-            fl += 1.0;
-        return (uint16_t)(sign | (uint32_t)fl);
-    }
-    mant = absx & 0x7fffffu;
-    e = (int32_t)(absx >> 23) - 127 + 15;
-    h = ((uint32_t)e << 10) | (mant >> 13);
-    rest = mant & 0x1fffu;
-    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u)))
-        h++;
-    return (uint16_t)(sign | h);
-}
-
-WL_FN float wl_f16_to_f32(uint16_t h)
-{
-    int e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    float v;
-    if (e == 0)
-        v = ldexpf((float)m, -24);
-    else if (e == 31)
-        v = m ? NAN : INFINITY;
-    else
-        v = ldexpf((float)(m | 0x400), e - 25);
-    return (h & 0x8000) ? -v : v;
-}
-
+/* x rounded to the dtype, as float. */
 WL_FN float wl_round(fkv_dtype dt, double x)
 {
-    float f = (float)x;
-    if (dt == FKV_DTYPE_BF16)
-        return wl_bf16_to_f32(wl_f32_to_bf16(f));
-    if (dt == FKV_DTYPE_F16)
-        return wl_f16_to_f32(wl_f32_to_f16(f));
-    return f;
+    unsigned char e[4];
+    bench_store_elem(dt, e, 0, (float)x);
+    return bench_load_elem(dt, e, 0);
 }
 
 WL_FN void wl_encode(fkv_dtype dt, const float *src, void *dst, size_t n)
 {
     size_t i;
-    if (dt == FKV_DTYPE_F32) {
-        memcpy(dst, src, n * sizeof(float));
-        return;
-    }
     for (i = 0; i < n; ++i)
-        ((uint16_t *)dst)[i] = dt == FKV_DTYPE_BF16 ? wl_f32_to_bf16(src[i])
-                                                    : wl_f32_to_f16(src[i]);
+        bench_store_elem(dt, dst, i, src[i]);
 }
 
 WL_FN void wl_decode(fkv_dtype dt, const void *src, float *dst, size_t n)
 {
     size_t i;
-    if (dt == FKV_DTYPE_F32) {
-        memcpy(dst, src, n * sizeof(float));
-        return;
-    }
-    for (i = 0; i < n; ++i) {
-        uint16_t h = ((const uint16_t *)src)[i];
-        dst[i] = dt == FKV_DTYPE_BF16 ? wl_bf16_to_f32(h) : wl_f16_to_f32(h);
-    }
+    for (i = 0; i < n; ++i)
+        dst[i] = bench_load_elem(dt, src, i);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -1068,7 +983,7 @@ WL_FN int wl_session_open(wl_session *s, wl_gen *g, const wl_variant *var,
                           int warmup)
 {
     const wl_shape *sh = &g->sh;
-    const size_t es = wl_dtype_bytes(sh->dtype);
+    const size_t es = bench_dtype_size(sh->dtype);
     const size_t row = (size_t)sh->KVH * sh->D;
     int v, l;
     memset(s, 0, sizeof *s);
@@ -1291,7 +1206,7 @@ WL_FN int wl_session_step(wl_session *s)
     wl_gen *g = s->g;
     const wl_shape *sh = &g->sh;
     const int D = sh->D, QH = sh->QH, KVH = sh->KVH, G = g->G;
-    const size_t es = wl_dtype_bytes(sh->dtype);
+    const size_t es = bench_dtype_size(sh->dtype);
     const size_t row = (size_t)KVH * D;
     const int step = s->step;
     const int measure = step >= s->warmup;

@@ -123,85 +123,6 @@ const char *fkvi_cuda_unavailable(int device)
     return NULL;
 }
 
-/* ---- layout ------------------------------------------------------------ */
-
-static uint64_t align_up(uint64_t x, uint64_t a)
-{
-    return (x + a - 1) / a * a;
-}
-
-/* Places an array of n elements of `size` bytes at *off. */
-static uint64_t place(uint64_t *off, uint64_t n, uint64_t size)
-{
-    uint64_t at = align_up(*off, size >= 16 ? 16 : size);
-    *off = at + n * size;
-    return at;
-}
-
-static void layout(const fkv_cache *c, fkv_dev_geometry *d)
-{
-    const fkvi_geometry *g = &c->geo;
-    const fkv_policy policy = c->opts.policy;
-    memset(d, 0, sizeof *d);
-    d->layers = g->layers;
-    d->q_heads = g->q_heads;
-    d->kv_heads = g->kv_heads;
-    d->group = g->group;
-    d->head_dim = g->head_dim;
-    d->page = g->page;
-    d->sink_pages = g->sink_pages;
-    d->window_pages = g->window_pages;
-    d->select_pages = g->select_pages;
-    d->ring_pages = g->ring_pages;
-    d->max_pages = g->max_pages;
-    d->dtype = c->opts.dtype;
-    d->policy = policy;
-    d->group_score = c->opts.group_score;
-    d->store = policy == FKV_POLICY_RESIDENT || policy == FKV_POLICY_DENSE;
-    d->max_tokens = (int32_t)g->max_tokens;
-    d->scale = g->scale;
-    d->threshold = c->opts.correction_threshold;
-    d->unit_bytes = g->unit_bytes;
-
-    const uint64_t H = (uint64_t)g->kv_heads, K = (uint64_t)g->select_pages;
-    const uint64_t QD = (uint64_t)g->q_heads * g->head_dim;
-    uint64_t off = 0;
-    /* The arrays that start at -1 come first, in one range. */
-    d->neg_begin = off;
-    d->off_slot_page = place(&off, H * K, 4);
-    d->off_active_count = place(&off, H, 4);
-    d->off_fix_count = place(&off, H, 4);
-    d->neg_bytes = off - d->neg_begin;
-    d->off_active_pages = place(&off, H * K, 4);
-    d->off_active_slot = place(&off, H * K, 4);
-    d->off_pending_pages = place(&off, H * K, 4);
-    d->off_pending_count = place(&off, H, 4);
-    d->off_pending_valid = place(&off, H, 4);
-    d->off_fix_pages = place(&off, H * K, 4);
-    d->off_used_pages = place(&off, H * K, 4);
-    d->off_used_count = place(&off, H, 4);
-    d->off_snap_len = place(&off, 1, 4);
-    d->off_active_q = place(&off, QD, 4);
-    d->off_pending_q = place(&off, QD, 4);
-    off = align_up(off, 256);
-    d->meta_bytes = off;
-
-    const uint64_t unit = g->unit_bytes;
-    if (d->store) {
-        d->off_store = place(&off, H * (uint64_t)g->max_pages, unit);
-    } else {
-        d->off_sink = place(&off, H * (uint64_t)g->sink_pages, unit);
-        d->off_ring = place(&off, H * (uint64_t)g->ring_pages, unit);
-        d->off_slots = place(&off, H * K, unit);
-    }
-    if (policy != FKV_POLICY_DENSE) {
-        uint64_t n = H * (uint64_t)g->max_pages * g->head_dim;
-        d->off_smax = place(&off, n, g->elem_bytes);
-        d->off_smin = place(&off, n, g->elem_bytes);
-    }
-    d->layer_bytes = align_up(off, 256);
-}
-
 /* ---- creation ---------------------------------------------------------- */
 
 static void *pinned_alloc(size_t bytes, void *ctx)
@@ -289,11 +210,11 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
     const uint64_t S = (uint64_t)c->opts.max_sequences, H = g->kv_heads;
     const uint64_t pages = (uint64_t)g->max_pages, K = g->select_pages;
     uint64_t off = 0;
-    uint64_t scores = place(&off, S * H * g->group * pages, 4);
-    uint64_t agg = place(&off, S * H * pages, 4);
-    uint64_t src = place(&off, S * H * K, 8);
-    uint64_t dst = place(&off, S * H * K, 8);
-    uint64_t count = place(&off, S * H, 4);
+    uint64_t scores = fkvi_cuda_place(&off, S * H * g->group * pages, 4);
+    uint64_t agg = fkvi_cuda_place(&off, S * H * pages, 4);
+    uint64_t src = fkvi_cuda_place(&off, S * H * K, 8);
+    uint64_t dst = fkvi_cuda_place(&off, S * H * K, 8);
+    uint64_t count = fkvi_cuda_place(&off, S * H, 4);
     if (base) {
         st->scores = (float *)(base + scores);
         st->agg = (float *)(base + agg);
@@ -331,7 +252,7 @@ static fkv_status cuda_create(fkv_cache *c)
             goto out;                                                        \
     } while (0)
 
-    layout(c, &cb->geo);
+    fkvi_cuda_layout(&c->opts, &c->geo, &cb->geo);
     c->pool_unused = cb->geo.store != 0;
     c->pool.allocator = (fkv_pool_allocator){pinned_alloc, pinned_release, c};
     TRY(cudaDeviceGetAttribute(&cb->sm_count, cudaDevAttrMultiProcessorCount,
@@ -385,10 +306,10 @@ static fkv_status cuda_create(fkv_cache *c)
 
     {
         uint64_t off = 0;
-        uint64_t len = place(&off, S * g->layers, 4);
-        uint64_t counters = place(&off, FKV_DEV_COUNTERS, 8);
-        uint64_t error = place(&off, 1, 4);
-        uint64_t done = place(&off, (uint64_t)g->layers, 4);
+        uint64_t len = fkvi_cuda_place(&off, S * g->layers, 4);
+        uint64_t counters = fkvi_cuda_place(&off, FKV_DEV_COUNTERS, 8);
+        uint64_t error = fkvi_cuda_place(&off, 1, 4);
+        uint64_t done = fkvi_cuda_place(&off, (uint64_t)g->layers, 4);
         TRY_ST(dev_alloc(c, &cb->small, off, "lengths and counters"));
         TRY(cudaMemset(cb->small, 0, off), "cudaMemset");
         unsigned char *b = cb->small;
@@ -407,8 +328,8 @@ static fkv_status cuda_create(fkv_cache *c)
     {
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
-        uint64_t ml = place(&off, n * 2, 4);
-        uint64_t acc = place(&off, n * g->head_dim, 4);
+        uint64_t ml = fkvi_cuda_place(&off, n * 2, 4);
+        uint64_t acc = fkvi_cuda_place(&off, n * g->head_dim, 4);
         TRY_ST(dev_alloc(c, &cb->partials, off, "attention partials"));
         m->part_ml = (float *)((unsigned char *)cb->partials + ml);
         m->part_acc = (float *)((unsigned char *)cb->partials + acc);

@@ -10,6 +10,10 @@
 #include "freekv.h"
 #include "pool.h"
 
+#ifdef FKV_WITH_CUDA
+#include "kernels.h"
+#endif
+
 #define FKV_ERROR_LEN 512
 
 #if defined(__GNUC__)
@@ -190,6 +194,17 @@ extern const fkvi_backend_ops fkvi_cpu_backend;
 extern const fkvi_backend_ops fkvi_cuda_backend;
 /* Why the CUDA backend cannot be used here (NULL when it can). */
 const char *fkvi_cuda_unavailable(int device);
+
+/* cuda_layout.c: the device geometry and the layout of one (sequence,
+ * layer) region for resolved options o and their geometry g (also used by
+ * bench/recall). */
+void fkvi_cuda_layout(const fkv_options *o, const fkvi_geometry *g,
+                      fkv_dev_geometry *d);
+/* x rounded up to a multiple of a. */
+uint64_t fkvi_cuda_align_up(uint64_t x, uint64_t a);
+/* Places an array of n elements of `size` bytes at *off (aligned to the
+ * element size, at most 16) and moves *off past it; returns its offset. */
+uint64_t fkvi_cuda_place(uint64_t *off, uint64_t n, uint64_t size);
 #endif
 
 #endif /* FKV_INTERNAL_H */
