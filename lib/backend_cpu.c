@@ -427,43 +427,47 @@ static void attend_segments(fkv_cache *c, const cpu_segment *segs,
 }
 
 /* Builds the token segments KV head h attends to, in token order. */
+static void add_segment(cpu_segment *segs, int32_t *n,
+                        const unsigned char *unit, int32_t rows)
+{
+    segs[*n].unit = unit;
+    segs[*n].rows = rows;
+    (*n)++;
+}
+
+/* Builds the token segments KV head h attends to, in token order: the
+ * sink, the selected pages, the window and the partial page (every page
+ * under DENSE). */
 static int32_t gather_segments(fkv_cache *c, int32_t slot, int32_t layer,
                                cpu_layer *L, const fkvi_pages *r, int32_t h,
                                const int32_t *selected, int32_t nsel)
 {
     const fkvi_geometry *g = &c->geo;
     cpu_segment *segs = backend_of(c)->segments;
-    const bool dense = c->opts.policy == FKV_POLICY_DENSE;
     const bool slots = uses_slots(c);
     int32_t n = 0;
-    int32_t last = r->sealed + (r->partial ? 1 : 0);
 #define PAGE_UNIT(p) (slots ? resident_unit(c, L, (p), h) \
                             : pool_unit(c, slot, layer, (p), h))
-    for (int32_t p = 0; p < last; p++) {
-        bool in_cand = p >= r->cand_first && p < r->cand_first + r->cand_count;
-        if (in_cand && !dense)
-            continue; /* candidates come from the selection below */
-        segs[n].unit = PAGE_UNIT(p);
-        segs[n].rows = p < r->sealed ? g->page : r->partial;
-        n++;
+    if (c->opts.policy == FKV_POLICY_DENSE) {
+        for (int32_t p = 0; p < r->sealed; p++)
+            add_segment(segs, &n, PAGE_UNIT(p), g->page);
+    } else {
+        for (int32_t p = 0; p < r->sink_end; p++)
+            add_segment(segs, &n, PAGE_UNIT(p), g->page);
+        for (int32_t j = 0; j < nsel; j++)
+            add_segment(segs, &n,
+                        slots ? unit_at(g, L->slots, h, g->select_pages,
+                                        L->active_slot[(size_t)h *
+                                                       g->select_pages + j])
+                              : pool_unit(c, slot, layer, selected[j], h),
+                        g->page);
+        for (int32_t p = r->window_first; p < r->sealed; p++)
+            add_segment(segs, &n, PAGE_UNIT(p), g->page);
     }
+    if (r->partial)
+        add_segment(segs, &n, PAGE_UNIT(r->sealed), r->partial);
 #undef PAGE_UNIT
-    if (dense)
-        return n;
-    /* Insert the selected pages between the sink and the window. */
-    int32_t tail = n - r->sink_end;
-    memmove(segs + r->sink_end + nsel, segs + r->sink_end,
-            (size_t)tail * sizeof *segs);
-    const int32_t *active_slot = L->active_slot
-        ? L->active_slot + (size_t)h * g->select_pages : NULL;
-    for (int32_t j = 0; j < nsel; j++) {
-        cpu_segment *s = &segs[r->sink_end + j];
-        s->unit = slots ? unit_at(g, L->slots, h, g->select_pages,
-                                  active_slot[j])
-                        : pool_unit(c, slot, layer, selected[j], h);
-        s->rows = g->page;
-    }
-    return n + nsel;
+    return n;
 }
 
 static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,

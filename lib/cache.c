@@ -74,7 +74,11 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
         fkv_destroy(c);
         return fkvi_fail(NULL, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     }
-    c->host_bytes_other = sizeof *c + (size_t)n * (sizeof *c->seqs + 21);
+    c->host_bytes_other =
+        sizeof *c + (size_t)n * (sizeof *c->seqs + sizeof *c->batch_slot +
+                                 sizeof *c->batch_tokens +
+                                 sizeof *c->batch_offset +
+                                 sizeof *c->batch_mapped + 1);
 
 #ifdef FKV_WITH_CUDA
     c->ops = o.backend == FKV_BACKEND_CUDA ? &fkvi_cuda_backend

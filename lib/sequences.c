@@ -159,7 +159,7 @@ fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
     fkv_status st = FKV_OK;
     int64_t offset = 0;
     int32_t marked = 0; /* entries whose slot is marked in batch_seen */
-    for (int32_t i = 0; i < batch->num_seqs && st == FKV_OK; i++) {
+    for (int32_t i = 0; i < batch->num_seqs; i++) {
         fkv_seq_id id = batch->seq_ids[i];
         int32_t slot = slot_of(c, id);
         if (slot < 0) {
