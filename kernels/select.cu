@@ -1,7 +1,16 @@
 // Page selection (docs/design.md s.3-4): Quest scores of the candidate pages,
 // group aggregation and an exact top-K, for the four fkv_select_mode uses.
-// One block of 256 threads per (sequence, KV head); every decision of a
-// block is uniform across it, so the whole block returns together.
+// Two launches on the caller's stream, 256 threads a block:
+//  - score_kernel, grid (chunks, KV heads, sequences): each block writes the
+//    Quest scores of one chunk of a (sequence, KV head)'s candidate pages
+//    into st.scores, and nothing else. The scoring is most of the work, and
+//    one block per head would leave most SMs idle at small batches.
+//  - select_kernel, one block per (sequence, KV head): the correction
+//    decision, the group aggregate of those scores and the exact top-K, and
+//    every output and counter. Stream order makes the scores visible to it.
+// Both kernels take the same decisions (scores needed or not) from the same
+// inputs; every decision of a block is uniform across it, so the whole block
+// returns together.
 #include <stdint.h>
 
 #include <type_traits>
@@ -254,13 +263,14 @@ __device__ __forceinline__ void score_pages(const layer_view &L, int h, int firs
 
 // Selects the K pages of [first, first + cand) with the largest aggregated
 // score (ties to the lower page) into out[0..K) in ascending page order and
-// returns the count. Uniform across the block; all threads must call it.
-template <typename T, int D>
-__device__ int select_pages(const fkv_dev_geometry &g, const fkv_dev_state &st,
-                            const layer_view &L, int slot, int h, int first,
-                            int cand, const float *q_s, uint32_t *head_max,
-                            float *head_sum, uint32_t *keys_s, int key_cap,
-                            block_shared &sh, int32_t *out) {
+// returns the count, from the scores score_kernel wrote. Uniform across the
+// block; all threads must call it.
+__device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
+                                            const fkv_dev_state &st, int slot,
+                                            int h, int first, int cand,
+                                            uint32_t *head_max, float *head_sum,
+                                            uint32_t *keys_s, int key_cap,
+                                            block_shared &sh, int32_t *out) {
     const int K = g.select_pages, G = g.group, tid = threadIdx.x;
     if (cand <= K) {  // everything fits: all candidates, in order
         for (int j = tid; j < cand; j += kThreads) out[j] = first + j;
@@ -279,14 +289,50 @@ __device__ int select_pages(const fkv_dev_geometry &g, const fkv_dev_state &st,
         return keys_s ? keys_s[p] : order_key(agg[first + p]);
     };
 
-    // 1. Scores (and, for the softmax, each head's maximum).
-    score_pages<T, D>(L, h, first, cand, G, q_s, scores, g.max_pages,
-                      softmax ? head_max : nullptr);
-    __syncthreads();
+    // 1. score_kernel wrote scores[g][first .. first + cand) (the previous
+    // launch on this stream). For the softmax, each head's maximum as an
+    // order key (max is order-independent: the same as when the scores were
+    // tracked as they were computed), four heads a pass, kItems pages per
+    // thread at a time. head_max starts at 0, below any key.
+    if (softmax) {
+        const int lane = tid & (kWarp - 1);
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            uint32_t m[4] = {0u, 0u, 0u, 0u};
+            for (int base = 0; base < cand; base += kRound) {
+                float s[kItems][4];
+#pragma unroll
+                for (int j = 0; j < kItems; j++) {
+                    const int p = base + j * kThreads + tid;
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        s[j][c] = p < cand && g0 + c < G
+                            ? scores[(size_t)(g0 + c) * g.max_pages + first + p] : 0.f;
+                }
+#pragma unroll
+                for (int j = 0; j < kItems; j++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        if (base + j * kThreads + tid < cand) {
+                            const uint32_t k = order_key(s[j][c]);
+                            m[c] = k > m[c] ? k : m[c];
+                        }
+            }
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+#pragma unroll
+                for (int o = kWarp / 2; o > 0; o >>= 1) {
+                    const uint32_t k = __shfl_xor_sync(kFull, m[c], o);
+                    m[c] = k > m[c] ? k : m[c];
+                }
+                if (lane == 0 && g0 + c < G) atomicMax(&head_max[g0 + c], m[c]);
+            }
+        }
+        __syncthreads();  // every head's maximum before step 2 reads it
+    }
 
     // 2. Softmax denominators, four heads a pass over the whole block. The
-    // scratch is re-read with plain loads (this kernel wrote it), kItems
-    // pages per thread at a time so that 4 * kItems loads are in flight.
+    // scores are read with plain loads, kItems pages per thread at a time so
+    // that 4 * kItems loads are in flight.
     if (softmax) {
         for (int g0 = 0; g0 < G; g0 += 4) {
             float m[4], part[4];
@@ -429,11 +475,140 @@ __device__ int select_pages(const fkv_dev_geometry &g, const fkv_dev_state &st,
     return K;
 }
 
-// ---- kernel ----------------------------------------------------------------
+// ---- correction decision ---------------------------------------------------
 
-// Structs by value (__grid_constant__: read in place in parameter space, no
-// per-thread copies, and addressable for layer_view), so that a captured
-// graph holds everything it needs.
+// FKV_SELECT_CORRECT: does head h need a new selection? Yes when it has none
+// (ac < 0), when the candidates fit in K but are not all active, or when the
+// mean cosine between the group's query q_s and active_q (both [G][D]) is
+// below the threshold. Uniform across the block; all threads must call it,
+// after q_s is complete. cos_s [G] and *need_s are shared scratch; ends with
+// a barrier after the last read of active_q.
+// score_kernel and select_kernel both call this with the same inputs and
+// must agree: __noinline__ makes it one body of machine code for both, so
+// not even floating-point contraction can differ between the two.
+template <int D>
+__device__ __noinline__ bool need_correction(int32_t ac, int cand, int K, int G,
+                                             float threshold, const float *q_s,
+                                             const float *active_q, float *cos_s,
+                                             int32_t *need_s) {
+    if (ac < 0 || (cand <= K && ac < cand)) return true;  // uniform: one ac
+    const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
+    // Cosine per head, a warp each; the mean in the CPU's order.
+    for (int gh = warp; gh < G; gh += kWarps) {
+        const float *x = q_s + gh * D, *y = active_q + gh * D;
+        float xy = 0.f, xx = 0.f, yy = 0.f;
+#pragma unroll
+        for (int d = lane; d < D; d += kWarp) {
+            xy += x[d] * y[d];
+            xx += x[d] * x[d];
+            yy += y[d] * y[d];
+        }
+        xy = warp_sum(xy);
+        xx = warp_sum(xx);
+        yy = warp_sum(yy);
+        // The ratio in double: xx * yy may underflow or overflow in float,
+        // and equal vectors must give exactly 1.
+        if (lane == 0)
+            cos_s[gh] = xx > 0.f && yy > 0.f
+                ? (float)((double)xy / sqrt((double)xx * (double)yy)) : 0.f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int gh = 0; gh < G; gh++) total += cos_s[gh];
+        *need_s = total / G < (double)threshold;
+    }
+    __syncthreads();
+    return *need_s != 0;
+}
+
+// ---- kernels ---------------------------------------------------------------
+
+// Length of sequence slot's layer for the mode and its candidate range,
+// clamped to the capacity (select_kernel flags a length past it).
+__device__ __forceinline__ int candidates(const fkv_dev_geometry &g,
+                                          const fkv_dev_state &st,
+                                          const layer_view &L, int slot,
+                                          int32_t layer, int32_t mode,
+                                          int &first, bool &clamped) {
+    const int32_t n = mode == FKV_SELECT_PENDING ? *L.at<int32_t>(g.off_snap_len)
+                                                 : seq_len(g, st, slot, layer);
+    const page_ranges r(g, n);
+    first = r.cand_first;
+    int cand = r.cand_count;
+    clamped = r.cand_first + cand > g.max_pages;
+    if (clamped) cand = g.max_pages > r.cand_first ? g.max_pages - r.cand_first : 0;
+    return cand;
+}
+
+// The group's query (heads h*G .. h*G+G-1 are contiguous) as float: the
+// mode's (pending_q for FKV_SELECT_PENDING, else q of batch row i).
+template <typename T, int D>
+__device__ __forceinline__ void load_query(const fkv_dev_geometry &g,
+                                           const layer_view &L, const T *q,
+                                           int32_t mode, int i, int h, float *q_s) {
+    const int G = g.group;
+    const size_t q_first = (size_t)h * G * D;
+    if (mode == FKV_SELECT_PENDING) {
+        const float *pq = L.at<float>(g.off_pending_q) + q_first;
+        for (int j = threadIdx.x; j < G * D; j += kThreads) q_s[j] = pq[j];
+    } else {
+        const T *qi = q + (size_t)i * g.q_heads * D + q_first;
+        for (int j = threadIdx.x; j < G * D; j += kThreads) q_s[j] = to_f<T>(qi[j]);
+    }
+}
+
+// Both kernels take the structs by value (__grid_constant__: read in place
+// in parameter space, no per-thread copies, and addressable for layer_view),
+// so that a captured graph holds everything it needs.
+
+// Scores candidate pages [cand_first + c * chunk, min(+ chunk, cand_first +
+// cand)) of (sequence b.slot[z], KV head y), c = blockIdx.x, into st.scores,
+// when select_kernel will need them (it does not score). Writes nothing
+// else: no counter, output or error bit (select_kernel owns those).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 2)
+score_kernel(const __grid_constant__ fkv_dev_geometry g,
+             const __grid_constant__ fkv_dev_state st,
+             const __grid_constant__ fkv_dev_batch b, int32_t layer,
+             const T *__restrict__ q, int32_t mode, int32_t chunk) {
+    // Dynamic: q_s [G][D] floats, cos_s [G] floats (FKV_SELECT_CORRECT).
+    extern __shared__ float4 dyn_smem[];
+    __shared__ int32_t need_s;
+    const int G = g.group, K = g.select_pages;
+    float *q_s = reinterpret_cast<float *>(dyn_smem);
+    float *cos_s = q_s + (size_t)G * D;
+
+    const int c = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
+    const int slot = b.slot[i];
+    const layer_view L(g, st, slot, layer);
+    int first;
+    bool clamped;
+    const int cand = candidates(g, st, L, slot, layer, mode, first, clamped);
+    // select_pages scores nothing in these cases.
+    if (cand <= K || K <= 0) return;
+    const int lo = c * chunk;  // < max_pages + chunk: no overflow
+    if (lo >= cand) return;    // past this sequence's candidates
+    const int count = cand - lo < chunk ? cand - lo : chunk;
+
+    load_query<T, D>(g, L, q, mode, i, h, q_s);
+    __syncthreads();
+    // The decision select_kernel takes next; active_q and active_count are
+    // only written by it (and by recall) after this kernel, in stream order.
+    if (mode == FKV_SELECT_CORRECT &&
+        !need_correction<D>(L.h_array(g.off_active_count)[h], cand, K, G,
+                            g.threshold, q_s,
+                            L.at<float>(g.off_active_q) + (size_t)h * G * D,
+                            cos_s, &need_s))
+        return;
+
+    const size_t row = (size_t)slot * g.kv_heads + h;
+    float *scores = st.scores + row * G * g.max_pages;  // [G][max_pages]
+    score_pages<T, D>(L, h, first + lo, count, G, q_s, scores, g.max_pages, nullptr);
+}
+
+// One block per (KV head, sequence): the correction decision, the selection
+// from the scores and every output and counter.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, 2)
 select_kernel(const __grid_constant__ fkv_dev_geometry g,
@@ -446,7 +621,6 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     extern __shared__ float4 dyn_smem[];
     __shared__ block_shared sh;
     const int G = g.group, tid = threadIdx.x;
-    const int lane = tid & (kWarp - 1), warp = tid / kWarp;
     float *q_s = reinterpret_cast<float *>(dyn_smem);
     uint32_t *head_max = reinterpret_cast<uint32_t *>(q_s + (size_t)G * D);
     float *head_sum = reinterpret_cast<float *>(head_max + G);
@@ -457,24 +631,15 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     const layer_view L(g, st, slot, layer);
 
     // 1. Length and candidate range.
-    const int32_t n = mode == FKV_SELECT_PENDING ? *L.at<int32_t>(g.off_snap_len)
-                                                 : seq_len(g, st, slot, layer);
-    const page_ranges r(g, n);
-    int cand = r.cand_count;
-    if (r.cand_first + cand > g.max_pages) {  // a length past the capacity
-        if (tid == 0) atomicOr(st.error, (unsigned)FKV_DEV_ERR_INTERNAL);
-        cand = g.max_pages > r.cand_first ? g.max_pages - r.cand_first : 0;
-    }
+    int first;
+    bool clamped;
+    const int cand = candidates(g, st, L, slot, layer, mode, first, clamped);
+    if (clamped && tid == 0)  // a length past the capacity
+        atomicOr(st.error, (unsigned)FKV_DEV_ERR_INTERNAL);
 
-    // 2. The group's query (heads h*G .. h*G+G-1 are contiguous) as float.
+    // 2. The group's query as float.
     const size_t q_first = (size_t)h * G * D;
-    if (mode == FKV_SELECT_PENDING) {
-        const float *pq = L.at<float>(g.off_pending_q) + q_first;
-        for (int j = tid; j < G * D; j += kThreads) q_s[j] = pq[j];
-    } else {
-        const T *qi = q + (size_t)i * g.q_heads * D + q_first;
-        for (int j = tid; j < G * D; j += kThreads) q_s[j] = to_f<T>(qi[j]);
-    }
+    load_query<T, D>(g, L, q, mode, i, h, q_s);
     for (int j = tid; j < G; j += kThreads) head_max[j] = 0u;  // below any key
     __syncthreads();
 
@@ -482,39 +647,10 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     if (mode == FKV_SELECT_CORRECT) {
         // 3. Correct this head now, or keep the speculative selection?
         if (tid == 0) atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
-        int32_t *active_count = L.h_array(g.off_active_count) + h;
-        const int32_t ac = *active_count;
         float *active_q = L.at<float>(g.off_active_q) + q_first;
-        bool need = ac < 0 || (cand <= g.select_pages && ac < cand);
-        if (!need) {  // uniform: every thread read the same ac
-            // Cosine per head, a warp each; the mean in the CPU's order.
-            for (int gh = warp; gh < G; gh += kWarps) {
-                const float *x = q_s + gh * D, *y = active_q + gh * D;
-                float xy = 0.f, xx = 0.f, yy = 0.f;
-#pragma unroll
-                for (int d = lane; d < D; d += kWarp) {
-                    xy += x[d] * y[d];
-                    xx += x[d] * x[d];
-                    yy += y[d] * y[d];
-                }
-                xy = warp_sum(xy);
-                xx = warp_sum(xx);
-                yy = warp_sum(yy);
-                // The ratio in double: xx * yy may underflow or overflow in
-                // float, and equal vectors must give exactly 1.
-                if (lane == 0)
-                    head_sum[gh] = xx > 0.f && yy > 0.f
-                        ? (float)((double)xy / sqrt((double)xx * (double)yy)) : 0.f;
-            }
-            __syncthreads();
-            if (tid == 0) {
-                double total = 0.0;
-                for (int gh = 0; gh < G; gh++) total += head_sum[gh];
-                sh.need = total / G < (double)g.threshold;
-            }
-            __syncthreads();
-            need = sh.need != 0;
-        }
+        const bool need = need_correction<D>(L.h_array(g.off_active_count)[h],
+                                             cand, g.select_pages, G, g.threshold,
+                                             q_s, active_q, head_sum, &sh.need);
         if (!need) {
             if (tid == 0) L.h_array(g.off_fix_count)[h] = -1;
             return;
@@ -536,9 +672,8 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 
     // 4. Select.
-    const int count = select_pages<T, D>(g, st, L, slot, h, r.cand_first, cand,
-                                         q_s, head_max, head_sum, keys_s, key_cap,
-                                         sh, out_pages);
+    const int count = select_pages(g, st, slot, h, first, cand, head_max,
+                                   head_sum, keys_s, key_cap, sh, out_pages);
     if (tid == 0) *out_count = count;
     if (mode == FKV_SELECT_PENDING) {
         __syncthreads();  // every page written before the flag
@@ -546,10 +681,53 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 }
 
+// Pages per score_kernel block. The grid may depend only on the geometry and
+// the batch size, never on lengths: launches are captured in CUDA graphs and
+// replayed at longer lengths, so the chunks cover max_pages and blocks past a
+// sequence's candidates exit at once. The chunk aims at about kScoreBlocks
+// blocks in all (4 per SM of a 132-SM H200: enough to cover the GPU and
+// balance chunks of unequal lengths, a block per chunk being a few us of
+// loads at most), but is at least kMinChunk pages so that each block's
+// fixed cost (the query, the correction check) stays small beside its
+// scoring. A multiple of the pages a score_pages step covers (kWarps * U:
+// 64, 32, 16 for D = 64, 128, 256), so that no warp idles inside a chunk.
+constexpr int kScoreBlocks = 4 * 132;
+constexpr int kMinChunk = 64;
+
+template <int D> int score_chunk(const fkv_dev_geometry &g, int n) {
+    constexpr int kStep = kWarps * (512 / D);
+    static_assert(kMinChunk % kStep == 0, "kMinChunk: whole steps");
+    const long long heads = (long long)g.kv_heads * n;          // >= 1
+    const long long want = (kScoreBlocks + heads - 1) / heads;  // chunks per head
+    long long chunk = (g.max_pages + want - 1) / want;
+    chunk = (chunk + kStep - 1) / kStep * kStep;
+    return chunk < kMinChunk ? kMinChunk : (int)chunk;
+}
+
 template <typename T, int D>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st,
                    const fkv_dev_batch &b, int32_t layer, const void *q,
                    fkv_select_mode mode, cudaStream_t stream) {
+    const T *qt = static_cast<const T *>(q);
+    // 1. Scores. None when every sequence's candidates fit in K (a sequence
+    // has at most max_pages) or K <= 0; then select_kernel scores nothing.
+    if (g.select_pages > 0 && g.max_pages > g.select_pages) {
+        const int32_t chunk = score_chunk<D>(g, b.n);
+        const unsigned chunks = (unsigned)((g.max_pages + chunk - 1) / chunk);
+        const size_t smem = ((size_t)g.group * D + g.group) * sizeof(float);
+        auto kernel = score_kernel<T, D>;
+        if (smem > 48 * 1024) {  // large groups need the opt-in limit
+            cudaError_t e = cudaFuncSetAttribute(
+                kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            if (e != cudaSuccess) return e;
+        }
+        kernel<<<dim3(chunks, (unsigned)g.kv_heads, (unsigned)b.n), kThreads, smem,
+                 stream>>>(g, st, b, layer, qt, (int32_t)mode, chunk);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+
+    // 2. Selection.
     const size_t base = ((size_t)g.group * D + 2 * (size_t)g.group) * sizeof(float);
     // Room for every page's key when that keeps the block within the default
     // 48 KiB (up to ~10K pages); longer sequences read the keys from agg.
@@ -563,7 +741,7 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st,
         if (e != cudaSuccess) return e;
     }
     kernel<<<dim3((unsigned)g.kv_heads, (unsigned)b.n), kThreads, smem, stream>>>(
-        g, st, b, layer, static_cast<const T *>(q), (int32_t)mode, key_cap);
+        g, st, b, layer, qt, (int32_t)mode, key_cap);
     return cudaGetLastError();
 }
 
