@@ -3,7 +3,7 @@
  *
  * Streams: attention and everything on the critical path run on the
  * engine's stream (fkv_set_stream); FREEKV's speculative selection and
- * recall run on the library's low-priority side stream, ordered by events:
+ * recall run on the library's high-priority side stream, ordered by events:
  *   fkv_select(l): snapshot q and the length on the engine's stream, then
  *                  the side stream waits for it and selects;
  *   fkv_recall(l): recall on the side stream, recording recall_done[l];
@@ -24,7 +24,7 @@ typedef struct cuda_backend {
     int device;
     int sm_count;
     cudaStream_t stream; /* the engine's; NULL: legacy default stream */
-    cudaStream_t side;   /* ours, lowest priority */
+    cudaStream_t side;   /* ours, highest priority */
     cudaEvent_t *select_ready; /* [layers] */
     cudaEvent_t *recall_done;  /* [layers] */
     cudaEvent_t stream_switch;
@@ -260,7 +260,13 @@ static fkv_status cuda_create(fkv_cache *c)
     int least = 0, greatest = 0;
     TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest),
         "cudaDeviceGetStreamPriorityRange");
-    TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, least),
+    /* The side stream's work is small in SMs but must keep up with the
+     * engine: at the lowest priority its kernels waited behind the engine's
+     * GEMMs and the next step stalled on them (docs/benchmarks.md, "side
+     * stream": the highest priority took FREEKV at 32K, batch 8 from 15.1 to
+     * 9.5 ms). */
+    (void)least;
+    TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, greatest),
         "cudaStreamCreateWithPriority");
     cb->select_ready = calloc((size_t)g->layers, sizeof(cudaEvent_t));
     cb->recall_done = calloc((size_t)g->layers, sizeof(cudaEvent_t));
@@ -343,8 +349,10 @@ static fkv_status cuda_create(fkv_cache *c)
     scratch_layout(c, &cb->st_side, cb->scratch[1]);
 
     /* Correction recalls are on the critical path: use the whole GPU.
-     * Speculative recalls overlap the engine's GEMMs: take few SMs (DESIGN
-     * section 3: 16-32 blocks fill PCIe). */
+     * Speculative recalls overlap the engine's GEMMs. Fewer blocks slow the
+     * GEMMs less while they run (bench/recall), but then the side stream
+     * falls behind and the next step waits for it: in the decode step 32
+     * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->sm_count;
     cb->gather_blocks_side = 32;
     st = FKV_OK;
