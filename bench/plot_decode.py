@@ -87,7 +87,8 @@ def main():
     first = ok[0]
     ax.set_title(f"libfreekv decode: {first.get('model', '?')}, "
                  f"{first.get('layers', '?')} layers, budget "
-                 f"{first.get('budget', '?')}; {first.get('backend', '?')} "
+                 f"{first.get('budget', '?')}, trace {first.get('trace', '?')}, "
+                 f"threshold {first.get('threshold', '?')}; {first.get('backend', '?')} "
                  f"({first.get('device', '?')})", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

@@ -79,11 +79,11 @@ typedef struct config {
 
 static const char k_usage[] =
     "usage: recall [--smoke] [--csv FILE] [--device N]\n"
-    "              [--batches 1,8] [--pages 32,64,128] [--blocks 8,16,32,64,0]\n"
+    "              [--batches 1,8] [--pages 32,64,128] [--blocks 2,4,8,16,32,0]\n"
     "              [--reps N] [--unit-reps N] [--big-mib N] [--pool-pages N]\n"
     "              [--kv-heads N] [--group N] [--head-dim N] [--page N]\n"
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
-    "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 16,32]\n"
+    "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
     "  --pages: K, missing pages per (sequence, KV head) per recall\n"
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
@@ -98,8 +98,8 @@ static int parse_args(int argc, char **argv, config *c)
             smoke = true;
     c->smoke = smoke;
     {
-        const int b[] = {1, 8}, p[] = {32, 64, 128}, g[] = {8, 16, 32, 64, 0};
-        const int gb[] = {1, 8}, cb[] = {16, 32};
+        const int b[] = {1, 8}, p[] = {32, 64, 128}, g[] = {2, 4, 8, 16, 32, 0};
+        const int gb[] = {1, 8}, cb[] = {2, 4, 8, 16, 32};
         const int sb[] = {1}, sp[] = {32}, sg[] = {16, 0}, scb[] = {16};
         if (smoke) {
             bench_set_list(c->batches, &c->nbatches, sb, 1);
@@ -110,9 +110,9 @@ static int parse_args(int argc, char **argv, config *c)
         } else {
             bench_set_list(c->batches, &c->nbatches, b, 2);
             bench_set_list(c->pages, &c->npages, p, 3);
-            bench_set_list(c->blocks, &c->nblocks, g, 5);
+            bench_set_list(c->blocks, &c->nblocks, g, 6);
             bench_set_list(c->gemm_batches, &c->ngemm_batches, gb, 2);
-            bench_set_list(c->conc_blocks, &c->nconc_blocks, cb, 2);
+            bench_set_list(c->conc_blocks, &c->nconc_blocks, cb, 5);
         }
     }
     c->reps = smoke ? 5 : 50;

@@ -1,0 +1,54 @@
+#!/bin/bash
+# Runs the benchmarks on a machine with a GPU, each under a time limit, with
+# full logs packed into $OUT/logs.tgz and a short table last.
+#   scripts/device-bench.sh STEP...   steps: check memcheck racecheck attend
+#                                     recall decode decode-paper plot accuracy
+# Binaries come from build/ (make check; make bench), built beforehand.
+set -u
+out=${OUT:-device-out}
+logs=$out/logs
+mkdir -p "$logs"
+summary=()
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader >"$logs/gpu.txt" 2>&1
+free -g >>"$logs/gpu.txt"
+
+step() { # name, limit, command...
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS
+    timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+    local rc=$?
+    summary+=("$name: rc=$rc in $((SECONDS - t0)) s $(grep -E '^[0-9]+%: Checks|GPU suite|ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$name.log" | tr '\n' ' ')")
+}
+
+for s in "$@"; do
+    case $s in
+    check) step check 150 build/tests/freekv_tests ;;
+    memcheck) FKV_TEST_GPU_ONLY=1 step memcheck 240 compute-sanitizer --tool memcheck \
+            --report-api-errors no --error-exitcode 9 build/tests/freekv_tests ;;
+    racecheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step racecheck 120 \
+            compute-sanitizer --tool racecheck --error-exitcode 9 build/tests/freekv_tests ;;
+    attend) step attend "${ATTEND_LIMIT:-150}" build/bench/attend --csv "$logs/attend.csv" ;;
+    recall) step recall "${RECALL_LIMIT:-150}" build/bench/recall --csv "$logs/recall.csv" ;;
+    decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
+        step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
+            --csv "$logs/$DECODE_NAME.csv" ${DECODE_ARGS:-} ;;
+    decode) step decode "${DECODE_LIMIT:-300}" build/bench/decode --csv "$logs/decode.csv" \
+            ${DECODE_ARGS:-} ;;
+    decode-paper) step decode-paper "${DECODE_LIMIT:-300}" build/bench/decode --trace paper \
+            --csv "$logs/decode-paper.csv" ${DECODE_ARGS:-} ;;
+    plot) for f in "$logs"/decode*.csv; do
+              python3 bench/plot_decode.py "$f" -o "$out/$(basename "$f" .csv).png" \
+                  >>"$logs/plot.log" 2>&1
+          done ;;
+    accuracy) step accuracy "${ACCURACY_LIMIT:-300}" build/bench/accuracy --backend cuda \
+            --csv "$logs/accuracy-cuda.csv" ${ACCURACY_ARGS:-} ;;
+    *) echo "unknown step $s" >&2 ;;
+    esac
+done
+printf '%s\n' "${summary[@]}" >>"$logs/summary.txt"
+if [ -z "${NO_PACK:-}" ]; then # NO_PACK=1: several runs in parallel, pack later
+    tar -C "$out" -czf "$out/logs.tgz" logs
+    cp "$logs/summary.txt" "$out/"
+fi
+cat "$logs/gpu.txt"
+printf '%s\n' "${summary[@]}"
