@@ -3,8 +3,8 @@
  * (bench/workload.h): attention mass kept against dense attention and
  * against the oracle (selection with the current query), output error
  * against DENSE, needle hits, correction rate and pages recalled, for
- * FREEKV (library default threshold), SYNC, RESIDENT, DENSE and FREEKV at
- * correction thresholds 0.7, 0.9, 0.95 and off. See docs/accuracy.md.
+ * FREEKV (library default threshold, 0.9), SYNC, RESIDENT, DENSE and FREEKV
+ * at correction thresholds 0.7, 0.8, 0.95 and off. See docs/accuracy.md.
  *
  *   accuracy [--backend cpu|cuda] [--seed N] [--csv FILE] [--smoke]
  *            [--workload all|topics|needles|drift[,...]]

@@ -152,7 +152,8 @@ static void usage(FILE *f)
         "  --prefill-chunk N     tokens per prefill append (default 8192)\n"
         "  --page N --budget N --sink N --window N   cache (default 32, 2048,\n"
         "                        512, 512)\n"
-        "  --threshold X         correction threshold (default 0.8)\n"
+        "  --threshold X         correction threshold (default: the library's,\n"
+        "                        0.9)\n"
         "  --trace drift|paper   query trace: drift (default; every head\n"
         "                        drifts alike, cosine 0.7-0.85) or paper (most\n"
         "                        heads stable above 0.9, 15%% volatile)\n"
@@ -237,7 +238,11 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
     a->budget = 2048;
     a->sink = 512;
     a->window = 512;
-    a->threshold = 0.8;
+    {
+        fkv_options lib_defaults;
+        fkv_options_init(&lib_defaults, sizeof lib_defaults);
+        a->threshold = lib_defaults.correction_threshold;
+    }
     a->contexts[0] = 8192;
     a->contexts[1] = 32768;
     a->contexts[2] = 131072;

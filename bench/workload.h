@@ -817,8 +817,8 @@ WL_FN wl_variant wl_make_variant(const char *name, fkv_policy policy,
     return v;
 }
 
-/* FREEKV at the library's default threshold, SYNC, RESIDENT, DENSE, then
- * FREEKV at thresholds 0.7, 0.9, 0.95 and with correction off. */
+/* FREEKV at the library's default threshold (0.9), SYNC, RESIDENT, DENSE,
+ * then FREEKV at thresholds 0.7, 0.8, 0.95 and with correction off. */
 WL_FN int wl_default_variants(wl_variant *v)
 {
     v[0] = wl_make_variant("FREEKV", FKV_POLICY_FREEKV, NAN);
@@ -826,7 +826,7 @@ WL_FN int wl_default_variants(wl_variant *v)
     v[2] = wl_make_variant("RESIDENT", FKV_POLICY_RESIDENT, NAN);
     v[3] = wl_make_variant("DENSE", FKV_POLICY_DENSE, NAN);
     v[4] = wl_make_variant("FREEKV tau=0.7", FKV_POLICY_FREEKV, 0.7f);
-    v[5] = wl_make_variant("FREEKV tau=0.9", FKV_POLICY_FREEKV, 0.9f);
+    v[5] = wl_make_variant("FREEKV tau=0.8", FKV_POLICY_FREEKV, 0.8f);
     v[6] = wl_make_variant("FREEKV tau=0.95", FKV_POLICY_FREEKV, 0.95f);
     v[7] = wl_make_variant("FREEKV off", FKV_POLICY_FREEKV, FKV_CORRECTION_OFF);
     return 8;

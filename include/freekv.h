@@ -133,7 +133,7 @@ typedef struct fkv_options {
     int32_t budget_tokens; /* default 2048, per (sequence, layer, KV head) */
     int32_t sink_tokens;   /* default 512 */
     int32_t window_tokens; /* default 512 */
-    float correction_threshold;  /* default 0.8; FKV_CORRECTION_OFF: off */
+    float correction_threshold;  /* default 0.9; FKV_CORRECTION_OFF: off */
     fkv_policy policy;           /* default FKV_POLICY_FREEKV */
     fkv_group_score group_score; /* default FKV_GROUP_MEAN_SOFTMAX */
 

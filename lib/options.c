@@ -21,7 +21,7 @@ static void set_defaults(fkv_options *o)
     o->budget_tokens = 2048;
     o->sink_tokens = 512;
     o->window_tokens = 512;
-    o->correction_threshold = 0.8f;
+    o->correction_threshold = 0.9f;
     o->policy = FKV_POLICY_FREEKV;
     o->group_score = FKV_GROUP_MEAN_SOFTMAX;
     o->max_sequences = 8;

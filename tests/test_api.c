@@ -72,7 +72,7 @@ START_TEST(api_options_defaults)
     ck_assert_int_eq(o.budget_tokens, 2048);
     ck_assert_int_eq(o.sink_tokens, 512);
     ck_assert_int_eq(o.window_tokens, 512);
-    ck_assert_msg(o.correction_threshold == 0.8f, "threshold %g",
+    ck_assert_msg(o.correction_threshold == 0.9f, "threshold %g",
                   (double)o.correction_threshold);
     ck_assert_int_eq(o.policy, FKV_POLICY_FREEKV);
     ck_assert_int_eq(o.group_score, FKV_GROUP_MEAN_SOFTMAX);
