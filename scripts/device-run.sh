@@ -1,9 +1,15 @@
 #!/bin/bash
-# Runs the benchmarks on a machine with a GPU, each under a time limit, with
-# full logs packed into $OUT/logs.tgz and a short table last.
-#   scripts/device-bench.sh STEP...   steps: check memcheck racecheck attend
-#                                     recall decode decode-paper plot accuracy
-# Binaries come from build/ (make check; make bench), built beforehand.
+# Runs the tests, sanitizers and benchmarks on a machine with a GPU, each
+# step under a time limit, logs in $OUT/logs (default device-out/logs),
+# packed into $OUT/logs.tgz, and a one-line summary per step last.
+#   scripts/device-run.sh STEP...
+# steps: check memcheck racecheck (the test binary: the whole run, then the
+#        GPU suite under compute-sanitizer), attend recall decode
+#        decode-paper accuracy (the benchmarks), decode-var (DECODE_BIN,
+#        DECODE_NAME: another build's decode), plot (a PNG per decode CSV).
+# DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
+# Binaries come from build/ (make check; make bench), built beforehand; the
+# test binary must link Check statically (README, "Development").
 set -u
 out=${OUT:-device-out}
 logs=$out/logs
