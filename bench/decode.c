@@ -1880,7 +1880,8 @@ int main(int argc, char **argv)
            "steps; %.0f s\n",
            fkv_version_string(), backend_name(e.backend), e.device_name,
            a.model_label, a.layers, a.q_heads, a.kv_heads, a.head_dim,
-           a.budget, a.threshold, a.paper_trace ? "paper" : "drift", a.steps, (bench_now_ms() - t_start) * 1e-3);
+           a.budget, a.threshold, a.paper_trace ? "paper" : "drift", a.steps,
+           (bench_now_ms() - t_start) * 1e-3);
     if (e.backend == FKV_BACKEND_CUDA)
         printf("H2D pinned %.1f GB/s, device %.0f GB/s (read + write)\n",
                e.pcie_gbs, e.dev_gbs);

@@ -265,7 +265,6 @@ static fkv_status cuda_create(fkv_cache *c)
      * GEMMs and the next step stalled on them (docs/benchmarks.md, "side
      * stream": the highest priority took FREEKV at 32K, batch 8 from 15.1 to
      * 9.5 ms). */
-    (void)least;
     TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, greatest),
         "cudaStreamCreateWithPriority");
     cb->select_ready = calloc((size_t)g->layers, sizeof(cudaEvent_t));
