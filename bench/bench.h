@@ -51,6 +51,8 @@
 
 #ifdef FKV_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "internal.h" /* fkvi_cuda_unavailable */
 #ifdef BENCH_WITH_CUBLAS
 #include <cublas_v2.h>
 #endif
@@ -237,34 +239,12 @@ typedef struct bench_device {
 
 #ifdef FKV_WITH_CUDA
 /* Why `device` cannot run the CUDA benchmarks (no device, no such device,
- * compute capability below 8.0), or NULL when it can. */
+ * compute capability below 8.0), or NULL when it can: the library's own
+ * check (lib/internal.h; the benchmarks link libfreekv.a), so that the
+ * benchmarks skip exactly where FKV_BACKEND_AUTO would fall back. */
 static inline const char *bench_cuda_unusable(int device)
 {
-    static char why[200];
-    int count = 0;
-    cudaError_t e = cudaGetDeviceCount(&count);
-    if (e != cudaSuccess) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "%s", cudaGetErrorString(e));
-        return why;
-    }
-    if (count == 0)
-        return "no device";
-    if (device >= count) {
-        snprintf(why, sizeof why, "device %d does not exist (%d devices)",
-                 device, count);
-        return why;
-    }
-    int major = 0;
-    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                               device);
-    if (e != cudaSuccess || major < 8) {
-        (void)cudaGetLastError();
-        snprintf(why, sizeof why, "device %d: compute capability %d.x < 8.0",
-                 device, major);
-        return why;
-    }
-    return NULL;
+    return fkvi_cuda_unavailable(device);
 }
 
 /* Makes `device` current and reads its name, SM count and L2 size. */
