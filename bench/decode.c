@@ -150,8 +150,8 @@ static void usage(FILE *f)
         "  --warmup N            warm-up steps before them (default 5)\n"
         "  --churn-steps N       un-timed steps measuring the churn (default 10)\n"
         "  --prefill-chunk N     tokens per prefill append (default 8192)\n"
-        "  --page N --budget N --sink N --window N   cache (default 32, 2048,\n"
-        "                        512, 512)\n"
+        "  --page N --budget N --sink N --window N   cache (default: the\n"
+        "                        library's, 32, 2048, 512, 512)\n"
         "  --threshold X         correction threshold (default: the library's,\n"
         "                        0.9)\n"
         "  --trace drift|paper   query trace: drift (default; every head\n"
@@ -234,14 +234,14 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
     a->model = &MODELS[0];
     a->layers = a->q_heads = a->kv_heads = a->head_dim = -1;
     a->intermediate = -1;
-    a->page = 32;
-    a->budget = 2048;
-    a->sink = 512;
-    a->window = 512;
-    {
-        fkv_options lib_defaults;
-        fkv_options_init(&lib_defaults, sizeof lib_defaults);
-        a->threshold = lib_defaults.correction_threshold;
+    {   /* The cache as the library sets it up by default. */
+        fkv_options lib;
+        fkv_options_init(&lib, sizeof lib);
+        a->page = lib.page_tokens;
+        a->budget = lib.budget_tokens;
+        a->sink = lib.sink_tokens;
+        a->window = lib.window_tokens;
+        a->threshold = lib.correction_threshold;
     }
     a->contexts[0] = 8192;
     a->contexts[1] = 32768;
