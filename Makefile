@@ -188,7 +188,17 @@ endif
 
 ifeq ($(CHECK_FROM),pkg-config)
   CHECK_CFLAGS := $(shell $(PKG_CONFIG) --cflags check)
-  CHECK_LIBS   := $(shell $(PKG_CONFIG) --libs check)
+  CHECK_PC_LIBS := $(shell $(PKG_CONFIG) --libs check)
+  CHECK_PC_DIR  := $(shell $(PKG_CONFIG) --variable=libdir check)
+  # The static archives where the install has them, as for CHECK_PREFIX: the
+  # test binary then runs on a machine without Check (the GPU machines).
+  ifneq ($(wildcard $(CHECK_PC_DIR)/libcheck.a),)
+    CHECK_LIBS := $(CHECK_PC_DIR)/libcheck.a \
+                  $(or $(wildcard $(CHECK_PC_DIR)/libsubunit.a),$(filter -lsubunit,$(CHECK_PC_LIBS))) \
+                  -lm -lpthread -lrt
+  else
+    CHECK_LIBS := $(CHECK_PC_LIBS)
+  endif
 else
   MULTIARCH    := $(or $(shell $(CC) -print-multiarch 2>/dev/null),x86_64-linux-gnu)
   CHECK_CFLAGS := -I$(CHECK_PREFIX)/include

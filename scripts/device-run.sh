@@ -8,8 +8,8 @@
 #        decode-paper accuracy (the benchmarks), decode-var (DECODE_BIN,
 #        DECODE_NAME: another build's decode), plot (a PNG per decode CSV).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
-# Binaries come from build/ (make check; make bench), built beforehand; the
-# test binary must link Check statically (README, "Development").
+# Binaries come from build/ (make check; make bench), built beforehand
+# where Check is installed (the test binary links its static archives).
 set -u
 out=${OUT:-device-out}
 logs=$out/logs
