@@ -3,8 +3,8 @@
 # step under a time limit, logs in $OUT/logs (default device-out/logs),
 # packed into $OUT/logs.tgz, and a one-line summary per step last.
 #   scripts/device-run.sh STEP...
-# steps: check memcheck racecheck (the test binary: the whole run, then the
-#        GPU suite under compute-sanitizer), attend recall decode
+# steps: check memcheck racecheck synccheck (the test binary: the whole run,
+#        then the GPU suite under compute-sanitizer), attend recall decode
 #        decode-paper accuracy (the benchmarks), decode-var (DECODE_BIN,
 #        DECODE_NAME: another build's decode), plot (a PNG per decode CSV).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
@@ -23,7 +23,7 @@ step() { # name, limit, command...
     local t0=$SECONDS
     timeout "$limit" "$@" >"$logs/$name.log" 2>&1
     local rc=$?
-    summary+=("$name: rc=$rc in $((SECONDS - t0)) s $(grep -E '^[0-9]+%: Checks|GPU suite|ERROR SUMMARY|RACECHECK SUMMARY' "$logs/$name.log" | tr '\n' ' ')")
+    summary+=("$name: rc=$rc in $((SECONDS - t0)) s $(grep -E '^[0-9]+%: Checks|GPU suite|ERROR SUMMARY|RACECHECK SUMMARY|SYNCHECK SUMMARY|SYNCCHECK SUMMARY' "$logs/$name.log" | tr '\n' ' ')")
 }
 
 for s in "$@"; do
@@ -33,6 +33,8 @@ for s in "$@"; do
             --report-api-errors no --error-exitcode 9 build/tests/freekv_tests ;;
     racecheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step racecheck 120 \
             compute-sanitizer --tool racecheck --error-exitcode 9 build/tests/freekv_tests ;;
+    synccheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step synccheck 120 \
+            compute-sanitizer --tool synccheck --error-exitcode 9 build/tests/freekv_tests ;;
     attend) step attend "${ATTEND_LIMIT:-150}" build/bench/attend --csv "$logs/attend.csv" ;;
     recall) step recall "${RECALL_LIMIT:-150}" build/bench/recall --csv "$logs/recall.csv" ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
