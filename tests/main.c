@@ -2,7 +2,8 @@
  * Runs every suite on the CPU backend (Check's fork mode), then, when a
  * CUDA cache can be created, the same suites again on the CUDA backend in
  * CK_NOFORK mode (CUDA is undefined after fork) with suite names prefixed
- * "gpu:", plus the GPU-only suite (suite_cuda). Exits non-zero on any
+ * "gpu:", plus the GPU-only suites (suite_cuda; suite_multidevice where two
+ * devices exist). Exits non-zero on any
  * failure or error.
  *
  * SPDX-License-Identifier: MIT
@@ -75,6 +76,7 @@ int main(void)
     SRunner *sr;
     int failed = 0;
     char why[768];
+    int ndev = 0;
 
     /* FKV_TEST_GPU_ONLY=1 skips the CPU run (for compute-sanitizer). */
     if (!getenv("FKV_TEST_GPU_ONLY")) {
@@ -97,10 +99,16 @@ int main(void)
             sr = make_runner("gpu:");
             /* The GPU-only cases, in this run alone. */
             srunner_add_suite(sr, suite_cuda("gpu:"));
+            ndev = tst_cuda_device_count();
+            if (ndev >= 2)
+                srunner_add_suite(sr, suite_multidevice("gpu:"));
             srunner_set_fork_status(sr, CK_NOFORK);
             srunner_run_all(sr, CK_NORMAL);
             failed += srunner_ntests_failed(sr);
             srunner_free(sr);
+            if (ndev < 2)
+                printf("Multi-device suite: skipped (%d CUDA device%s; "
+                       "it needs 2)\n", ndev, ndev == 1 ? "" : "s");
         }
     } else {
         printf("GPU suite: skipped (%s)\n", why);

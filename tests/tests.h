@@ -262,5 +262,9 @@ Suite *suite_stats(const char *prefix);
 Suite *suite_accuracy(const char *prefix);
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
+/* GPU-only, added when two CUDA devices exist (test_multidevice.c). */
+Suite *suite_multidevice(const char *prefix);
+/* CUDA devices visible (0 without CUDA or on error). */
+int tst_cuda_device_count(void);
 
 #endif /* FKV_TESTS_H */
