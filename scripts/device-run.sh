@@ -6,7 +6,10 @@
 # steps: check memcheck racecheck synccheck (the test binary: the whole run,
 #        then the GPU suite under compute-sanitizer), attend recall decode
 #        decode-paper accuracy (the benchmarks), decode-var (DECODE_BIN,
-#        DECODE_NAME: another build's decode), plot (a PNG per decode CSV).
+#        DECODE_NAME: another build's decode), plot (a PNG per decode CSV);
+#        check-exp memcheck-exp (the same with FKV_CUDA_EXPERIMENTAL=1);
+#        llama-selfcheck llama-eval llama-bench (the engine example:
+#        LLAMA_BIN, LLAMA_MODEL, LLAMA_TEXT; LLAMA_BENCH_ARGS).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -23,7 +26,7 @@ step() { # name, limit, command...
     local t0=$SECONDS
     timeout "$limit" "$@" >"$logs/$name.log" 2>&1
     local rc=$?
-    summary+=("$name: rc=$rc in $((SECONDS - t0)) s $(grep -E '^[0-9]+%: Checks|GPU suite|ERROR SUMMARY|RACECHECK SUMMARY|SYNCHECK SUMMARY|SYNCCHECK SUMMARY' "$logs/$name.log" | tr '\n' ' ')")
+    summary+=("$name: rc=$rc in $((SECONDS - t0)) s $(grep -E '^[0-9]+%: Checks|GPU suite|Multi-device suite|ERROR SUMMARY|RACECHECK SUMMARY|^selfcheck-gpu: (PASS|FAIL)' "$logs/$name.log" | tr '\n' ' ')")
 }
 
 for s in "$@"; do
@@ -35,6 +38,24 @@ for s in "$@"; do
             compute-sanitizer --tool racecheck --error-exitcode 9 build/tests/freekv_tests ;;
     synccheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step synccheck 120 \
             compute-sanitizer --tool synccheck --error-exitcode 9 build/tests/freekv_tests ;;
+    check-exp) FKV_CUDA_EXPERIMENTAL=1 step check-exp 150 build/tests/freekv_tests ;;
+    memcheck-exp) FKV_CUDA_EXPERIMENTAL=1 FKV_TEST_GPU_ONLY=1 step memcheck-exp 240 \
+            compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 \
+            build/tests/freekv_tests ;;
+    llama-selfcheck) step llama-selfcheck 240 "$LLAMA_BIN" selfcheck-gpu \
+            --model "$LLAMA_MODEL" --text "$LLAMA_TEXT" ;;
+    llama-eval) for be in cuda cpu; do
+            step "llama-eval-$be" 200 "$LLAMA_BIN" eval --backend $be --model "$LLAMA_MODEL" \
+                --text "$LLAMA_TEXT" --prefill 8192 --steps 128 \
+                --policies dense,resident,sync,freekv --budgets 1024,2048,4096 --json
+        done ;;
+    llama-bench) # LLAMA_BENCH_SET: context:batch[:graph] items; LLAMA_BENCH_ARGS adds flags
+        for item in ${LLAMA_BENCH_SET:-32768:1 32768:1:graph 32768:8 32768:8:graph 131072:1 131072:4}; do
+            IFS=: read -r ctx b g <<<"$item"
+            step "llama-bench-$ctx-$b${g:+-graph}" 200 "$LLAMA_BIN" bench --backend cuda \
+                ${g:+--graph} --shape llama3-8b --batch "$b" --context "$ctx" --steps 20 \
+                --policies dense,resident,sync,freekv ${LLAMA_BENCH_ARGS:-}
+        done ;;
     attend) step attend "${ATTEND_LIMIT:-150}" build/bench/attend --csv "$logs/attend.csv" ;;
     recall) step recall "${RECALL_LIMIT:-150}" build/bench/recall --csv "$logs/recall.csv" ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
