@@ -38,14 +38,27 @@ typedef struct cpu_backend {
     fkvi_select_scratch select;
     float *query;               /* [q_heads][D] one sequence's query */
     float *row;                 /* [D] */
-    double *logits;             /* [max_tokens] */
-    double *acc;                /* [D] */
+    float *ktile;               /* [round_to_block(P)][D] transposed K */
+    float *vtile;               /* [P][D] V as float */
+    double *logits;             /* [group][max_tokens] */
+    double *sums;               /* [group] softmax denominators */
+    double *acc;                /* [group][D] */
     cpu_segment *segments;      /* [max_pages + 1] */
     int32_t *selected;          /* [max(K, 1)] */
     uint8_t *keep;              /* [max(K, 1)] */
     uint64_t bytes;             /* host memory held by this backend */
     size_t layer_bytes;         /* per (sequence, layer) */
 } cpu_backend;
+
+/* Tokens per block of the transposed K tile: the loops over a block's
+ * tokens have this constant trip count, so that they vectorise at -O2 (GCC's
+ * very-cheap cost model) and keep their accumulators in registers. */
+#define CPU_TOKEN_BLOCK 16
+
+static int32_t round_to_block(int32_t rows)
+{
+    return (rows + CPU_TOKEN_BLOCK - 1) / CPU_TOKEN_BLOCK * CPU_TOKEN_BLOCK;
+}
 
 static cpu_backend *backend_of(fkv_cache *c)
 {
@@ -77,7 +90,10 @@ static void cpu_destroy(fkv_cache *c)
     free(cb->layers);
     free(cb->query);
     free(cb->row);
+    free(cb->ktile);
+    free(cb->vtile);
     free(cb->logits);
+    free(cb->sums);
     free(cb->acc);
     free(cb->segments);
     free(cb->selected);
@@ -98,22 +114,29 @@ static fkv_status cpu_create(fkv_cache *c)
                         sizeof *cb->layers);
     cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
     cb->row = malloc((size_t)g->head_dim * sizeof(float));
-    cb->logits = malloc((size_t)g->max_tokens * sizeof(double));
-    cb->acc = malloc((size_t)g->head_dim * sizeof(double));
+    const size_t tile = (size_t)round_to_block(g->page) * g->head_dim;
+    cb->ktile = malloc(tile * sizeof(float));
+    cb->vtile = malloc(tile * sizeof(float));
+    cb->logits =
+        malloc((size_t)g->group * g->max_tokens * sizeof(double));
+    cb->sums = malloc((size_t)g->group * sizeof(double));
+    cb->acc = malloc((size_t)g->group * g->head_dim * sizeof(double));
     cb->segments = malloc(((size_t)g->max_pages + 1) * sizeof(cpu_segment));
     cb->selected = malloc(k * sizeof(int32_t));
     cb->keep = malloc(k);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
-        !cb->logits || !cb->acc || !cb->segments || !cb->selected ||
-        !cb->keep) {
+        !cb->ktile || !cb->vtile || !cb->logits || !cb->sums || !cb->acc ||
+        !cb->segments || !cb->selected || !cb->keep) {
         cpu_destroy(c);
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
                          "fkv_create: no memory for the CPU backend's "
                          "scratch (max_tokens_per_sequence %lld)",
                          (long long)g->max_tokens);
     }
-    cb->bytes = sizeof *cb + (size_t)g->max_tokens * sizeof(double) +
+    cb->bytes = sizeof *cb +
+                (size_t)g->group * g->max_tokens * sizeof(double) +
+                2 * tile * sizeof(float) +
                 ((size_t)g->max_pages + 1) *
                     (sizeof(cpu_segment) + sizeof(double) * (g->group + 1) +
                      sizeof(double) + sizeof(int32_t));
@@ -356,74 +379,124 @@ static void load_query(fkv_cache *c, const void *q, int32_t i, float *out)
 
 /* ---- attention -------------------------------------------------------- */
 
-static double dot_row(fkv_dtype dt, const unsigned char *row, const float *q,
-                      int32_t dim)
+/* A segment's K rows as float, transposed into blocks of CPU_TOKEN_BLOCK
+ * tokens: kt[(t / B) * D * B + d * B + t % B]; the padding tokens are 0.
+ * Converted once per segment for the whole query group. */
+static void load_k_tile(fkv_cache *c, const unsigned char *unit, int32_t rows,
+                        float *kt)
 {
-    double acc = 0.0;
-    switch (dt) {
-    case FKV_DTYPE_F32: {
-        const float *r = (const float *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * r[d];
-        break;
+    const int32_t D = c->geo.head_dim, B = CPU_TOKEN_BLOCK;
+    const int32_t padded = round_to_block(rows);
+    float *row = backend_of(c)->row;
+    for (int32_t t = 0; t < rows; t++) {
+        const float *r = row;
+        if (c->opts.dtype == FKV_DTYPE_F32)
+            r = (const float *)unit + (size_t)t * D;
+        else
+            fkvi_load_row(c->opts.dtype, unit, (size_t)t * D, (size_t)D, row);
+        float *dst = kt + (size_t)(t / B) * D * B + t % B;
+        for (int32_t d = 0; d < D; d++)
+            dst[(size_t)d * B] = r[d];
     }
-    case FKV_DTYPE_F16: {
-        const uint16_t *r = (const uint16_t *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * fkvi_f16_to_float(r[d]);
-        break;
+    for (int32_t t = rows; t < padded; t++) {
+        float *dst = kt + (size_t)(t / B) * D * B + t % B;
+        for (int32_t d = 0; d < D; d++)
+            dst[(size_t)d * B] = 0.0f;
     }
-    case FKV_DTYPE_BF16: {
-        const uint16_t *r = (const uint16_t *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * fkvi_bf16_to_float(r[d]);
-        break;
-    }
-    }
-    return acc;
 }
 
-/* out[D] (one query head, in the cache dtype at element `first`) =
- * softmax(scale * q.k) v over the segments. */
-static void attend_segments(fkv_cache *c, const cpu_segment *segs,
-                            int32_t nsegs, const float *q, void *out,
-                            size_t first)
+/* logits[t] = scale * q.k_t for a segment's rows, from its K tile. Each
+ * dot product adds q[d] k[d] in double in the order d = 0..D-1, as a plain
+ * loop would; the vectorised loop runs over the block's tokens. */
+static void tile_logits(const float *kt, int32_t rows, int32_t D,
+                        const float *q, double scale, double *logits)
+{
+    const int32_t B = CPU_TOKEN_BLOCK;
+    for (int32_t t0 = 0; t0 < rows; t0 += B) {
+        const float *blk = kt + (size_t)t0 * D;
+        double acc[CPU_TOKEN_BLOCK] = {0};
+        for (int32_t d = 0; d < D; d++) {
+            const double qd = q[d];
+            const float *k = blk + (size_t)d * B;
+            for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+                acc[j] += qd * k[j];
+        }
+        int32_t n = rows - t0 < B ? rows - t0 : B;
+        for (int32_t j = 0; j < n; j++)
+            logits[t0 + j] = scale * acc[j];
+    }
+}
+
+/* acc[d] += w v[d] for d < D, in blocks of constant length (vectorised). */
+static void add_scaled(double *acc, double w, const float *v, int32_t D)
+{
+    int32_t d = 0;
+    for (; d + CPU_TOKEN_BLOCK <= D; d += CPU_TOKEN_BLOCK)
+        for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+            acc[d + j] += w * v[d + j];
+    for (; d < D; d++)
+        acc[d] += w * v[d];
+}
+
+/* For each of the group's query heads j (q + j*D), out at element
+ * first + j*D (in the cache dtype) = softmax(scale * q.k) v over the
+ * segments. Every K and V page is read and converted once for the whole
+ * group; each head's arithmetic is that of the plain per-head loops, in
+ * double, in the same order. */
+static void attend_group(fkv_cache *c, const cpu_segment *segs,
+                         int32_t nsegs, const float *q, void *out,
+                         size_t first)
 {
     const fkvi_geometry *g = &c->geo;
-    const int32_t D = g->head_dim;
+    const int32_t D = g->head_dim, G = g->group;
     const size_t row_bytes = (size_t)D * g->elem_bytes;
+    const size_t stride = (size_t)g->max_tokens; /* logits per head */
     cpu_backend *cb = backend_of(c);
-    double *logits = cb->logits, top = -INFINITY;
     int64_t n = 0;
-    for (int32_t s = 0; s < nsegs; s++)
-        for (int32_t t = 0; t < segs[s].rows; t++) {
-            double l = g->scale * dot_row(c->opts.dtype,
-                                          segs[s].unit + t * row_bytes, q, D);
-            logits[n++] = l;
-            if (l > top)
-                top = l;
-        }
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        logits[i] = exp(logits[i] - top);
-        sum += logits[i];
+    for (int32_t s = 0; s < nsegs; s++) {
+        load_k_tile(c, segs[s].unit, segs[s].rows, cb->ktile);
+        for (int32_t j = 0; j < G; j++)
+            tile_logits(cb->ktile, segs[s].rows, D, q + (size_t)j * D,
+                        g->scale, cb->logits + j * stride + n);
+        n += segs[s].rows;
     }
-    double *acc = cb->acc;
-    memset(acc, 0, (size_t)D * sizeof *acc);
+    for (int32_t j = 0; j < G; j++) {
+        double *logits = cb->logits + j * stride, top = -INFINITY, sum = 0.0;
+        for (int64_t i = 0; i < n; i++)
+            if (logits[i] > top)
+                top = logits[i];
+        for (int64_t i = 0; i < n; i++) {
+            logits[i] = exp(logits[i] - top);
+            sum += logits[i];
+        }
+        cb->sums[j] = sum;
+    }
+    memset(cb->acc, 0, (size_t)G * D * sizeof *cb->acc);
     n = 0;
     for (int32_t s = 0; s < nsegs; s++) {
         const unsigned char *vrows = segs[s].unit + g->page * row_bytes;
-        for (int32_t t = 0; t < segs[s].rows; t++) {
-            double w = logits[n++] / sum;
-            fkvi_load_row(c->opts.dtype, vrows + t * row_bytes, 0, (size_t)D,
-                          cb->row);
-            for (int32_t d = 0; d < D; d++)
-                acc[d] += w * cb->row[d];
+        const int32_t rows = segs[s].rows;
+        const float *vt = (const float *)vrows;
+        if (c->opts.dtype != FKV_DTYPE_F32) {
+            fkvi_load_row(c->opts.dtype, vrows, 0, (size_t)rows * D,
+                          cb->vtile);
+            vt = cb->vtile;
         }
+        for (int32_t j = 0; j < G; j++) {
+            const double *logits = cb->logits + j * stride + n;
+            double *acc = cb->acc + (size_t)j * D;
+            for (int32_t t = 0; t < rows; t++)
+                add_scaled(acc, logits[t] / cb->sums[j], vt + (size_t)t * D,
+                           D);
+        }
+        n += rows;
     }
-    for (int32_t d = 0; d < D; d++)
-        cb->row[d] = (float)acc[d];
-    fkvi_store_row(c->opts.dtype, cb->row, (size_t)D, out, first);
+    for (int32_t j = 0; j < G; j++) {
+        for (int32_t d = 0; d < D; d++)
+            cb->row[d] = (float)cb->acc[(size_t)j * D + d];
+        fkvi_store_row(c->opts.dtype, cb->row, (size_t)D, out,
+                       first + (size_t)j * D);
+    }
 }
 
 /* Builds the token segments KV head h attends to, in token order. */
@@ -515,12 +588,9 @@ static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             L->used_count[h] = nsel;
             int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
                                             nsel);
-            for (int32_t j = 0; j < g->group; j++) {
-                int32_t qh = h * g->group + j;
-                attend_segments(c, cb->segments, nsegs,
-                                cb->query + (size_t)qh * D, out,
-                                ((size_t)i * g->q_heads + qh) * D);
-            }
+            int32_t qh = h * g->group;
+            attend_group(c, cb->segments, nsegs, cb->query + (size_t)qh * D,
+                         out, ((size_t)i * g->q_heads + qh) * D);
         }
     }
     return FKV_OK;
