@@ -38,10 +38,10 @@ typedef struct cpu_backend {
     fkvi_select_scratch select;
     float *query;               /* [q_heads][D] one sequence's query */
     float *row;                 /* [D] */
-    float *ktile;               /* [round_to_block(P)][D] transposed K */
-    float *vtile;               /* [P][D] V as float */
+    float *stage;               /* [P][D] a page's K or V as float */
+    double *ktile;              /* [round_to_block(P)][D] transposed K */
+    double *vtile;              /* [P][D] V as double */
     double *logits;             /* [group][max_tokens] */
-    double *sums;               /* [group] softmax denominators */
     double *acc;                /* [group][D] */
     cpu_segment *segments;      /* [max_pages + 1] */
     int32_t *selected;          /* [max(K, 1)] */
@@ -53,7 +53,7 @@ typedef struct cpu_backend {
 /* Tokens per block of the transposed K tile: the loops over a block's
  * tokens have this constant trip count, so that they vectorise at -O2 (GCC's
  * very-cheap cost model) and keep their accumulators in registers. */
-#define CPU_TOKEN_BLOCK 16
+#define CPU_TOKEN_BLOCK 16 /* CPU_FOR_BLOCK spells out 16 */
 
 static int32_t round_to_block(int32_t rows)
 {
@@ -90,10 +90,10 @@ static void cpu_destroy(fkv_cache *c)
     free(cb->layers);
     free(cb->query);
     free(cb->row);
+    free(cb->stage);
     free(cb->ktile);
     free(cb->vtile);
     free(cb->logits);
-    free(cb->sums);
     free(cb->acc);
     free(cb->segments);
     free(cb->selected);
@@ -115,18 +115,18 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
     cb->row = malloc((size_t)g->head_dim * sizeof(float));
     const size_t tile = (size_t)round_to_block(g->page) * g->head_dim;
-    cb->ktile = malloc(tile * sizeof(float));
-    cb->vtile = malloc(tile * sizeof(float));
+    cb->stage = malloc(tile * sizeof(float));
+    cb->ktile = malloc(tile * sizeof(double));
+    cb->vtile = malloc(tile * sizeof(double));
     cb->logits =
         malloc((size_t)g->group * g->max_tokens * sizeof(double));
-    cb->sums = malloc((size_t)g->group * sizeof(double));
     cb->acc = malloc((size_t)g->group * g->head_dim * sizeof(double));
     cb->segments = malloc(((size_t)g->max_pages + 1) * sizeof(cpu_segment));
     cb->selected = malloc(k * sizeof(int32_t));
     cb->keep = malloc(k);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
-        !cb->ktile || !cb->vtile || !cb->logits || !cb->sums || !cb->acc ||
+        !cb->stage || !cb->ktile || !cb->vtile || !cb->logits || !cb->acc ||
         !cb->segments || !cb->selected || !cb->keep) {
         cpu_destroy(c);
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
@@ -136,7 +136,7 @@ static fkv_status cpu_create(fkv_cache *c)
     }
     cb->bytes = sizeof *cb +
                 (size_t)g->group * g->max_tokens * sizeof(double) +
-                2 * tile * sizeof(float) +
+                tile * (sizeof(float) + 2 * sizeof(double)) +
                 ((size_t)g->max_pages + 1) *
                     (sizeof(cpu_segment) + sizeof(double) * (g->group + 1) +
                      sizeof(double) + sizeof(int32_t));
@@ -379,63 +379,107 @@ static void load_query(fkv_cache *c, const void *q, int32_t i, float *out)
 
 /* ---- attention -------------------------------------------------------- */
 
-/* A segment's K rows as float, transposed into blocks of CPU_TOKEN_BLOCK
+/* Spells out X(0)..X(15), one statement per token of a block: named
+ * locals rather than an array keep GCC's sums in registers. */
+#define CPU_FOR_BLOCK(X)                                                      \
+    X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)      \
+        X(13) X(14) X(15)
+
+/* A segment's K rows as double, transposed into blocks of CPU_TOKEN_BLOCK
  * tokens: kt[(t / B) * D * B + d * B + t % B]; the padding tokens are 0.
- * Converted once per segment for the whole query group. */
+ * Converted once per segment for the whole query group, so that the
+ * group's dot products only load, multiply and add. */
 static void load_k_tile(fkv_cache *c, const unsigned char *unit, int32_t rows,
-                        float *kt)
+                        double *kt)
 {
     const int32_t D = c->geo.head_dim, B = CPU_TOKEN_BLOCK;
-    const int32_t padded = round_to_block(rows);
-    float *row = backend_of(c)->row;
-    for (int32_t t = 0; t < rows; t++) {
-        const float *r = row;
-        if (c->opts.dtype == FKV_DTYPE_F32)
-            r = (const float *)unit + (size_t)t * D;
-        else
-            fkvi_load_row(c->opts.dtype, unit, (size_t)t * D, (size_t)D, row);
-        float *dst = kt + (size_t)(t / B) * D * B + t % B;
-        for (int32_t d = 0; d < D; d++)
-            dst[(size_t)d * B] = r[d];
+    const float *src = (const float *)unit;
+    if (c->opts.dtype != FKV_DTYPE_F32) {
+        fkvi_load_row(c->opts.dtype, unit, 0, (size_t)rows * D,
+                      backend_of(c)->stage);
+        src = backend_of(c)->stage;
     }
-    for (int32_t t = rows; t < padded; t++) {
-        float *dst = kt + (size_t)(t / B) * D * B + t % B;
-        for (int32_t d = 0; d < D; d++)
-            dst[(size_t)d * B] = 0.0f;
+    int32_t t0 = 0;
+    for (; t0 + B <= rows; t0 += B) {
+        double *blk = kt + (size_t)t0 * D;
+        const float *r = src + (size_t)t0 * D;
+        for (int32_t d = 0; d < D; d++, blk += B)
+            for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+                blk[j] = r[(size_t)j * D + d];
     }
+    if (t0 < rows) {
+        double *blk = kt + (size_t)t0 * D;
+        const float *r = src + (size_t)t0 * D;
+        for (int32_t d = 0; d < D; d++, blk += B)
+            for (int32_t j = 0; j < B; j++)
+                blk[j] = t0 + j < rows ? r[(size_t)j * D + d] : 0.0;
+    }
+}
+
+/* A segment's V rows as double, [rows][D]. */
+static void load_v_tile(fkv_cache *c, const unsigned char *vrows,
+                        int32_t rows, double *vt)
+{
+    const size_t n = (size_t)rows * c->geo.head_dim; /* a multiple of 16 */
+    const float *src = (const float *)vrows;
+    if (c->opts.dtype != FKV_DTYPE_F32) {
+        fkvi_load_row(c->opts.dtype, vrows, 0, n, backend_of(c)->stage);
+        src = backend_of(c)->stage;
+    }
+    for (size_t i = 0; i < n; i += CPU_TOKEN_BLOCK)
+        for (size_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+            vt[i + j] = src[i + j];
 }
 
 /* logits[t] = scale * q.k_t for a segment's rows, from its K tile. Each
  * dot product adds q[d] k[d] in double in the order d = 0..D-1, as a plain
- * loop would; the vectorised loop runs over the block's tokens. */
-static void tile_logits(const float *kt, int32_t rows, int32_t D,
+ * loop would; the vectorised work runs across the block's tokens. */
+static void tile_logits(const double *kt, int32_t rows, int32_t D,
                         const float *q, double scale, double *logits)
 {
     const int32_t B = CPU_TOKEN_BLOCK;
     for (int32_t t0 = 0; t0 < rows; t0 += B) {
-        const float *blk = kt + (size_t)t0 * D;
-        double acc[CPU_TOKEN_BLOCK] = {0};
-        for (int32_t d = 0; d < D; d++) {
+        const double *k = kt + (size_t)t0 * D;
+#define CPU_ZERO(j) double a##j = 0.0;
+        CPU_FOR_BLOCK(CPU_ZERO)
+#undef CPU_ZERO
+        for (int32_t d = 0; d < D; d++, k += CPU_TOKEN_BLOCK) {
             const double qd = q[d];
-            const float *k = blk + (size_t)d * B;
-            for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
-                acc[j] += qd * k[j];
+#define CPU_DOT(j) a##j += qd * k[j];
+            CPU_FOR_BLOCK(CPU_DOT)
+#undef CPU_DOT
         }
+#define CPU_LIST(j) a##j,
+        const double acc[CPU_TOKEN_BLOCK] = {CPU_FOR_BLOCK(CPU_LIST)};
+#undef CPU_LIST
         int32_t n = rows - t0 < B ? rows - t0 : B;
         for (int32_t j = 0; j < n; j++)
             logits[t0 + j] = scale * acc[j];
     }
 }
 
-/* acc[d] += w v[d] for d < D, in blocks of constant length (vectorised). */
-static void add_scaled(double *acc, double w, const float *v, int32_t D)
+/* acc[d] += w[t] v[t][d] for t < rows in token order, d < D (a multiple of
+ * CPU_TOKEN_BLOCK: 64, 128 or 256). A block of acc stays in registers over
+ * the segment's tokens; each acc[d] still sums in token order. */
+static void add_weighted(double *acc, const double *w, const double *v,
+                         int32_t rows, int32_t D)
 {
-    int32_t d = 0;
-    for (; d + CPU_TOKEN_BLOCK <= D; d += CPU_TOKEN_BLOCK)
-        for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
-            acc[d + j] += w * v[d + j];
-    for (; d < D; d++)
-        acc[d] += w * v[d];
+    for (int32_t d0 = 0; d0 < D; d0 += CPU_TOKEN_BLOCK) {
+        double *dst = acc + d0;
+        const double *vr = v + d0;
+#define CPU_LOAD(j) double a##j = dst[j];
+        CPU_FOR_BLOCK(CPU_LOAD)
+#undef CPU_LOAD
+        for (int32_t t = 0; t < rows; t++, vr += D) {
+            const double wt = w[t];
+#define CPU_AXPY(j) a##j += wt * vr[j];
+            CPU_FOR_BLOCK(CPU_AXPY)
+#undef CPU_AXPY
+        }
+#define CPU_STORE(j) dst[j] = a##j;
+        CPU_FOR_BLOCK(CPU_STORE)
+#undef CPU_STORE
+    }
 }
 
 /* For each of the group's query heads j (q + j*D), out at element
@@ -469,26 +513,18 @@ static void attend_group(fkv_cache *c, const cpu_segment *segs,
             logits[i] = exp(logits[i] - top);
             sum += logits[i];
         }
-        cb->sums[j] = sum;
+        for (int64_t i = 0; i < n; i++)
+            logits[i] /= sum; /* now the weights */
     }
     memset(cb->acc, 0, (size_t)G * D * sizeof *cb->acc);
     n = 0;
     for (int32_t s = 0; s < nsegs; s++) {
         const unsigned char *vrows = segs[s].unit + g->page * row_bytes;
         const int32_t rows = segs[s].rows;
-        const float *vt = (const float *)vrows;
-        if (c->opts.dtype != FKV_DTYPE_F32) {
-            fkvi_load_row(c->opts.dtype, vrows, 0, (size_t)rows * D,
-                          cb->vtile);
-            vt = cb->vtile;
-        }
-        for (int32_t j = 0; j < G; j++) {
-            const double *logits = cb->logits + j * stride + n;
-            double *acc = cb->acc + (size_t)j * D;
-            for (int32_t t = 0; t < rows; t++)
-                add_scaled(acc, logits[t] / cb->sums[j], vt + (size_t)t * D,
-                           D);
-        }
+        load_v_tile(c, vrows, rows, cb->vtile);
+        for (int32_t j = 0; j < G; j++)
+            add_weighted(cb->acc + (size_t)j * D, cb->logits + j * stride + n,
+                         cb->vtile, rows, D);
         n += rows;
     }
     for (int32_t j = 0; j < G; j++) {
