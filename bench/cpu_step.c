@@ -9,6 +9,7 @@
  *   cpu_step [--dtypes f32,f16,bf16] [--policies DENSE,RESIDENT]
  *            [--contexts 8192,32768] [--layers 1] [--q-heads 32]
  *            [--kv-heads 8] [--head-dim 128] [--steps 30] [--warmup 3]
+ *            [--smoke]   (tiny sizes for CI; later flags override)
  *
  * SPDX-License-Identifier: MIT
  */
@@ -33,7 +34,11 @@ static void usage(void)
             "[--policies DENSE,RESIDENT,FREEKV,SYNC]\n"
             "                [--contexts 8192,32768] [--layers 1] "
             "[--q-heads 32] [--kv-heads 8]\n"
-            "                [--head-dim 128] [--steps 30] [--warmup 3]\n"
+            "                [--head-dim 128] [--steps 30] [--warmup 3] "
+            "[--smoke]\n"
+            "--smoke: tiny sizes for CI (context 1024, 4/2 heads, head_dim "
+            "64, 3 steps\n"
+            "after 1 warm-up); later flags override.\n"
             "A step: on each layer, append one token and attend (then "
             "select and recall).\n");
 }
@@ -101,6 +106,16 @@ static void parse_args(int argc, char **argv, args *a)
         if (!strcmp(f, "--help") || !strcmp(f, "-h")) {
             usage();
             exit(0);
+        }
+        if (!strcmp(f, "--smoke")) {
+            a->contexts[0] = 1024;
+            a->ncontexts = 1;
+            a->q_heads = 4;
+            a->kv_heads = 2;
+            a->head_dim = 64;
+            a->steps = 3;
+            a->warmup = 1;
+            continue;
         }
         if (i + 1 >= argc)
             bench_die("%s needs a value", f);
