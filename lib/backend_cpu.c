@@ -38,14 +38,27 @@ typedef struct cpu_backend {
     fkvi_select_scratch select;
     float *query;               /* [q_heads][D] one sequence's query */
     float *row;                 /* [D] */
-    double *logits;             /* [max_tokens] */
-    double *acc;                /* [D] */
+    float *stage;               /* [P][D] a page's K or V as float */
+    double *ktile;              /* [round_to_block(P)][D] transposed K */
+    double *vtile;              /* [P][D] V as double */
+    double *logits;             /* [group][max_tokens] */
+    double *acc;                /* [group][D] */
     cpu_segment *segments;      /* [max_pages + 1] */
     int32_t *selected;          /* [max(K, 1)] */
     uint8_t *keep;              /* [max(K, 1)] */
     uint64_t bytes;             /* host memory held by this backend */
     size_t layer_bytes;         /* per (sequence, layer) */
 } cpu_backend;
+
+/* Tokens per block of the transposed K tile: the loops over a block's
+ * tokens have this constant trip count, so that they vectorise at -O2 (GCC's
+ * very-cheap cost model) and keep their accumulators in registers. */
+#define CPU_TOKEN_BLOCK 16 /* CPU_FOR_BLOCK spells out 16 */
+
+static int32_t round_to_block(int32_t rows)
+{
+    return (rows + CPU_TOKEN_BLOCK - 1) / CPU_TOKEN_BLOCK * CPU_TOKEN_BLOCK;
+}
 
 static cpu_backend *backend_of(fkv_cache *c)
 {
@@ -77,6 +90,9 @@ static void cpu_destroy(fkv_cache *c)
     free(cb->layers);
     free(cb->query);
     free(cb->row);
+    free(cb->stage);
+    free(cb->ktile);
+    free(cb->vtile);
     free(cb->logits);
     free(cb->acc);
     free(cb->segments);
@@ -98,22 +114,29 @@ static fkv_status cpu_create(fkv_cache *c)
                         sizeof *cb->layers);
     cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
     cb->row = malloc((size_t)g->head_dim * sizeof(float));
-    cb->logits = malloc((size_t)g->max_tokens * sizeof(double));
-    cb->acc = malloc((size_t)g->head_dim * sizeof(double));
+    const size_t tile = (size_t)round_to_block(g->page) * g->head_dim;
+    cb->stage = malloc(tile * sizeof(float));
+    cb->ktile = malloc(tile * sizeof(double));
+    cb->vtile = malloc(tile * sizeof(double));
+    cb->logits =
+        malloc((size_t)g->group * g->max_tokens * sizeof(double));
+    cb->acc = malloc((size_t)g->group * g->head_dim * sizeof(double));
     cb->segments = malloc(((size_t)g->max_pages + 1) * sizeof(cpu_segment));
     cb->selected = malloc(k * sizeof(int32_t));
     cb->keep = malloc(k);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
-        !cb->logits || !cb->acc || !cb->segments || !cb->selected ||
-        !cb->keep) {
+        !cb->stage || !cb->ktile || !cb->vtile || !cb->logits || !cb->acc ||
+        !cb->segments || !cb->selected || !cb->keep) {
         cpu_destroy(c);
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
                          "fkv_create: no memory for the CPU backend's "
                          "scratch (max_tokens_per_sequence %lld)",
                          (long long)g->max_tokens);
     }
-    cb->bytes = sizeof *cb + (size_t)g->max_tokens * sizeof(double) +
+    cb->bytes = sizeof *cb +
+                (size_t)g->group * g->max_tokens * sizeof(double) +
+                tile * (sizeof(float) + 2 * sizeof(double)) +
                 ((size_t)g->max_pages + 1) *
                     (sizeof(cpu_segment) + sizeof(double) * (g->group + 1) +
                      sizeof(double) + sizeof(int32_t));
@@ -239,22 +262,38 @@ static unsigned char *resident_unit(fkv_cache *c, cpu_layer *L, int32_t page,
 
 /* ---- append ----------------------------------------------------------- */
 
+/* Folds one row into 16 channels of the running max and min. ?: compiles
+ * to maxps/minps (restrict: no alias checks, so it vectorises at -O2); a
+ * nan in the row keeps the previous value, as the comparisons always did. */
+static void fold_block(float *restrict mx, float *restrict mn,
+                       const float *restrict row)
+{
+    for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++) {
+        mx[j] = row[j] > mx[j] ? row[j] : mx[j];
+        mn[j] = row[j] < mn[j] ? row[j] : mn[j];
+    }
+}
+
+/* The page's min/max summaries, from its K block converted at once. */
 static void summarise(fkv_cache *c, cpu_layer *L, const unsigned char *unit,
                       int32_t page, int32_t kv_head)
 {
     const fkvi_geometry *g = &c->geo;
-    const int32_t D = g->head_dim;
+    const int32_t D = g->head_dim; /* a multiple of 16 */
     float *mx = L->smax + ((size_t)kv_head * g->max_pages + page) * D;
     float *mn = L->smin + ((size_t)kv_head * g->max_pages + page) * D;
-    float *row = backend_of(c)->row;
-    for (int32_t t = 0; t < g->page; t++) {
-        fkvi_load_row(c->opts.dtype, unit, (size_t)t * D, (size_t)D, row);
-        for (int32_t d = 0; d < D; d++) {
-            if (t == 0 || row[d] > mx[d])
-                mx[d] = row[d];
-            if (t == 0 || row[d] < mn[d])
-                mn[d] = row[d];
-        }
+    const float *rows = (const float *)unit;
+    if (c->opts.dtype != FKV_DTYPE_F32) {
+        fkvi_load_row(c->opts.dtype, unit, 0, (size_t)g->page * D,
+                      backend_of(c)->stage);
+        rows = backend_of(c)->stage;
+    }
+    memcpy(mx, rows, (size_t)D * sizeof *mx);
+    memcpy(mn, rows, (size_t)D * sizeof *mn);
+    for (int32_t t = 1; t < g->page; t++) {
+        const float *row = rows + (size_t)t * D;
+        for (int32_t d0 = 0; d0 < D; d0 += CPU_TOKEN_BLOCK)
+            fold_block(mx + d0, mn + d0, row + d0);
     }
 }
 
@@ -356,74 +395,160 @@ static void load_query(fkv_cache *c, const void *q, int32_t i, float *out)
 
 /* ---- attention -------------------------------------------------------- */
 
-static double dot_row(fkv_dtype dt, const unsigned char *row, const float *q,
-                      int32_t dim)
+/* Spells out X(0)..X(15), one statement per token of a block: named
+ * locals rather than an array keep GCC's sums in registers. */
+#define CPU_FOR_BLOCK(X)                                                      \
+    X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12)      \
+        X(13) X(14) X(15)
+
+/* A segment's K rows as double, transposed into blocks of CPU_TOKEN_BLOCK
+ * tokens: kt[(t / B) * D * B + d * B + t % B]; the padding tokens are 0.
+ * Converted once per segment for the whole query group, so that the
+ * group's dot products only load, multiply and add. */
+static void load_k_tile(fkv_cache *c, const unsigned char *unit, int32_t rows,
+                        double *kt)
 {
-    double acc = 0.0;
-    switch (dt) {
-    case FKV_DTYPE_F32: {
-        const float *r = (const float *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * r[d];
-        break;
+    const int32_t D = c->geo.head_dim, B = CPU_TOKEN_BLOCK;
+    const float *src = (const float *)unit;
+    if (c->opts.dtype != FKV_DTYPE_F32) {
+        fkvi_load_row(c->opts.dtype, unit, 0, (size_t)rows * D,
+                      backend_of(c)->stage);
+        src = backend_of(c)->stage;
     }
-    case FKV_DTYPE_F16: {
-        const uint16_t *r = (const uint16_t *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * fkvi_f16_to_float(r[d]);
-        break;
+    int32_t t0 = 0;
+    for (; t0 + B <= rows; t0 += B) {
+        double *blk = kt + (size_t)t0 * D;
+        const float *r = src + (size_t)t0 * D;
+        for (int32_t d = 0; d < D; d++, blk += B)
+            for (int32_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+                blk[j] = r[(size_t)j * D + d];
     }
-    case FKV_DTYPE_BF16: {
-        const uint16_t *r = (const uint16_t *)row;
-        for (int32_t d = 0; d < dim; d++)
-            acc += (double)q[d] * fkvi_bf16_to_float(r[d]);
-        break;
+    if (t0 < rows) {
+        double *blk = kt + (size_t)t0 * D;
+        const float *r = src + (size_t)t0 * D;
+        for (int32_t d = 0; d < D; d++, blk += B)
+            for (int32_t j = 0; j < B; j++)
+                blk[j] = t0 + j < rows ? r[(size_t)j * D + d] : 0.0;
     }
-    }
-    return acc;
 }
 
-/* out[D] (one query head, in the cache dtype at element `first`) =
- * softmax(scale * q.k) v over the segments. */
-static void attend_segments(fkv_cache *c, const cpu_segment *segs,
-                            int32_t nsegs, const float *q, void *out,
-                            size_t first)
+/* A segment's V rows as double, [rows][D]. */
+static void load_v_tile(fkv_cache *c, const unsigned char *vrows,
+                        int32_t rows, double *vt)
+{
+    const size_t n = (size_t)rows * c->geo.head_dim; /* a multiple of 16 */
+    const float *src = (const float *)vrows;
+    if (c->opts.dtype != FKV_DTYPE_F32) {
+        fkvi_load_row(c->opts.dtype, vrows, 0, n, backend_of(c)->stage);
+        src = backend_of(c)->stage;
+    }
+    for (size_t i = 0; i < n; i += CPU_TOKEN_BLOCK)
+        for (size_t j = 0; j < CPU_TOKEN_BLOCK; j++)
+            vt[i + j] = src[i + j];
+}
+
+/* logits[t] = scale * q.k_t for a segment's rows, from its K tile. Each
+ * dot product adds q[d] k[d] in double in the order d = 0..D-1, as a plain
+ * loop would; the vectorised work runs across the block's tokens. */
+static void tile_logits(const double *kt, int32_t rows, int32_t D,
+                        const float *q, double scale, double *logits)
+{
+    const int32_t B = CPU_TOKEN_BLOCK;
+    for (int32_t t0 = 0; t0 < rows; t0 += B) {
+        const double *k = kt + (size_t)t0 * D;
+#define CPU_ZERO(j) double a##j = 0.0;
+        CPU_FOR_BLOCK(CPU_ZERO)
+#undef CPU_ZERO
+        for (int32_t d = 0; d < D; d++, k += CPU_TOKEN_BLOCK) {
+            const double qd = q[d];
+#define CPU_DOT(j) a##j += qd * k[j];
+            CPU_FOR_BLOCK(CPU_DOT)
+#undef CPU_DOT
+        }
+#define CPU_LIST(j) a##j,
+        const double acc[CPU_TOKEN_BLOCK] = {CPU_FOR_BLOCK(CPU_LIST)};
+#undef CPU_LIST
+        int32_t n = rows - t0 < B ? rows - t0 : B;
+        for (int32_t j = 0; j < n; j++)
+            logits[t0 + j] = scale * acc[j];
+    }
+}
+
+/* acc[d] += w[t] v[t][d] for t < rows in token order, d < D (a multiple of
+ * CPU_TOKEN_BLOCK: 64, 128 or 256). A block of acc stays in registers over
+ * the segment's tokens; each acc[d] still sums in token order. */
+static void add_weighted(double *acc, const double *w, const double *v,
+                         int32_t rows, int32_t D)
+{
+    for (int32_t d0 = 0; d0 < D; d0 += CPU_TOKEN_BLOCK) {
+        double *dst = acc + d0;
+        const double *vr = v + d0;
+#define CPU_LOAD(j) double a##j = dst[j];
+        CPU_FOR_BLOCK(CPU_LOAD)
+#undef CPU_LOAD
+        for (int32_t t = 0; t < rows; t++, vr += D) {
+            const double wt = w[t];
+#define CPU_AXPY(j) a##j += wt * vr[j];
+            CPU_FOR_BLOCK(CPU_AXPY)
+#undef CPU_AXPY
+        }
+#define CPU_STORE(j) dst[j] = a##j;
+        CPU_FOR_BLOCK(CPU_STORE)
+#undef CPU_STORE
+    }
+}
+
+/* For each of the group's query heads j (q + j*D), out at element
+ * first + j*D (in the cache dtype) = softmax(scale * q.k) v over the
+ * segments. Every K and V page is read and converted once for the whole
+ * group; each head's arithmetic is that of the plain per-head loops, in
+ * double, in the same order. */
+static void attend_group(fkv_cache *c, const cpu_segment *segs,
+                         int32_t nsegs, const float *q, void *out,
+                         size_t first)
 {
     const fkvi_geometry *g = &c->geo;
-    const int32_t D = g->head_dim;
+    const int32_t D = g->head_dim, G = g->group;
     const size_t row_bytes = (size_t)D * g->elem_bytes;
+    const size_t stride = (size_t)g->max_tokens; /* logits per head */
     cpu_backend *cb = backend_of(c);
-    double *logits = cb->logits, top = -INFINITY;
     int64_t n = 0;
-    for (int32_t s = 0; s < nsegs; s++)
-        for (int32_t t = 0; t < segs[s].rows; t++) {
-            double l = g->scale * dot_row(c->opts.dtype,
-                                          segs[s].unit + t * row_bytes, q, D);
-            logits[n++] = l;
-            if (l > top)
-                top = l;
-        }
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        logits[i] = exp(logits[i] - top);
-        sum += logits[i];
+    for (int32_t s = 0; s < nsegs; s++) {
+        load_k_tile(c, segs[s].unit, segs[s].rows, cb->ktile);
+        for (int32_t j = 0; j < G; j++)
+            tile_logits(cb->ktile, segs[s].rows, D, q + (size_t)j * D,
+                        g->scale, cb->logits + j * stride + n);
+        n += segs[s].rows;
     }
-    double *acc = cb->acc;
-    memset(acc, 0, (size_t)D * sizeof *acc);
+    for (int32_t j = 0; j < G; j++) {
+        double *logits = cb->logits + j * stride, top = -INFINITY, sum = 0.0;
+        for (int64_t i = 0; i < n; i++)
+            if (logits[i] > top)
+                top = logits[i];
+        for (int64_t i = 0; i < n; i++) {
+            logits[i] = exp(logits[i] - top);
+            sum += logits[i];
+        }
+        for (int64_t i = 0; i < n; i++)
+            logits[i] /= sum; /* now the weights */
+    }
+    memset(cb->acc, 0, (size_t)G * D * sizeof *cb->acc);
     n = 0;
     for (int32_t s = 0; s < nsegs; s++) {
         const unsigned char *vrows = segs[s].unit + g->page * row_bytes;
-        for (int32_t t = 0; t < segs[s].rows; t++) {
-            double w = logits[n++] / sum;
-            fkvi_load_row(c->opts.dtype, vrows + t * row_bytes, 0, (size_t)D,
-                          cb->row);
-            for (int32_t d = 0; d < D; d++)
-                acc[d] += w * cb->row[d];
-        }
+        const int32_t rows = segs[s].rows;
+        load_v_tile(c, vrows, rows, cb->vtile);
+        for (int32_t j = 0; j < G; j++)
+            add_weighted(cb->acc + (size_t)j * D, cb->logits + j * stride + n,
+                         cb->vtile, rows, D);
+        n += rows;
     }
-    for (int32_t d = 0; d < D; d++)
-        cb->row[d] = (float)acc[d];
-    fkvi_store_row(c->opts.dtype, cb->row, (size_t)D, out, first);
+    for (int32_t j = 0; j < G; j++) {
+        for (int32_t d = 0; d < D; d++)
+            cb->row[d] = (float)cb->acc[(size_t)j * D + d];
+        fkvi_store_row(c->opts.dtype, cb->row, (size_t)D, out,
+                       first + (size_t)j * D);
+    }
 }
 
 /* Builds the token segments KV head h attends to, in token order. */
@@ -515,12 +640,9 @@ static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             L->used_count[h] = nsel;
             int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
                                             nsel);
-            for (int32_t j = 0; j < g->group; j++) {
-                int32_t qh = h * g->group + j;
-                attend_segments(c, cb->segments, nsegs,
-                                cb->query + (size_t)qh * D, out,
-                                ((size_t)i * g->q_heads + qh) * D);
-            }
+            int32_t qh = h * g->group;
+            attend_group(c, cb->segments, nsegs, cb->query + (size_t)qh * D,
+                         out, ((size_t)i * g->q_heads + qh) * D);
         }
     }
     return FKV_OK;

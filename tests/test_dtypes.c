@@ -129,6 +129,68 @@ START_TEST(dt_single_token_exact)
 }
 END_TEST
 
+/* Every 16-bit pattern of the dtype (_i: 0 f16, 1 bf16) but nan, as the V
+ * of a single token: the output is 1 * v + 0 in double, rounded back, so it
+ * must give the same bits (-0 becomes +0: the sum starts at +0). Checks the
+ * conversions both ways on subnormals, infinities and every exponent. */
+START_TEST(dt_all_patterns_exact)
+{
+    const fkv_dtype dt = _i ? FKV_DTYPE_BF16 : FKV_DTYPE_F16;
+    const int nseq = 32, H = 8, D = 256; /* 32 * 8 * 256 = 65536 */
+    const size_t per = (size_t)H * D;
+    fkv_options o;
+    fkv_cache *c = NULL;
+    fkv_seq_id seqs[32];
+    uint16_t *v = (uint16_t *)malloc(65536 * sizeof *v);
+    uint16_t *zero = (uint16_t *)calloc(65536, sizeof *zero);
+    uint16_t *out = (uint16_t *)malloc(65536 * sizeof *out);
+    uint32_t exp_mask = _i ? 0x7f80u : 0x7c00u;
+    uint32_t p;
+    int i, bad = 0;
+    void *dk, *dv, *dq, *dout;
+    tst_options(&o, 1, H, H, D, dt);
+    o.policy = FKV_POLICY_DENSE;
+    o.max_sequences = nseq;
+    o.max_tokens_per_sequence = 64;
+    tst_ok(fkv_create(&o, &c));
+    for (p = 0; p < 65536; ++p) {
+        int nan = (p & exp_mask) == exp_mask && (p & ~(exp_mask | 0x8000u));
+        v[p] = (uint16_t)(nan ? 0x3c00u : p);
+    }
+    dk = tst_dev_alloc(65536 * 2);
+    dv = tst_dev_alloc(65536 * 2);
+    dq = tst_dev_alloc(65536 * 2);
+    dout = tst_dev_alloc(65536 * 2);
+    tst_dev_put(dk, zero, 65536 * 2);
+    tst_dev_put(dv, v, 65536 * 2);
+    tst_dev_put(dq, zero, 65536 * 2);
+    for (i = 0; i < nseq; ++i)
+        tst_ok(fkv_seq_open(c, &seqs[i]));
+    {
+        fkv_batch b = {nseq, 0, seqs, NULL}; /* one token each */
+        tst_ok(fkv_append(c, 0, &b, dk, dv));
+        tst_ok(fkv_attend(c, 0, &b, dq, dout));
+    }
+    tst_dev_get(out, dout, 65536 * 2);
+    for (p = 0; p < 65536; ++p) {
+        uint16_t want = v[p] == 0x8000u ? 0 : v[p];
+        if (out[p] != want && bad++ < 5)
+            fprintf(stderr, "seq %u head %u ch %u: 0x%04x, want 0x%04x\n",
+                    p / (unsigned)per, p % (unsigned)per / (unsigned)D,
+                    p % (unsigned)D, out[p], want);
+    }
+    ck_assert_msg(bad == 0, "%d of 65536 patterns changed", bad);
+    tst_dev_free(dk);
+    tst_dev_free(dv);
+    tst_dev_free(dq);
+    tst_dev_free(dout);
+    fkv_destroy(c);
+    free(v);
+    free(zero);
+    free(out);
+}
+END_TEST
+
 Suite *suite_dtypes(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "dtypes"));
@@ -137,5 +199,6 @@ Suite *suite_dtypes(const char *prefix)
     tcase_add_loop_test(tc, dt_selection, 0, 8);
     tcase_add_loop_test(tc, dt_head_dims, 0, 6);
     tcase_add_loop_test(tc, dt_single_token_exact, 0, 3);
+    tcase_add_loop_test(tc, dt_all_patterns_exact, 0, 2);
     return s;
 }
