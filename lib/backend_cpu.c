@@ -73,37 +73,39 @@ static void cpu_destroy(fkv_cache *c)
     cpu_backend *cb = backend_of(c);
     if (!cb)
         return;
+    const fkvi_mem *m = &c->mem;
     fkvi_select_scratch_free(&cb->select);
-    free(cb->layers);
-    free(cb->query);
-    free(cb->row);
-    free(cb->logits);
-    free(cb->acc);
-    free(cb->segments);
-    free(cb->selected);
-    free(cb->keep);
-    free(cb);
+    fkvi_free(m, cb->layers);
+    fkvi_free(m, cb->query);
+    fkvi_free(m, cb->row);
+    fkvi_free(m, cb->logits);
+    fkvi_free(m, cb->acc);
+    fkvi_free(m, cb->segments);
+    fkvi_free(m, cb->selected);
+    fkvi_free(m, cb->keep);
+    fkvi_free(m, cb);
     c->backend = NULL;
 }
 
 static fkv_status cpu_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    cpu_backend *cb = calloc(1, sizeof *cb);
+    const fkvi_mem *m = &c->mem;
+    cpu_backend *cb = fkvi_alloc(m, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     size_t k = g->select_pages > 0 ? (size_t)g->select_pages : 1;
-    cb->layers = calloc((size_t)c->opts.max_sequences * g->layers,
-                        sizeof *cb->layers);
-    cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
-    cb->row = malloc((size_t)g->head_dim * sizeof(float));
-    cb->logits = malloc((size_t)g->max_tokens * sizeof(double));
-    cb->acc = malloc((size_t)g->head_dim * sizeof(double));
-    cb->segments = malloc(((size_t)g->max_pages + 1) * sizeof(cpu_segment));
-    cb->selected = malloc(k * sizeof(int32_t));
-    cb->keep = malloc(k);
-    fkv_status st = fkvi_select_scratch_init(&cb->select, g);
+    cb->layers = fkvi_alloc(m, (size_t)c->opts.max_sequences * g->layers,
+                            sizeof *cb->layers);
+    cb->query = fkvi_alloc(m, (size_t)g->q_heads * g->head_dim, sizeof(float));
+    cb->row = fkvi_alloc(m, (size_t)g->head_dim, sizeof(float));
+    cb->logits = fkvi_alloc(m, (size_t)g->max_tokens, sizeof(double));
+    cb->acc = fkvi_alloc(m, (size_t)g->head_dim, sizeof(double));
+    cb->segments = fkvi_alloc(m, (size_t)g->max_pages + 1, sizeof(cpu_segment));
+    cb->selected = fkvi_alloc(m, k, sizeof(int32_t));
+    cb->keep = fkvi_alloc(m, k, 1);
+    fkv_status st = fkvi_select_scratch_init(&cb->select, g, m);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
         !cb->logits || !cb->acc || !cb->segments || !cb->selected ||
         !cb->keep) {
@@ -120,31 +122,31 @@ static fkv_status cpu_create(fkv_cache *c)
     return FKV_OK;
 }
 
-static void free_layer(cpu_layer *L)
+static void free_layer(const fkvi_mem *m, cpu_layer *L)
 {
-    free(L->sink);
-    free(L->ring);
-    free(L->slots);
-    free(L->smax);
-    free(L->smin);
-    free(L->slot_page);
-    free(L->active_pages);
-    free(L->active_slot);
-    free(L->active_count);
-    free(L->used_pages);
-    free(L->used_count);
-    free(L->pending_pages);
-    free(L->pending_count);
-    free(L->active_q);
-    free(L->pending_q);
+    fkvi_free(m, L->sink);
+    fkvi_free(m, L->ring);
+    fkvi_free(m, L->slots);
+    fkvi_free(m, L->smax);
+    fkvi_free(m, L->smin);
+    fkvi_free(m, L->slot_page);
+    fkvi_free(m, L->active_pages);
+    fkvi_free(m, L->active_slot);
+    fkvi_free(m, L->active_count);
+    fkvi_free(m, L->used_pages);
+    fkvi_free(m, L->used_count);
+    fkvi_free(m, L->pending_pages);
+    fkvi_free(m, L->pending_count);
+    fkvi_free(m, L->active_q);
+    fkvi_free(m, L->pending_q);
     memset(L, 0, sizeof *L);
 }
 
-/* calloc that tolerates zero-sized parts (K, S or W may be 0). */
-static void *zalloc(size_t n, size_t size, size_t *total)
+/* Zeroed memory that tolerates zero-sized parts (K, S or W may be 0). */
+static void *zalloc(const fkvi_mem *m, size_t n, size_t size, size_t *total)
 {
     *total += n * size;
-    return calloc(n ? n : 1, size);
+    return fkvi_alloc(m, n ? n : 1, size);
 }
 
 static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
@@ -154,28 +156,28 @@ static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
     size_t bytes = 0;
     bool ok = true;
     if (uses_slots(c)) {
-        ok &= (L->sink = zalloc(kvh * g->sink_pages, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->ring = zalloc(kvh * g->ring_pages, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->slots = zalloc(kvh * K, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->slot_page = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-        ok &= (L->active_slot = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
+        ok &= (L->sink = zalloc(&c->mem, kvh * g->sink_pages, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->ring = zalloc(&c->mem, kvh * g->ring_pages, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->slots = zalloc(&c->mem, kvh * K, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->slot_page = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+        ok &= (L->active_slot = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
     }
     if (uses_summaries(c)) {
         size_t n = kvh * g->max_pages * g->head_dim;
-        ok &= (L->smax = zalloc(n, sizeof(float), &bytes)) != NULL;
-        ok &= (L->smin = zalloc(n, sizeof(float), &bytes)) != NULL;
+        ok &= (L->smax = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
+        ok &= (L->smin = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
     }
-    ok &= (L->active_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->active_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->used_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->used_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->pending_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->pending_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->active_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->active_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->pending_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->pending_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
     size_t qn = (size_t)g->q_heads * g->head_dim;
-    ok &= (L->active_q = zalloc(qn, sizeof(float), &bytes)) != NULL;
-    ok &= (L->pending_q = zalloc(qn, sizeof(float), &bytes)) != NULL;
+    ok &= (L->active_q = zalloc(&c->mem, qn, sizeof(float), &bytes)) != NULL;
+    ok &= (L->pending_q = zalloc(&c->mem, qn, sizeof(float), &bytes)) != NULL;
     if (!ok) {
-        free_layer(L);
+        free_layer(&c->mem, L);
         return FKV_ERR_OUT_OF_MEMORY;
     }
     if (L->slot_page)
@@ -192,7 +194,7 @@ static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
     for (int32_t l = 0; l < c->geo.layers; l++) {
         if (alloc_layer(c, layer_of(c, slot, l)) != FKV_OK) {
             for (int32_t j = 0; j < l; j++)
-                free_layer(layer_of(c, slot, j));
+                free_layer(&c->mem, layer_of(c, slot, j));
             return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
                              "fkv_seq_open: no memory for the sequence's "
                              "slots and summaries");
@@ -205,7 +207,7 @@ static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
 static void cpu_seq_close(fkv_cache *c, int32_t slot)
 {
     for (int32_t l = 0; l < c->geo.layers; l++)
-        free_layer(layer_of(c, slot, l));
+        free_layer(&c->mem, layer_of(c, slot, l));
     backend_of(c)->bytes -= backend_of(c)->layer_bytes * c->geo.layers;
 }
 
@@ -361,6 +363,8 @@ static double dot_row(fkv_dtype dt, const unsigned char *row, const float *q,
 {
     double acc = 0.0;
     switch (dt) {
+    case FKV_DTYPE_UNSET: /* rejected by fkv_create */
+        break;
     case FKV_DTYPE_F32: {
         const float *r = (const float *)row;
         for (int32_t d = 0; d < dim; d++)

@@ -125,11 +125,27 @@ const char *fkvi_cuda_unavailable(int device)
 
 /* ---- creation ---------------------------------------------------------- */
 
+/* cudaMalloc and cudaHostAlloc, failing where the tests' fault injection
+ * says (fkvi_device_fault, memory.c). */
+static cudaError_t dev_malloc(void **p, size_t bytes)
+{
+    if (fkvi_device_fault())
+        return cudaErrorMemoryAllocation;
+    return cudaMalloc(p, bytes);
+}
+
+static cudaError_t host_pinned(void **p, size_t bytes, unsigned int flags)
+{
+    if (fkvi_device_fault())
+        return cudaErrorMemoryAllocation;
+    return cudaHostAlloc(p, bytes, flags);
+}
+
 static void *pinned_alloc(size_t bytes, void *ctx)
 {
     (void)ctx;
     void *p = NULL;
-    if (cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) !=
+    if (host_pinned(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) !=
         cudaSuccess) {
         (void)cudaGetLastError();
         return NULL;
@@ -137,16 +153,17 @@ static void *pinned_alloc(size_t bytes, void *ctx)
     return p;
 }
 
-static void pinned_release(void *p, void *ctx)
+static void pinned_release(void *p, size_t bytes, void *ctx)
 {
     (void)ctx;
+    (void)bytes;
     (void)cudaFreeHost(p);
 }
 
 static fkv_status dev_alloc(fkv_cache *c, void **p, uint64_t bytes,
                             const char *what)
 {
-    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    cudaError_t e = dev_malloc(p, bytes ? bytes : 16);
     if (e != cudaSuccess) {
         *p = NULL;
         (void)cudaGetLastError();
@@ -181,8 +198,8 @@ static void cuda_destroy(fkv_cache *c)
     for (int32_t l = 0; cb->recall_done && l < c->geo.layers; l++)
         if (cb->recall_done[l])
             (void)cudaEventDestroy(cb->recall_done[l]);
-    free(cb->select_ready);
-    free(cb->recall_done);
+    fkvi_free(&c->mem, cb->select_ready);
+    fkvi_free(&c->mem, cb->recall_done);
     if (cb->stream_switch)
         (void)cudaEventDestroy(cb->stream_switch);
     if (cb->side)
@@ -198,7 +215,7 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaGetLastError();
     if (previous >= 0 && previous != cb->device)
         (void)cudaSetDevice(previous);
-    free(cb);
+    fkvi_free(&c->mem, cb);
     c->backend = NULL;
 }
 
@@ -228,7 +245,7 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    cuda_backend *cb = calloc(1, sizeof *cb);
+    cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
@@ -267,8 +284,10 @@ static fkv_status cuda_create(fkv_cache *c)
      * 9.5 ms). */
     TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, greatest),
         "cudaStreamCreateWithPriority");
-    cb->select_ready = calloc((size_t)g->layers, sizeof(cudaEvent_t));
-    cb->recall_done = calloc((size_t)g->layers, sizeof(cudaEvent_t));
+    cb->select_ready = fkvi_alloc(&c->mem, (size_t)g->layers,
+                                  sizeof(cudaEvent_t));
+    cb->recall_done = fkvi_alloc(&c->mem, (size_t)g->layers,
+                                 sizeof(cudaEvent_t));
     if (!cb->select_ready || !cb->recall_done) {
         st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
         goto out;
@@ -288,8 +307,8 @@ static fkv_status cuda_create(fkv_cache *c)
     fkv_dev_state *m = &cb->st_main;
     m->max_seqs = c->opts.max_sequences;
 
-    TRY(cudaHostAlloc((void **)&cb->seq_base_host, S * sizeof(void *),
-                      cudaHostAllocPortable), "cudaHostAlloc");
+    TRY(host_pinned((void **)&cb->seq_base_host, S * sizeof(void *),
+                    cudaHostAllocPortable), "cudaHostAlloc");
     memset(cb->seq_base_host, 0, S * sizeof(void *));
     TRY_ST(dev_alloc(c, (void **)&cb->seq_base_dev, S * sizeof(void *),
                      "sequence table"));
@@ -298,9 +317,9 @@ static fkv_status cuda_create(fkv_cache *c)
 
     cb->block_ptr_entries =
         cb->geo.store ? 1 : S * g->layers * (uint64_t)g->max_pages;
-    TRY(cudaHostAlloc((void **)&cb->block_ptr_host,
-                      cb->block_ptr_entries * sizeof(uint64_t),
-                      cudaHostAllocPortable), "cudaHostAlloc");
+    TRY(host_pinned((void **)&cb->block_ptr_host,
+                    cb->block_ptr_entries * sizeof(uint64_t),
+                    cudaHostAllocPortable), "cudaHostAlloc");
     memset(cb->block_ptr_host, 0, cb->block_ptr_entries * sizeof(uint64_t));
     void *block_ptr = NULL;
     TRY_ST(dev_alloc(c, &block_ptr, cb->block_ptr_entries * sizeof(uint64_t),
@@ -399,7 +418,7 @@ static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
     const fkvi_geometry *g = &c->geo;
     uint64_t bytes = cb->geo.layer_bytes * (uint64_t)g->layers;
     void *region = NULL;
-    cudaError_t e = cudaMalloc(&region, bytes);
+    cudaError_t e = dev_malloc(&region, bytes);
     if (e != cudaSuccess) {
         leave(&guard);
         (void)cudaGetLastError();
@@ -805,7 +824,7 @@ static fkv_status cuda_sync(fkv_cache *c)
         return st;
     const int32_t L = c->geo.layers;
     const size_t bytes = (size_t)c->opts.max_sequences * L * sizeof(int32_t);
-    int32_t *len = malloc(bytes);
+    int32_t *len = fkvi_alloc(&c->mem, bytes, 1);
     unsigned int error = 0;
     if (!len) {
         leave(&guard);
@@ -843,7 +862,7 @@ static fkv_status cuda_sync(fkv_cache *c)
                            "fkv_sync: the device found an inconsistent page "
                            "table (error bits 0x%x)", error);
     }
-    free(len);
+    fkvi_free(&c->mem, len);
     return st;
 }
 
