@@ -587,6 +587,74 @@ static fkv_status cpu_stats(fkv_cache *c, fkv_stats *s)
     return FKV_OK;
 }
 
+/* ---- debug audit (fkvi_debug_audit; off every call path) --------------- */
+
+/* Compares the first `rows` rows of K and of V of two units. */
+static bool same_rows(const fkvi_geometry *g, const unsigned char *a,
+                      const unsigned char *b, int32_t rows)
+{
+    size_t row = (size_t)g->head_dim * g->elem_bytes;
+    size_t half = (size_t)g->page * row;
+    return memcmp(a, b, (size_t)rows * row) == 0 &&
+           memcmp(a + half, b + half, (size_t)rows * row) == 0;
+}
+
+static fkv_status cpu_audit(fkv_cache *c)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    if (!uses_slots(c))
+        return FKV_OK; /* attention reads the pool itself */
+    for (int32_t slot = 0; slot < c->opts.max_sequences; slot++) {
+        if (!c->seqs[slot].open)
+            continue;
+        for (int32_t layer = 0; layer < g->layers; layer++) {
+            cpu_layer *L = layer_of(c, slot, layer);
+            fkvi_pages r;
+            fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+            for (int32_t h = 0; h < g->kv_heads; h++) {
+#define AUDIT_FAIL(...) \
+    return fkvi_fail(c, FKV_ERR_INTERNAL, "fkvi_debug_audit: sequence slot " \
+                     "%d, layer %d, KV head %d: " __VA_ARGS__)
+                for (int32_t p = 0; p < r.sink_end; p++)
+                    if (!same_rows(g, resident_unit(c, L, p, h),
+                                   pool_unit(c, slot, layer, p, h), g->page))
+                        AUDIT_FAIL("sink page %d differs from the pool", slot,
+                                   layer, h, p);
+                for (int32_t p = r.window_first; p <= r.sealed; p++) {
+                    int32_t rows = p < r.sealed ? g->page : r.partial;
+                    if (rows && !same_rows(g, resident_unit(c, L, p, h),
+                                           pool_unit(c, slot, layer, p, h),
+                                           rows))
+                        AUDIT_FAIL("window page %d differs from the pool",
+                                   slot, layer, h, p);
+                }
+                for (int32_t s = 0; s < K; s++) {
+                    int32_t p = L->slot_page[(size_t)h * K + s];
+                    if (p < 0)
+                        continue;
+                    if (p >= r.sealed)
+                        AUDIT_FAIL("slot %d claims page %d of %d sealed", slot,
+                                   layer, h, s, p, r.sealed);
+                    if (!same_rows(g, unit_at(g, L->slots, h, K, s),
+                                   pool_unit(c, slot, layer, p, h), g->page))
+                        AUDIT_FAIL("slot %d differs from page %d in the pool",
+                                   slot, layer, h, s, p);
+                }
+                for (int32_t j = 0; j < L->active_count[h]; j++) {
+                    int32_t s = L->active_slot[(size_t)h * K + j];
+                    int32_t p = L->active_pages[(size_t)h * K + j];
+                    if (s < 0 || s >= K || L->slot_page[(size_t)h * K + s] != p)
+                        AUDIT_FAIL("active page %d is not in its slot %d",
+                                   slot, layer, h, p, s);
+                }
+#undef AUDIT_FAIL
+            }
+        }
+    }
+    return FKV_OK;
+}
+
 const fkvi_backend_ops fkvi_cpu_backend = {
     .name = "cpu",
     .create = cpu_create,
@@ -601,4 +669,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .selected_pages = cpu_selected_pages,
     .stats = cpu_stats,
     .reset_stats = NULL,
+    .audit = cpu_audit,
 };

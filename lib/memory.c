@@ -57,11 +57,19 @@ void *fkvi_alloc(const fkvi_mem *m, size_t n, size_t size)
     if (size && n > (SIZE_MAX - FKVI_HEADER) / size)
         return NULL;
     size_t bytes = n * size + FKVI_HEADER;
-    unsigned char *p = m->alloc(m->user, bytes, FKVI_HEADER);
+    unsigned char *p;
+    if (m->alloc == libc_alloc) {
+        /* calloc: the kernel's zero pages, touched only where used (a large
+         * max_tokens_per_sequence sizes some scratch). */
+        p = calloc(1, bytes);
+    } else {
+        p = m->alloc(m->user, bytes, FKVI_HEADER);
+        if (p)
+            memset(p + FKVI_HEADER, 0, bytes - FKVI_HEADER);
+    }
     if (!p)
         return NULL;
     memcpy(p, &bytes, sizeof bytes);
-    memset(p + FKVI_HEADER, 0, bytes - FKVI_HEADER);
     return p + FKVI_HEADER;
 }
 
