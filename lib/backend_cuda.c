@@ -11,6 +11,7 @@
  *                  previous step's recall), then corrects and attends.
  * No call synchronises with the host on the decode path; see
  * docs/design.md for CUDA graph capture. */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -866,6 +867,121 @@ static fkv_status cuda_sync(fkv_cache *c)
     return st;
 }
 
+/* ---- debug audit (fkvi_debug_audit; tests only, needs GPU validation) --- */
+
+/* Compares the first `rows` rows of K and of V of a device unit copied to
+ * the host with the pool's unit. */
+static bool audit_rows(const fkvi_geometry *g, const unsigned char *dev,
+                       const unsigned char *pool, int32_t rows)
+{
+    size_t row = (size_t)g->head_dim * g->elem_bytes;
+    size_t half = (size_t)g->page * row;
+    return memcmp(dev, pool, (size_t)rows * row) == 0 &&
+           memcmp(dev + half, pool + half, (size_t)rows * row) == 0;
+}
+
+static fkv_status cuda_audit(fkv_cache *c)
+{
+    cuda_backend *cb = backend_of(c);
+    const fkv_dev_geometry *d = &cb->geo;
+    const fkvi_geometry *g = &c->geo;
+    if (!c->cuda_experimental)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkvi_debug_audit: the CUDA audit is not validated "
+                         "yet; set FKV_CUDA_EXPERIMENTAL=1");
+    if (d->store)
+        return FKV_OK; /* no host pool to compare with */
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    unsigned char *buf = fkvi_alloc(&c->mem, d->layer_bytes, 1);
+    if (!buf) {
+        leave(&guard);
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkvi_debug_audit: no memory");
+    }
+    const int32_t K = g->select_pages;
+    const uint64_t unit = g->unit_bytes;
+    st = wait_all(c);
+    for (int32_t slot = 0; st == FKV_OK && slot < c->opts.max_sequences;
+         slot++) {
+        if (!c->seqs[slot].open)
+            continue;
+        for (int32_t layer = 0; st == FKV_OK && layer < g->layers; layer++) {
+            cudaError_t e = cudaMemcpy(
+                buf, cb->seq_base_host[slot] + (uint64_t)layer * d->layer_bytes,
+                d->layer_bytes, cudaMemcpyDeviceToHost);
+            if (e != cudaSuccess) {
+                st = cuda_fail(c, e, "fkvi_debug_audit");
+                break;
+            }
+            fkvi_pages r;
+            fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+            const uint32_t *blocks =
+                c->seqs[slot].blocks + (size_t)layer * g->max_pages;
+            const int32_t *slot_page = (const int32_t *)(buf + d->off_slot_page);
+            const int32_t *active_count =
+                (const int32_t *)(buf + d->off_active_count);
+            const int32_t *active_pages =
+                (const int32_t *)(buf + d->off_active_pages);
+            const int32_t *active_slot =
+                (const int32_t *)(buf + d->off_active_slot);
+            for (int32_t h = 0; st == FKV_OK && h < g->kv_heads; h++) {
+#define POOL(p) ((const unsigned char *)fkv_pool_block(&c->pool, blocks[p]) + \
+                 (size_t)h * unit)
+#define AUDIT_FAIL(...)                                                      \
+    do {                                                                     \
+        st = fkvi_fail(c, FKV_ERR_INTERNAL, "fkvi_debug_audit: sequence "    \
+                       "slot %d, layer %d, KV head %d: " __VA_ARGS__);       \
+        goto next;                                                           \
+    } while (0)
+                for (int32_t p = 0; p < r.sink_end; p++)
+                    if (!audit_rows(g, buf + d->off_sink +
+                                           ((uint64_t)h * g->sink_pages + p) * unit,
+                                    POOL(p), g->page))
+                        AUDIT_FAIL("sink page %d differs from the pool", slot,
+                                   layer, h, p);
+                for (int32_t p = r.window_first; p <= r.sealed; p++) {
+                    int32_t rows = p < r.sealed ? g->page : r.partial;
+                    uint64_t at = (uint64_t)h * g->ring_pages +
+                                  (uint64_t)(p - g->sink_pages) % g->ring_pages;
+                    if (rows && p >= g->sink_pages &&
+                        !audit_rows(g, buf + d->off_ring + at * unit, POOL(p),
+                                    rows))
+                        AUDIT_FAIL("window page %d differs from the pool",
+                                   slot, layer, h, p);
+                }
+                for (int32_t s2 = 0; s2 < K; s2++) {
+                    int32_t p = slot_page[(size_t)h * K + s2];
+                    if (p < 0)
+                        continue;
+                    if (p >= r.sealed)
+                        AUDIT_FAIL("slot %d claims page %d of %d sealed", slot,
+                                   layer, h, s2, p, r.sealed);
+                    if (!audit_rows(g, buf + d->off_slots +
+                                           ((uint64_t)h * K + s2) * unit,
+                                    POOL(p), g->page))
+                        AUDIT_FAIL("slot %d differs from page %d in the pool",
+                                   slot, layer, h, s2, p);
+                }
+                for (int32_t j = 0; j < active_count[h]; j++) {
+                    int32_t s2 = active_slot[(size_t)h * K + j];
+                    int32_t p = active_pages[(size_t)h * K + j];
+                    if (s2 < 0 || s2 >= K || slot_page[(size_t)h * K + s2] != p)
+                        AUDIT_FAIL("active page %d is not in its slot %d",
+                                   slot, layer, h, p, s2);
+                }
+            next:;
+#undef AUDIT_FAIL
+#undef POOL
+            }
+        }
+    }
+    leave(&guard);
+    fkvi_free(&c->mem, buf);
+    return st;
+}
+
 const fkvi_backend_ops fkvi_cuda_backend = {
     .name = "cuda",
     .create = cuda_create,
@@ -882,4 +998,5 @@ const fkvi_backend_ops fkvi_cuda_backend = {
     .selected_pages = cuda_selected_pages,
     .stats = cuda_stats,
     .reset_stats = cuda_reset_stats,
+    .audit = cuda_audit,
 };

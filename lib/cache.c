@@ -77,6 +77,8 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
         return fkvi_fail(NULL, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->opts = o;
     c->mem = mem;
+    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+    c->cuda_experimental = x && strcmp(x, "1") == 0;
     fkvi_geometry_init(&o, &c->geo);
     int32_t n = o.max_sequences;
     c->seqs = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->seqs);

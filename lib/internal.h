@@ -143,6 +143,9 @@ struct fkv_cache {
     /* The backend keeps every page on the device and needs no host pool
      * (CUDA's RESIDENT and DENSE). */
     bool pool_unused; /* host memory held besides the pool */
+    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA paths not yet validated
+     * on a GPU may run (otherwise they return FKV_ERR_UNSUPPORTED). */
+    bool cuda_experimental;
 
     char error[FKV_ERROR_LEN];
 };
