@@ -637,6 +637,7 @@ static void resolve_backend(const args *a, engine *e)
     o.sink_tokens = 0;
     o.window_tokens = 0;
     o.budget_tokens = 32;
+    o.dtype = FKV_DTYPE_BF16;
     BENCH_FKV_CHECK(NULL, fkv_create(&o, &c));
     fkv_options got;
     BENCH_FKV_CHECK(c, fkv_options_init(&got, sizeof got));

@@ -77,6 +77,9 @@ typedef enum fkv_backend {
 } fkv_backend;
 
 typedef enum fkv_dtype {
+    /* fkv_options_init's value: fkv_create rejects it, so that a caller who
+     * forgets to say which dtype its buffers hold is told so. */
+    FKV_DTYPE_UNSET = -1,
     FKV_DTYPE_F32 = 0,
     FKV_DTYPE_F16 = 1, /* IEEE binary16 */
     FKV_DTYPE_BF16 = 2 /* bfloat16 */
@@ -124,7 +127,7 @@ typedef struct fkv_options {
     int32_t num_q_heads;  /* a multiple of num_kv_heads */
     int32_t num_kv_heads;
     int32_t head_dim;     /* 64, 128 or 256 */
-    fkv_dtype dtype;      /* of K, V, Q and the output; default BF16 */
+    fkv_dtype dtype;      /* of K, V, Q and the output; required */
     float softmax_scale;  /* 0 means 1/sqrt(head_dim) */
 
     /* Retrieval. sink, window and budget are multiples of page_tokens, and
@@ -141,6 +144,16 @@ typedef struct fkv_options {
     int32_t max_sequences;            /* open at once; default 8 */
     int64_t max_tokens_per_sequence;  /* default 131072 */
     uint64_t host_pool_bytes;         /* KV pool limit; 0 = no limit */
+
+    /* Host allocator (added in 0.1; both NULL: the C library's malloc).
+     * Every host allocation the library makes goes through it, except the
+     * CUDA backend's pinned memory (cudaHostAlloc). host_alloc returns
+     * memory aligned to `alignment` (a power of two) or NULL; host_free gets
+     * the size that was asked for. Set both or neither. The functions may be
+     * called from any thread that calls into the cache. */
+    void *(*host_alloc)(void *user, size_t size, size_t alignment);
+    void (*host_free)(void *user, void *ptr, size_t size);
+    void *alloc_user; /* passed to both */
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.
@@ -173,11 +186,12 @@ FKV_API fkv_status fkv_get_options(fkv_cache *cache, fkv_options *out);
  * default stream. The CPU backend accepts and ignores it. */
 FKV_API fkv_status fkv_set_stream(fkv_cache *cache, void *stream);
 
-/* Writes the message of the cache's last failed call into buf (always NUL
+/* Writes the message of the cache's most recent call into buf (always NUL
  * terminated when len > 0) and returns the message's full length, like
- * snprintf. The message is "" when no call has failed. With cache == NULL
- * it reports the calling thread's last failure of a call that had no handle
- * (fkv_create, or a call given a NULL cache). */
+ * snprintf: "" when that call succeeded (like sqlite3_errmsg, a successful
+ * call clears the message; fkv_last_error itself changes nothing). With
+ * cache == NULL it reports the calling thread's most recent call that had
+ * no handle (fkv_options_init, fkv_create, or a call given a NULL cache). */
 FKV_API size_t fkv_last_error(const fkv_cache *cache, char *buf, size_t len);
 
 /* ------------------------------------------------------------------------ */

@@ -86,45 +86,47 @@ static void cpu_destroy(fkv_cache *c)
     cpu_backend *cb = backend_of(c);
     if (!cb)
         return;
+    const fkvi_mem *m = &c->mem;
     fkvi_select_scratch_free(&cb->select);
-    free(cb->layers);
-    free(cb->query);
-    free(cb->row);
-    free(cb->stage);
-    free(cb->ktile);
-    free(cb->vtile);
-    free(cb->logits);
-    free(cb->acc);
-    free(cb->segments);
-    free(cb->selected);
-    free(cb->keep);
-    free(cb);
+    fkvi_free(m, cb->layers);
+    fkvi_free(m, cb->query);
+    fkvi_free(m, cb->row);
+    fkvi_free(m, cb->stage);
+    fkvi_free(m, cb->ktile);
+    fkvi_free(m, cb->vtile);
+    fkvi_free(m, cb->logits);
+    fkvi_free(m, cb->acc);
+    fkvi_free(m, cb->segments);
+    fkvi_free(m, cb->selected);
+    fkvi_free(m, cb->keep);
+    fkvi_free(m, cb);
     c->backend = NULL;
 }
 
 static fkv_status cpu_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    cpu_backend *cb = calloc(1, sizeof *cb);
+    const fkvi_mem *m = &c->mem;
+    cpu_backend *cb = fkvi_alloc(m, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     size_t k = g->select_pages > 0 ? (size_t)g->select_pages : 1;
-    cb->layers = calloc((size_t)c->opts.max_sequences * g->layers,
-                        sizeof *cb->layers);
-    cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
-    cb->row = malloc((size_t)g->head_dim * sizeof(float));
+    cb->layers = fkvi_alloc(m, (size_t)c->opts.max_sequences * g->layers,
+                            sizeof *cb->layers);
+    cb->query = fkvi_alloc(m, (size_t)g->q_heads * g->head_dim, sizeof(float));
+    cb->row = fkvi_alloc(m, (size_t)g->head_dim, sizeof(float));
     const size_t tile = (size_t)round_to_block(g->page) * g->head_dim;
-    cb->stage = malloc(tile * sizeof(float));
-    cb->ktile = malloc(tile * sizeof(double));
-    cb->vtile = malloc(tile * sizeof(double));
+    cb->stage = fkvi_alloc(m, tile, sizeof(float));
+    cb->ktile = fkvi_alloc(m, tile, sizeof(double));
+    cb->vtile = fkvi_alloc(m, tile, sizeof(double));
     cb->logits =
-        malloc((size_t)g->group * g->max_tokens * sizeof(double));
-    cb->acc = malloc((size_t)g->group * g->head_dim * sizeof(double));
-    cb->segments = malloc(((size_t)g->max_pages + 1) * sizeof(cpu_segment));
-    cb->selected = malloc(k * sizeof(int32_t));
-    cb->keep = malloc(k);
-    fkv_status st = fkvi_select_scratch_init(&cb->select, g);
+        fkvi_alloc(m, (size_t)g->group * g->max_tokens, sizeof(double));
+    cb->acc = fkvi_alloc(m, (size_t)g->group * g->head_dim, sizeof(double));
+    cb->segments = fkvi_alloc(m, (size_t)g->max_pages + 1, sizeof(cpu_segment));
+    cb->selected = fkvi_alloc(m, k, sizeof(int32_t));
+    cb->keep = fkvi_alloc(m, k, 1);
+    fkv_status st = fkvi_select_scratch_init(&cb->select, g, m);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
         !cb->stage || !cb->ktile || !cb->vtile || !cb->logits || !cb->acc ||
         !cb->segments || !cb->selected || !cb->keep) {
@@ -143,31 +145,31 @@ static fkv_status cpu_create(fkv_cache *c)
     return FKV_OK;
 }
 
-static void free_layer(cpu_layer *L)
+static void free_layer(const fkvi_mem *m, cpu_layer *L)
 {
-    free(L->sink);
-    free(L->ring);
-    free(L->slots);
-    free(L->smax);
-    free(L->smin);
-    free(L->slot_page);
-    free(L->active_pages);
-    free(L->active_slot);
-    free(L->active_count);
-    free(L->used_pages);
-    free(L->used_count);
-    free(L->pending_pages);
-    free(L->pending_count);
-    free(L->active_q);
-    free(L->pending_q);
+    fkvi_free(m, L->sink);
+    fkvi_free(m, L->ring);
+    fkvi_free(m, L->slots);
+    fkvi_free(m, L->smax);
+    fkvi_free(m, L->smin);
+    fkvi_free(m, L->slot_page);
+    fkvi_free(m, L->active_pages);
+    fkvi_free(m, L->active_slot);
+    fkvi_free(m, L->active_count);
+    fkvi_free(m, L->used_pages);
+    fkvi_free(m, L->used_count);
+    fkvi_free(m, L->pending_pages);
+    fkvi_free(m, L->pending_count);
+    fkvi_free(m, L->active_q);
+    fkvi_free(m, L->pending_q);
     memset(L, 0, sizeof *L);
 }
 
-/* calloc that tolerates zero-sized parts (K, S or W may be 0). */
-static void *zalloc(size_t n, size_t size, size_t *total)
+/* Zeroed memory that tolerates zero-sized parts (K, S or W may be 0). */
+static void *zalloc(const fkvi_mem *m, size_t n, size_t size, size_t *total)
 {
     *total += n * size;
-    return calloc(n ? n : 1, size);
+    return fkvi_alloc(m, n ? n : 1, size);
 }
 
 static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
@@ -177,28 +179,28 @@ static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
     size_t bytes = 0;
     bool ok = true;
     if (uses_slots(c)) {
-        ok &= (L->sink = zalloc(kvh * g->sink_pages, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->ring = zalloc(kvh * g->ring_pages, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->slots = zalloc(kvh * K, g->unit_bytes, &bytes)) != NULL;
-        ok &= (L->slot_page = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-        ok &= (L->active_slot = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
+        ok &= (L->sink = zalloc(&c->mem, kvh * g->sink_pages, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->ring = zalloc(&c->mem, kvh * g->ring_pages, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->slots = zalloc(&c->mem, kvh * K, g->unit_bytes, &bytes)) != NULL;
+        ok &= (L->slot_page = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+        ok &= (L->active_slot = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
     }
     if (uses_summaries(c)) {
         size_t n = kvh * g->max_pages * g->head_dim;
-        ok &= (L->smax = zalloc(n, sizeof(float), &bytes)) != NULL;
-        ok &= (L->smin = zalloc(n, sizeof(float), &bytes)) != NULL;
+        ok &= (L->smax = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
+        ok &= (L->smin = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
     }
-    ok &= (L->active_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->active_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->used_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->used_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->pending_pages = zalloc(kvh * K, sizeof(int32_t), &bytes)) != NULL;
-    ok &= (L->pending_count = zalloc(kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->active_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->active_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->used_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->pending_pages = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
+    ok &= (L->pending_count = zalloc(&c->mem, kvh, sizeof(int32_t), &bytes)) != NULL;
     size_t qn = (size_t)g->q_heads * g->head_dim;
-    ok &= (L->active_q = zalloc(qn, sizeof(float), &bytes)) != NULL;
-    ok &= (L->pending_q = zalloc(qn, sizeof(float), &bytes)) != NULL;
+    ok &= (L->active_q = zalloc(&c->mem, qn, sizeof(float), &bytes)) != NULL;
+    ok &= (L->pending_q = zalloc(&c->mem, qn, sizeof(float), &bytes)) != NULL;
     if (!ok) {
-        free_layer(L);
+        free_layer(&c->mem, L);
         return FKV_ERR_OUT_OF_MEMORY;
     }
     if (L->slot_page)
@@ -215,7 +217,7 @@ static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
     for (int32_t l = 0; l < c->geo.layers; l++) {
         if (alloc_layer(c, layer_of(c, slot, l)) != FKV_OK) {
             for (int32_t j = 0; j < l; j++)
-                free_layer(layer_of(c, slot, j));
+                free_layer(&c->mem, layer_of(c, slot, j));
             return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
                              "fkv_seq_open: no memory for the sequence's "
                              "slots and summaries");
@@ -228,7 +230,7 @@ static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
 static void cpu_seq_close(fkv_cache *c, int32_t slot)
 {
     for (int32_t l = 0; l < c->geo.layers; l++)
-        free_layer(layer_of(c, slot, l));
+        free_layer(&c->mem, layer_of(c, slot, l));
     backend_of(c)->bytes -= backend_of(c)->layer_bytes * c->geo.layers;
 }
 
@@ -705,6 +707,74 @@ static fkv_status cpu_stats(fkv_cache *c, fkv_stats *s)
     return FKV_OK;
 }
 
+/* ---- debug audit (fkvi_debug_audit; off every call path) --------------- */
+
+/* Compares the first `rows` rows of K and of V of two units. */
+static bool same_rows(const fkvi_geometry *g, const unsigned char *a,
+                      const unsigned char *b, int32_t rows)
+{
+    size_t row = (size_t)g->head_dim * g->elem_bytes;
+    size_t half = (size_t)g->page * row;
+    return memcmp(a, b, (size_t)rows * row) == 0 &&
+           memcmp(a + half, b + half, (size_t)rows * row) == 0;
+}
+
+static fkv_status cpu_audit(fkv_cache *c)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    if (!uses_slots(c))
+        return FKV_OK; /* attention reads the pool itself */
+    for (int32_t slot = 0; slot < c->opts.max_sequences; slot++) {
+        if (!c->seqs[slot].open)
+            continue;
+        for (int32_t layer = 0; layer < g->layers; layer++) {
+            cpu_layer *L = layer_of(c, slot, layer);
+            fkvi_pages r;
+            fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+            for (int32_t h = 0; h < g->kv_heads; h++) {
+#define AUDIT_FAIL(...) \
+    return fkvi_fail(c, FKV_ERR_INTERNAL, "fkvi_debug_audit: sequence slot " \
+                     "%d, layer %d, KV head %d: " __VA_ARGS__)
+                for (int32_t p = 0; p < r.sink_end; p++)
+                    if (!same_rows(g, resident_unit(c, L, p, h),
+                                   pool_unit(c, slot, layer, p, h), g->page))
+                        AUDIT_FAIL("sink page %d differs from the pool", slot,
+                                   layer, h, p);
+                for (int32_t p = r.window_first; p <= r.sealed; p++) {
+                    int32_t rows = p < r.sealed ? g->page : r.partial;
+                    if (rows && !same_rows(g, resident_unit(c, L, p, h),
+                                           pool_unit(c, slot, layer, p, h),
+                                           rows))
+                        AUDIT_FAIL("window page %d differs from the pool",
+                                   slot, layer, h, p);
+                }
+                for (int32_t s = 0; s < K; s++) {
+                    int32_t p = L->slot_page[(size_t)h * K + s];
+                    if (p < 0)
+                        continue;
+                    if (p >= r.sealed)
+                        AUDIT_FAIL("slot %d claims page %d of %d sealed", slot,
+                                   layer, h, s, p, r.sealed);
+                    if (!same_rows(g, unit_at(g, L->slots, h, K, s),
+                                   pool_unit(c, slot, layer, p, h), g->page))
+                        AUDIT_FAIL("slot %d differs from page %d in the pool",
+                                   slot, layer, h, s, p);
+                }
+                for (int32_t j = 0; j < L->active_count[h]; j++) {
+                    int32_t s = L->active_slot[(size_t)h * K + j];
+                    int32_t p = L->active_pages[(size_t)h * K + j];
+                    if (s < 0 || s >= K || L->slot_page[(size_t)h * K + s] != p)
+                        AUDIT_FAIL("active page %d is not in its slot %d",
+                                   slot, layer, h, p, s);
+                }
+#undef AUDIT_FAIL
+            }
+        }
+    }
+    return FKV_OK;
+}
+
 const fkvi_backend_ops fkvi_cpu_backend = {
     .name = "cpu",
     .create = cpu_create,
@@ -719,4 +789,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .selected_pages = cpu_selected_pages,
     .stats = cpu_stats,
     .reset_stats = NULL,
+    .audit = cpu_audit,
 };

@@ -11,6 +11,7 @@
  *                  previous step's recall), then corrects and attends.
  * No call synchronises with the host on the decode path; see
  * docs/design.md for CUDA graph capture. */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,11 +126,27 @@ const char *fkvi_cuda_unavailable(int device)
 
 /* ---- creation ---------------------------------------------------------- */
 
+/* cudaMalloc and cudaHostAlloc, failing where the tests' fault injection
+ * says (fkvi_device_fault, memory.c). */
+static cudaError_t dev_malloc(void **p, size_t bytes)
+{
+    if (fkvi_device_fault())
+        return cudaErrorMemoryAllocation;
+    return cudaMalloc(p, bytes);
+}
+
+static cudaError_t host_pinned(void **p, size_t bytes, unsigned int flags)
+{
+    if (fkvi_device_fault())
+        return cudaErrorMemoryAllocation;
+    return cudaHostAlloc(p, bytes, flags);
+}
+
 static void *pinned_alloc(size_t bytes, void *ctx)
 {
     (void)ctx;
     void *p = NULL;
-    if (cudaHostAlloc(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) !=
+    if (host_pinned(&p, bytes, cudaHostAllocMapped | cudaHostAllocPortable) !=
         cudaSuccess) {
         (void)cudaGetLastError();
         return NULL;
@@ -137,16 +154,17 @@ static void *pinned_alloc(size_t bytes, void *ctx)
     return p;
 }
 
-static void pinned_release(void *p, void *ctx)
+static void pinned_release(void *p, size_t bytes, void *ctx)
 {
     (void)ctx;
+    (void)bytes;
     (void)cudaFreeHost(p);
 }
 
 static fkv_status dev_alloc(fkv_cache *c, void **p, uint64_t bytes,
                             const char *what)
 {
-    cudaError_t e = cudaMalloc(p, bytes ? bytes : 16);
+    cudaError_t e = dev_malloc(p, bytes ? bytes : 16);
     if (e != cudaSuccess) {
         *p = NULL;
         (void)cudaGetLastError();
@@ -181,8 +199,8 @@ static void cuda_destroy(fkv_cache *c)
     for (int32_t l = 0; cb->recall_done && l < c->geo.layers; l++)
         if (cb->recall_done[l])
             (void)cudaEventDestroy(cb->recall_done[l]);
-    free(cb->select_ready);
-    free(cb->recall_done);
+    fkvi_free(&c->mem, cb->select_ready);
+    fkvi_free(&c->mem, cb->recall_done);
     if (cb->stream_switch)
         (void)cudaEventDestroy(cb->stream_switch);
     if (cb->side)
@@ -198,7 +216,7 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaGetLastError();
     if (previous >= 0 && previous != cb->device)
         (void)cudaSetDevice(previous);
-    free(cb);
+    fkvi_free(&c->mem, cb);
     c->backend = NULL;
 }
 
@@ -228,7 +246,7 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    cuda_backend *cb = calloc(1, sizeof *cb);
+    cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
@@ -267,8 +285,10 @@ static fkv_status cuda_create(fkv_cache *c)
      * 9.5 ms). */
     TRY(cudaStreamCreateWithPriority(&cb->side, cudaStreamNonBlocking, greatest),
         "cudaStreamCreateWithPriority");
-    cb->select_ready = calloc((size_t)g->layers, sizeof(cudaEvent_t));
-    cb->recall_done = calloc((size_t)g->layers, sizeof(cudaEvent_t));
+    cb->select_ready = fkvi_alloc(&c->mem, (size_t)g->layers,
+                                  sizeof(cudaEvent_t));
+    cb->recall_done = fkvi_alloc(&c->mem, (size_t)g->layers,
+                                 sizeof(cudaEvent_t));
     if (!cb->select_ready || !cb->recall_done) {
         st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
         goto out;
@@ -288,8 +308,8 @@ static fkv_status cuda_create(fkv_cache *c)
     fkv_dev_state *m = &cb->st_main;
     m->max_seqs = c->opts.max_sequences;
 
-    TRY(cudaHostAlloc((void **)&cb->seq_base_host, S * sizeof(void *),
-                      cudaHostAllocPortable), "cudaHostAlloc");
+    TRY(host_pinned((void **)&cb->seq_base_host, S * sizeof(void *),
+                    cudaHostAllocPortable), "cudaHostAlloc");
     memset(cb->seq_base_host, 0, S * sizeof(void *));
     TRY_ST(dev_alloc(c, (void **)&cb->seq_base_dev, S * sizeof(void *),
                      "sequence table"));
@@ -298,9 +318,9 @@ static fkv_status cuda_create(fkv_cache *c)
 
     cb->block_ptr_entries =
         cb->geo.store ? 1 : S * g->layers * (uint64_t)g->max_pages;
-    TRY(cudaHostAlloc((void **)&cb->block_ptr_host,
-                      cb->block_ptr_entries * sizeof(uint64_t),
-                      cudaHostAllocPortable), "cudaHostAlloc");
+    TRY(host_pinned((void **)&cb->block_ptr_host,
+                    cb->block_ptr_entries * sizeof(uint64_t),
+                    cudaHostAllocPortable), "cudaHostAlloc");
     memset(cb->block_ptr_host, 0, cb->block_ptr_entries * sizeof(uint64_t));
     void *block_ptr = NULL;
     TRY_ST(dev_alloc(c, &block_ptr, cb->block_ptr_entries * sizeof(uint64_t),
@@ -399,7 +419,7 @@ static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
     const fkvi_geometry *g = &c->geo;
     uint64_t bytes = cb->geo.layer_bytes * (uint64_t)g->layers;
     void *region = NULL;
-    cudaError_t e = cudaMalloc(&region, bytes);
+    cudaError_t e = dev_malloc(&region, bytes);
     if (e != cudaSuccess) {
         leave(&guard);
         (void)cudaGetLastError();
@@ -805,7 +825,7 @@ static fkv_status cuda_sync(fkv_cache *c)
         return st;
     const int32_t L = c->geo.layers;
     const size_t bytes = (size_t)c->opts.max_sequences * L * sizeof(int32_t);
-    int32_t *len = malloc(bytes);
+    int32_t *len = fkvi_alloc(&c->mem, bytes, 1);
     unsigned int error = 0;
     if (!len) {
         leave(&guard);
@@ -843,7 +863,122 @@ static fkv_status cuda_sync(fkv_cache *c)
                            "fkv_sync: the device found an inconsistent page "
                            "table (error bits 0x%x)", error);
     }
-    free(len);
+    fkvi_free(&c->mem, len);
+    return st;
+}
+
+/* ---- debug audit (fkvi_debug_audit; tests only, needs GPU validation) --- */
+
+/* Compares the first `rows` rows of K and of V of a device unit copied to
+ * the host with the pool's unit. */
+static bool audit_rows(const fkvi_geometry *g, const unsigned char *dev,
+                       const unsigned char *pool, int32_t rows)
+{
+    size_t row = (size_t)g->head_dim * g->elem_bytes;
+    size_t half = (size_t)g->page * row;
+    return memcmp(dev, pool, (size_t)rows * row) == 0 &&
+           memcmp(dev + half, pool + half, (size_t)rows * row) == 0;
+}
+
+static fkv_status cuda_audit(fkv_cache *c)
+{
+    cuda_backend *cb = backend_of(c);
+    const fkv_dev_geometry *d = &cb->geo;
+    const fkvi_geometry *g = &c->geo;
+    if (!c->cuda_experimental)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkvi_debug_audit: the CUDA audit is not validated "
+                         "yet; set FKV_CUDA_EXPERIMENTAL=1");
+    if (d->store)
+        return FKV_OK; /* no host pool to compare with */
+    device_guard guard;
+    fkv_status st = enter(c, &guard);
+    if (st != FKV_OK)
+        return st;
+    unsigned char *buf = fkvi_alloc(&c->mem, d->layer_bytes, 1);
+    if (!buf) {
+        leave(&guard);
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkvi_debug_audit: no memory");
+    }
+    const int32_t K = g->select_pages;
+    const uint64_t unit = g->unit_bytes;
+    st = wait_all(c);
+    for (int32_t slot = 0; st == FKV_OK && slot < c->opts.max_sequences;
+         slot++) {
+        if (!c->seqs[slot].open)
+            continue;
+        for (int32_t layer = 0; st == FKV_OK && layer < g->layers; layer++) {
+            cudaError_t e = cudaMemcpy(
+                buf, cb->seq_base_host[slot] + (uint64_t)layer * d->layer_bytes,
+                d->layer_bytes, cudaMemcpyDeviceToHost);
+            if (e != cudaSuccess) {
+                st = cuda_fail(c, e, "fkvi_debug_audit");
+                break;
+            }
+            fkvi_pages r;
+            fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+            const uint32_t *blocks =
+                c->seqs[slot].blocks + (size_t)layer * g->max_pages;
+            const int32_t *slot_page = (const int32_t *)(buf + d->off_slot_page);
+            const int32_t *active_count =
+                (const int32_t *)(buf + d->off_active_count);
+            const int32_t *active_pages =
+                (const int32_t *)(buf + d->off_active_pages);
+            const int32_t *active_slot =
+                (const int32_t *)(buf + d->off_active_slot);
+            for (int32_t h = 0; st == FKV_OK && h < g->kv_heads; h++) {
+#define POOL(p) ((const unsigned char *)fkv_pool_block(&c->pool, blocks[p]) + \
+                 (size_t)h * unit)
+#define AUDIT_FAIL(...)                                                      \
+    do {                                                                     \
+        st = fkvi_fail(c, FKV_ERR_INTERNAL, "fkvi_debug_audit: sequence "    \
+                       "slot %d, layer %d, KV head %d: " __VA_ARGS__);       \
+        goto next;                                                           \
+    } while (0)
+                for (int32_t p = 0; p < r.sink_end; p++)
+                    if (!audit_rows(g, buf + d->off_sink +
+                                           ((uint64_t)h * g->sink_pages + p) * unit,
+                                    POOL(p), g->page))
+                        AUDIT_FAIL("sink page %d differs from the pool", slot,
+                                   layer, h, p);
+                for (int32_t p = r.window_first; p <= r.sealed; p++) {
+                    int32_t rows = p < r.sealed ? g->page : r.partial;
+                    uint64_t at = (uint64_t)h * g->ring_pages +
+                                  (uint64_t)(p - g->sink_pages) % g->ring_pages;
+                    if (rows && p >= g->sink_pages &&
+                        !audit_rows(g, buf + d->off_ring + at * unit, POOL(p),
+                                    rows))
+                        AUDIT_FAIL("window page %d differs from the pool",
+                                   slot, layer, h, p);
+                }
+                for (int32_t s2 = 0; s2 < K; s2++) {
+                    int32_t p = slot_page[(size_t)h * K + s2];
+                    if (p < 0)
+                        continue;
+                    if (p >= r.sealed)
+                        AUDIT_FAIL("slot %d claims page %d of %d sealed", slot,
+                                   layer, h, s2, p, r.sealed);
+                    if (!audit_rows(g, buf + d->off_slots +
+                                           ((uint64_t)h * K + s2) * unit,
+                                    POOL(p), g->page))
+                        AUDIT_FAIL("slot %d differs from page %d in the pool",
+                                   slot, layer, h, s2, p);
+                }
+                for (int32_t j = 0; j < active_count[h]; j++) {
+                    int32_t s2 = active_slot[(size_t)h * K + j];
+                    int32_t p = active_pages[(size_t)h * K + j];
+                    if (s2 < 0 || s2 >= K || slot_page[(size_t)h * K + s2] != p)
+                        AUDIT_FAIL("active page %d is not in its slot %d",
+                                   slot, layer, h, p, s2);
+                }
+            next:;
+#undef AUDIT_FAIL
+#undef POOL
+            }
+        }
+    }
+    leave(&guard);
+    fkvi_free(&c->mem, buf);
     return st;
 }
 
@@ -863,4 +998,5 @@ const fkvi_backend_ops fkvi_cuda_backend = {
     .selected_pages = cuda_selected_pages,
     .stats = cuda_stats,
     .reset_stats = cuda_reset_stats,
+    .audit = cuda_audit,
 };

@@ -8,16 +8,28 @@
  * enough that an idle cache holds little. */
 #define FKV_POOL_CHUNK_BYTES ((size_t)32 << 20)
 
-static void *host_alloc(size_t bytes, void *ctx)
+/* Pool chunks: aligned for the vectorised copies. */
+#define FKV_POOL_ALIGN 64
+
+static void *chunk_alloc(size_t bytes, void *ctx)
 {
-    (void)ctx;
-    return malloc(bytes);
+    return fkvi_alloc_raw(ctx, bytes, FKV_POOL_ALIGN);
 }
 
-static void host_release(void *p, void *ctx)
+static void chunk_release(void *p, size_t bytes, void *ctx)
 {
-    (void)ctx;
-    free(p);
+    fkvi_free_raw(ctx, p, bytes);
+}
+
+static void *meta_alloc(size_t bytes, void *ctx)
+{
+    return fkvi_alloc(ctx, bytes, 1);
+}
+
+static void meta_release(void *p, size_t bytes, void *ctx)
+{
+    (void)bytes;
+    fkvi_free(ctx, p);
 }
 
 static fkv_status pick_backend(fkv_options *o)
@@ -49,6 +61,7 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_create: cache is NULL");
     *out = NULL;
+    fkvi_clear_error(NULL);
     fkv_options o;
     fkv_status st = fkvi_options_load(opts, &o);
     if (st != FKV_OK)
@@ -57,18 +70,23 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     if (st != FKV_OK)
         return st;
 
-    fkv_cache *c = calloc(1, sizeof *c);
+    fkvi_mem mem;
+    fkvi_mem_init(&mem, &o);
+    fkv_cache *c = fkvi_alloc(&mem, 1, sizeof *c);
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->opts = o;
+    c->mem = mem;
+    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+    c->cuda_experimental = x && strcmp(x, "1") == 0;
     fkvi_geometry_init(&o, &c->geo);
     int32_t n = o.max_sequences;
-    c->seqs = calloc((size_t)n, sizeof *c->seqs);
-    c->batch_slot = malloc((size_t)n * sizeof *c->batch_slot);
-    c->batch_tokens = malloc((size_t)n * sizeof *c->batch_tokens);
-    c->batch_offset = malloc((size_t)n * sizeof *c->batch_offset);
-    c->batch_mapped = malloc((size_t)n * sizeof *c->batch_mapped);
-    c->batch_seen = calloc((size_t)n, 1);
+    c->seqs = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->seqs);
+    c->batch_slot = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->batch_slot);
+    c->batch_tokens = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->batch_tokens);
+    c->batch_offset = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->batch_offset);
+    c->batch_mapped = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->batch_mapped);
+    c->batch_seen = fkvi_alloc(&c->mem, (size_t)n, 1);
     if (!c->seqs || !c->batch_slot || !c->batch_tokens || !c->batch_offset ||
         !c->batch_mapped || !c->batch_seen) {
         fkv_destroy(c);
@@ -89,7 +107,8 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     /* The CPU pool; a backend may replace the allocator in create. */
     fkv_pool_init(&c->pool, c->geo.block_bytes, o.host_pool_bytes,
                   FKV_POOL_CHUNK_BYTES,
-                  (fkv_pool_allocator){host_alloc, host_release, NULL});
+                  (fkv_pool_allocator){chunk_alloc, chunk_release, &c->mem},
+                  (fkv_pool_allocator){meta_alloc, meta_release, &c->mem});
     st = c->ops->create(c);
     if (st != FKV_OK) {
         /* The backend wrote its message into the handle; keep it. */
@@ -115,13 +134,14 @@ void fkv_destroy(fkv_cache *c)
     if (c->ops && c->ops->destroy)
         c->ops->destroy(c);
     fkv_pool_destroy(&c->pool);
-    free(c->seqs);
-    free(c->batch_slot);
-    free(c->batch_tokens);
-    free(c->batch_offset);
-    free(c->batch_mapped);
-    free(c->batch_seen);
-    free(c);
+    fkvi_mem mem = c->mem; /* outlives the handle */
+    fkvi_free(&mem, c->seqs);
+    fkvi_free(&mem, c->batch_slot);
+    fkvi_free(&mem, c->batch_tokens);
+    fkvi_free(&mem, c->batch_offset);
+    fkvi_free(&mem, c->batch_mapped);
+    fkvi_free(&mem, c->batch_seen);
+    fkvi_free(&mem, c);
 }
 
 fkv_status fkv_get_options(fkv_cache *c, fkv_options *out)
@@ -129,6 +149,7 @@ fkv_status fkv_get_options(fkv_cache *c, fkv_options *out)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_options: cache is NULL");
+    fkvi_clear_error(c);
     if (!out)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_options: out is NULL");
@@ -148,6 +169,7 @@ fkv_status fkv_set_stream(fkv_cache *c, void *stream)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_set_stream: cache is NULL");
+    fkvi_clear_error(c);
     return c->ops->set_stream ? c->ops->set_stream(c, stream) : FKV_OK;
 }
 
@@ -156,6 +178,7 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_stats: cache is NULL");
+    fkvi_clear_error(c);
     if (!s)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_stats: stats is NULL");
@@ -190,8 +213,18 @@ fkv_status fkv_reset_stats(fkv_cache *c)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_reset_stats: cache is NULL");
+    fkvi_clear_error(c);
     memset(&c->counters, 0, sizeof c->counters);
     if (c->ops->reset_stats)
         c->ops->reset_stats(c);
     return FKV_OK;
+}
+
+fkv_status fkvi_debug_audit(fkv_cache *c)
+{
+    if (!c)
+        return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
+                         "fkvi_debug_audit: cache is NULL");
+    fkvi_clear_error(c);
+    return c->ops->audit ? c->ops->audit(c) : FKV_OK;
 }

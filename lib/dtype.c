@@ -115,6 +115,8 @@ void fkvi_load_row(fkv_dtype dt, const void *src, size_t first, size_t n,
 {
     size_t i = 0;
     switch (dt) {
+    case FKV_DTYPE_UNSET: /* rejected by fkv_create */
+        break;
     case FKV_DTYPE_F32:
         memcpy(dst, (const float *)src + first, n * sizeof(float));
         break;
@@ -143,6 +145,8 @@ void fkvi_store_row(fkv_dtype dt, const float *src, size_t n, void *dst,
                     size_t first)
 {
     switch (dt) {
+    case FKV_DTYPE_UNSET: /* rejected by fkv_create */
+        break;
     case FKV_DTYPE_F32:
         memcpy((float *)dst + first, src, n * sizeof(float));
         break;

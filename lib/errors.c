@@ -51,6 +51,11 @@ fkv_status fkvi_fail(fkv_cache *c, fkv_status st, const char *fmt, ...)
     return st;
 }
 
+void fkvi_clear_error(fkv_cache *c)
+{
+    (c ? c->error : thread_error)[0] = '\0';
+}
+
 size_t fkv_last_error(const fkv_cache *cache, char *buf, size_t len)
 {
     const char *msg = cache ? cache->error : thread_error;

@@ -39,6 +39,28 @@ typedef struct fkvi_geometry {
     float scale;
 } fkvi_geometry;
 
+/* The host allocator in force (memory.c). */
+typedef struct fkvi_mem {
+    void *(*alloc)(void *user, size_t size, size_t alignment);
+    void (*free)(void *user, void *ptr, size_t size);
+    void *user;
+} fkvi_mem;
+
+/* memory.c. fkvi_alloc: n * size zeroed bytes (NULL on overflow or
+ * failure), freed with fkvi_free, which needs no size. The _raw pair passes
+ * size and alignment straight through (the pool's chunks). */
+void fkvi_mem_init(fkvi_mem *m, const fkv_options *o);
+void *fkvi_alloc(const fkvi_mem *m, size_t n, size_t size);
+void fkvi_free(const fkvi_mem *m, void *p);
+void *fkvi_alloc_raw(const fkvi_mem *m, size_t bytes, size_t alignment);
+void fkvi_free_raw(const fkvi_mem *m, void *p, size_t bytes);
+/* Tests only: every cudaMalloc / cudaHostAlloc of the CUDA backend counts
+ * fkvi_device_alloc_calls up and fails when fkvi_device_fault_countdown,
+ * if > 0, counts down to 0. Not thread safe; a test runs alone. */
+extern int64_t fkvi_device_fault_countdown;
+extern uint64_t fkvi_device_alloc_calls;
+bool fkvi_device_fault(void);
+
 /* A batch after validation: sequence slots and token offsets. */
 typedef struct fkvi_batch {
     int32_t n;
@@ -93,10 +115,13 @@ typedef struct fkvi_backend_ops {
     /* Adds the backend's counters and memory figures to *s. */
     fkv_status (*stats)(fkv_cache *c, fkv_stats *s);
     void (*reset_stats)(fkv_cache *c);
+    /* fkvi_debug_audit; NULL: nothing to audit. */
+    fkv_status (*audit)(fkv_cache *c);
 } fkvi_backend_ops;
 
 struct fkv_cache {
     fkv_options opts; /* resolved: backend and scale concrete */
+    fkvi_mem mem;     /* every host allocation */
     fkvi_geometry geo;
     const fkvi_backend_ops *ops;
     void *backend;    /* the backend's own state */
@@ -110,6 +135,7 @@ struct fkv_cache {
     int32_t *batch_tokens;
     int64_t *batch_offset;
     int32_t *batch_mapped; /* mapped pages before an append, for undo */
+    uint32_t batch_chunks; /* pool chunks before an append, for undo */
     uint8_t *batch_seen;
 
     fkvi_counters counters;
@@ -117,6 +143,9 @@ struct fkv_cache {
     /* The backend keeps every page on the device and needs no host pool
      * (CUDA's RESIDENT and DENSE). */
     bool pool_unused; /* host memory held besides the pool */
+    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA paths not yet validated
+     * on a GPU may run (otherwise they return FKV_ERR_UNSUPPORTED). */
+    bool cuda_experimental;
 
     char error[FKV_ERROR_LEN];
 };
@@ -124,6 +153,15 @@ struct fkv_cache {
 /* errors.c */
 fkv_status fkvi_fail(fkv_cache *c, fkv_status st, const char *fmt, ...)
     FKV_PRINTF(3, 4);
+/* A public call begins: the message of the previous one goes (c == NULL:
+ * the thread's handle-less message). */
+void fkvi_clear_error(fkv_cache *c);
+
+/* Debugging (tests reach it through libfreekv.a; not exported): checks that
+ * every recall slot holds the pool's copy of the page it claims and that
+ * the pages the last attend used were resident. FKV_OK or FKV_ERR_INTERNAL
+ * with the first difference in the message. */
+fkv_status fkvi_debug_audit(fkv_cache *c);
 
 /* options.c */
 fkv_status fkvi_options_load(const fkv_options *user, fkv_options *out);
@@ -160,10 +198,12 @@ typedef struct fkvi_select_scratch {
     double *scores;   /* [group][max_pages] */
     double *agg;      /* [max_pages] */
     void *order;      /* [max_pages] sort records */
+    const fkvi_mem *mem;
 } fkvi_select_scratch;
 
 fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
-                                    const fkvi_geometry *g);
+                                    const fkvi_geometry *g,
+                                    const fkvi_mem *m);
 void fkvi_select_scratch_free(fkvi_select_scratch *s);
 /* Candidates are pages [first, first + count). smax/smin: [max_pages][D]
  * summaries of this KV head. q: [group][D]. Writes the selected pages in

@@ -8,6 +8,7 @@
         if (!(c))                                                            \
             return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,                 \
                              fn ": cache is NULL");                          \
+        fkvi_clear_error(c);                                                 \
     } while (0)
 
 #define NEED_PTR(c, fn, p)                                                   \

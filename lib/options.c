@@ -1,5 +1,6 @@
 /* Options: defaults, the size-first ABI check and validation. */
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 
 #include "internal.h"
@@ -7,7 +8,7 @@
 /* The size of the first published fkv_options. A caller compiled against a
  * later header passes a larger struct; fields we do not know must then be
  * zero (their "default" meaning), as with Linux's copy_struct_from_user. */
-#define FKV_OPTIONS_SIZE_V0 sizeof(fkv_options)
+#define FKV_OPTIONS_SIZE_V0 offsetof(fkv_options, host_alloc)
 
 static void set_defaults(fkv_options *o)
 {
@@ -15,7 +16,7 @@ static void set_defaults(fkv_options *o)
     o->struct_size = sizeof *o;
     o->backend = FKV_BACKEND_AUTO;
     o->device = 0;
-    o->dtype = FKV_DTYPE_BF16;
+    o->dtype = FKV_DTYPE_UNSET; /* the caller must say (issue 12) */
     o->softmax_scale = 0.0f;
     o->page_tokens = 32;
     o->budget_tokens = 2048;
@@ -41,10 +42,12 @@ fkv_status fkv_options_init(fkv_options *opts, size_t opts_size)
                          opts_size, (size_t)FKV_OPTIONS_SIZE_V0);
     fkv_options d;
     set_defaults(&d);
-    /* A newer caller's fields beyond ours keep their zero default. */
+    /* A newer caller's fields beyond ours keep their zero default; an older
+     * caller's struct ends before ours. */
     memset(opts, 0, opts_size);
-    memcpy(opts, &d, sizeof d);
+    memcpy(opts, &d, opts_size < sizeof d ? opts_size : sizeof d);
     opts->struct_size = opts_size;
+    fkvi_clear_error(NULL);
     return FKV_OK;
 }
 
@@ -72,7 +75,10 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
                                  "this library (%s, %zu bytes) does not know",
                                  size, fkv_version_string(), sizeof *o);
     }
-    memcpy(o, user, sizeof *o);
+    /* An older caller's struct lacks the last fields: they keep their zero
+     * default. */
+    memset(o, 0, sizeof *o);
+    memcpy(o, user, size < sizeof *o ? size : sizeof *o);
     o->struct_size = sizeof *o;
 
 #define REQUIRE(cond, st, ...) \
@@ -93,6 +99,9 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
     REQUIRE(o->head_dim == 64 || o->head_dim == 128 || o->head_dim == 256,
             FKV_ERR_UNSUPPORTED,
             "head_dim %d is not supported (64, 128 or 256)", o->head_dim);
+    REQUIRE(o->dtype != FKV_DTYPE_UNSET, FKV_ERR_INVALID_ARGUMENT,
+            "opts.dtype is not set; say which dtype the tensors hold "
+            "(FKV_DTYPE_F32, FKV_DTYPE_F16 or FKV_DTYPE_BF16)");
     REQUIRE(o->dtype == FKV_DTYPE_F32 || o->dtype == FKV_DTYPE_F16 ||
                 o->dtype == FKV_DTYPE_BF16,
             FKV_ERR_UNSUPPORTED, "dtype %d is not supported (f32, f16, bf16)",
@@ -113,8 +122,8 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             o->page_tokens);
     REQUIRE((int64_t)o->sink_tokens + o->window_tokens <= o->budget_tokens,
             FKV_ERR_INVALID_ARGUMENT,
-            "sink_tokens + window_tokens (%d) exceed budget_tokens (%d)",
-            o->sink_tokens + o->window_tokens, o->budget_tokens);
+            "sink_tokens + window_tokens (%lld) exceed budget_tokens (%d)",
+            (long long)o->sink_tokens + o->window_tokens, o->budget_tokens);
     REQUIRE(isfinite(o->correction_threshold), FKV_ERR_INVALID_ARGUMENT,
             "correction_threshold must be finite");
     REQUIRE(o->policy >= FKV_POLICY_FREEKV && o->policy <= FKV_POLICY_DENSE,
@@ -131,6 +140,10 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             FKV_ERR_INVALID_ARGUMENT,
             "max_tokens_per_sequence %lld is out of range",
             (long long)o->max_tokens_per_sequence);
+    REQUIRE((o->host_alloc == NULL) == (o->host_free == NULL),
+            FKV_ERR_INVALID_ARGUMENT,
+            "opts.host_alloc and opts.host_free must be set together (both "
+            "NULL: the C library's allocator)");
 #undef REQUIRE
 
     if (o->softmax_scale == 0.0f)
@@ -151,11 +164,19 @@ void fkvi_geometry_init(const fkv_options *o, fkvi_geometry *g)
     g->window_pages = o->window_tokens / o->page_tokens;
     g->select_pages =
         (o->budget_tokens - o->sink_tokens - o->window_tokens) / o->page_tokens;
-    g->ring_pages = g->window_pages + 1;
-    g->max_tokens = o->max_tokens_per_sequence;
     g->max_pages =
         (int32_t)((o->max_tokens_per_sequence + o->page_tokens - 1) /
                   o->page_tokens);
+    /* No sequence can have more candidates than max_pages - S - W, so
+     * recall slots beyond that would never be used (issue 12: a budget far
+     * above max_tokens_per_sequence must not size the slots). */
+    int64_t most = (int64_t)g->max_pages - g->sink_pages - g->window_pages;
+    if (most < 0)
+        most = 0;
+    if (g->select_pages > most)
+        g->select_pages = (int32_t)most;
+    g->ring_pages = g->window_pages + 1;
+    g->max_tokens = o->max_tokens_per_sequence;
     g->elem_bytes = fkvi_dtype_size(o->dtype);
     g->unit_elems = 2 * (size_t)o->page_tokens * (size_t)o->head_dim;
     g->unit_bytes = g->unit_elems * g->elem_bytes;

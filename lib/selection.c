@@ -12,12 +12,14 @@ typedef struct ranked_page {
 } ranked_page;
 
 fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
-                                    const fkvi_geometry *g)
+                                    const fkvi_geometry *g,
+                                    const fkvi_mem *m)
 {
     size_t pages = (size_t)g->max_pages;
-    s->scores = malloc((size_t)g->group * pages * sizeof *s->scores);
-    s->agg = malloc(pages * sizeof *s->agg);
-    s->order = malloc(pages * sizeof(ranked_page));
+    s->mem = m;
+    s->scores = fkvi_alloc(m, (size_t)g->group * pages, sizeof *s->scores);
+    s->agg = fkvi_alloc(m, pages, sizeof *s->agg);
+    s->order = fkvi_alloc(m, pages, sizeof(ranked_page));
     if (!s->scores || !s->agg || !s->order) {
         fkvi_select_scratch_free(s);
         return FKV_ERR_OUT_OF_MEMORY;
@@ -27,18 +29,26 @@ fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
 
 void fkvi_select_scratch_free(fkvi_select_scratch *s)
 {
-    free(s->scores);
-    free(s->agg);
-    free(s->order);
+    if (s->mem) {
+        fkvi_free(s->mem, s->scores);
+        fkvi_free(s->mem, s->agg);
+        fkvi_free(s->mem, s->order);
+    }
     s->scores = s->agg = NULL;
     s->order = NULL;
 }
 
-/* Higher score first; ties to the lower page. */
+/* Higher score first; ties to the lower page. A NaN score (NaN or Inf in
+ * q or k) ranks below every number, NaNs among themselves by page, so that
+ * qsort sees a total order (issue 12: NaN made this comparison
+ * inconsistent, which is undefined behaviour for qsort). */
 static int by_score(const void *a, const void *b)
 {
     const ranked_page *x = a, *y = b;
-    if (x->score != y->score)
+    bool xn = isnan(x->score), yn = isnan(y->score);
+    if (xn != yn)
+        return xn ? 1 : -1;
+    if (!xn && x->score != y->score)
         return x->score > y->score ? -1 : 1;
     return (x->page > y->page) - (x->page < y->page);
 }

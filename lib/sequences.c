@@ -1,6 +1,5 @@
 /* Sequences and their pages: ids, open and close, page tables, and the
  * validation of a batch. */
-#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -27,6 +26,7 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_open: cache is NULL");
+    fkvi_clear_error(c);
     if (!id)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_open: seq is NULL");
@@ -39,13 +39,16 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
                          "fkv_seq_open: %d sequences are open already "
                          "(max_sequences)", c->opts.max_sequences);
     fkvi_sequence *s = &c->seqs[slot];
-    int64_t *length = calloc((size_t)c->geo.layers, sizeof *length);
-    int32_t *mapped = calloc((size_t)c->geo.layers, sizeof *mapped);
-    uint32_t *blocks = malloc(page_table_entries(c) * sizeof *blocks);
+    int64_t *length = fkvi_alloc(&c->mem, (size_t)c->geo.layers,
+                                 sizeof *length);
+    int32_t *mapped = fkvi_alloc(&c->mem, (size_t)c->geo.layers,
+                                 sizeof *mapped);
+    uint32_t *blocks =
+        fkvi_alloc(&c->mem, page_table_entries(c), sizeof *blocks);
     if (!length || !mapped || !blocks) {
-        free(length);
-        free(mapped);
-        free(blocks);
+        fkvi_free(&c->mem, length);
+        fkvi_free(&c->mem, mapped);
+        fkvi_free(&c->mem, blocks);
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
                          "fkv_seq_open: no memory for the page table");
     }
@@ -56,9 +59,9 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
     s->blocks = blocks;
     fkv_status st = c->ops->seq_open(c, slot);
     if (st != FKV_OK) {
-        free(length);
-        free(mapped);
-        free(blocks);
+        fkvi_free(&c->mem, length);
+        fkvi_free(&c->mem, mapped);
+        fkvi_free(&c->mem, blocks);
         s->length = NULL;
         s->mapped = NULL;
         s->blocks = NULL;
@@ -78,6 +81,7 @@ fkv_status fkv_seq_close(fkv_cache *c, fkv_seq_id id)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_close: cache is NULL");
+    fkvi_clear_error(c);
     int32_t slot = slot_of(c, id);
     if (slot < 0)
         return fkvi_fail(c, FKV_ERR_UNKNOWN_SEQUENCE,
@@ -91,9 +95,9 @@ fkv_status fkv_seq_close(fkv_cache *c, fkv_seq_id id)
     c->host_bytes_other -= c->geo.layers * (sizeof *s->length +
                                             sizeof *s->mapped) +
                            page_table_entries(c) * sizeof *s->blocks;
-    free(s->length);
-    free(s->mapped);
-    free(s->blocks);
+    fkvi_free(&c->mem, s->length);
+    fkvi_free(&c->mem, s->mapped);
+    fkvi_free(&c->mem, s->blocks);
     s->length = NULL;
     s->mapped = NULL;
     s->blocks = NULL;
@@ -107,6 +111,7 @@ fkv_status fkv_seq_length(fkv_cache *c, fkv_seq_id id, int64_t *length)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_length: cache is NULL");
+    fkvi_clear_error(c);
     if (!length)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_length: length is NULL");
@@ -281,6 +286,7 @@ fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
         if (want > s->mapped[layer])
             needed += (uint64_t)(want - s->mapped[layer]);
     }
+    c->batch_chunks = c->pool.n_chunks;
     if (needed == 0)
         return FKV_OK;
     fkv_status st = fkv_pool_reserve(&c->pool, (uint32_t)needed);
@@ -300,8 +306,12 @@ fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
 
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b)
 {
+    if (c->pool_unused)
+        return;
     for (int32_t i = 0; i < b->n; i++)
         unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
+    /* The chunks the append added go too: "as it was" covers host_bytes. */
+    fkv_pool_trim(&c->pool, c->batch_chunks);
 }
 
 fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
@@ -309,6 +319,7 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_seq_reserve: cache is NULL");
+    fkvi_clear_error(c);
     int32_t slot;
     fkv_status st = fkvi_resolve_sequence(c, "fkv_seq_reserve", id, &slot);
     if (st != FKV_OK)
@@ -332,21 +343,25 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
     if (needed > UINT32_MAX)
         return fkvi_fail(c, FKV_ERR_CAPACITY,
                          "fkv_seq_reserve: too many pages at once");
-    int32_t *before = malloc((size_t)c->geo.layers * sizeof *before);
+    int32_t *before =
+        fkvi_alloc(&c->mem, (size_t)c->geo.layers, sizeof *before);
     if (!before)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_seq_reserve: no memory");
     memcpy(before, s->mapped, (size_t)c->geo.layers * sizeof *before);
+    const uint32_t chunks = c->pool.n_chunks;
     st = fkv_pool_reserve(&c->pool, (uint32_t)needed);
     if (st != FKV_OK) {
-        free(before);
+        fkvi_free(&c->mem, before);
         return pool_failure(c, "fkv_seq_reserve", st, needed);
     }
     for (int32_t l = 0; l < c->geo.layers && st == FKV_OK; l++)
         st = map_pages(c, slot, l, want);
-    if (st != FKV_OK) /* all or nothing */
+    if (st != FKV_OK) { /* all or nothing, the pool's chunks included */
         for (int32_t l = 0; l < c->geo.layers; l++)
             unmap_pages(c, slot, l, before[l]);
-    free(before);
+        fkv_pool_trim(&c->pool, chunks);
+    }
+    fkvi_free(&c->mem, before);
     return st;
 }
 
@@ -355,5 +370,6 @@ fkv_status fkv_sync(fkv_cache *c)
     if (!c)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_sync: cache is NULL");
+    fkvi_clear_error(c);
     return c->ops->sync ? c->ops->sync(c) : FKV_OK;
 }

@@ -6,6 +6,8 @@
  *
  * SPDX-License-Identifier: MIT
  */
+#include <stddef.h>
+
 #include "tests.h"
 
 #include <math.h>
@@ -484,9 +486,10 @@ START_TEST(bi_create_bad_dtype)
     o.dtype = (fkv_dtype)7;
     tst_expect_error(NULL, create_with(&o), FKV_ERR_UNSUPPORTED,
                      "fkv_create(dtype 7)");
-    o.dtype = (fkv_dtype)-1;
+    /* -1 is FKV_DTYPE_UNSET: not a dtype but a forgotten field. */
+    o.dtype = (fkv_dtype)-2;
     tst_expect_error(NULL, create_with(&o), FKV_ERR_UNSUPPORTED,
-                     "fkv_create(dtype -1)");
+                     "fkv_create(dtype -2)");
 }
 END_TEST
 
@@ -524,7 +527,9 @@ START_TEST(bi_options_size_too_small)
 {
     fkv_options o;
     tst_options(&o, 1, 4, 2, 64, FKV_DTYPE_F32);
-    o.struct_size = sizeof o - sizeof(uint64_t);
+    /* Smaller than the first published fkv_options (which ended with
+     * host_pool_bytes). */
+    o.struct_size = offsetof(fkv_options, host_alloc) - sizeof(uint64_t);
     tst_expect_error(NULL, create_with(&o), FKV_ERR_VERSION_MISMATCH,
                      "fkv_create(struct_size too small)");
     o.struct_size = 0;
