@@ -105,10 +105,11 @@ typedef struct llama_model {
  * tensor's presence, dtype and shape, and every header's offsets. */
 int llama_model_load(const char *dir, llama_model *m, char *err, size_t errlen);
 
-/* A model of the given shape with random weights (dtype F32; seed), for
- * bench. */
-int llama_model_random(const llama_config *cfg, uint64_t seed, llama_model *m,
-                       char *err, size_t errlen);
+/* A model of the given shape with random weights of dtype (seed), for
+ * bench; layer tensors' names are those of a checkpoint. */
+int llama_model_random(const llama_config *cfg, llama_dtype dtype,
+                       uint64_t seed, llama_model *m, char *err,
+                       size_t errlen);
 
 /* Frees what a successful load or random model holds; a zeroed model is a
  * no-op. */
@@ -131,6 +132,7 @@ typedef struct llama_run_config {
     int64_t max_context;    /* tokens per sequence (prompt + generated) */
     int keep_prefill;       /* keep each slot's prompt K/V for replay_prefill */
     int32_t threads;        /* CPU threads (0: OpenMP's default) */
+    int32_t cuda_graph;     /* CUDA: replay decode steps from a captured graph (--graph); the CPU ignores it */
 } llama_run_config;
 
 typedef struct llama_backend llama_backend; /* a backend's private state */
