@@ -47,4 +47,8 @@ void gpu_prefill_attention(int dtype, const void *q, const void *k,
                            const void *v, int n, int nq, int nkv, int D,
                            float scale, __nv_bfloat16 *out, cudaStream_t s);
 
+/* count values uniform in [-1, 1) of dtype, a function of (seed, index). */
+void gpu_random_fill(void *out, int dtype, long long count,
+                     unsigned long long seed, cudaStream_t s);
+
 #endif /* LLAMA_GPU_KERNELS_CUH */
