@@ -432,6 +432,8 @@ static void cache_close(llama_backend *b)
     }
 }
 
+/* Teardown ignores the statuses of frees: nothing useful can follow a
+ * failed free, and a sticky error was reported by the call that caused it. */
 static void cuda_destroy(llama_backend *b)
 {
     if (!b)

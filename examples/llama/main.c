@@ -8,6 +8,9 @@
  * stderr and exit status 1 (2 for bad usage). */
 #define _POSIX_C_SOURCE 200809L
 #include "engine.h"
+#ifdef LLAMA_WITH_CUDA
+#include "gpu_selfcheck.h"
+#endif
 
 #include <errno.h>
 #include <math.h>
@@ -42,7 +45,11 @@ static void usage(FILE *f)
         "cache options (defaults: the library's fkv_options_init):\n"
         "  --policy dense|resident|sync|freekv  --budget N  --page N  --sink N\n"
         "  --window N  --threshold X|off  --dtype f32|f16|bf16 (default f32)\n"
-        "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n");
+        "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
+        "       --graph (CUDA: replay decode steps from a captured CUDA graph;\n"
+        "       the CUDA path's --dtype defaults to bf16)\n"
+        "  selfcheck-gpu [--model DIR] [--text FILE] [--prefill N] [--steps M]\n"
+        "           the CUDA backend's logits against the CPU backend's\n");
 }
 
 /* ---- options ---------------------------------------------------------------- */
@@ -53,6 +60,7 @@ typedef struct args {
     int64_t tokens, offset, prefill, steps, batch, context, warmup, seed;
     double temperature;
     int json, no_dense, threads;
+    int graph, dtype_set; /* --graph; --dtype given */
     fkv_options opts; /* cache options as given (policy, budget, ...) */
 } args;
 
@@ -128,6 +136,7 @@ static int parse_args(int argc, char **argv, args *a)
         } while (0)
         if (!strcmp(f, "--json")) { a->json = 1; continue; }
         if (!strcmp(f, "--no-dense")) { a->no_dense = 1; continue; }
+        if (!strcmp(f, "--graph")) { a->graph = 1; continue; }
         if (!strcmp(f, "--help") || !strcmp(f, "-h")) { usage(stdout); exit(0); }
         NEEDVAL();
         if (!strcmp(f, "--model")) a->model = val;
@@ -177,6 +186,7 @@ static int parse_args(int argc, char **argv, args *a)
                 return -1;
             }
         } else if (!strcmp(f, "--dtype")) {
+            a->dtype_set = 1;
             if (!strcmp(val, "f32")) a->opts.dtype = FKV_DTYPE_F32;
             else if (!strcmp(val, "f16")) a->opts.dtype = FKV_DTYPE_F16;
             else if (!strcmp(val, "bf16")) a->opts.dtype = FKV_DTYPE_BF16;
@@ -371,6 +381,7 @@ static int make_backend(const args *a, const llama_model *m, int64_t max_context
     rc.max_context = max_context;
     rc.keep_prefill = keep;
     rc.threads = a->threads;
+    rc.cuda_graph = a->graph;
     if ((*ops)->create(m, &rc, b, err, sizeof err)) {
         fprintf(stderr, "llama: %s backend: %s\n", (*ops)->name, err);
         return -1;
@@ -774,8 +785,22 @@ int main(int argc, char **argv)
      * OMP_WAIT_POLICY only when it loads, so set it and start again. */
     if (!getenv("OMP_WAIT_POLICY") && setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
         execv("/proc/self/exe", argv); /* on failure: carry on as we are */
+    if (argc >= 2 && !strcmp(argv[1], "selfcheck-gpu")) {
+#ifdef LLAMA_WITH_CUDA
+        return llama_gpu_selfcheck(argc - 1, argv + 1);
+#else
+        printf("selfcheck-gpu: skipped (built without CUDA)\n");
+        return 0;
+#endif
+    }
     if (parse_args(argc, argv, &a))
         return 2;
+#ifdef LLAMA_WITH_CUDA
+    /* The CUDA path's cache dtype defaults to bf16 (the CPU path's: f32). */
+    if (!a.dtype_set && (!strcmp(a.backend, "cuda") ||
+                         (!strcmp(a.backend, "auto") && llama_cuda_available())))
+        a.opts.dtype = FKV_DTYPE_BF16;
+#endif
     if (!strcmp(a.mode, "generate"))
         return cmd_generate(&a);
     if (!strcmp(a.mode, "eval"))
