@@ -162,11 +162,12 @@ endif
 # build/examples/llama. Its objects go to $(BUILD)/llama/ (the program's own
 # path cannot also be a directory). OpenMP (-fopenmp) for the CPU path's
 # matmuls and prefill attention, for this example only: the library stays
-# free of it. LLAMA_ARCH (default -march=native) because the CPU path is
+# free of it. LLAMA_ARCH (default -march=native, 512-bit vectors where the
+# host has them) because the CPU path is
 # only fast with the host's vector width; set LLAMA_ARCH= for a portable
 # binary. With CUDA=1 examples/llama/*.cu and gpu_*.c join, with
 # -DLLAMA_WITH_CUDA and cuBLAS.
-LLAMA_ARCH   ?= -march=native
+LLAMA_ARCH   ?= -march=native -mprefer-vector-width=512
 LLAMA_CFLAGS := -O3 $(LLAMA_ARCH) -fopenmp -Iexamples/llama \
                 $(if $(filter 1,$(CUDA)),-DLLAMA_WITH_CUDA)
 LLAMA_C_ALL  := $(wildcard examples/llama/*.c)

@@ -143,8 +143,48 @@ void cpu_rope(float *x, int64_t n, int32_t heads, int32_t head_dim,
     }
 }
 
-#define QB 16  /* query rows per attention tile */
-#define KB 64  /* keys per attention tile */
+/* exp(x) for the softmax, in a form the compiler vectorises (libm's expf
+ * does not): x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r
+ * (relative error ~2e-7), 2^k through the exponent bits. */
+static inline float fast_exp(float x)
+{
+    union { float f; int32_t i; } u;
+    float k, r, p;
+    x = x < -87.0f ? -87.0f : x;
+    k = (x * 1.44269504f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+    p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
+    u.i = ((int32_t)k + 127) << 23;
+    return p * u.f;
+}
+
+/* y[MR][NR] (+)= x[MR][K] w[K][NR] with leading dimensions: the one micro
+ * kernel of the attention tiles. */
+static void mk_full(float *y, int64_t ldy, const float *x, int64_t ldx, const float *w,
+                    int64_t ldw, int64_t K, int accumulate)
+{
+    float acc[MR][NR];
+    int r, j;
+    int64_t k;
+    for (r = 0; r < MR; r++)
+        for (j = 0; j < NR; j++)
+            acc[r][j] = accumulate ? y[r * ldy + j] : 0.0f;
+    for (k = 0; k < K; k++) {
+        const float *wk = w + k * ldw;
+        for (r = 0; r < MR; r++) {
+            float xv = x[r * ldx + k];
+#pragma omp simd
+            for (j = 0; j < NR; j++)
+                acc[r][j] += xv * wk[j];
+        }
+    }
+    for (r = 0; r < MR; r++)
+        for (j = 0; j < NR; j++)
+            y[r * ldy + j] = acc[r][j];
+}
+
+#define QB 32   /* query rows per head per task (a multiple of MR) */
+#define KB 128  /* keys per tile (a multiple of NR) */
 #define MAXG 16
 #define MAXD 256
 
@@ -158,70 +198,90 @@ void cpu_causal_attention(float *out, const float *q, const float *k,
     int64_t kvd = (int64_t)kv_heads * D, qd = (int64_t)q_heads * D;
 #pragma omp parallel for schedule(dynamic, 1)
     for (task = 0; task < qblocks * kv_heads; task++) {
-        /* Per task: one KV head, QB query rows, its G query heads. Scratch
-         * on the stack: the sizes are bounded (checked at create). */
-        static _Thread_local float kt[MAXD][KB];
+        /* One KV head, QB query rows of each of its G query heads. Thread
+         * scratch, sized for the largest shape (checked at create). */
+        static _Thread_local float kt[MAXD][KB];        /* K tile, transposed */
+        static _Thread_local float vt[KB][MAXD];        /* V tile */
+        static _Thread_local float qs[MAXG * QB][MAXD]; /* scaled queries */
+        static _Thread_local float sc[MAXG * QB][KB];   /* scores, then P */
         static _Thread_local float acc[MAXG * QB][MAXD];
-        float m[MAXG * QB], l[MAXG * QB], srow[KB];
-        int32_t h = (int32_t)(task % kv_heads);
+        float m[MAXG * QB], l[MAXG * QB];
+        int32_t h = (int32_t)(kv_heads ? task % kv_heads : 0);
         int64_t qb0 = (task / kv_heads) * QB;
         int64_t nrows = nq - qb0 < QB ? nq - qb0 : QB;
         int64_t last = r0 + qb0 + nrows - 1; /* the last query's position */
-        int64_t j0, i;
-        int32_t g, d;
-        for (i = 0; i < G * QB; i++) {
+        int64_t j0, i, j;
+        int32_t g, d, R = G * QB;
+        /* Rows beyond nrows (the last block) are zero queries: computed and
+         * dropped, which keeps every micro-tile full. */
+        for (g = 0; g < G; g++)
+            for (i = 0; i < QB; i++) {
+                float *dst = qs[g * QB + i];
+                if (i < nrows) {
+                    const float *src = q + (qb0 + i) * qd + (int64_t)(h * G + g) * D;
+                    for (d = 0; d < D; d++)
+                        dst[d] = src[d] * scale;
+                } else {
+                    memset(dst, 0, (size_t)D * sizeof(float));
+                }
+            }
+        for (i = 0; i < R; i++) {
             m[i] = -INFINITY;
             l[i] = 0.0f;
             memset(acc[i], 0, (size_t)D * sizeof(float));
         }
         for (j0 = 0; j0 <= last; j0 += KB) {
-            int64_t nk = last + 1 - j0 < KB ? last + 1 - j0 : KB, j;
-            for (j = 0; j < nk; j++)
-                for (d = 0; d < D; d++)
-                    kt[d][j] = k[(j0 + j) * kvd + h * D + d];
-            for (g = 0; g < G; g++)
-                for (i = 0; i < nrows; i++) {
-                    int64_t row = qb0 + i, p = r0 + row;
-                    const float *qi = q + row * qd + (int64_t)(h * G + g) * D;
-                    int64_t lim = p - j0 + 1; /* keys j0..p are visible */
-                    int32_t slot = g * QB + (int32_t)i;
-                    float mx, corr, sum = 0.0f;
-                    if (lim <= 0)
-                        continue;
-                    if (lim > nk)
-                        lim = nk;
+            int64_t nk = last + 1 - j0 < KB ? last + 1 - j0 : KB;
+            int64_t rr;
+            for (j = 0; j < KB; j++) {
+                if (j < nk) {
+                    const float *kj = k + (j0 + j) * kvd + h * D;
+                    const float *vj = v + (j0 + j) * kvd + h * D;
+                    for (d = 0; d < D; d++)
+                        kt[d][j] = kj[d];
+                    memcpy(vt[j], vj, (size_t)D * sizeof(float));
+                } else {
+                    for (d = 0; d < D; d++)
+                        kt[d][j] = 0.0f;
+                    memset(vt[j], 0, (size_t)D * sizeof(float));
+                }
+            }
+            /* S = Qs K^T */
+            for (rr = 0; rr < R; rr += MR)
+                for (j = 0; j < KB; j += NR)
+                    mk_full(&sc[rr][j], KB, qs[rr], MAXD, &kt[0][j], KB, D, 0);
+            /* Causal mask and online softmax, row by row. */
+            for (rr = 0; rr < R; rr++) {
+                int64_t row = rr % QB, p = r0 + qb0 + row;
+                int64_t lim = p - j0 + 1; /* keys j0..p are visible */
+                float *srow = sc[rr], mx, corr, sum = 0.0f;
+                if (row >= nrows || lim <= 0) {
                     for (j = 0; j < KB; j++)
                         srow[j] = 0.0f;
-                    for (d = 0; d < D; d++) {
-                        float qv = qi[d] * scale;
-#pragma omp simd
-                        for (j = 0; j < KB; j++)
-                            srow[j] += qv * kt[d][j];
-                    }
-                    mx = m[slot];
-                    for (j = 0; j < lim; j++)
-                        if (srow[j] > mx)
-                            mx = srow[j];
-                    corr = expf(m[slot] - mx);
-                    for (j = 0; j < lim; j++) {
-                        srow[j] = expf(srow[j] - mx);
-                        sum += srow[j];
-                    }
-                    l[slot] = l[slot] * corr + sum;
-                    m[slot] = mx;
-                    {
-                        float *a = acc[slot];
-                        for (d = 0; d < D; d++)
-                            a[d] *= corr;
-                        for (j = 0; j < lim; j++) {
-                            const float *vj = v + (j0 + j) * kvd + h * D;
-                            float pj = srow[j];
-#pragma omp simd
-                            for (d = 0; d < D; d++)
-                                a[d] += pj * vj[d];
-                        }
-                    }
+                    continue;
                 }
+                if (lim > nk)
+                    lim = nk;
+                mx = m[rr];
+                for (j = 0; j < lim; j++)
+                    mx = srow[j] > mx ? srow[j] : mx;
+                corr = fast_exp(m[rr] - mx);
+#pragma omp simd reduction(+ : sum)
+                for (j = 0; j < KB; j++) {
+                    float e = j < lim ? fast_exp(srow[j] - mx) : 0.0f;
+                    srow[j] = e;
+                    sum += e;
+                }
+                l[rr] = l[rr] * corr + sum;
+                m[rr] = mx;
+                if (corr != 1.0f)
+                    for (d = 0; d < D; d++)
+                        acc[rr][d] *= corr;
+            }
+            /* acc += P V */
+            for (rr = 0; rr < R; rr += MR)
+                for (d = 0; d < D; d += NR)
+                    mk_full(&acc[rr][d], MAXD, sc[rr], KB, &vt[0][d], MAXD, KB, 1);
         }
         for (g = 0; g < G; g++)
             for (i = 0; i < nrows; i++) {
