@@ -252,7 +252,7 @@ endif
 
 FLAGS_STAMP := $(BUILD)/.flags
 FLAGS_TEXT  := CC=$(CC) $(ALL_CFLAGS) | NVCC=$(if $(LIB_CU)$(BENCH_CU),$(NVCC) $(ALL_NVCCFLAGS)) \
-               | CUDA=$(CUDA) | LIBS=$(SYS_LIBS) $(LDFLAGS)
+               | CUDA=$(CUDA) | LIBS=$(SYS_LIBS) $(LDFLAGS) | LLAMA=$(LLAMA_CFLAGS)
 
 # ---------------------------------------------------------------------------
 # Targets
