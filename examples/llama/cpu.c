@@ -55,7 +55,7 @@ struct llama_backend {
 static int check_shape(const llama_config *c, char *err, size_t errlen)
 {
     if (c->head_dim > 256 || c->head_dim % 32 || c->q_heads / c->kv_heads > 16) {
-        llama_errf(err, errlen, "cpu backend: head_dim %d / group %d outside its tiles (head_dim a multiple of 32 up to 256, group up to 16)",
+        llama_errf(err, errlen, "head_dim %d / group %d outside its tiles (head_dim a multiple of 32 up to 256, group up to 16)",
                    c->head_dim, c->q_heads / c->kv_heads);
         return -1;
     }
