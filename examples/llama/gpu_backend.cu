@@ -10,7 +10,7 @@
  *
  * Decode with rc->cuda_graph: the whole step (embedding, every layer with
  * its four libfreekv calls, the head) is captured once for a set of slots
- * and replayed per step; tokens and positions reach it through device
+ * (after one eager step of that set, the warm-up) and replayed per step; tokens and positions reach it through device
  * buffers copied before each launch. Before capture every sequence is
  * reserved (fkv_seq_reserve) for GRAPH_RESERVE more tokens and the cache is
  * drained (fkv_sync); after replays, fkv_sync runs before any eager call
@@ -34,7 +34,9 @@ extern "C" {
 #include "engine.h"
 }
 
-/* Tokens reserved per sequence ahead of a capture. */
+/* Tokens reserved per sequence ahead of a capture; the environment's
+ * LLAMA_GRAPH_RESERVE (>= 1) overrides it, so that selfcheck-gpu can make
+ * replays run out of the reservation and recapture. */
 #define GRAPH_RESERVE 1024
 /* Prompt tokens per GEMM chunk: bounds the prefill's scratch for 32K
  * prompts (only attention needs the whole prompt at once). */
@@ -127,10 +129,17 @@ struct llama_backend {
 
     /* Graph state. */
     cudaGraphExec_t exec;
+    int64_t graph_reserve;
     int32_t g_n;
     int32_t g_slots[64];
     fkv_seq_id g_ids[64];
     int dirty; /* replays since the last fkv_sync */
+    /* The slots of the last eager step: a set is captured only after one
+     * eager step of it has loaded every kernel (lazy module loading) and
+     * let cuBLAS pick its kernels for this batch size. */
+    int32_t w_n;
+    int32_t w_slots[64];
+    fkv_seq_id w_ids[64];
 };
 
 static int qkv_rows(const llama_config *c)
@@ -227,6 +236,12 @@ static int cuda_create(const llama_model *m, const llama_run_config *rc,
     b->rc = *rc;
     b->dtype = GPU_BF16;
     b->esz = 2;
+    b->graph_reserve = GRAPH_RESERVE;
+    {
+        const char *gr = getenv("LLAMA_GRAPH_RESERVE");
+        if (gr && atoll(gr) >= 1)
+            b->graph_reserve = atoll(gr);
+    }
     CU(cudaGetDevice(&b->device));
     CU(cudaStreamCreateWithFlags(&b->stream, cudaStreamNonBlocking));
     if (cublasCreate(&b->blas) != CUBLAS_STATUS_SUCCESS) {
@@ -839,6 +854,17 @@ static int decode_step(llama_backend *b, const fkv_batch *bt, char *err,
     return 0;
 }
 
+static int warm_matches(const llama_backend *b, int32_t n,
+                        const int32_t *slots)
+{
+    if (b->w_n != n)
+        return 0;
+    for (int32_t i = 0; i < n; i++)
+        if (b->w_slots[i] != slots[i] || b->w_ids[i] != b->seq[slots[i]])
+            return 0;
+    return 1;
+}
+
 static int graph_matches(const llama_backend *b, int32_t n,
                          const int32_t *slots)
 {
@@ -860,7 +886,7 @@ static int graph_capture(llama_backend *b, int32_t n, const int32_t *slots,
     graph_drop(b);
     for (int32_t i = 0; i < n; i++) {
         int32_t s = slots[i];
-        int64_t want = b->pos[s] + GRAPH_RESERVE;
+        int64_t want = b->pos[s] + b->graph_reserve;
         if (want > b->rc.max_context)
             want = b->rc.max_context;
         FKV(fkv_seq_reserve(b->cache, b->seq[s], want), "fkv_seq_reserve");
@@ -936,9 +962,25 @@ static int cuda_decode(llama_backend *b, int32_t n, const int32_t *slots,
             return -1;
         }
     }
-    if (b->rc.cuda_graph && !graph_matches(b, n, slots) &&
-        graph_capture(b, n, slots, err, errlen))
-        return -1;
+    /* Graph mode: replay the set's graph; capture it when the previous
+     * step of the same set ran eagerly (warm-up); else run this step
+     * eagerly. */
+    int replay = 0;
+    if (b->rc.cuda_graph) {
+        if (graph_matches(b, n, slots)) {
+            replay = 1;
+        } else if (warm_matches(b, n, slots)) {
+            if (graph_capture(b, n, slots, err, errlen))
+                return -1;
+            replay = 1;
+        } else {
+            /* Eager library calls: after replays, fkv_sync first, and the
+             * old graph is not replayed across them. */
+            if (settle(b, err, errlen))
+                return -1;
+            graph_drop(b);
+        }
+    }
 
     /* Inputs through the device buffers the kernels (and graph) read. */
     for (int32_t i = 0; i < n; i++) {
@@ -947,7 +989,7 @@ static int cuda_decode(llama_backend *b, int32_t n, const int32_t *slots,
     }
     CU(cudaMemcpyAsync(b->d_io, b->h_io, sizeof(int32_t) * 2 * b->rc.max_batch,
                        cudaMemcpyHostToDevice, b->stream));
-    if (b->rc.cuda_graph) {
+    if (replay) {
         CU(cudaGraphLaunch(b->exec, b->stream));
         b->dirty = 1;
     } else {
@@ -955,8 +997,14 @@ static int cuda_decode(llama_backend *b, int32_t n, const int32_t *slots,
         for (int32_t i = 0; i < n; i++)
             ids[i] = b->seq[slots[i]];
         fkv_batch bt = {n, 0, ids, NULL};
+        b->w_n = 0; /* a failed step warms nothing up */
         if (decode_step(b, &bt, err, errlen))
             return -1;
+        b->w_n = n;
+        for (int32_t i = 0; i < n; i++) {
+            b->w_slots[i] = slots[i];
+            b->w_ids[i] = ids[i];
+        }
     }
     CU(cudaMemcpyAsync(b->h_logits, b->logits,
                        sizeof(float) * (size_t)n * c->vocab,

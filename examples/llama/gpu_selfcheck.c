@@ -9,7 +9,8 @@
  *     bf16, DENSE and FREEKV with a small budget (selection active);
  *   - the real model (--model DIR), a prompt of --prefill bytes (default
  *     5000: more than one 4096-token prefill chunk) and --steps decode
- *     steps, DENSE and FREEKV.
+ *     steps, DENSE and FREEKV, a batch of 3, and one run whose graph
+ *     replays exhaust a 5-token reservation and recapture.
  * Metrics per case: rel_max = max |a - b| / max |b|, rel_rms = rms(a - b) /
  * rms(b) over all logits, and top1 = the fraction of positions where the
  * argmax agrees. The limits are bf16-sized (see LIMITS below); a graph run
@@ -19,6 +20,7 @@
  *
  * SPDX-License-Identifier: MIT
  */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include "gpu_selfcheck.h"
 
 #include <math.h>
@@ -429,6 +431,14 @@ int llama_gpu_selfcheck(int argc, char **argv)
                       FKV_DTYPE_BF16, 512, 32, 64, 64, 3, {0, 17, 64},
                       {prefill, l2, l3}, steps, 1};
         sc_case(&m, &fb, text);
+        /* Replays run out of a 5-token reservation: recapture every 5
+         * steps (LLAMA_GRAPH_RESERVE, read by the CUDA backend's create). */
+        setenv("LLAMA_GRAPH_RESERVE", "5", 1);
+        sc_spec fr = {"real freekv bf16 batch3 recapture", FKV_POLICY_FREEKV,
+                      FKV_DTYPE_BF16, 512, 32, 64, 64, 3, {0, 17, 64},
+                      {prefill, l2, l3}, steps, 1};
+        sc_case(&m, &fr, text);
+        unsetenv("LLAMA_GRAPH_RESERVE");
         free(text);
         llama_model_free(&m);
     } else {
