@@ -492,14 +492,16 @@ static void make_tokens(int32_t *t, int n, uint64_t seed)
         t[i] = rnd_int(0, V - 1);
 }
 
-/* Dense logits of the checkpoint in dir against the reference. */
-static void check_dense(const ck_model *m, const char *dir, fkv_dtype dt, double tol)
+/* Dense logits of the checkpoint in dir against the reference: a prompt of
+ * P tokens, then S steps. */
+static void check_dense_n(const ck_model *m, const char *dir, fkv_dtype dt, double tol, int P,
+                          int S)
 {
-    enum { P = 130, S = 6 }; /* several attention tiles (16 queries x 64 keys) */
-    int32_t tokens[P + S];
+    int32_t *tokens = malloc((size_t)(P + S) * sizeof *tokens);
     double *ref;
     float *got;
     int s;
+    ck_assert_ptr_nonnull(tokens);
     make_tokens(tokens, P + S, 5);
     ref = ref_forward(m, tokens, P + S);
     got = engine_run(dir, FKV_POLICY_DENSE, dt, tokens, P, S);
@@ -509,6 +511,13 @@ static void check_dense(const ck_model *m, const char *dir, fkv_dtype dt, double
     }
     free(ref);
     free(got);
+    free(tokens);
+}
+
+/* Several attention tiles (32 queries x 128 keys). */
+static void check_dense(const ck_model *m, const char *dir, fkv_dtype dt, double tol)
+{
+    check_dense_n(m, dir, dt, tol, 300, 6);
 }
 
 static void dense_case(int tied, int scaled, const char *dtype, int sharded)
@@ -553,6 +562,20 @@ START_TEST(test_llama_cache_dtypes)
     ck_write_dir(&m, dir, "F32", NULL);
     check_dense(&m, dir, FKV_DTYPE_F16, 5e-3);
     check_dense(&m, dir, FKV_DTYPE_BF16, 4e-2);
+    rmdir_all(dir);
+    ck_free(&m);
+}
+END_TEST
+
+/* A prompt longer than the CPU path's prefill chunk (1024 rows): the
+ * chunks' attention over the earlier chunks' keys. */
+START_TEST(test_llama_long_prefill)
+{
+    ck_model m;
+    const char *dir = tmpdir();
+    ck_build(&m, 0, 0, 61);
+    ck_write_dir(&m, dir, "F32", NULL);
+    check_dense_n(&m, dir, FKV_DTYPE_F32, 1e-4, 1100, 2);
     rmdir_all(dir);
     ck_free(&m);
 }
@@ -751,6 +774,7 @@ Suite *suite_llama(const char *prefix)
     tcase_add_test(tc, test_llama_rope_llama3);
     tcase_add_test(tc, test_llama_sharded);
     tcase_add_test(tc, test_llama_cache_dtypes);
+    tcase_add_test(tc, test_llama_long_prefill);
     tcase_add_test(tc, test_llama_policies);
     tc = tst_tcase(s, "loader_errors");
     tcase_add_test(tc, test_llama_err_missing_tensor);
