@@ -26,8 +26,8 @@ engine); only the decode steps attend sparsely.
 
 Usage:
   scripts/hf_reference.py --model DIR --text FILE [--offset B] --prefill N \
-      --steps M [--emulate --budgets 2048,4096 --page 32 --sink 512 \
-      --window 512] [--json]
+      --steps M [--emulate --budgets 2048,4096 --page 32 \
+      --sinkwindow 512/512,128/128] [--json]
 """
 import argparse
 import json
@@ -276,8 +276,9 @@ def main():
     ap.add_argument("--emulate", action="store_true")
     ap.add_argument("--budgets", default="2048")
     ap.add_argument("--page", type=int, default=32)
-    ap.add_argument("--sink", type=int, default=512)
-    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--sinkwindow", default="512/512",
+                    help="SINK/WINDOW[,SINK/WINDOW...] tokens (default the "
+                    "library's 512/512)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     with open(a.text, "rb") as f:
@@ -292,18 +293,25 @@ def main():
     dense = dense_forward(model, toks, a.prefill, a.steps)
     base = {"text": a.text, "offset": a.offset, "prefill": a.prefill,
             "steps": a.steps}
+    # Per-step NLL too: the ppl of the first M' < M steps is that of a run
+    # with --steps M' (causal model, same bytes).
     r = dict(base, policy="reference", ppl=float(np.exp(dense[0].mean())),
-             seconds=round(time.time() - t0, 1))
+             seconds=round(time.time() - t0, 1),
+             nll_steps=[round(float(x), 9) for x in dense[0]])
     print(json.dumps(r), flush=True)
     if not a.emulate:
         return
-    for b in [int(x) for x in a.budgets.split(",")]:
+    for sw in a.sinkwindow.split(","):
+      sink, window = (int(x) for x in sw.split("/"))
+      for b in [int(x) for x in a.budgets.split(",")]:
+        if b < sink + window:
+            continue
         t0 = time.time()
-        em = emulate(model, toks, a.prefill, a.steps, dense, a.page, a.sink,
-                     a.window, b)
+        em = emulate(model, toks, a.prefill, a.steps, dense, a.page, sink,
+                     window, b)
         for mode, v in em.items():
-            r = dict(base, policy="emul-" + mode, budget=b, sink=a.sink,
-                     window=a.window, page=a.page,
+            r = dict(base, policy="emul-" + mode, budget=b, sink=sink,
+                     window=window, page=a.page,
                      ppl=float(np.exp(v["nll"].mean())),
                      ratio=float(np.exp(v["nll"].mean() - dense[0].mean())),
                      mass=np.round(v["mass"], 6).tolist(),

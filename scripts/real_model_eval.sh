@@ -18,8 +18,9 @@ PYLIB=${PYLIB:-/root/.pyenv/versions/3.11.7/lib/python3.11}
 OUT=${OUT:-build/accuracy-real}
 # The windows: one file each (every one >= 33 KB, so the 32K windows fit),
 # read from byte offset 0. Different modules, different authors and styles.
-FILES="_pydecimal turtle inspect typing pydoc tarfile doctest argparse
-_pyio pickletools zipfile datetime subprocess difflib enum mailbox"
+# WINDOWS="name ..." runs a subset.
+FILES=${WINDOWS:-"_pydecimal turtle inspect typing pydoc tarfile doctest argparse
+_pyio pickletools zipfile datetime subprocess difflib enum mailbox"}
 OFFSET=0
 mode=$1; N=$2; M=$3; NWIN=${4:-16}
 [ $# -ge 4 ] && shift 4 || shift 3

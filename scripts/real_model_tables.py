@@ -37,8 +37,18 @@ def thr(r):
 
 def main():
     d = sys.argv[1] if len(sys.argv) > 1 else "build/accuracy-real"
-    ref = {(r["text"], r["prefill"], r["steps"]): r
-           for r in load(os.path.join(d, "reference-*.jsonl"))}
+    # Reference lines, from reference-*.jsonl and emulate-*.jsonl; one with
+    # per-step NLLs also gives the ppl of any shorter run (causal model).
+    ref = {}
+    for r in load(os.path.join(d, "reference-*.jsonl")) + \
+            load(os.path.join(d, "emulate-*.jsonl")):
+        if r["policy"] != "reference":
+            continue
+        ref[(r["text"], r["prefill"], r["steps"])] = r
+        for m in (64, 128, 256):
+            if len(r.get("nll_steps", [])) >= m:
+                ref.setdefault((r["text"], r["prefill"], m), dict(
+                    r, steps=m, ppl=math.exp(statistics.mean(r["nll_steps"][:m]))))
     eng = load(os.path.join(d, "engine-*.jsonl"))
     dense = {}
     for r in eng:
