@@ -16,7 +16,9 @@
  * argmax agrees. The limits are bf16-sized (see LIMITS below); a graph run
  * must match the eager CUDA run to 1e-3.
  *
- * Without a CUDA build or device it prints "skipped" and returns 0.
+ * It first runs gpu_kernel_check.cu: each kernel against a float64
+ * reference. Without a CUDA build or device it prints "skipped" and
+ * returns 0.
  *
  * SPDX-License-Identifier: MIT
  */
@@ -346,6 +348,14 @@ int llama_gpu_selfcheck(int argc, char **argv)
         return 0;
     }
     char err[1024] = "";
+
+    /* Each kernel alone first: a failing end-to-end case below is then
+     * traced to a kernel (or cleared of them). */
+    {
+        int checks = 0;
+        failures += llama_gpu_kernel_check(&checks);
+        cases += checks;
+    }
 
     /* Tiny random models. Text: random bytes (fixed seed). */
     const int64_t tiny_len = 700;

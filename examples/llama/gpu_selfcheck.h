@@ -10,4 +10,9 @@
  * build or device), 1 a case failed, 2 bad arguments or a setup error. */
 int llama_gpu_selfcheck(int argc, char **argv);
 
+/* The kernel-level checks (gpu_kernel_check.cu): each kernel against a
+ * float64 reference; prints one line per check, sets *checks to their
+ * number and returns how many failed. CUDA builds only. */
+int llama_gpu_kernel_check(int *checks);
+
 #endif /* LLAMA_GPU_SELFCHECK_H */
