@@ -10,6 +10,9 @@
 #include "engine.h"
 #ifdef LLAMA_WITH_CUDA
 #include "gpu_selfcheck.h"
+#ifdef LLAMA_WITH_CUDA
+#include "gpu_tp.h"
+#endif
 #endif
 
 #include <errno.h>
@@ -48,8 +51,10 @@ static void usage(FILE *f)
         "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
         "       --graph (CUDA: replay decode steps from a captured CUDA graph;\n"
         "       the CUDA path's --dtype defaults to bf16)\n"
+        "       --tp N (CUDA + NCCL: N GPUs, tensor parallel; KV heads divisible by N)\n"
         "  selfcheck-gpu [--model DIR] [--text FILE] [--prefill N] [--steps M]\n"
-        "           the CUDA backend's logits against the CPU backend's\n");
+        "           the CUDA backend's logits against the CPU backend's\n"
+        "           (and --tp 2 against one GPU, with 2 or more GPUs)\n");
 }
 
 /* ---- options ---------------------------------------------------------------- */
@@ -61,6 +66,7 @@ typedef struct args {
     double temperature;
     int json, no_dense, threads;
     int graph, dtype_set; /* --graph; --dtype given */
+    int64_t tp; /* --tp N (1: one GPU) */
     fkv_options opts; /* cache options as given (policy, budget, ...) */
 } args;
 
@@ -156,6 +162,7 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(f, "--context")) { if (parse_int(f, val, 1, (int64_t)1 << 31, &a->context)) return -1; }
         else if (!strcmp(f, "--warmup")) { if (parse_int(f, val, 0, 1000, &a->warmup)) return -1; }
         else if (!strcmp(f, "--seed")) { if (parse_int(f, val, 0, INT64_MAX, &a->seed)) return -1; }
+        else if (!strcmp(f, "--tp")) { if (parse_int(f, val, 1, 8, &a->tp)) return -1; }
         else if (!strcmp(f, "--threads")) { if (parse_int(f, val, 1, 1024, &v)) return -1; a->threads = (int)v; }
         else if (!strcmp(f, "--budget")) { if (parse_int(f, val, 1, INT32_MAX, &v)) return -1; a->opts.budget_tokens = (int32_t)v; }
         else if (!strcmp(f, "--page")) { if (parse_int(f, val, 1, INT32_MAX, &v)) return -1; a->opts.page_tokens = (int32_t)v; }
@@ -382,6 +389,21 @@ static int make_backend(const args *a, const llama_model *m, int64_t max_context
     rc.keep_prefill = keep;
     rc.threads = a->threads;
     rc.cuda_graph = a->graph;
+#ifdef LLAMA_WITH_CUDA
+    if (a->tp > 1) { /* gpu_tp.h: the CUDA path on tp GPUs */
+        if (*ops != &llama_cuda_backend) {
+            fprintf(stderr, "llama: --tp %lld needs the CUDA backend\n", (long long)a->tp);
+            return -1;
+        }
+        *ops = &llama_cuda_tp_backend;
+        rc.tp = (int32_t)a->tp;
+    }
+#else
+    if (a->tp > 1) {
+        fprintf(stderr, "llama: --tp: this build has no CUDA path (make examples CUDA=1)\n");
+        return -1;
+    }
+#endif
     if ((*ops)->create(m, &rc, b, err, sizeof err)) {
         fprintf(stderr, "llama: %s backend: %s\n", (*ops)->name, err);
         return -1;
