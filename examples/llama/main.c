@@ -774,19 +774,20 @@ static int cmd_bench(const args *a)
             printf(",\"dtype\":\"%s\",\"batch\":%d,\"context\":%lld,\"steps\":%lld,\"kv_fill\":\"random\","
                    "\"fill_ms\":%.1f,\"ms_per_step\":%.3f,\"tokens_per_s\":%.2f,\"host_bytes\":%llu,"
                    "\"device_bytes\":%llu,\"weight_bytes\":%llu,\"pages_recalled_per_step\":%.3f,"
-                   "\"corrections\":%llu,\"heads_checked\":%llu}\n",
+                   "\"corrections\":%llu,\"heads_checked\":%llu,\"tp\":%lld}\n",
                    dtype_name(o.dtype), B, (long long)C, (long long)S, fill_ms, med, B * 1000.0 / med,
                    (unsigned long long)st.host_bytes, (unsigned long long)st.device_bytes,
                    (unsigned long long)ops->weight_bytes(b),
                    (double)st.pages_recalled / (double)(S + a->warmup),
-                   (unsigned long long)st.corrections, (unsigned long long)st.heads_checked);
+                   (unsigned long long)st.corrections, (unsigned long long)st.heads_checked,
+                   (long long)(a->tp > 1 ? a->tp : 1));
         } else {
             printf("%s %s %-8s budget %d batch %d context %lld (random K/V via fkv_append, not a real "
                    "prefill): %.2f ms/step (median of %lld), %.1f tokens/s; memory: cache host %.1f MiB, "
-                   "device %.1f MiB, weights %.1f MiB\n",
+                   "device %.1f MiB, weights %.1f MiB%s\n",
                    ops->name, a->shape, policy_name(o.policy), o.budget_tokens, B, (long long)C, med,
                    (long long)S, B * 1000.0 / med, st.host_bytes / 1048576.0, st.device_bytes / 1048576.0,
-                   ops->weight_bytes(b) / 1048576.0);
+                   ops->weight_bytes(b) / 1048576.0, a->tp > 1 ? " (per GPU: --tp)" : "");
         }
         fflush(stdout);
     }
