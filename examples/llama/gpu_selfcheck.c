@@ -285,7 +285,7 @@ static int sc_case(const llama_model *m, const sc_spec *sp,
 
 /* One spec on 2 GPUs (--tp 2) against one GPU: the same bf16 weights and
  * kernels, the sums of the o and down projections split in two and added by
- * NCCL; judged with the dense limits (the regimes as in sc_case). The tp
+ * NCCL; judged with the limits and regimes of sc_case. The tp
  * graph must match the tp eager run to LIM_GRAPH_MAX. */
 static int sc_case_tp(const llama_model *m, const sc_spec *sp,
                       const int32_t *text)
@@ -318,9 +318,15 @@ static int sc_case_tp(const llama_model *m, const sc_spec *sp,
         const int selects = sp->policy == FKV_POLICY_FREEKV ||
                             sp->policy == FKV_POLICY_SYNC;
         const char *regime = selects ? sc_regime_name[sp->regime] : "dense";
-        const double lim_top1 = sp->real ? LIM_DENSE_TOP1 : 0.0;
+        /* A selective real-model case may still flip a near-tie page
+         * between the two summation orders: the FREEKV limits there. */
+        const int dense = !selects || sp->regime == SC_ALLSELECTED;
+        const double lim_rms = dense ? LIM_DENSE_RMS : LIM_FREEKV_RMS;
+        const double lim_top1 =
+            sp->real ? (dense ? LIM_DENSE_TOP1 : LIM_FREEKV_TOP1) : 0.0;
         sc_cmp c = sc_compare(sp, &eager, &one, V, text);
-        int pass = c.rel_rms <= LIM_DENSE_RMS && c.rel_max <= LIM_DENSE_MAX &&
+        int pass = c.rel_rms <= lim_rms &&
+                   (!dense || c.rel_max <= LIM_DENSE_MAX) &&
                    c.top1 >= lim_top1;
         sc_report(name, "tp2 vs 1 gpu", regime, c,
                   selects && sp->regime == SC_GRAPHONLY ? -1 : pass);
