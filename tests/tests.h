@@ -258,8 +258,12 @@ Suite *suite_sequences(const char *prefix);
 Suite *suite_always(const char *prefix);
 Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
-Suite *suite_faults(const char *prefix);  /* issue 12 */
-Suite *suite_defects(const char *prefix); /* issue 12 */
+/* Every host allocation failed in turn (test_faults.c); defects of the
+ * reliability review (test_defects.c). */
+Suite *suite_faults(const char *prefix);
+Suite *suite_defects(const char *prefix);
+/* The llama example engine's loader and CPU path (test_llama.c). */
+Suite *suite_llama(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
