@@ -387,10 +387,10 @@ distclean: clean
 #                             back to `make fuzz-replay`.
 #   make fuzz-replay          the same target as a plain program (any CC,
 #                             ASan + UBSan) run once over tests/fuzz/corpus
-#   make fuzz-merge           minimise tests/fuzz/corpus + build/fuzz/corpus
-#                             into tests/fuzz/corpus (to commit): the fewest
-#                             inputs that cover every edge (-use_counters=0
-#                             keeps it to tens of files, not hundreds)
+#   make fuzz-merge           add to tests/fuzz/corpus (to commit) the inputs
+#                             of build/fuzz/corpus that reach new edges
+#                             (-use_counters=0: edges only, which keeps it to
+#                             tens of files, not hundreds)
 #   make soak [SOAK_STEPS=20000]  tests/soak/soak.c: continuous batching for
 #                             SOAK_STEPS decode steps, asserting flat memory
 # ===========================================================================
@@ -484,11 +484,9 @@ fuzz-replay-bin: $(FUZZ_REPLAY_BIN)
 
 fuzz-merge:
 	+$(FUZZ_SUBMAKE) $(FUZZ_BUILD)/tests/fuzz/fuzz_calls
-	rm -rf $(FUZZ_BUILD)/merged && mkdir -p $(FUZZ_BUILD)/merged $(FUZZ_BUILD)/corpus
+	@mkdir -p $(FUZZ_BUILD)/corpus
 	$(FUZZ_ENV) $(FUZZ_BUILD)/tests/fuzz/fuzz_calls -merge=1 -use_counters=0 \
-	  -max_len=$(FUZZ_MAX_LEN) $(FUZZ_BUILD)/merged $(FUZZ_CORPUS) \
-	  $(FUZZ_BUILD)/corpus
-	rm -f $(FUZZ_CORPUS)/* && cp $(FUZZ_BUILD)/merged/* $(FUZZ_CORPUS)/
+	  -max_len=$(FUZZ_MAX_LEN) $(FUZZ_CORPUS) $(FUZZ_BUILD)/corpus
 
 soak: $(SOAK_BIN)
 	$(SOAK_BIN) --steps $(SOAK_STEPS) $(SOAK_ARGS)

@@ -199,7 +199,7 @@ int main(int argc, char **argv)
     seq seqs[MAX_SEQS];
     int nseq = 0;
     fkv_seq_id ids[MAX_SEQS];
-    long long opened = 0, closed = 0, tokens = 0;
+    long long opened = 0, closed = 0, tokens = 0, done = 0;
     long rss_warm_max = 0, rss_after_max = 0, rss_first = -1, rss_last = 0;
     uint64_t host_warm_max = 0, host_after_max = 0, host_last = 0;
     int rc = 0;
@@ -273,6 +273,7 @@ int main(int argc, char **argv)
         if (rc)
             break;
         tokens += nseq;
+        done++;
         /* Close the sequences that reached their length. */
         for (int i = 0; i < nseq;) {
             if (++seqs[i].len >= seqs[i].target) {
@@ -328,12 +329,12 @@ int main(int argc, char **argv)
     memset(&s, 0, sizeof s);
     s.struct_size = sizeof s;
     fkv_get_stats(c, &s);
-    printf("soak: %s: %lld steps (policy %lld, %lld seqs max, max len %lld): "
+    printf("soak: %s: %lld of %lld steps (policy %lld, %lld seqs max, max len %lld): "
            "%lld tokens, %lld opened, %lld closed, %llu corrections; RSS KiB "
            "first %ld, warm-up max %ld, after max %ld, last %ld; host_bytes "
            "warm-up max %llu, after max %llu, last %llu (warm-up %lld "
            "steps, RSS slack %lld KiB)\n",
-           rc ? "FAIL" : "ok", steps, policy, max_seqs, max_len, tokens,
+           rc ? "FAIL" : "ok", done, steps, policy, max_seqs, max_len, tokens,
            opened, closed, (unsigned long long)s.corrections, rss_first,
            rss_warm_max, rss_after_max, rss_last,
            (unsigned long long)host_warm_max,
