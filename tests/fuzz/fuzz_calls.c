@@ -112,11 +112,17 @@ static void fail(const harness *h, const char *fmt, ...)
 static void check_message(const harness *h, fkv_cache *c, fkv_status st,
                           const char *what)
 {
-    char msg[256];
+    char msg[256], tiny[2] = { 'x', 'x' };
     size_t n = fkv_last_error(c, msg, sizeof msg);
     CHECK(h, n > 0 && msg[0] != '\0',
           "%s failed (%s) with an empty fkv_last_error", what,
           fkv_status_string(st));
+    /* snprintf-like: the full length whatever the buffer, NUL-terminated
+     * when there is room for anything. */
+    CHECK(h, fkv_last_error(c, NULL, 0) == n &&
+                 fkv_last_error(c, tiny, 1) == n && tiny[0] == '\0' &&
+                 tiny[1] == 'x',
+          "%s: fkv_last_error with a short buffer", what);
     CHECK(h, st > FKV_OK && st <= FKV_ERR_INTERNAL,
           "%s returned an unknown status %d", what, (int)st);
     CHECK(h, st != FKV_ERR_INTERNAL, "%s: FKV_ERR_INTERNAL: %s", what, msg);
@@ -326,11 +332,18 @@ static void build_batch(harness *h, input *in, call *c, int with_tokens)
         break;
     }
     case MUT_DUPLICATE:
-        if (c->n < 1 || c->n + 1 > MAX_BATCH)
+        /* Within the batch when it has two entries (so that only the
+         * duplicate can make it fail), else one more entry. */
+        if (c->n >= 2) {
+            unsigned a = in_u8(in) % (unsigned)c->n;
+            c->rids[(a + 1) % (unsigned)c->n] = c->rids[a];
+        } else if (c->n == 1) {
+            c->rids[1] = c->rids[0];
+            c->rtok[1] = 1;
+            c->rb.num_seqs = 2;
+        } else {
             break;
-        c->rids[c->n] = c->rids[in_u8(in) % (unsigned)c->n];
-        c->rtok[c->n] = 1;
-        c->rb.num_seqs = c->n + 1;
+        }
         c->bad = 1;
         break;
     case MUT_RESERVED:
@@ -783,6 +796,65 @@ static void op_stats(harness *h, input *in)
     compare_caches(h, "stats");
 }
 
+/* fkv_create with one bad option must fail and leave *cache NULL; a larger
+ * struct whose extra bytes are zero must be accepted. */
+static void op_create(harness *h, input *in)
+{
+    unsigned m = in_u8(in), v = in_u8(in);
+    struct {
+        fkv_options o;
+        unsigned char extra[16];
+    } big;
+    memset(&big, 0, sizeof big);
+    big.o = h->o;
+    fkv_options *o = &big.o;
+    int bad = 1;
+    switch (m % 16) {
+    case 0: o->num_layers = -(int32_t)(v & 3); break;
+    case 1: o->num_kv_heads = 0; break;
+    case 2: o->num_q_heads = (v & 1) ? 0 : -o->num_kv_heads; break;
+    case 3: o->head_dim = (v & 1) ? 32 : 96; break;
+    case 4: o->dtype = (fkv_dtype)(3 + (v & 7)); break;
+    case 5: o->softmax_scale = (v & 1) ? -1.0f : (float)INFINITY; break;
+    case 6: o->page_tokens = (v & 1) ? 0 : 1025; break;
+    case 7: o->sink_tokens = o->budget_tokens + o->page_tokens; break;
+    case 8: /* not a multiple of page_tokens, or negative */
+        o->budget_tokens = o->page_tokens > 1 ? o->budget_tokens + 1 : -1;
+        break;
+    case 9: o->correction_threshold = (float)NAN; break;
+    case 10: o->policy = (fkv_policy)(4 + (v & 7)); break;
+    case 11: o->max_sequences = (v & 1) ? 0 : (1 << 20) + 1; break;
+    case 12: o->max_tokens_per_sequence = -(int64_t)(v & 7); break;
+    case 13: o->struct_size = v & 15; break;
+    case 14: /* unknown non-zero bytes past the struct this library knows */
+        o->struct_size = sizeof big;
+        big.extra[v & 15] = (unsigned char)(1 + (v >> 4));
+        break;
+    default: /* zero bytes past it: valid */
+        o->struct_size = sizeof big;
+        bad = 0;
+        break;
+    }
+    fkv_cache *c = (fkv_cache *)&big; /* must be overwritten */
+    fkv_status st = fkv_create(o, &c);
+    if (bad) {
+        CHECK(h, st != FKV_OK && c == NULL,
+              "fkv_create with bad option %u gave %s and %s handle", m % 16,
+              fkv_status_string(st), c ? "a" : "no");
+        check_message(h, NULL, st, "fkv_create");
+    } else {
+        CHECK(h, st == FKV_OK && c != NULL,
+              "fkv_create with a larger zeroed struct gave %s",
+              fkv_status_string(st));
+        fkv_destroy(c);
+    }
+    CHECK(h, fkv_create(NULL, &c) == FKV_ERR_INVALID_ARGUMENT,
+          "fkv_create(NULL opts)");
+    CHECK(h, fkv_create(&h->o, NULL) == FKV_ERR_INVALID_ARGUMENT,
+          "fkv_create(NULL cache)");
+    compare_caches(h, "fkv_create");
+}
+
 /* ---------------------------------------------------------------------- */
 /* Setup                                                                  */
 /* ---------------------------------------------------------------------- */
@@ -908,7 +980,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     harness h;
     setup(&h, &in);
     for (int ops = 0; ops < MAX_OPS && !in_done(&in); ops++) {
-        unsigned op = in_u8(&in) % 12;
+        unsigned op = in_u8(&in) % 13;
         call c;
         switch (op) {
         case 0: op_open(&h, &in); break;
@@ -921,7 +993,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 7: case 8: op_step(&h, &in); break;
         case 9: op_reserve(&h, &in); break;
         case 10: op_introspect(&h, &in); break;
-        default: op_stats(&h, &in); break;
+        case 11: op_stats(&h, &in); break;
+        default: op_create(&h, &in); break;
         }
     }
     teardown(&h);
