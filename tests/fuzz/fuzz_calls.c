@@ -105,6 +105,11 @@ static void fail(const harness *h, const char *fmt, ...)
     abort();
 }
 
+/* What the checks looked at, for the replay program's summary. */
+static struct {
+    unsigned long long calls, rejected, outputs, selections;
+} counts;
+
 #define CHECK(h, cond, ...) \
     do { if (!(cond)) fail((h), __VA_ARGS__); } while (0)
 
@@ -141,8 +146,11 @@ static void check_outcome(const harness *h, fkv_cache *used, fkv_status st,
         fail(h, "%s with valid arguments failed: %s: %s", what,
              fkv_status_string(st), msg);
     }
-    if (st != FKV_OK)
+    counts.calls++;
+    if (st != FKV_OK) {
+        counts.rejected++;
         check_message(h, used, st, what);
+    }
 }
 
 /* ---------------------------------------------------------------------- */
@@ -578,6 +586,43 @@ static int all_have_tokens(const harness *h, const call *c)
     return 1;
 }
 
+/* Whether the pages an attend uses are the top-K of its own query: SYNC and
+ * RESIDENT always; FREEKV with threshold 1, where every head is corrected
+ * (each attend here has a fresh random query, so no cosine reaches 1). */
+static int exact_selection(const harness *h)
+{
+    return h->o.policy == FKV_POLICY_SYNC ||
+           h->o.policy == FKV_POLICY_RESIDENT ||
+           (h->o.policy == FKV_POLICY_FREEKV &&
+            h->o.correction_threshold == 1.0f);
+}
+
+/* The selection against the reference's top-K, where its K-th and (K+1)-th
+ * aggregates are far enough apart for float rounding not to swap them. */
+static void check_selection(harness *h, const record *r, int layer, int g,
+                            const float *q, const int *sel, int cnt)
+{
+    int want[64];
+    double gap = 0.0;
+    int nw = ref_select(&h->lay, r->k[layer], r->len[layer], h->Hkv, h->D, g,
+                        q + (size_t)g * (size_t)h->G * (size_t)h->D, h->G,
+                        h->o.softmax_scale,
+                        h->o.group_score == FKV_GROUP_MEAN_SCORE
+                            ? REF_GROUP_MEAN_SCORE
+                            : REF_GROUP_MEAN_SOFTMAX,
+                        want, &gap);
+    if (!(gap >= 1e-3))
+        return;
+    counts.selections++;
+    int same = nw == cnt;
+    for (int i = 0; same && i < cnt; i++)
+        same = want[i] == sel[i];
+    CHECK(h, same, "(layer %d, seq %lld, head %d, n %lld): selected %d "
+          "pages (first %d), the reference's top-K is %d pages (first %d), "
+          "gap %g", layer, (long long)r->rid, g, (long long)r->len[layer],
+          cnt, cnt ? sel[0] : -1, nw, nw ? want[0] : -1, gap);
+}
+
 /* The output of one sequence against the reference over the tokens the
  * library reports it attended. */
 static void check_attention(harness *h, const record *r, int layer,
@@ -609,6 +654,8 @@ static void check_attention(harness *h, const record *r, int layer,
                 sel[i] = h->pages_r[i];
             }
             ref_attended_mask(&h->lay, n, sel, cnt, h->mask);
+            if (exact_selection(h) && ncand > h->K)
+                check_selection(h, r, layer, g, q, sel, cnt);
         }
         for (int j = 0; j < h->G; j++) {
             int qh = g * h->G + j;
@@ -620,6 +667,7 @@ static void check_attention(harness *h, const record *r, int layer,
                           h->o.policy == FKV_POLICY_DENSE ? NULL : h->mask,
                           h->ref);
             double e = ref_rel_err(o, h->ref, (size_t)h->D);
+            counts.outputs++;
             CHECK(h, e <= h->tol, "attend output of (layer %d, seq %lld, "
                   "q head %d) is off the reference by %g (tolerance %g, "
                   "n %lld, %d selected)", layer, (long long)r->rid, qh, e,
@@ -1052,7 +1100,10 @@ int main(int argc, char **argv)
         }
         closedir(d);
     }
-    printf("fuzz_calls: replayed %d inputs, %d unreadable\n", files, errors);
+    printf("fuzz_calls: replayed %d inputs, %d unreadable; %llu calls "
+           "(%llu rejected), %llu head outputs and %llu selections checked "
+           "against the reference\n", files, errors, counts.calls,
+           counts.rejected, counts.outputs, counts.selections);
     return errors ? 1 : 0;
 }
 #endif
