@@ -426,6 +426,128 @@ clean:
 distclean: clean
 	rm -rf $(CHECK_FETCH_DIR)
 
+# ===========================================================================
+# Fuzzing and soak (tests/fuzz/, tests/soak/). Not part of `make check`.
+#
+#   make fuzz [FUZZ_TIME=60]  libFuzzer target tests/fuzz/fuzz_calls.c under
+#                             ASan + UBSan, built with clang in build/fuzz/
+#                             (CPU backend; CUDA=0 unless FUZZ_CUDA=1). It
+#                             first replays tests/fuzz/corpus, then fuzzes
+#                             for FUZZ_TIME seconds, growing build/fuzz/corpus
+#                             (the tree's corpus is only read). Without a
+#                             clang that links -fsanitize=fuzzer it falls
+#                             back to `make fuzz-replay`.
+#   make fuzz-replay          the same target as a plain program (any CC,
+#                             ASan + UBSan) run once over tests/fuzz/corpus
+#   make fuzz-merge           add to tests/fuzz/corpus (to commit) the inputs
+#                             of build/fuzz/corpus that reach new edges
+#                             (-use_counters=0: edges only, which keeps it to
+#                             tens of files, not hundreds)
+#   make soak [SOAK_STEPS=20000]  tests/soak/soak.c: continuous batching for
+#                             SOAK_STEPS decode steps, asserting flat memory
+# ===========================================================================
+
+FUZZ_CC      ?= clang
+FUZZ_HARNESS_CFLAGS ?=
+FUZZ_TIME    ?= 60
+FUZZ_MAX_LEN ?= 512
+FUZZ_CUDA    ?= 0
+FUZZ_BUILD   ?= build/fuzz
+FUZZ_CORPUS  := tests/fuzz/corpus
+FUZZ_ARGS    ?=
+# protect_shadow_gap=0 as for check-sanitize when the CUDA code is linked.
+FUZZ_ENV     := ASAN_OPTIONS=detect_leaks=1$(if $(filter 1,$(FUZZ_CUDA)),:protect_shadow_gap=0) \
+                UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+FUZZ_OBJ        := $(BUILD)/tests/fuzz/fuzz_calls.o
+FUZZ_REPLAY_OBJ := $(BUILD)/tests/fuzz/fuzz_calls_replay.o
+FUZZ_REF_OBJ    := $(BUILD)/tests/fuzz/reference.o
+FUZZ_BIN        := $(BUILD)/tests/fuzz/fuzz_calls
+FUZZ_REPLAY_BIN := $(BUILD)/tests/fuzz/fuzz_calls_replay
+SOAK_OBJ        := $(BUILD)/tests/soak/soak.o
+SOAK_BIN        := $(BUILD)/tests/soak/soak
+SOAK_STEPS      ?= 20000
+SOAK_ARGS       ?=
+
+$(FUZZ_OBJ) $(FUZZ_REPLAY_OBJ) $(FUZZ_REF_OBJ) $(SOAK_OBJ): EXTRA_CFLAGS = -Itests \
+  $(FUZZ_HARNESS_CFLAGS)
+
+$(FUZZ_REPLAY_OBJ): tests/fuzz/fuzz_calls.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -DFKV_FUZZ_REPLAY $(DEPFLAGS) -c -o $@ $<
+
+# The reference is the unit tests' (tests/reference.c), compiled here without
+# Check's flags so that fuzzing and soak need no Check.
+$(FUZZ_REF_OBJ): tests/reference.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) $(DEPFLAGS) -c -o $@ $<
+
+$(FUZZ_BIN): $(FUZZ_OBJ) $(FUZZ_REF_OBJ) $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -fsanitize=fuzzer -o $@ $(FUZZ_OBJ) $(FUZZ_REF_OBJ) \
+	  $(STATIC_LIB) $(SYS_LIBS)
+
+$(FUZZ_REPLAY_BIN): $(FUZZ_REPLAY_OBJ) $(FUZZ_REF_OBJ) $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $(FUZZ_REPLAY_OBJ) $(FUZZ_REF_OBJ) \
+	  $(STATIC_LIB) $(SYS_LIBS)
+
+$(SOAK_BIN): $(SOAK_OBJ) $(FUZZ_REF_OBJ) $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $(SOAK_OBJ) $(FUZZ_REF_OBJ) $(STATIC_LIB) \
+	  $(SYS_LIBS)
+
+.PHONY: fuzz fuzz-replay fuzz-merge soak fuzz-build-bin fuzz-run-bin \
+        fuzz-replay-bin
+
+# Whether $(FUZZ_CC) links a libFuzzer program (clang with compiler-rt).
+FUZZ_HAVE_LIBFUZZER = $(shell printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n) { (void)d; (void)n; return 0; }\n' | \
+    $(FUZZ_CC) -x c -fsanitize=fuzzer,address,undefined -o /dev/null - >/dev/null 2>&1 && echo yes)
+
+# Coverage instrumentation for the library and the target; the sanitizers
+# come from SANITIZE=1.
+# The harness and the reference keep edge coverage but not comparison
+# tracing, which only slowed their loops (about a quarter of the time).
+FUZZ_SUBMAKE = $(MAKE) BUILD=$(FUZZ_BUILD) CC=$(FUZZ_CC) SANITIZE=1 \
+               CUDA=$(FUZZ_CUDA) CFLAGS="-O1 -g -fsanitize=fuzzer-no-link" \
+               FUZZ_HARNESS_CFLAGS=-fno-sanitize-coverage=trace-cmp
+
+fuzz:
+ifeq ($(FUZZ_HAVE_LIBFUZZER),yes)
+	+$(FUZZ_SUBMAKE) fuzz-run-bin
+else
+	@echo "fuzz: $(FUZZ_CC) cannot link -fsanitize=fuzzer (install clang and" \
+	  "libclang-rt-14-dev); replaying the corpus instead"
+	+$(MAKE) fuzz-replay
+endif
+
+fuzz-run-bin: $(FUZZ_BIN)
+	@mkdir -p $(BUILD)/corpus $(BUILD)/artifacts
+	$(FUZZ_ENV) $(FUZZ_BIN) -max_total_time=$(FUZZ_TIME) \
+	  -max_len=$(FUZZ_MAX_LEN) -timeout=20 -rss_limit_mb=2048 \
+	  -print_final_stats=1 -artifact_prefix=$(BUILD)/artifacts/ $(FUZZ_ARGS) \
+	  $(BUILD)/corpus $(FUZZ_CORPUS) || { \
+	  for f in $(BUILD)/artifacts/*; do [ -f "$$f" ] || continue; \
+	    echo "fuzz: reproducer $$f (bytes in hex):"; od -An -tx1 -v "$$f"; done; \
+	  exit 1; }
+
+fuzz-replay:
+	$(MAKE) BUILD=$(FUZZ_BUILD)-replay SANITIZE=1 CUDA=$(FUZZ_CUDA) fuzz-replay-bin
+
+fuzz-replay-bin: $(FUZZ_REPLAY_BIN)
+	$(FUZZ_ENV) $(FUZZ_REPLAY_BIN) $(FUZZ_CORPUS)
+
+fuzz-merge:
+	+$(FUZZ_SUBMAKE) $(FUZZ_BUILD)/tests/fuzz/fuzz_calls
+	@mkdir -p $(FUZZ_BUILD)/corpus
+	$(FUZZ_ENV) $(FUZZ_BUILD)/tests/fuzz/fuzz_calls -merge=1 -use_counters=0 \
+	  -max_len=$(FUZZ_MAX_LEN) $(FUZZ_CORPUS) $(FUZZ_BUILD)/corpus
+
+soak: $(SOAK_BIN)
+	$(SOAK_BIN) --steps $(SOAK_STEPS) $(SOAK_ARGS)
+
+-include $(FUZZ_OBJ:.o=.d) $(FUZZ_REPLAY_OBJ:.o=.d) $(FUZZ_REF_OBJ:.o=.d) \
+         $(SOAK_OBJ:.o=.d)
+
+# ===========================================================================
+
 # ---------------------------------------------------------------------------
 
 FORCE:
