@@ -209,6 +209,15 @@ FKV_API fkv_status fkv_seq_reserve(fkv_cache *cache, fkv_seq_id seq,
  * replaying captured steps and before eager calls. A no-op on the CPU. */
 FKV_API fkv_status fkv_sync(fkv_cache *cache);
 
+/* Drops every token at and after position `length` on every layer (e.g.
+ * rejected draft tokens) and frees the pages past it. length == the current
+ * length is a no-op; a larger one is FKV_ERR_OUT_OF_RANGE. Selections that
+ * the dropped tokens could affect are forgotten: the next fkv_attend of a
+ * FREEKV sequence re-selects every KV head (docs/design.md section 9).
+ * CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
+                                    int64_t length);
+
 /* ------------------------------------------------------------------------ */
 /* Per-layer calls on a batch                                               */
 /* ------------------------------------------------------------------------ */
@@ -255,6 +264,23 @@ FKV_API fkv_status fkv_select(fkv_cache *cache, int32_t layer,
 FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch);
 
+/* The most query tokens per sequence of one fkv_attend_tokens call. */
+#define FKV_MAX_QUERY_TOKENS 16
+
+/* fkv_attend for several query tokens per sequence (speculative decoding
+ * verification, chunked prefill tails): batch->num_tokens (NULL: 1 each,
+ * at most FKV_MAX_QUERY_TOKENS) counts each sequence's query tokens, which
+ * are its LAST num_tokens tokens appended; q and out are
+ * [sum of num_tokens, num_q_heads, head_dim], sequence after sequence.
+ * Token j attends causally: to the tokens fkv_attend would attend to, up to
+ * and including itself. The page selection is shared by a sequence's tokens
+ * and made (or checked for correction) with its last token's query. The
+ * query tokens must lie in the window and partial page (or every page must
+ * be attended), else FKV_ERR_INVALID_ARGUMENT. CPU backend only for now. */
+FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
+                                     const fkv_batch *batch, const void *q,
+                                     void *out);
+
 /* ------------------------------------------------------------------------ */
 /* Introspection (off the decode path: may wait for the device)             */
 /* ------------------------------------------------------------------------ */
@@ -279,6 +305,10 @@ typedef struct fkv_stats {
     uint64_t heads_checked;   /* (sequence, layer, KV head) correction checks */
     uint64_t host_bytes;      /* host memory held now */
     uint64_t device_bytes;    /* device memory held now (0 on the CPU) */
+    /* Added in 0.2 (a caller compiled against 0.1 passes the smaller size
+     * and gets the fields above only). */
+    uint64_t pages_recalled_critical; /* of pages_recalled: inside
+                                         fkv_attend (SYNC, corrections) */
 } fkv_stats;
 
 /* Counters since creation or the last fkv_reset_stats. */

@@ -313,7 +313,7 @@ static int32_t select_head(fkv_cache *c, cpu_layer *L, const fkvi_pages *r,
  * that are not there yet (into slots whose pages left the set). */
 static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
                         cpu_layer *L, int32_t h, const int32_t *pages,
-                        int32_t count)
+                        int32_t count, bool critical)
 {
     const fkvi_geometry *g = &c->geo;
     const int32_t K = g->select_pages;
@@ -343,6 +343,8 @@ static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
         active_slot[j] = next_free;
         c->counters.pages_recalled++;
         c->counters.bytes_recalled += g->unit_bytes;
+        if (critical)
+            c->counters.pages_recalled_critical++;
     }
     memcpy(L->active_pages + (size_t)h * K, pages, (size_t)count * sizeof *pages);
     L->active_count[h] = count;
@@ -489,7 +491,7 @@ static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                 L->active_count[h] = select_head(c, L, &r, cb->query, h, active);
             } else if (policy == FKV_POLICY_SYNC) {
                 int32_t m = select_head(c, L, &r, cb->query, h, cb->selected);
-                recall_head(c, slot, layer, L, h, cb->selected, m);
+                recall_head(c, slot, layer, L, h, cb->selected, m, true);
             } else if (policy == FKV_POLICY_FREEKV) {
                 c->counters.heads_checked++;
                 size_t qoff = (size_t)h * g->group * D;
@@ -502,7 +504,7 @@ static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                     c->counters.corrections++;
                     int32_t m = select_head(c, L, &r, cb->query, h,
                                             cb->selected);
-                    recall_head(c, slot, layer, L, h, cb->selected, m);
+                    recall_head(c, slot, layer, L, h, cb->selected, m, true);
                     memcpy(L->active_q + qoff, cb->query + qoff,
                            (size_t)g->group * D * sizeof(float));
                 }
@@ -556,7 +558,7 @@ static fkv_status cpu_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         for (int32_t h = 0; h < g->kv_heads; h++)
             recall_head(c, slot, layer, L, h,
                         L->pending_pages + (size_t)h * g->select_pages,
-                        L->pending_count[h]);
+                        L->pending_count[h], false);
         memcpy(L->active_q, L->pending_q,
                (size_t)g->q_heads * g->head_dim * sizeof(float));
         L->pending_valid = false;
@@ -575,6 +577,45 @@ static fkv_status cpu_selected_pages(fkv_cache *c, int32_t layer, int32_t slot,
         pages[j] = src[j];
     *count = n;
     return FKV_OK;
+}
+
+/* ---- truncate ---------------------------------------------------------- */
+
+static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
+                         int64_t length)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    cpu_layer *L = layer_of(c, slot, layer);
+    fkvi_pages r;
+    fkvi_page_ranges(g, length, &r);
+    /* Pages from r.sealed on lose tokens (or are gone): a slot holding one
+     * would be reused by recall_head by page index, with stale rows. */
+    if (L->slot_page)
+        for (size_t i = 0; i < (size_t)g->kv_heads * K; i++)
+            if (L->slot_page[i] >= r.sealed)
+                L->slot_page[i] = -1;
+    /* Selections were made over the longer context; the next attend
+     * re-selects (FREEKV) and the next select starts afresh. */
+    for (int32_t h = 0; h < g->kv_heads; h++) {
+        L->active_count[h] = -1;
+        L->used_count[h] = 0;
+    }
+    L->pending_valid = false;
+    /* The window moves back over pages the ring has overwritten since:
+     * reload window and partial page from the pool, which holds every
+     * page. Sink pages are never overwritten. Summaries of pages below
+     * r.sealed are unchanged; the new partial page is summarised again
+     * when it seals. */
+    if (uses_slots(c)) {
+        int32_t last = r.partial ? r.sealed + 1 : r.sealed;
+        int32_t first = r.window_first > g->sink_pages ? r.window_first
+                                                       : g->sink_pages;
+        for (int32_t p = first; p < last; p++)
+            for (int32_t h = 0; h < g->kv_heads; h++)
+                memcpy(resident_unit(c, L, p, h),
+                       pool_unit(c, slot, layer, p, h), g->unit_bytes);
+    }
 }
 
 static fkv_status cpu_stats(fkv_cache *c, fkv_stats *s)
@@ -597,4 +638,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .selected_pages = cpu_selected_pages,
     .stats = cpu_stats,
     .reset_stats = NULL,
+    .truncate = cpu_truncate,
 };

@@ -44,7 +44,8 @@ typedef struct fkvi_batch {
     int32_t n;
     const int32_t *slot;      /* [n] sequence slot */
     const int32_t *tokens;    /* [n] tokens appended (1 outside fkv_append) */
-    const int64_t *offset;    /* [n] first token row in k/v */
+    const int64_t *offset;    /* [n] first token row in k/v (or q rows:
+                                 fkv_attend_tokens) */
     int64_t total_tokens;
 } fkvi_batch;
 
@@ -58,6 +59,7 @@ typedef struct fkvi_sequence {
 
 typedef struct fkvi_counters {
     uint64_t steps, pages_recalled, bytes_recalled, corrections, heads_checked;
+    uint64_t pages_recalled_critical; /* inside fkv_attend */
 } fkvi_counters;
 
 typedef struct fkv_cache fkv_cache;
@@ -93,6 +95,17 @@ typedef struct fkvi_backend_ops {
     /* Adds the backend's counters and memory figures to *s. */
     fkv_status (*stats)(fkv_cache *c, fkv_stats *s);
     void (*reset_stats)(fkv_cache *c);
+    /* Calls added in 0.2; NULL: FKV_ERR_UNSUPPORTED on this backend. */
+    /* Before (slot, layer) goes from its length down to `length`: forget
+     * what refers to pages at or past the new partial page. Pool blocks of
+     * pages [0, ceil(length / P)) are still mapped; must not fail. */
+    void (*truncate)(fkv_cache *c, int32_t slot, int32_t layer,
+                     int64_t length);
+    /* b->tokens are query tokens (the last ones appended), q and out rows
+     * at b->offset. */
+    fkv_status (*attend_tokens)(fkv_cache *c, int32_t layer,
+                                const fkvi_batch *b, const void *q,
+                                void *out);
 } fkvi_backend_ops;
 
 struct fkv_cache {
@@ -142,6 +155,9 @@ fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
 fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
                               const fkvi_batch *b);
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b);
+/* Gives back pages [keep, mapped) of (slot, layer). */
+void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
+                      int32_t keep);
 
 /* dtype.c */
 size_t fkvi_dtype_size(fkv_dtype dt);

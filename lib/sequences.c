@@ -228,8 +228,7 @@ static fkv_status map_pages(fkv_cache *c, int32_t slot, int32_t layer,
                : FKV_OK;
 }
 
-/* Gives back pages [keep, mapped) of (slot, layer). */
-static void unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
+void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
                         int32_t keep)
 {
     fkvi_sequence *s = &c->seqs[slot];
@@ -301,7 +300,7 @@ fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b)
 {
     for (int32_t i = 0; i < b->n; i++)
-        unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
+        fkvi_unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
 }
 
 fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
@@ -345,7 +344,7 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
         st = map_pages(c, slot, l, want);
     if (st != FKV_OK) /* all or nothing */
         for (int32_t l = 0; l < c->geo.layers; l++)
-            unmap_pages(c, slot, l, before[l]);
+            fkvi_unmap_pages(c, slot, l, before[l]);
     free(before);
     return st;
 }

@@ -260,6 +260,9 @@ Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
+/* Serving-engine calls added in 0.2. */
+Suite *suite_truncate(const char *prefix);
+
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
 
