@@ -37,6 +37,7 @@ typedef struct cpu_backend {
     cpu_layer *layers;          /* [max_sequences][layers] */
     fkvi_select_scratch select;
     float *query;               /* [q_heads][D] one sequence's query */
+    float *query_tok;           /* [q_heads][D] one query token of several */
     float *row;                 /* [D] */
     double *logits;             /* [max_tokens] */
     double *acc;                /* [D] */
@@ -76,6 +77,7 @@ static void cpu_destroy(fkv_cache *c)
     fkvi_select_scratch_free(&cb->select);
     free(cb->layers);
     free(cb->query);
+    free(cb->query_tok);
     free(cb->row);
     free(cb->logits);
     free(cb->acc);
@@ -97,6 +99,7 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->layers = calloc((size_t)c->opts.max_sequences * g->layers,
                         sizeof *cb->layers);
     cb->query = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
+    cb->query_tok = malloc((size_t)g->q_heads * g->head_dim * sizeof(float));
     cb->row = malloc((size_t)g->head_dim * sizeof(float));
     cb->logits = malloc((size_t)g->max_tokens * sizeof(double));
     cb->acc = malloc((size_t)g->head_dim * sizeof(double));
@@ -104,7 +107,8 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->selected = malloc(k * sizeof(int32_t));
     cb->keep = malloc(k);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g);
-    if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
+    if (st != FKV_OK || !cb->layers || !cb->query || !cb->query_tok ||
+        !cb->row ||
         !cb->logits || !cb->acc || !cb->segments || !cb->selected ||
         !cb->keep) {
         cpu_destroy(c);
@@ -386,10 +390,11 @@ static double dot_row(fkv_dtype dt, const unsigned char *row, const float *q,
 }
 
 /* out[D] (one query head, in the cache dtype at element `first`) =
- * softmax(scale * q.k) v over the segments. */
+ * softmax(scale * q.k) v over the first `limit` rows of the segments (the
+ * causal limit of fkv_attend_tokens; the rows are in token order). */
 static void attend_segments(fkv_cache *c, const cpu_segment *segs,
-                            int32_t nsegs, const float *q, void *out,
-                            size_t first)
+                            int32_t nsegs, int64_t limit, const float *q,
+                            void *out, size_t first)
 {
     const fkvi_geometry *g = &c->geo;
     const int32_t D = g->head_dim;
@@ -398,7 +403,7 @@ static void attend_segments(fkv_cache *c, const cpu_segment *segs,
     double *logits = cb->logits, top = -INFINITY;
     int64_t n = 0;
     for (int32_t s = 0; s < nsegs; s++)
-        for (int32_t t = 0; t < segs[s].rows; t++) {
+        for (int32_t t = 0; t < segs[s].rows && n < limit; t++) {
             double l = g->scale * dot_row(c->opts.dtype,
                                           segs[s].unit + t * row_bytes, q, D);
             logits[n++] = l;
@@ -415,7 +420,7 @@ static void attend_segments(fkv_cache *c, const cpu_segment *segs,
     n = 0;
     for (int32_t s = 0; s < nsegs; s++) {
         const unsigned char *vrows = segs[s].unit + g->page * row_bytes;
-        for (int32_t t = 0; t < segs[s].rows; t++) {
+        for (int32_t t = 0; t < segs[s].rows && n < limit; t++) {
             double w = logits[n++] / sum;
             fkvi_load_row(c->opts.dtype, vrows + t * row_bytes, 0, (size_t)D,
                           cb->row);
@@ -472,59 +477,91 @@ static int32_t gather_segments(fkv_cache *c, int32_t slot, int32_t layer,
     return n;
 }
 
-static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
-                             const void *q, void *out)
+/* Attention of one sequence's T query tokens (q rows q_row .. + T, the
+ * sequence's last T tokens) over (slot, layer). The selection is made or
+ * corrected with the last token's query: it is the one fkv_select will be
+ * given for the next step, and the step's tokens share one page set. */
+static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
+                            const void *q, int64_t q_row, int32_t T,
+                            void *out)
 {
     const fkvi_geometry *g = &c->geo;
     cpu_backend *cb = backend_of(c);
     const fkv_policy policy = c->opts.policy;
     const int32_t K = g->select_pages, D = g->head_dim;
-    for (int32_t i = 0; i < b->n; i++) {
-        int32_t slot = b->slot[i];
-        cpu_layer *L = layer_of(c, slot, layer);
-        fkvi_pages r;
-        fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
-        load_query(c, q, i, cb->query);
-        for (int32_t h = 0; h < g->kv_heads; h++) {
-            int32_t *active = L->active_pages + (size_t)h * K;
-            if (policy == FKV_POLICY_RESIDENT) {
-                L->active_count[h] = select_head(c, L, &r, cb->query, h, active);
-            } else if (policy == FKV_POLICY_SYNC) {
-                int32_t m = select_head(c, L, &r, cb->query, h, cb->selected);
+    cpu_layer *L = layer_of(c, slot, layer);
+    fkvi_pages r;
+    fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+    load_query(c, q, (int32_t)(q_row + T - 1), cb->query);
+    for (int32_t h = 0; h < g->kv_heads; h++) {
+        int32_t *active = L->active_pages + (size_t)h * K;
+        if (policy == FKV_POLICY_RESIDENT) {
+            L->active_count[h] = select_head(c, L, &r, cb->query, h, active);
+        } else if (policy == FKV_POLICY_SYNC) {
+            int32_t m = select_head(c, L, &r, cb->query, h, cb->selected);
+            recall_head(c, slot, layer, L, h, cb->selected, m, true);
+        } else if (policy == FKV_POLICY_FREEKV) {
+            c->counters.heads_checked++;
+            size_t qoff = (size_t)h * g->group * D;
+            bool correct = L->active_count[h] < 0 ||
+                (r.cand_count <= K && L->active_count[h] < r.cand_count) ||
+                fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
+                                  g->group, D) <
+                    c->opts.correction_threshold;
+            if (correct) {
+                c->counters.corrections++;
+                int32_t m = select_head(c, L, &r, cb->query, h,
+                                        cb->selected);
                 recall_head(c, slot, layer, L, h, cb->selected, m, true);
-            } else if (policy == FKV_POLICY_FREEKV) {
-                c->counters.heads_checked++;
-                size_t qoff = (size_t)h * g->group * D;
-                bool correct = L->active_count[h] < 0 ||
-                    (r.cand_count <= K && L->active_count[h] < r.cand_count) ||
-                    fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
-                                      g->group, D) <
-                        c->opts.correction_threshold;
-                if (correct) {
-                    c->counters.corrections++;
-                    int32_t m = select_head(c, L, &r, cb->query, h,
-                                            cb->selected);
-                    recall_head(c, slot, layer, L, h, cb->selected, m, true);
-                    memcpy(L->active_q + qoff, cb->query + qoff,
-                           (size_t)g->group * D * sizeof(float));
-                }
+                memcpy(L->active_q + qoff, cb->query + qoff,
+                       (size_t)g->group * D * sizeof(float));
             }
-            int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
-            /* fkv_recall changes the active set before the next attend;
-             * keep what this one used for fkv_get_selected_pages. */
-            memcpy(L->used_pages + (size_t)h * K, active,
-                   (size_t)nsel * sizeof *active);
-            L->used_count[h] = nsel;
-            int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
-                                            nsel);
+        }
+        int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
+        /* fkv_recall changes the active set before the next attend;
+         * keep what this one used for fkv_get_selected_pages. */
+        memcpy(L->used_pages + (size_t)h * K, active,
+               (size_t)nsel * sizeof *active);
+        L->used_count[h] = nsel;
+        int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
+                                        nsel);
+        int64_t rows = 0;
+        for (int32_t s = 0; s < nsegs; s++)
+            rows += cb->segments[s].rows;
+        for (int32_t t = 0; t < T; t++) {
+            /* The query tokens are the last rows (fkv_attend_tokens checks
+             * they lie in the window or partial page); token t sees all
+             * rows but the T - 1 - t after it. */
+            const float *qt = cb->query;
+            if (t < T - 1) {
+                load_query(c, q, (int32_t)(q_row + t), cb->query_tok);
+                qt = cb->query_tok;
+            }
             for (int32_t j = 0; j < g->group; j++) {
                 int32_t qh = h * g->group + j;
-                attend_segments(c, cb->segments, nsegs,
-                                cb->query + (size_t)qh * D, out,
-                                ((size_t)i * g->q_heads + qh) * D);
+                attend_segments(c, cb->segments, nsegs, rows - (T - 1 - t),
+                                qt + (size_t)qh * D, out,
+                                ((size_t)(q_row + t) * g->q_heads + qh) * D);
             }
         }
     }
+}
+
+static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                             const void *q, void *out)
+{
+    for (int32_t i = 0; i < b->n; i++)
+        attend_sequence(c, layer, b->slot[i], q, i, 1, out);
+    return FKV_OK;
+}
+
+static fkv_status cpu_attend_tokens(fkv_cache *c, int32_t layer,
+                                    const fkvi_batch *b, const void *q,
+                                    void *out)
+{
+    for (int32_t i = 0; i < b->n; i++)
+        attend_sequence(c, layer, b->slot[i], q, b->offset[i], b->tokens[i],
+                        out);
     return FKV_OK;
 }
 
@@ -639,4 +676,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .stats = cpu_stats,
     .reset_stats = NULL,
     .truncate = cpu_truncate,
+    .attend_tokens = cpu_attend_tokens,
 };

@@ -130,3 +130,64 @@ fkv_status fkv_get_selected_pages(fkv_cache *c, int32_t layer, fkv_seq_id seq,
     return c->ops->selected_pages(c, layer, slot, kv_head, pages, capacity,
                                   count);
 }
+
+/* fkv_attend_tokens: batch->num_tokens are query tokens, the sequences'
+ * last ones; their rows in q/out are packed like an append's k/v rows. */
+fkv_status fkv_attend_tokens(fkv_cache *c, int32_t layer,
+                             const fkv_batch *batch, const void *q, void *out)
+{
+    NEED_CACHE(c, "fkv_attend_tokens");
+    fkvi_batch b;
+    /* Without with_tokens: query tokens add nothing to the capacity. */
+    fkv_status st =
+        fkvi_resolve_batch(c, "fkv_attend_tokens", layer, batch, false, &b);
+    if (st != FKV_OK)
+        return st;
+    NEED_PTR(c, "fkv_attend_tokens", q);
+    NEED_PTR(c, "fkv_attend_tokens", out);
+    st = need_tokens(c, "fkv_attend_tokens", layer, batch, &b);
+    if (st != FKV_OK)
+        return st;
+    const fkvi_geometry *g = &c->geo;
+    int64_t offset = 0;
+    for (int32_t i = 0; i < b.n; i++) {
+        int32_t T = batch->num_tokens ? batch->num_tokens[i] : 1;
+        int64_t n = c->seqs[b.slot[i]].length[layer];
+        if (T < 1 || T > FKV_MAX_QUERY_TOKENS)
+            return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                             "fkv_attend_tokens: batch->num_tokens[%d] is "
+                             "%d; it must be in [1, FKV_MAX_QUERY_TOKENS = "
+                             "%d]", i, T, FKV_MAX_QUERY_TOKENS);
+        if (T > n)
+            return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                             "fkv_attend_tokens: batch->num_tokens[%d] is "
+                             "%d but sequence %lld holds %lld tokens at "
+                             "layer %d", i, T, (long long)batch->seq_ids[i],
+                             (long long)n, layer);
+        /* Each query token must be attended by the later ones whatever
+         * the selection: it must lie in the window or the partial page. */
+        fkvi_pages r;
+        fkvi_page_ranges(g, n, &r);
+        int32_t first_page = (int32_t)((n - T) / g->page);
+        if (T > 1 && c->opts.policy != FKV_POLICY_DENSE &&
+            r.cand_count > 0 && first_page < r.window_first)
+            return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
+                             "fkv_attend_tokens: the %d query tokens of "
+                             "sequence %lld reach back before its window "
+                             "(window_tokens %d, page_tokens %d)", T,
+                             (long long)batch->seq_ids[i],
+                             c->opts.window_tokens, g->page);
+        c->batch_tokens[i] = T;
+        c->batch_offset[i] = offset;
+        offset += T;
+    }
+    b.total_tokens = offset;
+    if (!c->ops->attend_tokens)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkv_attend_tokens: not implemented on the %s "
+                         "backend yet", c->ops->name);
+    st = c->ops->attend_tokens(c, layer, &b, q, out);
+    if (st == FKV_OK && layer == 0)
+        c->counters.steps++;
+    return st;
+}

@@ -262,6 +262,7 @@ Suite *suite_stats(const char *prefix);
 Suite *suite_accuracy(const char *prefix);
 /* Serving-engine calls added in 0.2. */
 Suite *suite_truncate(const char *prefix);
+Suite *suite_multitoken(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
