@@ -218,6 +218,15 @@ FKV_API fkv_status fkv_sync(fkv_cache *cache);
 FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
                                     int64_t length);
 
+/* Opens *child as a copy of parent (all its tokens on every layer) that
+ * shares the parent's sealed host pages: they are reference counted and
+ * counted once in host_bytes; partial pages are copied. The child has its
+ * own device slots and selections (FREEKV: it re-selects at its first
+ * attend). Closing either leaves the other intact. CPU backend only for
+ * now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_seq_fork(fkv_cache *cache, fkv_seq_id parent,
+                                fkv_seq_id *child);
+
 /* ------------------------------------------------------------------------ */
 /* Per-layer calls on a batch                                               */
 /* ------------------------------------------------------------------------ */

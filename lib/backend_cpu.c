@@ -655,6 +655,35 @@ static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
     }
 }
 
+/* ---- fork -------------------------------------------------------------- */
+
+/* The child starts with the parent's resident pages and summaries, and
+ * empty slots and no selection: it recalls what its own queries choose. */
+static void cpu_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
+{
+    const fkvi_geometry *g = &c->geo;
+    const size_t kvh = (size_t)g->kv_heads, K = (size_t)g->select_pages;
+    for (int32_t l = 0; l < g->layers; l++) {
+        cpu_layer *P = layer_of(c, parent, l), *C = layer_of(c, child, l);
+        if (uses_slots(c)) {
+            memcpy(C->sink, P->sink, kvh * g->sink_pages * g->unit_bytes);
+            memcpy(C->ring, P->ring, kvh * g->ring_pages * g->unit_bytes);
+            for (size_t i = 0; i < kvh * K; i++)
+                C->slot_page[i] = -1;
+        }
+        if (uses_summaries(c)) {
+            size_t n = kvh * g->max_pages * g->head_dim * sizeof(float);
+            memcpy(C->smax, P->smax, n);
+            memcpy(C->smin, P->smin, n);
+        }
+        for (size_t h = 0; h < kvh; h++) {
+            C->active_count[h] = -1;
+            C->used_count[h] = 0;
+        }
+        C->pending_valid = false;
+    }
+}
+
 static fkv_status cpu_stats(fkv_cache *c, fkv_stats *s)
 {
     s->host_bytes += backend_of(c)->bytes;
@@ -677,4 +706,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .reset_stats = NULL,
     .truncate = cpu_truncate,
     .attend_tokens = cpu_attend_tokens,
+    .seq_fork = cpu_seq_fork,
 };

@@ -117,6 +117,7 @@ void fkv_destroy(fkv_cache *c)
     fkv_pool_destroy(&c->pool);
     free(c->seqs);
     free(c->batch_slot);
+    free(c->block_shares);
     free(c->batch_tokens);
     free(c->batch_offset);
     free(c->batch_mapped);

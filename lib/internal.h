@@ -106,6 +106,11 @@ typedef struct fkvi_backend_ops {
     fkv_status (*attend_tokens)(fkv_cache *c, int32_t layer,
                                 const fkvi_batch *b, const void *q,
                                 void *out);
+    /* child (opened, its page table filled: the parent's blocks, a copy of
+     * each partial page) takes the parent's lengths; the backend copies
+     * what it keeps per sequence. Must not fail. */
+    void (*seq_fork)(fkv_cache *c, int32_t parent, int32_t child);
+
 } fkvi_backend_ops;
 
 struct fkv_cache {
@@ -124,6 +129,11 @@ struct fkv_cache {
     int64_t *batch_offset;
     int32_t *batch_mapped; /* mapped pages before an append, for undo */
     uint8_t *batch_seen;
+
+    /* Other sequences sharing each pool block (fkv_seq_fork), by block id;
+     * ids at or past block_shares_cap are shared by none. */
+    uint32_t *block_shares;
+    uint32_t block_shares_cap;
 
     fkvi_counters counters;
     uint64_t host_bytes_other;
@@ -155,6 +165,10 @@ fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
 fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
                               const fkvi_batch *b);
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b);
+/* fork.c: drops one reference to a pool block, freeing it with the last. */
+void fkvi_block_release(fkv_cache *c, uint32_t id);
+bool fkvi_block_shared(const fkv_cache *c, uint32_t id);
+
 /* Gives back pages [keep, mapped) of (slot, layer). */
 void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
                       int32_t keep);

@@ -87,7 +87,7 @@ fkv_status fkv_seq_close(fkv_cache *c, fkv_seq_id id)
     c->ops->seq_close(c, slot);
     for (size_t i = 0; i < page_table_entries(c); i++)
         if (s->blocks[i] != FKV_POOL_NO_BLOCK)
-            fkv_pool_give(&c->pool, s->blocks[i]);
+            fkvi_block_release(c, s->blocks[i]);
     c->host_bytes_other -= c->geo.layers * (sizeof *s->length +
                                             sizeof *s->mapped) +
                            page_table_entries(c) * sizeof *s->blocks;
@@ -234,7 +234,7 @@ void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
     fkvi_sequence *s = &c->seqs[slot];
     uint32_t *table = s->blocks + (size_t)layer * c->geo.max_pages;
     for (int32_t p = keep; p < s->mapped[layer]; p++) {
-        fkv_pool_give(&c->pool, table[p]);
+        fkvi_block_release(c, table[p]);
         table[p] = FKV_POOL_NO_BLOCK;
     }
     if (keep < s->mapped[layer]) {

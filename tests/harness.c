@@ -1051,3 +1051,30 @@ void tst_snapshot_free(tst_snapshot *s)
     s->out = NULL;
     s->q = NULL;
 }
+
+int tst_fork(tst_model *m, int parent)
+{
+    tst_seq *p = &m->seq[parent], *s;
+    size_t row = (size_t)m->KVH * m->D;
+    int l, g;
+    fkv_status st;
+    ck_assert_msg(m->nslots < TST_MAX_SEQS, "too many test sequences");
+    s = &m->seq[m->nslots];
+    memset(s, 0, sizeof *s);
+    st = fkv_seq_fork(m->c, p->id, &s->id);
+    ck_assert_msg(st == FKV_OK, "fkv_seq_fork returned %d (%s)", (int)st,
+                  fkv_status_string(st));
+    s->open = 1;
+    for (l = 0; l < m->L; ++l) {
+        grow_rows(m, s, l, p->len[l] > 0 ? p->len[l] : 1);
+        memcpy(s->k[l], p->k[l], sizeof(float) * row * (size_t)p->len[l]);
+        memcpy(s->v[l], p->v[l], sizeof(float) * row * (size_t)p->len[l]);
+        s->len[l] = p->len[l];
+        for (g = 0; g < m->KVH; ++g) { /* no selection yet */
+            sel_alloc(m, &s->active[l][g]);
+            sel_alloc(m, &s->pending[l][g]);
+            sel_alloc(m, &s->used[l][g]);
+        }
+    }
+    return m->nslots++;
+}

@@ -136,6 +136,10 @@ void tst_model_free(tst_model *m);
 int tst_open(tst_model *m);
 void tst_close(tst_model *m, int slot);
 
+/* fkv_seq_fork of parent; the child's model copies the parent's rows and
+ * has no selection (docs/design.md section 9). Returns its slot. */
+int tst_fork(tst_model *m, int parent);
+
 /* Appends (k, v: host floats, packed sequence after sequence) to the cache
  * and, on success, to the model's copy. ntok NULL: 1 token each. */
 fkv_status tst_append(tst_model *m, int layer, int nseq, const int *slots,
@@ -263,6 +267,7 @@ Suite *suite_accuracy(const char *prefix);
 /* Serving-engine calls added in 0.2. */
 Suite *suite_truncate(const char *prefix);
 Suite *suite_multitoken(const char *prefix);
+Suite *suite_fork(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
