@@ -92,7 +92,10 @@ typedef enum fkv_policy {
     /* Select with the current query; all KV stays on the device (Quest). */
     FKV_POLICY_RESIDENT = 2,
     /* Full attention over all tokens; all KV stays on the device. */
-    FKV_POLICY_DENSE = 3
+    FKV_POLICY_DENSE = 3,
+    /* The engine chooses the pages (fkv_set_pages); the library recalls
+     * them and attends sink, window, partial page and those pages. */
+    FKV_POLICY_EXTERNAL = 4
 } fkv_policy;
 
 typedef enum fkv_group_score {
@@ -289,6 +292,22 @@ FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
 FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
                                      const fkv_batch *batch, const void *q,
                                      void *out);
+
+/* FKV_POLICY_EXTERNAL: the pages each (sequence, KV head) attends at the
+ * layer's next fkv_attend besides sink, window and partial page, chosen by
+ * the engine. counts: [num_seqs][num_kv_heads], each in [0, K] with
+ * K = (budget_tokens - sink_tokens - window_tokens) / page_tokens; pages:
+ * [num_seqs][num_kv_heads][K] (row stride K, entries past the count
+ * ignored; may be NULL when every count is 0), in any order, each a
+ * candidate page (sealed, past the sink, before the window) and none twice.
+ * Host arrays read during the call. Starts recalling the pages not yet in
+ * the device slots, like fkv_recall. Invalid pages: FKV_ERR_OUT_OF_RANGE or
+ * FKV_ERR_INVALID_ARGUMENT, and nothing changes. CPU backend only for now.
+ * flags: 0 (reserved). */
+FKV_API fkv_status fkv_set_pages(fkv_cache *cache, int32_t layer,
+                                 const fkv_batch *batch,
+                                 const int32_t *pages, const int32_t *counts,
+                                 uint32_t flags);
 
 /* ------------------------------------------------------------------------ */
 /* Introspection (off the decode path: may wait for the device)             */

@@ -61,12 +61,15 @@ static cpu_layer *layer_of(fkv_cache *c, int32_t slot, int32_t layer)
 static bool uses_slots(const fkv_cache *c)
 {
     return c->opts.policy == FKV_POLICY_FREEKV ||
-           c->opts.policy == FKV_POLICY_SYNC;
+           c->opts.policy == FKV_POLICY_SYNC ||
+           c->opts.policy == FKV_POLICY_EXTERNAL;
 }
 
 static bool uses_summaries(const fkv_cache *c)
 {
-    return c->opts.policy != FKV_POLICY_DENSE;
+    /* EXTERNAL: the engine scores pages, the library does not. */
+    return c->opts.policy != FKV_POLICY_DENSE &&
+           c->opts.policy != FKV_POLICY_EXTERNAL;
 }
 
 static void cpu_destroy(fkv_cache *c)
@@ -518,6 +521,11 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
             }
         }
         int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
+        /* EXTERNAL before any fkv_set_pages (or after a truncate): sink,
+         * window and partial page only. Pages set stay candidates while the
+         * sequence grows (the window moves away from them). */
+        if (policy == FKV_POLICY_EXTERNAL && nsel < 0)
+            nsel = 0;
         /* fkv_recall changes the active set before the next attend;
          * keep what this one used for fkv_get_selected_pages. */
         memcpy(L->used_pages + (size_t)h * K, active,
@@ -655,6 +663,31 @@ static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
     }
 }
 
+/* ---- external pages ------------------------------------------------------ */
+
+static void cpu_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                          const int32_t *pages, const int32_t *counts)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    for (int32_t i = 0; i < b->n; i++) {
+        cpu_layer *L = layer_of(c, b->slot[i], layer);
+        for (int32_t h = 0; h < g->kv_heads; h++) {
+            size_t row = (size_t)i * g->kv_heads + h;
+            int32_t n = counts[row];
+            int32_t *sorted = L->pending_pages + (size_t)h * K;
+            /* Ascending, like a selection (insertion sort: K is small). */
+            for (int32_t j = 0; j < n; j++) {
+                int32_t p = pages[row * (size_t)K + j], e = j;
+                for (; e > 0 && sorted[e - 1] > p; e--)
+                    sorted[e] = sorted[e - 1];
+                sorted[e] = p;
+            }
+            recall_head(c, b->slot[i], layer, L, h, sorted, n, false);
+        }
+    }
+}
+
 /* ---- fork -------------------------------------------------------------- */
 
 /* The child starts with the parent's resident pages and summaries, and
@@ -707,4 +740,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .truncate = cpu_truncate,
     .attend_tokens = cpu_attend_tokens,
     .seq_fork = cpu_seq_fork,
+    .set_pages = cpu_set_pages,
 };

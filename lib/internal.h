@@ -110,6 +110,10 @@ typedef struct fkvi_backend_ops {
      * each partial page) takes the parent's lengths; the backend copies
      * what it keeps per sequence. Must not fail. */
     void (*seq_fork)(fkv_cache *c, int32_t parent, int32_t child);
+    /* FKV_POLICY_EXTERNAL: pages/counts validated (fkv_set_pages' layout);
+     * makes them each head's active set and recalls them. Must not fail. */
+    void (*set_pages)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                      const int32_t *pages, const int32_t *counts);
 
 } fkvi_backend_ops;
 

@@ -19,7 +19,7 @@ static const suite_fn k_suites[] = {
     suite_reference, suite_api,      suite_dense,     suite_selection,
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
     suite_always,    suite_badinput, suite_stats,     suite_accuracy,
-    suite_truncate,  suite_multitoken, suite_fork,
+    suite_truncate,  suite_multitoken, suite_fork,    suite_external,
 };
 
 static SRunner *make_runner(const char *prefix)
