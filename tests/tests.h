@@ -269,6 +269,7 @@ Suite *suite_truncate(const char *prefix);
 Suite *suite_multitoken(const char *prefix);
 Suite *suite_fork(const char *prefix);
 Suite *suite_external(const char *prefix);
+Suite *suite_critical(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
