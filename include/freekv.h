@@ -257,6 +257,27 @@ FKV_API fkv_status fkv_append(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch, const void *k,
                               const void *v);
 
+/* A K or V tensor [sum of num_tokens, num_kv_heads, head_dim] in any
+ * layout whose channels are contiguous: element (row, head, channel) is at
+ * data + (row * token_stride + head * head_stride + channel) elements. A
+ * model holding K as [heads, tokens, head_dim] passes token_stride =
+ * head_dim, head_stride = tokens * head_dim. Set struct_size to
+ * sizeof(fkv_tensor); the struct only ever grows at its end. */
+typedef struct fkv_tensor {
+    size_t struct_size;
+    const void *data;     /* same memory space and dtype as fkv_append's */
+    int64_t token_stride; /* elements, >= 0 */
+    int64_t head_stride;  /* elements, >= 0 */
+} fkv_tensor;
+
+/* fkv_append with strided k and v. Contiguous strides (token_stride =
+ * num_kv_heads * head_dim, head_stride = head_dim) work on every backend;
+ * others on the CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_append_strided(fkv_cache *cache, int32_t layer,
+                                      const fkv_batch *batch,
+                                      const fkv_tensor *k,
+                                      const fkv_tensor *v);
+
 /* Attention of q over the layer's cache for each sequence: sink, window,
  * partial page and the selected pages (all tokens for FKV_POLICY_DENSE or
  * when the context fits in the budget). FREEKV: corrects the KV heads whose

@@ -265,10 +265,14 @@ static void summarise(fkv_cache *c, cpu_layer *L, const unsigned char *unit,
     }
 }
 
-static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
-                             const void *k, const void *v)
+static fkv_status cpu_append_strided(fkv_cache *c, int32_t layer,
+                                     const fkvi_batch *b, const void *k,
+                                     int64_t k_token, int64_t k_head,
+                                     const void *v, int64_t v_token,
+                                     int64_t v_head)
 {
     const fkvi_geometry *g = &c->geo;
+    const size_t es = g->elem_bytes;
     const size_t row_bytes = (size_t)g->head_dim * g->elem_bytes;
     const size_t page_rows_bytes = (size_t)g->page * row_bytes;
     for (int32_t i = 0; i < b->n; i++) {
@@ -279,12 +283,12 @@ static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             int64_t pos = held + t;
             int32_t page = (int32_t)(pos / g->page);
             int32_t off = (int32_t)(pos % g->page);
-            size_t src_row = (size_t)(b->offset[i] + t) * g->kv_heads;
+            int64_t row = b->offset[i] + t;
             for (int32_t h = 0; h < g->kv_heads; h++) {
-                const unsigned char *ks =
-                    (const unsigned char *)k + (src_row + h) * row_bytes;
-                const unsigned char *vs =
-                    (const unsigned char *)v + (src_row + h) * row_bytes;
+                const unsigned char *ks = (const unsigned char *)k +
+                    (size_t)(row * k_token + h * k_head) * es;
+                const unsigned char *vs = (const unsigned char *)v +
+                    (size_t)(row * v_token + h * v_head) * es;
                 unsigned char *pu = pool_unit(c, slot, layer, page, h);
                 memcpy(pu + off * row_bytes, ks, row_bytes);
                 memcpy(pu + page_rows_bytes + off * row_bytes, vs, row_bytes);
@@ -300,6 +304,13 @@ static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         }
     }
     return FKV_OK;
+}
+
+static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                             const void *k, const void *v)
+{
+    const int64_t D = c->geo.head_dim, row = c->geo.kv_heads * D;
+    return cpu_append_strided(c, layer, b, k, row, D, v, row, D);
 }
 
 /* ---- selection and recall -------------------------------------------- */
@@ -741,4 +752,5 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .attend_tokens = cpu_attend_tokens,
     .seq_fork = cpu_seq_fork,
     .set_pages = cpu_set_pages,
+    .append_strided = cpu_append_strided,
 };

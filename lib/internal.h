@@ -114,6 +114,13 @@ typedef struct fkvi_backend_ops {
      * makes them each head's active set and recalls them. Must not fail. */
     void (*set_pages)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                       const int32_t *pages, const int32_t *counts);
+    /* append with k/v element (row, head, channel) at row * *_token +
+     * head * *_head + channel elements. */
+    fkv_status (*append_strided)(fkv_cache *c, int32_t layer,
+                                 const fkvi_batch *b, const void *k,
+                                 int64_t k_token, int64_t k_head,
+                                 const void *v, int64_t v_token,
+                                 int64_t v_head);
 
 } fkvi_backend_ops;
 

@@ -458,20 +458,27 @@ fkv_status tst_append(tst_model *m, int layer, int nseq, const int *slots,
     tst_dev_free(dv);
     if (st != FKV_OK)
         return st;
-    {
-        int64_t off = 0;
-        for (i = 0; i < nseq; ++i) {
-            tst_seq *s = &m->seq[slots[i]];
-            grow_rows(m, s, layer, s->len[layer] + nt[i]);
-            memcpy(s->k[layer] + (size_t)s->len[layer] * row,
-                   k + (size_t)off * row, sizeof(float) * row * nt[i]);
-            memcpy(s->v[layer] + (size_t)s->len[layer] * row,
-                   v + (size_t)off * row, sizeof(float) * row * nt[i]);
-            s->len[layer] += nt[i];
-            off += nt[i];
-        }
-    }
+    tst_model_add(m, layer, nseq, slots, ntok, k, v);
     return FKV_OK;
+}
+
+void tst_model_add(tst_model *m, int layer, int nseq, const int *slots,
+                   const int *ntok, const float *k, const float *v)
+{
+    size_t row = (size_t)m->KVH * m->D;
+    int64_t off = 0;
+    int i;
+    for (i = 0; i < nseq; ++i) {
+        tst_seq *s = &m->seq[slots[i]];
+        int n = ntok ? ntok[i] : 1;
+        grow_rows(m, s, layer, s->len[layer] + n);
+        memcpy(s->k[layer] + (size_t)s->len[layer] * row,
+               k + (size_t)off * row, sizeof(float) * row * n);
+        memcpy(s->v[layer] + (size_t)s->len[layer] * row,
+               v + (size_t)off * row, sizeof(float) * row * n);
+        s->len[layer] += n;
+        off += n;
+    }
 }
 
 void tst_append_rand(tst_model *m, int layer, int nseq, const int *slots,

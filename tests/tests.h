@@ -144,6 +144,10 @@ int tst_fork(tst_model *m, int parent);
  * and, on success, to the model's copy. ntok NULL: 1 token each. */
 fkv_status tst_append(tst_model *m, int layer, int nseq, const int *slots,
                       const int *ntok, const float *k, const float *v);
+/* The model's side of tst_append only: records the rows (packed like
+ * fkv_append's k, v) without calling the library. */
+void tst_model_add(tst_model *m, int layer, int nseq, const int *slots,
+                   const int *ntok, const float *k, const float *v);
 /* Random K and V (N(0,1) in the dtype); asserts FKV_OK. */
 void tst_append_rand(tst_model *m, int layer, int nseq, const int *slots,
                      const int *ntok);
@@ -270,6 +274,7 @@ Suite *suite_multitoken(const char *prefix);
 Suite *suite_fork(const char *prefix);
 Suite *suite_external(const char *prefix);
 Suite *suite_critical(const char *prefix);
+Suite *suite_strided(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
