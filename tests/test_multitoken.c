@@ -26,7 +26,6 @@ static void mt_attend_check(tst_model *m, int layer, int nseq,
     fkv_batch b;
     int i, j, g, hq, total = 0, row;
     double *ref_last = (double *)malloc(sizeof(double) * qs * nseq);
-    double *ref = (double *)malloc(sizeof(double) * m->D);
     float *out;
     void *dq, *dout;
     fkv_status st;
@@ -91,8 +90,6 @@ static void mt_attend_check(tst_model *m, int layer, int nseq,
         tst_check_selected(m, layer, slots[i]);
         row += T[i];
     }
-    (void)ref;
-    free(ref);
     free(ref_last);
     free(out);
     tst_dev_free(dq);
