@@ -266,6 +266,8 @@ Suite *suite_sequences(const char *prefix);
 Suite *suite_always(const char *prefix);
 Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
+/* The llama example engine's loader and CPU path (test_llama.c). */
+Suite *suite_llama(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
 /* Serving-engine calls added in 0.2. */
