@@ -20,7 +20,7 @@ static const suite_fn k_suites[] = {
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
     suite_always,    suite_badinput, suite_stats,     suite_accuracy,
     suite_truncate,  suite_multitoken, suite_fork,    suite_external,
-    suite_critical,  suite_strided,   suite_llama,
+    suite_critical,  suite_strided,   suite_llama,   suite_llama_spec,
 };
 
 static SRunner *make_runner(const char *prefix)

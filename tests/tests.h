@@ -268,6 +268,8 @@ Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
 /* The llama example engine's loader and CPU path (test_llama.c). */
 Suite *suite_llama(const char *prefix);
+/* Its speculative decoding (test_llama_spec.c). */
+Suite *suite_llama_spec(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
 /* Serving-engine calls added in 0.2. */
