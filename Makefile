@@ -168,8 +168,22 @@ endif
 # binary. With CUDA=1 examples/llama/*.cu and gpu_*.c join, with
 # -DLLAMA_WITH_CUDA and cuBLAS.
 LLAMA_ARCH   ?= -march=native -mprefer-vector-width=512
+# NCCL (--tp, examples/llama/gpu_tp.c): with CUDA=1, on when nccl.h and
+# libnccl are found under CUDA_HOME (or /usr); NCCL=0 turns it off.
+ifeq ($(CUDA),1)
+  NCCL_HOME ?= $(firstword $(foreach d,$(CUDA_HOME) /usr,$(if $(wildcard $(d)/include/nccl.h),$(d))))
+  NCCL_LIBDIR ?= $(firstword $(foreach d,$(NCCL_HOME)/lib64 $(NCCL_HOME)/lib $(NCCL_HOME)/lib/x86_64-linux-gnu,$(if $(wildcard $(d)/libnccl.so*),$(d))))
+  NCCL ?= $(if $(NCCL_LIBDIR),1,0)
+else
+  NCCL := 0
+endif
+LLAMA_NCCL_FLAGS := $(if $(filter 1,$(NCCL)),-DLLAMA_WITH_NCCL -I$(NCCL_HOME)/include)
+# (A literal comma would end $(if)'s first branch: -Wl,-rpath goes through
+# llama_comma.)
+llama_comma := ,
+LLAMA_NCCL_LIBS  := $(if $(filter 1,$(NCCL)),-L$(NCCL_LIBDIR) -Wl$(llama_comma)-rpath$(llama_comma)$(NCCL_LIBDIR) -lnccl)
 LLAMA_CFLAGS := -O3 $(LLAMA_ARCH) -fopenmp -Iexamples/llama \
-                $(if $(filter 1,$(CUDA)),-DLLAMA_WITH_CUDA)
+                $(if $(filter 1,$(CUDA)),-DLLAMA_WITH_CUDA) $(LLAMA_NCCL_FLAGS)
 LLAMA_C_ALL  := $(wildcard examples/llama/*.c)
 LLAMA_C      := $(if $(filter 1,$(CUDA)),$(LLAMA_C_ALL),$(filter-out examples/llama/gpu_%,$(LLAMA_C_ALL)))
 LLAMA_CU     := $(if $(filter 1,$(CUDA)),$(wildcard examples/llama/*.cu))
@@ -338,12 +352,12 @@ $(BUILD)/llama/%.o: examples/llama/%.c $(FLAGS_STAMP)
 
 $(BUILD)/llama/%.cu.o: examples/llama/%.cu $(FLAGS_STAMP)
 	@mkdir -p $(@D)
-	$(NVCC) $(ALL_NVCCFLAGS) -DLLAMA_WITH_CUDA -Iexamples/llama -MMD -MP -MF $(@:.o=.d) -c -o $@ $<
+	$(NVCC) $(ALL_NVCCFLAGS) -DLLAMA_WITH_CUDA $(LLAMA_NCCL_FLAGS) -Iexamples/llama -MMD -MP -MF $(@:.o=.d) -c -o $@ $<
 
 $(LLAMA_BIN): $(LLAMA_OBJS) $(STATIC_LIB)
 	@mkdir -p $(@D)
 	$(CC) $(ALL_LDFLAGS) -fopenmp -o $@ $(LLAMA_OBJS) $(STATIC_LIB) \
-	  $(if $(LLAMA_CU),$(BENCH_LIBS)) $(SYS_LIBS)
+	  $(if $(LLAMA_CU),$(BENCH_LIBS)) $(LLAMA_NCCL_LIBS) $(SYS_LIBS)
 
 examples: $(EXAMPLE_BINS) $(LLAMA_BIN)
 

@@ -209,7 +209,9 @@ def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget):
     scale = 1.0 / math.sqrt(model.D)
     G = model.G
     res = {}
-    for mode in ("quest", "oracle"):
+    # "quest-oracle-last": Quest in every layer but the last, the oracle
+    # there (how much of the gap the last layer's selection alone makes).
+    for mode in ("quest", "oracle", "quest-oracle-last"):
         pos = np.arange(N, N + M)
         h = hs[0][N:N + M].copy()
         mass = np.zeros((model.L, model.H, 4))
@@ -234,7 +236,9 @@ def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget):
                     pd = np.exp(s)
                     pd /= pd.sum(axis=1, keepdims=True)  # dense probs [G, n]
                     pm = pd[:, :(n // P) * P].reshape(G, -1, P).sum(axis=2)
-                    if mode == "quest":
+                    oracle = mode == "oracle" or (
+                        mode == "quest-oracle-last" and l == model.L - 1)
+                    if not oracle:
                         sel = quest_select(qh, kmax[:, g, :], kmin[:, g, :],
                                            cands, K, scale)
                     else:

@@ -42,7 +42,10 @@ for f in $FILES; do
         build/examples/llama eval --model "$MODEL" --text "$t" \
             --offset $OFFSET --prefill "$N" --steps "$M" "$@" --json |
             sed "s|^{|{\"text\":\"$t\",\"args\":\"$*\",|" \
-            >> "$OUT/engine-$N-$M.jsonl" ;;
+            > "$OUT/.engine.$$"
+        # One append per run: concurrent sweeps must not interleave lines.
+        cat "$OUT/.engine.$$" >> "$OUT/engine-$N-$M.jsonl"
+        rm -f "$OUT/.engine.$$" ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
     esac
 done

@@ -19,7 +19,11 @@ def load(pattern):
             for line in f:
                 line = line.strip()
                 if line.startswith("{"):
-                    rows.append(json.loads(line))
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError:  # a run still writing its lines
+                        print("skipped a partial line in %s" % p,
+                              file=sys.stderr)
     return rows
 
 
@@ -125,6 +129,28 @@ def main():
             eg.setdefault((r["prefill"], r["steps"], r["sink"], r["window"],
                            r["page"], r["budget"]), {}).setdefault(
                 r["policy"][5:], []).append(r)
+    # The emulation's Quest selection against the library's RESIDENT.
+    res = {(r["text"], r["prefill"], r["steps"], r["budget"], r["sink"],
+            r["window"]): r for r in eng
+           if r["policy"] == "resident" and r["dtype"] == "f32"}
+    pairs = []
+    for r in em:
+        if r["policy"] != "emul-quest":
+            continue
+        k = (r["text"], r["prefill"], r["steps"], r["budget"], r["sink"],
+             r["window"])
+        dk = (r["text"], r["prefill"], r["steps"], "f32")
+        if k in res and dk in dense:
+            pairs.append((short(r["text"]), r["budget"], r["sink"], r["window"],
+                          r["ratio"], math.exp(res[k]["nll"] - dense[dk]["nll"])))
+    if pairs:
+        print("\n#### Emulated Quest selection against the library's RESIDENT\n")
+        print("ppl ratio to dense: emulation (float64, scripts/hf_reference.py) "
+              "and engine (f32, RESIDENT against DENSE).\n")
+        print("| window | budget | sink/window | emulation | engine | difference |")
+        print("|---|---|---|---|---|---|")
+        for w, b, sk, wn, a, e in sorted(pairs):
+            print("| %s | %d | %d/%d | %.5f | %.5f | %+.1e |" % (w, b, sk, wn, a, e, e - a))
     for key in sorted(eg):
         n, m, s, w, p, b = key
         g = eg[key]
@@ -135,7 +161,8 @@ def main():
               "heads, steps and windows) and ppl ratio to the float64 dense "
               "reference. quest = libfreekv's selection with the current "
               "query (RESIDENT/SYNC); oracle = the K pages of largest true "
-              "mass per KV head.\n")
+              "mass per KV head; quest-oracle-last = quest but the oracle in "
+              "the last layer.\n")
         print("| layer | sink | window+partial | quest: selected | quest: missing "
               "| oracle: selected | oracle: missing | worst head (quest missing) |")
         print("|---|---|---|---|---|---|---|---|")
@@ -155,7 +182,7 @@ def main():
                   % (l, 100 * avg(qs, 0), 100 * avg(qs, 1), 100 * avg(qs, 2),
                      100 * avg(qs, 3), 100 * avg(os_, 2), 100 * avg(os_, 3),
                      wh, 100 * avg(qs, 3, wh)))
-        for mode, rows in (("quest", qs), ("oracle", os_)):
+        for mode, rows in sorted(g.items()):
             rs = [r["ratio"] for r in rows]
             print("\n%s: ppl ratio mean %.4f, median %.4f, worst %.4f (%s)"
                   % (mode, statistics.mean(rs), statistics.median(rs), max(rs),

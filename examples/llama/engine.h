@@ -134,6 +134,7 @@ typedef struct llama_run_config {
     int keep_prefill;       /* keep each slot's prompt K/V for replay_prefill */
     int32_t threads;        /* CPU threads (0: OpenMP's default) */
     int32_t cuda_graph;     /* CUDA: replay decode steps from a captured graph (--graph); the CPU ignores it */
+    int32_t tp;             /* llama_cuda_tp_backend (gpu_tp.h): GPUs (--tp); the others ignore it */
 } llama_run_config;
 
 typedef struct llama_backend llama_backend; /* a backend's private state */

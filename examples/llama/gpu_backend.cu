@@ -17,6 +17,12 @@
  * (docs/api.md section 8). A different slot set, an eager call or the end
  * of the reservation recaptures.
  *
+ * Tensor parallel (--tp, gpu_tp.h): a shard holds cfg with q_heads,
+ * kv_heads and intermediate divided by the number of ranks and the slices
+ * of the weights that go with them; tp_reduce adds the ranks' partial o and
+ * down projections (NCCL all-reduce on the stream, captured with the rest
+ * of the step). With one rank it does nothing.
+ *
  * CUDA or cuBLAS failures inside kernels' launchers exit with a message
  * (an example may exit; the library never does); the backend's own calls
  * return -1 with the message in err.
@@ -32,7 +38,11 @@
 #include "freekv.h"
 extern "C" {
 #include "engine.h"
+#include "gpu_tp.h"
 }
+#ifdef LLAMA_WITH_NCCL
+#include <nccl.h>
+#endif
 
 /* Tokens reserved per sequence ahead of a capture; the environment's
  * LLAMA_GRAPH_RESERVE (>= 1) overrides it, so that selfcheck-gpu can make
@@ -91,7 +101,9 @@ typedef struct gpu_kept {
 } gpu_kept;
 
 struct llama_backend {
-    llama_config cfg;
+    llama_config cfg; /* a shard's: its q_heads, kv_heads, intermediate */
+    int tp_rank, tp_size;
+    void *comm; /* ncclComm_t when tp_size > 1 */
     llama_run_config rc;
     int device;
     cudaStream_t stream;
@@ -199,13 +211,83 @@ static int upload(const llama_tensor *t, void *dst, int dst_dtype,
     return 0;
 }
 
+/* Uploads rows [r0, r0 + nr) x columns [c0, c0 + nc) of a 2-D tensor
+ * [rows, cols] and converts them to bf16 at dst ([nr, nc], dense): a
+ * shard's slice of a projection (the whole tensor with one rank). */
+static int upload_slice(const llama_tensor *t, int64_t r0, int64_t nr,
+                        int64_t c0, int64_t nc, bf16 *dst, void *staging,
+                        llama_backend *b, char *err, size_t errlen)
+{
+    const size_t esz = t->dtype == LLAMA_F32 ? 4 : 2;
+    const int64_t cols = t->shape[1];
+    const char *src = (const char *)t->data + ((size_t)r0 * cols + c0) * esz;
+    /* Pageable (mapped) source: the copy is staged by the driver. */
+    CU(cudaMemcpy2DAsync(staging, (size_t)nc * esz, src, (size_t)cols * esz,
+                         (size_t)nc * esz, (size_t)nr, cudaMemcpyHostToDevice,
+                         b->stream));
+    gpu_convert(staging, (int)t->dtype, dst, GPU_BF16, (long long)nr * nc,
+                b->stream);
+    return 0;
+}
+
+/* x[count] = the sum over the ranks of their x (in place, on the stream):
+ * after the o and down projections, whose residual only rank 0 adds. */
+static int tp_reduce(llama_backend *b, float *x, size_t count, char *err,
+                     size_t errlen)
+{
+    if (b->tp_size <= 1)
+        return 0;
+#ifdef LLAMA_WITH_NCCL
+    ncclResult_t r = ncclAllReduce(x, x, count, ncclFloat, ncclSum,
+                                   (ncclComm_t)b->comm, b->stream);
+    if (r != ncclSuccess) {
+        llama_errf(err, errlen, "NCCL: ncclAllReduce (rank %d of %d): %s",
+                   b->tp_rank, b->tp_size, ncclGetErrorString(r));
+        return -1;
+    }
+    return 0;
+#else
+    (void)x;
+    (void)count;
+    llama_errf(err, errlen, "cuda backend: built without NCCL");
+    return -1;
+#endif
+}
+
 static void cuda_destroy(llama_backend *b);
 
 static int cuda_create(const llama_model *m, const llama_run_config *rc,
                        llama_backend **out, char *err, size_t errlen)
 {
+    return llama_cuda_shard_create(m, rc, 0, 1, NULL, out, err, errlen);
+}
+
+extern "C" int llama_cuda_shard_create(const llama_model *m,
+                                       const llama_run_config *rc, int rank,
+                                       int size, void *comm,
+                                       llama_backend **out, char *err,
+                                       size_t errlen)
+{
     *out = NULL;
-    const llama_config *c = &m->cfg;
+    const llama_config *full = &m->cfg;
+    if (size < 1 || rank < 0 || rank >= size ||
+        full->kv_heads % size != 0 || full->intermediate % size != 0) {
+        llama_errf(err, errlen, "cuda backend: cannot split kv_heads %d and "
+                   "intermediate %d over %d GPUs (rank %d)",
+                   (int)full->kv_heads, (int)full->intermediate, size, rank);
+        return -1;
+    }
+    if (full->q_heads % full->kv_heads != 0) {
+        llama_errf(err, errlen, "cuda backend: q_heads %d not a multiple of "
+                   "kv_heads %d", (int)full->q_heads, (int)full->kv_heads);
+        return -1;
+    }
+    /* The shard's own shape: everything below sizes from it. */
+    llama_config shard = *full;
+    shard.q_heads /= size;
+    shard.kv_heads /= size;
+    shard.intermediate /= size;
+    const llama_config *c = &shard;
     if (rc->max_batch < 1 || rc->max_batch > 64) {
         llama_errf(err, errlen, "cuda backend: max_batch %d not in [1, 64]",
                    (int)rc->max_batch);
@@ -234,6 +316,9 @@ static int cuda_create(const llama_model *m, const llama_run_config *rc,
     *out = b; /* destroy frees a partial backend on failure */
     b->cfg = *c;
     b->rc = *rc;
+    b->tp_rank = rank;
+    b->tp_size = size;
+    b->comm = comm;
     b->dtype = GPU_BF16;
     b->esz = 2;
     b->graph_reserve = GRAPH_RESERVE;
@@ -296,6 +381,14 @@ static int cuda_create(const llama_model *m, const llama_run_config *rc,
             llama_errf(err, errlen, "cuda backend: out of host memory");
             rcode = -1;
         }
+/* This rank's rows [r * nr, (r + 1) * nr) or columns of a projection. */
+#define ROWS(t, nr, dst) \
+    if (!rcode) rcode = upload_slice((t), (int64_t)rank * (nr), (nr), 0, H, \
+                                     (dst), staging, b, err, errlen)
+#define COLS(t, nc, dst) \
+    if (!rcode) rcode = upload_slice((t), 0, H, (int64_t)rank * (nc), (nc), \
+                                     (dst), staging, b, err, errlen)
+        const int Lk = c->kv_heads * D;
         for (int l = 0; l < c->layers && !rcode; l++) {
             const llama_layer *ly = &m->layer[l];
             gpu_layer *g = &b->L[l];
@@ -303,19 +396,23 @@ static int cuda_create(const llama_model *m, const llama_run_config *rc,
             UP(ly->attn_norm, g->attn_norm, GPU_F32);
             AL(g->ffn_norm, (size_t)H * 4);
             UP(ly->ffn_norm, g->ffn_norm, GPU_F32);
+            /* Column-parallel: this rank's query heads, then its KV heads'
+             * K and V rows (head h of the shard = head rank * n + h). */
             AL(g->wqkv, (size_t)R * H * 2);
-            UP(ly->wq, g->wqkv, GPU_BF16);
-            UP(ly->wk, g->wqkv + (size_t)Lq * H, GPU_BF16);
-            UP(ly->wv, g->wqkv + (size_t)(Lq + c->kv_heads * D) * H,
-               GPU_BF16);
+            ROWS(ly->wq, Lq, g->wqkv);
+            ROWS(ly->wk, Lk, g->wqkv + (size_t)Lq * H);
+            ROWS(ly->wv, Lk, g->wqkv + (size_t)(Lq + Lk) * H);
+            /* Row-parallel: the columns of o that read those heads. */
             AL(g->wo, (size_t)H * Lq * 2);
-            UP(ly->wo, g->wo, GPU_BF16);
+            COLS(ly->wo, Lq, g->wo);
             AL(g->wgu, (size_t)2 * I * H * 2);
-            UP(ly->w_gate, g->wgu, GPU_BF16);
-            UP(ly->w_up, g->wgu + (size_t)I * H, GPU_BF16);
+            ROWS(ly->w_gate, I, g->wgu);
+            ROWS(ly->w_up, I, g->wgu + (size_t)I * H);
             AL(g->wdown, (size_t)H * I * 2);
-            UP(ly->w_down, g->wdown, GPU_BF16);
+            COLS(ly->w_down, I, g->wdown);
         }
+#undef ROWS
+#undef COLS
 #undef UP
 #undef AL
         /* The uploads read host memory and the staging buffer: wait before
@@ -651,6 +748,9 @@ static int cuda_prefill(llama_backend *b, int32_t slot, const int32_t *tokens,
     const int nq = c->q_heads, nkv = c->kv_heads, Lq = nq * D, R = qkv_rows(c);
     const size_t kvl = (size_t)n * nkv * D; /* elements of K of one layer */
     cudaStream_t s = b->stream;
+    /* Residual beta: the all-reduce adds every rank's x, so only rank 0's
+     * projections add the residual (the others write their partial sum). */
+    const float rb = b->tp_rank == 0 ? 1.0f : 0.0f;
 
     /* Kept K/V for replay_prefill: allocated before anything is appended. */
     gpu_kept *kp = &b->kept[slot];
@@ -711,12 +811,16 @@ static int cuda_prefill(llama_backend *b, int32_t slot, const int32_t *tokens,
         for (int64_t c0 = 0; c0 < n; c0 += PREFILL_CHUNK) {
             int cn = (int)(n - c0 < PREFILL_CHUNK ? n - c0 : PREFILL_CHUNK);
             float *xc = b->pf_x + (size_t)c0 * H;
-            gemm(b, g->wo, H, Lq, b->pf_att + (size_t)c0 * Lq, cn, xc, 1.0f);
+            gemm(b, g->wo, H, Lq, b->pf_att + (size_t)c0 * Lq, cn, xc, rb);
+            if (tp_reduce(b, xc, (size_t)cn * H, err, errlen))
+                return -1;
             gpu_rmsnorm(xc, cn, H, g->ffn_norm, (float)c->rms_norm_eps,
                         b->pf_hb, s);
             gemm(b, g->wgu, 2 * I, H, b->pf_hb, cn, b->pf_gu, 0.0f);
             gpu_swiglu(b->pf_gu, cn, I, b->pf_act, s);
-            gemm(b, g->wdown, H, I, b->pf_act, cn, xc, 1.0f);
+            gemm(b, g->wdown, H, I, b->pf_act, cn, xc, rb);
+            if (tp_reduce(b, xc, (size_t)cn * H, err, errlen))
+                return -1;
         }
     }
     b->pos[slot] = n;
@@ -825,6 +929,7 @@ static int decode_step(llama_backend *b, const fkv_batch *bt, char *err,
     cudaStream_t s = b->stream;
     const int32_t *d_tok = b->d_io, *d_pos = b->d_io + b->rc.max_batch;
     const float eps = (float)c->rms_norm_eps;
+    const float rb = b->tp_rank == 0 ? 1.0f : 0.0f; /* see cuda_prefill */
 
     gpu_embed(d_tok, n, b->embed, c->vocab, H, b->x, s);
     for (int32_t l = 0; l < c->layers; l++) {
@@ -843,11 +948,15 @@ static int decode_step(llama_backend *b, const fkv_batch *bt, char *err,
                         (long long)n * Lq, s);
             att = b->att_bf;
         }
-        gemm(b, g->wo, H, Lq, att, n, b->x, 1.0f);
+        gemm(b, g->wo, H, Lq, att, n, b->x, rb);
+        if (tp_reduce(b, b->x, (size_t)n * H, err, errlen))
+            return -1;
         gpu_rmsnorm(b->x, n, H, g->ffn_norm, eps, b->hb, s);
         gemm(b, g->wgu, 2 * I, H, b->hb, n, b->gu, 0.0f);
         gpu_swiglu(b->gu, n, I, b->act, s);
-        gemm(b, g->wdown, H, I, b->act, n, b->x, 1.0f);
+        gemm(b, g->wdown, H, I, b->act, n, b->x, rb);
+        if (tp_reduce(b, b->x, (size_t)n * H, err, errlen))
+            return -1;
     }
     gpu_rmsnorm(b->x, n, H, b->norm, eps, b->hb, s);
     gemm(b, b->lm_head, c->vocab, H, b->hb, n, b->logits, 0.0f);
@@ -900,7 +1009,11 @@ static int graph_capture(llama_backend *b, int32_t n, const int32_t *slots,
 
     fkv_batch bt = {n, 0, b->g_ids, NULL};
     cudaGraph_t graph = NULL;
-    CU(cudaStreamBeginCapture(b->stream, cudaStreamCaptureModeGlobal));
+    /* Tensor parallel: every rank's thread captures at the same time, which
+     * global mode forbids (it bars other threads' unsafe calls). */
+    CU(cudaStreamBeginCapture(b->stream, b->tp_size > 1
+                                             ? cudaStreamCaptureModeThreadLocal
+                                             : cudaStreamCaptureModeGlobal));
     int rc = decode_step(b, &bt, err, errlen);
     cudaError_t e = cudaStreamEndCapture(b->stream, &graph); /* always */
     /* The captured calls counted one token on the host: the device, read

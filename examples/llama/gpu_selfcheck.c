@@ -35,6 +35,11 @@
 #include <string.h>
 
 #include "engine.h"
+#ifdef LLAMA_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "gpu_tp.h"
+#endif
 
 #ifndef LLAMA_WITH_CUDA
 
@@ -97,8 +102,8 @@ static int verbose;
 /* Prefill every slot, then steps teacher-forced decode steps of the whole
  * batch: slot i is fed text[off_i + len_i + t] at step t. */
 static int sc_run(const llama_backend_ops *ops, const llama_model *m,
-                  const sc_spec *sp, int graph, const int32_t *text,
-                  sc_out *out, char *err, size_t errlen)
+                  const sc_spec *sp, int graph, int32_t tp,
+                  const int32_t *text, sc_out *out, char *err, size_t errlen)
 {
     const int32_t V = m->cfg.vocab;
     llama_run_config rc;
@@ -110,6 +115,7 @@ static int sc_run(const llama_backend_ops *ops, const llama_model *m,
             most = sp->len[i];
     rc.max_context = most + sp->steps + 1;
     rc.cuda_graph = graph;
+    rc.tp = tp;
     out->rows = (size_t)sp->nseq * (1 + (size_t)sp->steps);
     out->logits = (float *)malloc(out->rows * V * sizeof(float));
     if (!out->logits) {
@@ -233,15 +239,15 @@ static int sc_case(const llama_model *m, const sc_spec *sp,
     sc_out cpu = {0, 0}, eager = {0, 0}, graph = {0, 0};
     int rcode = 0;
     const int32_t V = m->cfg.vocab;
-    if (sc_run(&llama_cpu_backend, m, sp, 0, text, &cpu, err, sizeof err)) {
+    if (sc_run(&llama_cpu_backend, m, sp, 0, 1, text, &cpu, err, sizeof err)) {
         printf("selfcheck-gpu: %s: cpu backend: %s: FAIL\n", sp->name, err);
         rcode = -1;
-    } else if (sc_run(&llama_cuda_backend, m, sp, 0, text, &eager, err,
+    } else if (sc_run(&llama_cuda_backend, m, sp, 0, 1, text, &eager, err,
                       sizeof err)) {
         printf("selfcheck-gpu: %s: cuda backend (eager): %s: FAIL\n",
                sp->name, err);
         rcode = -1;
-    } else if (sc_run(&llama_cuda_backend, m, sp, 1, text, &graph, err,
+    } else if (sc_run(&llama_cuda_backend, m, sp, 1, 1, text, &graph, err,
                       sizeof err)) {
         printf("selfcheck-gpu: %s: cuda backend (graph): %s: FAIL\n",
                sp->name, err);
@@ -272,6 +278,63 @@ static int sc_case(const llama_model *m, const sc_spec *sp,
                   c.rel_max <= LIM_GRAPH_MAX);
     }
     free(cpu.logits);
+    free(eager.logits);
+    free(graph.logits);
+    return rcode;
+}
+
+/* One spec on 2 GPUs (--tp 2) against one GPU: the same bf16 weights and
+ * kernels, the sums of the o and down projections split in two and added by
+ * NCCL; judged with the limits and regimes of sc_case. The tp
+ * graph must match the tp eager run to LIM_GRAPH_MAX. */
+static int sc_case_tp(const llama_model *m, const sc_spec *sp,
+                      const int32_t *text)
+{
+    char err[1024] = "", name[128];
+    sc_out one = {0, 0}, eager = {0, 0}, graph = {0, 0};
+    int rcode = 0;
+    const int32_t V = m->cfg.vocab;
+    snprintf(name, sizeof name, "tp2 %s", sp->name);
+    if (sc_run(&llama_cuda_backend, m, sp, 0, 1, text, &one, err,
+               sizeof err)) {
+        printf("selfcheck-gpu: %s: cuda backend (1 GPU): %s: FAIL\n", name,
+               err);
+        rcode = -1;
+    } else if (sc_run(&llama_cuda_tp_backend, m, sp, 0, 2, text, &eager, err,
+                      sizeof err)) {
+        printf("selfcheck-gpu: %s: cuda-tp backend (eager): %s: FAIL\n", name,
+               err);
+        rcode = -1;
+    } else if (sc_run(&llama_cuda_tp_backend, m, sp, 1, 2, text, &graph, err,
+                      sizeof err)) {
+        printf("selfcheck-gpu: %s: cuda-tp backend (graph): %s: FAIL\n", name,
+               err);
+        rcode = -1;
+    }
+    if (rcode) {
+        cases++;
+        failures++;
+    } else {
+        const int selects = sp->policy == FKV_POLICY_FREEKV ||
+                            sp->policy == FKV_POLICY_SYNC;
+        const char *regime = selects ? sc_regime_name[sp->regime] : "dense";
+        /* A selective real-model case may still flip a near-tie page
+         * between the two summation orders: the FREEKV limits there. */
+        const int dense = !selects || sp->regime == SC_ALLSELECTED;
+        const double lim_rms = dense ? LIM_DENSE_RMS : LIM_FREEKV_RMS;
+        const double lim_top1 =
+            sp->real ? (dense ? LIM_DENSE_TOP1 : LIM_FREEKV_TOP1) : 0.0;
+        sc_cmp c = sc_compare(sp, &eager, &one, V, text);
+        int pass = c.rel_rms <= lim_rms &&
+                   (!dense || c.rel_max <= LIM_DENSE_MAX) &&
+                   c.top1 >= lim_top1;
+        sc_report(name, "tp2 vs 1 gpu", regime, c,
+                  selects && sp->regime == SC_GRAPHONLY ? -1 : pass);
+        c = sc_compare(sp, &graph, &eager, V, text);
+        sc_report(name, "tp2 graph/eager", regime, c,
+                  c.rel_max <= LIM_GRAPH_MAX);
+    }
+    free(one.logits);
     free(eager.logits);
     free(graph.logits);
     return rcode;
@@ -377,6 +440,16 @@ int llama_gpu_selfcheck(int argc, char **argv)
         return 0;
     }
     char err[1024] = "";
+    /* --tp 2 cases: with NCCL and 2 GPUs, on models whose KV heads (and
+     * intermediate size) divide by 2. */
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess)
+        ndev = 0;
+    const int tp_on = llama_tp_available() && ndev >= 2;
+    if (!tp_on)
+        printf("selfcheck-gpu: tp2 cases skipped (%s)\n",
+               llama_tp_available() ? "fewer than 2 CUDA devices"
+                                    : "built without NCCL");
 
     /* Each kernel alone first: a failing end-to-end case below is then
      * traced to a kernel (or cleared of them). */
@@ -440,11 +513,23 @@ int llama_gpu_selfcheck(int argc, char **argv)
         sc_spec sa = {name, FKV_POLICY_FREEKV, FKV_DTYPE_BF16, 320, 16, 16, 16,
                       3, {0, 50, 100}, {37, 300, 129}, 8, 0, SC_ALLSELECTED};
         sc_case(&m, &sa, rnd);
+        const int tp_model = tp_on && models[mi].kvh % 2 == 0 &&
+                             models[mi].inter % 2 == 0;
+        if (tp_model) {
+            char dn[96];
+            snprintf(dn, sizeof dn, "%s dense bf16", models[mi].name);
+            sc_spec sd = {dn, FKV_POLICY_DENSE, FKV_DTYPE_BF16, 0, 0, 0, 0, 3,
+                          {0, 50, 100}, {37, 300, 129}, 8, 0, SC_SELECTIVE};
+            sc_case_tp(&m, &sd, rnd);
+            sc_case_tp(&m, &sa, rnd);
+        }
         /* budget 64 = sink 16 + window 16 + 2 selected pages of 16. */
         snprintf(name, sizeof name, "%s freekv bf16 b64", models[mi].name);
         sc_spec sp = {name, FKV_POLICY_FREEKV, FKV_DTYPE_BF16, 64, 16, 16, 16,
                       3, {0, 50, 100}, {37, 300, 129}, 8, 0, SC_GRAPHONLY};
         sc_case(&m, &sp, rnd);
+        if (tp_model)
+            sc_case_tp(&m, &sp, rnd);
         llama_model_free(&m);
     }
     free(rnd);
@@ -478,6 +563,15 @@ int llama_gpu_selfcheck(int argc, char **argv)
                       FKV_DTYPE_BF16, 512, 32, 64, 64, 3, {0, 17, 64},
                       {prefill, l2, l3}, steps, 1, SC_SELECTIVE};
         sc_case(&m, &fb, text);
+        if (tp_on && m.cfg.kv_heads % 2 == 0 && m.cfg.intermediate % 2 == 0) {
+            sc_case_tp(&m, &dense, text);
+            sc_case_tp(&m, &fk, text);
+            sc_case_tp(&m, &fb, text);
+        } else if (tp_on) {
+            printf("selfcheck-gpu: tp2 real-model cases skipped (%d KV heads, "
+                   "intermediate %d: not divisible by 2)\n",
+                   (int)m.cfg.kv_heads, (int)m.cfg.intermediate);
+        }
         /* Replays run out of a 5-token reservation: recapture every 5
          * steps (LLAMA_GRAPH_RESERVE, read by the CUDA backend's create). */
         setenv("LLAMA_GRAPH_RESERVE", "5", 1);

@@ -12,6 +12,9 @@
 #include "speculate.h"
 #ifdef LLAMA_WITH_CUDA
 #include "gpu_selfcheck.h"
+#ifdef LLAMA_WITH_CUDA
+#include "gpu_tp.h"
+#endif
 #endif
 
 #include <errno.h>
@@ -52,8 +55,10 @@ static void usage(FILE *f)
         "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
         "       --graph (CUDA: replay decode steps from a captured CUDA graph;\n"
         "       the CUDA path's --dtype defaults to bf16)\n"
+        "       --tp N (CUDA + NCCL: N GPUs, tensor parallel; KV heads divisible by N)\n"
         "  selfcheck-gpu [--model DIR] [--text FILE] [--prefill N] [--steps M]\n"
-        "           the CUDA backend's logits against the CPU backend's\n");
+        "           the CUDA backend's logits against the CPU backend's\n"
+        "           (and --tp 2 against one GPU, with 2 or more GPUs)\n");
 }
 
 /* ---- options ---------------------------------------------------------------- */
@@ -65,6 +70,7 @@ typedef struct args {
     double temperature;
     int json, no_dense, threads;
     int graph, dtype_set; /* --graph; --dtype given */
+    int64_t tp; /* --tp N (1: one GPU) */
     fkv_options opts; /* cache options as given (policy, budget, ...) */
 } args;
 
@@ -162,6 +168,7 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(f, "--context")) { if (parse_int(f, val, 1, (int64_t)1 << 31, &a->context)) return -1; }
         else if (!strcmp(f, "--warmup")) { if (parse_int(f, val, 0, 1000, &a->warmup)) return -1; }
         else if (!strcmp(f, "--seed")) { if (parse_int(f, val, 0, INT64_MAX, &a->seed)) return -1; }
+        else if (!strcmp(f, "--tp")) { if (parse_int(f, val, 1, 8, &a->tp)) return -1; }
         else if (!strcmp(f, "--threads")) { if (parse_int(f, val, 1, 1024, &v)) return -1; a->threads = (int)v; }
         else if (!strcmp(f, "--budget")) { if (parse_int(f, val, 1, INT32_MAX, &v)) return -1; a->opts.budget_tokens = (int32_t)v; }
         else if (!strcmp(f, "--page")) { if (parse_int(f, val, 1, INT32_MAX, &v)) return -1; a->opts.page_tokens = (int32_t)v; }
@@ -388,6 +395,21 @@ static int make_backend(const args *a, const llama_model *m, int64_t max_context
     rc.keep_prefill = keep;
     rc.threads = a->threads;
     rc.cuda_graph = a->graph;
+#ifdef LLAMA_WITH_CUDA
+    if (a->tp > 1) { /* gpu_tp.h: the CUDA path on tp GPUs */
+        if (*ops != &llama_cuda_backend) {
+            fprintf(stderr, "llama: --tp %lld needs the CUDA backend\n", (long long)a->tp);
+            return -1;
+        }
+        *ops = &llama_cuda_tp_backend;
+        rc.tp = (int32_t)a->tp;
+    }
+#else
+    if (a->tp > 1) {
+        fprintf(stderr, "llama: --tp: this build has no CUDA path (make examples CUDA=1)\n");
+        return -1;
+    }
+#endif
     if ((*ops)->create(m, &rc, b, err, sizeof err)) {
         fprintf(stderr, "llama: %s backend: %s\n", (*ops)->name, err);
         return -1;
@@ -884,19 +906,20 @@ static int cmd_bench(const args *a)
             printf(",\"dtype\":\"%s\",\"batch\":%d,\"context\":%lld,\"steps\":%lld,\"kv_fill\":\"random\","
                    "\"fill_ms\":%.1f,\"ms_per_step\":%.3f,\"tokens_per_s\":%.2f,\"host_bytes\":%llu,"
                    "\"device_bytes\":%llu,\"weight_bytes\":%llu,\"pages_recalled_per_step\":%.3f,"
-                   "\"corrections\":%llu,\"heads_checked\":%llu}\n",
+                   "\"corrections\":%llu,\"heads_checked\":%llu,\"tp\":%lld}\n",
                    dtype_name(o.dtype), B, (long long)C, (long long)S, fill_ms, med, B * 1000.0 / med,
                    (unsigned long long)st.host_bytes, (unsigned long long)st.device_bytes,
                    (unsigned long long)ops->weight_bytes(b),
                    (double)st.pages_recalled / (double)(S + a->warmup),
-                   (unsigned long long)st.corrections, (unsigned long long)st.heads_checked);
+                   (unsigned long long)st.corrections, (unsigned long long)st.heads_checked,
+                   (long long)(a->tp > 1 ? a->tp : 1));
         } else {
             printf("%s %s %-8s budget %d batch %d context %lld (random K/V via fkv_append, not a real "
                    "prefill): %.2f ms/step (median of %lld), %.1f tokens/s; memory: cache host %.1f MiB, "
-                   "device %.1f MiB, weights %.1f MiB\n",
+                   "device %.1f MiB, weights %.1f MiB%s\n",
                    ops->name, a->shape, policy_name(o.policy), o.budget_tokens, B, (long long)C, med,
                    (long long)S, B * 1000.0 / med, st.host_bytes / 1048576.0, st.device_bytes / 1048576.0,
-                   ops->weight_bytes(b) / 1048576.0);
+                   ops->weight_bytes(b) / 1048576.0, a->tp > 1 ? " (per GPU: --tp)" : "");
         }
         fflush(stdout);
     }
