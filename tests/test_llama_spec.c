@@ -106,7 +106,7 @@ static void sp_case(fkv_policy policy)
                                         plain, err, sizeof err) == 0, "%s", err);
 
     /* The n-gram drafter. */
-    ck_assert_msg(llama_spec_generate(&llama_cpu_backend, b, 0, 64, prompt, SP_PROMPT, SP_TOKENS,
+    ck_assert_msg(llama_spec_generate(&llama_cpu_backend, &llama_cpu_verify, b, 0, 64, prompt, SP_PROMPT, SP_TOKENS,
                                       SP_DRAFT, NULL, NULL, spec, &st, err, sizeof err) == 0,
                   "%s", err);
     for (i = 0; i < SP_TOKENS; i++)
@@ -121,7 +121,7 @@ static void sp_case(fkv_policy policy)
     orc.truth = truth;
     orc.total = SP_PROMPT + SP_TOKENS;
     ck_assert_msg(llama_cpu_backend.slot_reset(b, 0, err, sizeof err) == 0, "%s", err);
-    ck_assert_msg(llama_spec_generate(&llama_cpu_backend, b, 0, 64, prompt, SP_PROMPT, SP_TOKENS,
+    ck_assert_msg(llama_spec_generate(&llama_cpu_backend, &llama_cpu_verify, b, 0, 64, prompt, SP_PROMPT, SP_TOKENS,
                                       SP_DRAFT, sp_draft_oracle, &orc, spec, &st, err,
                                       sizeof err) == 0, "%s", err);
     for (i = 0; i < SP_TOKENS; i++)
@@ -157,17 +157,17 @@ START_TEST(test_spec_verify_errors)
     sp_prompt(prompt);
     sp_backend(&m, FKV_POLICY_DENSE, &b);
     err[0] = 0;
-    ck_assert_int_eq(llama_cpu_backend.verify(b, 0, toks, 1, logits, err, sizeof err), -1);
+    ck_assert_int_eq(llama_cpu_verify.verify(b, 0, toks, 1, logits, err, sizeof err), -1);
     ck_assert_ptr_nonnull(strstr(err, "prefilled"));
     ck_assert_int_eq(llama_cpu_backend.prefill(b, 0, prompt, SP_PROMPT, logits, err, sizeof err), 0);
-    ck_assert_int_eq(llama_cpu_backend.verify(b, 0, toks, LLAMA_MAX_VERIFY + 1, logits, err, sizeof err), -1);
+    ck_assert_int_eq(llama_cpu_verify.verify(b, 0, toks, LLAMA_MAX_VERIFY + 1, logits, err, sizeof err), -1);
     toks[1] = 64;
-    ck_assert_int_eq(llama_cpu_backend.verify(b, 0, toks, 2, logits, err, sizeof err), -1);
-    ck_assert_int_eq(llama_cpu_backend.truncate(b, 0, SP_PROMPT + 1, err, sizeof err), -1);
+    ck_assert_int_eq(llama_cpu_verify.verify(b, 0, toks, 2, logits, err, sizeof err), -1);
+    ck_assert_int_eq(llama_cpu_verify.truncate(b, 0, SP_PROMPT + 1, err, sizeof err), -1);
     /* The slot still holds the prompt: 2 tokens verify, then truncate. */
     toks[1] = 3;
-    ck_assert_int_eq(llama_cpu_backend.verify(b, 0, toks, 2, logits, err, sizeof err), 0);
-    ck_assert_int_eq(llama_cpu_backend.truncate(b, 0, SP_PROMPT, err, sizeof err), 0);
+    ck_assert_int_eq(llama_cpu_verify.verify(b, 0, toks, 2, logits, err, sizeof err), 0);
+    ck_assert_int_eq(llama_cpu_verify.truncate(b, 0, SP_PROMPT, err, sizeof err), 0);
     llama_cpu_backend.destroy(b);
     llama_model_free(&m);
     free(logits);

@@ -715,6 +715,9 @@ const llama_backend_ops llama_cpu_backend = {
     cpu_decode,
     cpu_stats,
     cpu_weight_bytes,
+};
+
+const llama_verify_ops llama_cpu_verify = {
     cpu_verify,
     cpu_truncate,
 };

@@ -585,6 +585,7 @@ static int cmd_speculate(const args *a)
 {
     llama_model m;
     const llama_backend_ops *ops;
+    const llama_verify_ops *vops;
     llama_backend *b = NULL;
     int32_t *toks = NULL, *spec = NULL, *plain = NULL;
     int64_t n = 0, i, diff = -1;
@@ -606,7 +607,8 @@ static int cmd_speculate(const args *a)
     /* The verify step appends up to draft + 1 tokens past the output. */
     if (make_backend(a, &m, n + a->tokens + a->draft + 1, 2, 0, &ops, &b))
         goto out;
-    if (!ops->verify) {
+    vops = ops == &llama_cpu_backend ? &llama_cpu_verify : NULL;
+    if (!vops) {
         fprintf(stderr, "llama: speculate runs on the CPU backend only for now (--backend cpu)\n");
         goto out;
     }
@@ -615,7 +617,7 @@ static int cmd_speculate(const args *a)
         goto out;
     }
     t0 = now_ms();
-    if (llama_spec_generate(ops, b, 0, m.cfg.vocab, toks, n, a->tokens, (int32_t)a->draft, NULL,
+    if (llama_spec_generate(ops, vops, b, 0, m.cfg.vocab, toks, n, a->tokens, (int32_t)a->draft, NULL,
                             NULL, spec, &st, err, sizeof err)) {
         fprintf(stderr, "llama: %s\n", err);
         goto out;

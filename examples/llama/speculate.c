@@ -62,7 +62,8 @@ out:
     return rc;
 }
 
-int llama_spec_generate(const llama_backend_ops *ops, llama_backend *b, int32_t slot,
+int llama_spec_generate(const llama_backend_ops *ops, const llama_verify_ops *vops,
+                        llama_backend *b, int32_t slot,
                         int32_t vocab, const int32_t *prompt, int64_t n, int64_t tokens,
                         int32_t draft, llama_drafter drafter, void *drafter_ctx,
                         int32_t *out, llama_spec_stats *st, char *err, size_t errlen)
@@ -73,7 +74,7 @@ int llama_spec_generate(const llama_backend_ops *ops, llama_backend *b, int32_t 
     int64_t count = 0, len;
     int rc = -1;
     memset(&s, 0, sizeof s);
-    if (!ops->verify || !ops->truncate) {
+    if (!vops || !vops->verify || !vops->truncate) {
         llama_errf(err, errlen, "speculate: the %s backend has no multi-token verify step", ops->name);
         return -1;
     }
@@ -103,7 +104,7 @@ int llama_spec_generate(const llama_backend_ops *ops, llama_backend *b, int32_t 
         if (k < 0 || k > draft || k > room)
             k = 0;
         in[0] = hist[len - 1];
-        if (ops->verify(b, slot, in, k + 1, logits, err, errlen))
+        if (vops->verify(b, slot, in, k + 1, logits, err, errlen))
             goto out;
         /* logits row i is the target's prediction after in[i]. */
         while (a < k && in[a + 1] == llama_argmax(logits + (size_t)a * vocab, vocab))
@@ -114,7 +115,7 @@ int llama_spec_generate(const llama_backend_ops *ops, llama_backend *b, int32_t 
         if (a < k) {
             /* The cache holds the pending token and k draft tokens; keep
              * the pending one and the a accepted. */
-            if (ops->truncate(b, slot, len + a, err, errlen))
+            if (vops->truncate(b, slot, len + a, err, errlen))
                 goto out;
             s.truncated++;
         }

@@ -2,9 +2,9 @@
  *
  * Each step drafts up to `draft` tokens after the pending token, verifies
  * the pending token and the draft in ONE multi-token forward
- * (ops->verify: fkv_append of them all + fkv_attend_tokens per layer),
+ * (vops->verify: fkv_append of them all + fkv_attend_tokens per layer),
  * accepts the longest draft prefix equal to the target's argmax, truncates
- * the rejected tokens (ops->truncate: one fkv_seq_truncate for every layer)
+ * the rejected tokens (vops->truncate: one fkv_seq_truncate for every layer)
  * and takes the target's argmax after the accepted prefix as the next
  * pending token. The output is that of plain greedy decoding.
  *
@@ -44,9 +44,11 @@ int llama_greedy_generate(const llama_backend_ops *ops, llama_backend *b, int32_
 
 /* Speculative greedy decoding of `tokens` tokens into out on an empty slot
  * with drafts of up to `draft` tokens (1..LLAMA_MAX_VERIFY - 1) from
- * drafter (NULL: llama_draft_ngram). The slot's max_context must hold
+ * drafter (NULL: llama_draft_ngram); vops: the backend's verify steps
+ * (NULL: an error). The slot's max_context must hold
  * n + tokens + draft tokens. st may be NULL. */
-int llama_spec_generate(const llama_backend_ops *ops, llama_backend *b, int32_t slot,
+int llama_spec_generate(const llama_backend_ops *ops, const llama_verify_ops *vops,
+                        llama_backend *b, int32_t slot,
                         int32_t vocab, const int32_t *prompt, int64_t n, int64_t tokens,
                         int32_t draft, llama_drafter drafter, void *drafter_ctx,
                         int32_t *out, llama_spec_stats *st, char *err, size_t errlen);
