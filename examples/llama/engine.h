@@ -191,7 +191,6 @@ typedef struct llama_backend_ops {
 
     /* Bytes of weights the backend holds (converted copies, device memory). */
     uint64_t (*weight_bytes)(llama_backend *b);
-
 } llama_backend_ops;
 
 extern const llama_backend_ops llama_cpu_backend;
