@@ -154,6 +154,13 @@ def main():
     for key in sorted(eg):
         n, m, s, w, p, b = key
         g = eg[key]
+        # Only windows with both quest and oracle (a run may be cut short).
+        both = {r["text"] for r in g.get("quest", [])} & \
+            {r["text"] for r in g.get("oracle", [])}
+        g = {k: [r for r in v if r["text"] in both] for k, v in g.items()}
+        g = {k: v for k, v in g.items() if v}
+        if not both:
+            continue
         print("\n#### Emulated selection, prefill %d, %d steps, page %d, sink %d, "
               "window %d, budget %d (%d windows)\n"
               % (n, m, p, s, w, b, len(g.get("quest", []))))
