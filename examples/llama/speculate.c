@@ -29,10 +29,10 @@ int32_t llama_draft_ngram(void *ctx, const int32_t *hist, int64_t len, int32_t m
                 ;
             if (j < g)
                 continue;
-            while (m < max && i + g + m < len) {
-                draft[m] = hist[i + g + m];
-                m++;
-            }
+            /* Past the history's end the copy continues into its own draft
+             * (a repeating phrase drafts its whole period and beyond). */
+            for (; m < max; m++)
+                draft[m] = i + g + m < len ? hist[i + g + m] : draft[i + g + m - len];
             return m;
         }
     return 0;

@@ -21,8 +21,8 @@ typedef int32_t (*llama_drafter)(void *ctx, const int32_t *hist, int64_t len,
 
 /* The default drafter (ctx unused): n-gram copy over the history (prompt
  * and output so far). Finds the latest earlier occurrence of the longest
- * suffix (up to 3 tokens) of hist and proposes the tokens that followed it;
- * no second model. */
+ * suffix (up to 3 tokens) of hist and proposes the tokens that followed it
+ * (continuing periodically past the end of hist); no second model. */
 int32_t llama_draft_ngram(void *ctx, const int32_t *hist, int64_t len,
                           int32_t max, int32_t *draft);
 
