@@ -567,6 +567,7 @@ static inline const char *bench_policy_name(fkv_policy p)
     case FKV_POLICY_SYNC: return "SYNC";
     case FKV_POLICY_RESIDENT: return "RESIDENT";
     case FKV_POLICY_DENSE: return "DENSE";
+    case FKV_POLICY_EXTERNAL: return "EXTERNAL";
     }
     return "?";
 }

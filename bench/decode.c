@@ -128,6 +128,7 @@ static int policy_rank(fkv_policy p)
     case FKV_POLICY_SYNC: return 1;
     case FKV_POLICY_RESIDENT: return 2;
     case FKV_POLICY_DENSE: return 3;
+    case FKV_POLICY_EXTERNAL: return 4;
     }
     return 4;
 }

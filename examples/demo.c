@@ -505,6 +505,7 @@ static const char *policy_name(fkv_policy p)
     case FKV_POLICY_SYNC: return "SYNC";
     case FKV_POLICY_RESIDENT: return "RESIDENT";
     case FKV_POLICY_DENSE: return "DENSE";
+    case FKV_POLICY_EXTERNAL: return "EXTERNAL";
     }
     return "?";
 }

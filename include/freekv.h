@@ -95,7 +95,10 @@ typedef enum fkv_policy {
     /* Select with the current query; all KV stays on the device (Quest). */
     FKV_POLICY_RESIDENT = 2,
     /* Full attention over all tokens; all KV stays on the device. */
-    FKV_POLICY_DENSE = 3
+    FKV_POLICY_DENSE = 3,
+    /* The engine chooses the pages (fkv_set_pages); the library recalls
+     * them and attends sink, window, partial page and those pages. */
+    FKV_POLICY_EXTERNAL = 4
 } fkv_policy;
 
 typedef enum fkv_group_score {
@@ -223,6 +226,24 @@ FKV_API fkv_status fkv_seq_reserve(fkv_cache *cache, fkv_seq_id seq,
  * replaying captured steps and before eager calls. A no-op on the CPU. */
 FKV_API fkv_status fkv_sync(fkv_cache *cache);
 
+/* Drops every token at and after position `length` on every layer (e.g.
+ * rejected draft tokens) and frees the pages past it. length == the current
+ * length is a no-op; a larger one is FKV_ERR_OUT_OF_RANGE. Selections that
+ * the dropped tokens could affect are forgotten: the next fkv_attend of a
+ * FREEKV sequence re-selects every KV head (docs/design.md section 11).
+ * CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
+                                    int64_t length);
+
+/* Opens *child as a copy of parent (all its tokens on every layer) that
+ * shares the parent's sealed host pages: they are reference counted and
+ * counted once in host_bytes; partial pages are copied. The child has its
+ * own device slots and selections (FREEKV: it re-selects at its first
+ * attend). Closing either leaves the other intact. CPU backend only for
+ * now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_seq_fork(fkv_cache *cache, fkv_seq_id parent,
+                                fkv_seq_id *child);
+
 /* ------------------------------------------------------------------------ */
 /* Per-layer calls on a batch                                               */
 /* ------------------------------------------------------------------------ */
@@ -250,6 +271,27 @@ FKV_API fkv_status fkv_append(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch, const void *k,
                               const void *v);
 
+/* A K or V tensor [sum of num_tokens, num_kv_heads, head_dim] in any
+ * layout whose channels are contiguous: element (row, head, channel) is at
+ * data + (row * token_stride + head * head_stride + channel) elements. A
+ * model holding K as [heads, tokens, head_dim] passes token_stride =
+ * head_dim, head_stride = tokens * head_dim. Set struct_size to
+ * sizeof(fkv_tensor); the struct only ever grows at its end. */
+typedef struct fkv_tensor {
+    size_t struct_size;
+    const void *data;     /* same memory space and dtype as fkv_append's */
+    int64_t token_stride; /* elements, >= 0 */
+    int64_t head_stride;  /* elements, >= 0 */
+} fkv_tensor;
+
+/* fkv_append with strided k and v. Contiguous strides (token_stride =
+ * num_kv_heads * head_dim, head_stride = head_dim) work on every backend;
+ * others on the CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+FKV_API fkv_status fkv_append_strided(fkv_cache *cache, int32_t layer,
+                                      const fkv_batch *batch,
+                                      const fkv_tensor *k,
+                                      const fkv_tensor *v);
+
 /* Attention of q over the layer's cache for each sequence: sink, window,
  * partial page and the selected pages (all tokens for FKV_POLICY_DENSE or
  * when the context fits in the budget). FREEKV: corrects the KV heads whose
@@ -268,6 +310,39 @@ FKV_API fkv_status fkv_select(fkv_cache *cache, int32_t layer,
  * A no-op for the other policies. */
 FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch);
+
+/* The most query tokens per sequence of one fkv_attend_tokens call. */
+#define FKV_MAX_QUERY_TOKENS 16
+
+/* fkv_attend for several query tokens per sequence (speculative decoding
+ * verification, chunked prefill tails): batch->num_tokens (NULL: 1 each,
+ * at most FKV_MAX_QUERY_TOKENS) counts each sequence's query tokens, which
+ * are its LAST num_tokens tokens appended; q and out are
+ * [sum of num_tokens, num_q_heads, head_dim], sequence after sequence.
+ * Token j attends causally: to the tokens fkv_attend would attend to, up to
+ * and including itself. The page selection is shared by a sequence's tokens
+ * and made (or checked for correction) with its last token's query. The
+ * query tokens must lie in the window and partial page (or every page must
+ * be attended), else FKV_ERR_INVALID_ARGUMENT. CPU backend only for now. */
+FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
+                                     const fkv_batch *batch, const void *q,
+                                     void *out);
+
+/* FKV_POLICY_EXTERNAL: the pages each (sequence, KV head) attends at the
+ * layer's next fkv_attend besides sink, window and partial page, chosen by
+ * the engine. counts: [num_seqs][num_kv_heads], each in [0, K] with
+ * K = (budget_tokens - sink_tokens - window_tokens) / page_tokens; pages:
+ * [num_seqs][num_kv_heads][K] (row stride K, entries past the count
+ * ignored; may be NULL when every count is 0), in any order, each a
+ * candidate page (sealed, past the sink, before the window) and none twice.
+ * Host arrays read during the call. Starts recalling the pages not yet in
+ * the device slots, like fkv_recall. Invalid pages: FKV_ERR_OUT_OF_RANGE or
+ * FKV_ERR_INVALID_ARGUMENT, and nothing changes. CPU backend only for now.
+ * flags: 0 (reserved). */
+FKV_API fkv_status fkv_set_pages(fkv_cache *cache, int32_t layer,
+                                 const fkv_batch *batch,
+                                 const int32_t *pages, const int32_t *counts,
+                                 uint32_t flags);
 
 /* ------------------------------------------------------------------------ */
 /* Introspection (off the decode path: may wait for the device)             */
@@ -293,6 +368,10 @@ typedef struct fkv_stats {
     uint64_t heads_checked;   /* (sequence, layer, KV head) correction checks */
     uint64_t host_bytes;      /* host memory held now */
     uint64_t device_bytes;    /* device memory held now (0 on the CPU) */
+    /* Added in 0.2 (a caller compiled against 0.1 passes the smaller size
+     * and gets the fields above only). */
+    uint64_t pages_recalled_critical; /* of pages_recalled: inside
+                                         fkv_attend (SYNC, corrections) */
 } fkv_stats;
 
 /* Counters since creation or the last fkv_reset_stats. */

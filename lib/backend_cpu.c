@@ -37,6 +37,7 @@ typedef struct cpu_backend {
     cpu_layer *layers;          /* [max_sequences][layers] */
     fkvi_select_scratch select;
     float *query;               /* [q_heads][D] one sequence's query */
+    float *query_tok;           /* [q_heads][D] one query token of several */
     float *row;                 /* [D] */
     float *stage;               /* [P][D] a page's K or V as float */
     double *ktile;              /* [round_to_block(P)][D] transposed K */
@@ -73,12 +74,15 @@ static cpu_layer *layer_of(fkv_cache *c, int32_t slot, int32_t layer)
 static bool uses_slots(const fkv_cache *c)
 {
     return c->opts.policy == FKV_POLICY_FREEKV ||
-           c->opts.policy == FKV_POLICY_SYNC;
+           c->opts.policy == FKV_POLICY_SYNC ||
+           c->opts.policy == FKV_POLICY_EXTERNAL;
 }
 
 static bool uses_summaries(const fkv_cache *c)
 {
-    return c->opts.policy != FKV_POLICY_DENSE;
+    /* EXTERNAL: the engine scores pages, the library does not. */
+    return c->opts.policy != FKV_POLICY_DENSE &&
+           c->opts.policy != FKV_POLICY_EXTERNAL;
 }
 
 static void cpu_destroy(fkv_cache *c)
@@ -90,6 +94,7 @@ static void cpu_destroy(fkv_cache *c)
     fkvi_select_scratch_free(&cb->select);
     fkvi_free(m, cb->layers);
     fkvi_free(m, cb->query);
+    fkvi_free(m, cb->query_tok);
     fkvi_free(m, cb->row);
     fkvi_free(m, cb->stage);
     fkvi_free(m, cb->ktile);
@@ -115,6 +120,8 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->layers = fkvi_alloc(m, (size_t)c->opts.max_sequences * g->layers,
                             sizeof *cb->layers);
     cb->query = fkvi_alloc(m, (size_t)g->q_heads * g->head_dim, sizeof(float));
+    cb->query_tok =
+        fkvi_alloc(m, (size_t)g->q_heads * g->head_dim, sizeof(float));
     cb->row = fkvi_alloc(m, (size_t)g->head_dim, sizeof(float));
     const size_t tile = (size_t)round_to_block(g->page) * g->head_dim;
     cb->stage = fkvi_alloc(m, tile, sizeof(float));
@@ -127,7 +134,8 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->selected = fkvi_alloc(m, k, sizeof(int32_t));
     cb->keep = fkvi_alloc(m, k, 1);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g, m);
-    if (st != FKV_OK || !cb->layers || !cb->query || !cb->row ||
+    if (st != FKV_OK || !cb->layers || !cb->query || !cb->query_tok ||
+        !cb->row ||
         !cb->stage || !cb->ktile || !cb->vtile || !cb->logits || !cb->acc ||
         !cb->segments || !cb->selected || !cb->keep) {
         cpu_destroy(c);
@@ -299,10 +307,14 @@ static void summarise(fkv_cache *c, cpu_layer *L, const unsigned char *unit,
     }
 }
 
-static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
-                             const void *k, const void *v)
+static fkv_status cpu_append_strided(fkv_cache *c, int32_t layer,
+                                     const fkvi_batch *b, const void *k,
+                                     int64_t k_token, int64_t k_head,
+                                     const void *v, int64_t v_token,
+                                     int64_t v_head)
 {
     const fkvi_geometry *g = &c->geo;
+    const size_t es = g->elem_bytes;
     const size_t row_bytes = (size_t)g->head_dim * g->elem_bytes;
     const size_t page_rows_bytes = (size_t)g->page * row_bytes;
     for (int32_t i = 0; i < b->n; i++) {
@@ -313,12 +325,12 @@ static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             int64_t pos = held + t;
             int32_t page = (int32_t)(pos / g->page);
             int32_t off = (int32_t)(pos % g->page);
-            size_t src_row = (size_t)(b->offset[i] + t) * g->kv_heads;
+            int64_t row = b->offset[i] + t;
             for (int32_t h = 0; h < g->kv_heads; h++) {
-                const unsigned char *ks =
-                    (const unsigned char *)k + (src_row + h) * row_bytes;
-                const unsigned char *vs =
-                    (const unsigned char *)v + (src_row + h) * row_bytes;
+                const unsigned char *ks = (const unsigned char *)k +
+                    (size_t)(row * k_token + h * k_head) * es;
+                const unsigned char *vs = (const unsigned char *)v +
+                    (size_t)(row * v_token + h * v_head) * es;
                 unsigned char *pu = pool_unit(c, slot, layer, page, h);
                 memcpy(pu + off * row_bytes, ks, row_bytes);
                 memcpy(pu + page_rows_bytes + off * row_bytes, vs, row_bytes);
@@ -334,6 +346,13 @@ static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         }
     }
     return FKV_OK;
+}
+
+static fkv_status cpu_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                             const void *k, const void *v)
+{
+    const int64_t D = c->geo.head_dim, row = c->geo.kv_heads * D;
+    return cpu_append_strided(c, layer, b, k, row, D, v, row, D);
 }
 
 /* ---- selection and recall -------------------------------------------- */
@@ -354,7 +373,7 @@ static int32_t select_head(fkv_cache *c, cpu_layer *L, const fkvi_pages *r,
  * that are not there yet (into slots whose pages left the set). */
 static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
                         cpu_layer *L, int32_t h, const int32_t *pages,
-                        int32_t count)
+                        int32_t count, bool critical)
 {
     const fkvi_geometry *g = &c->geo;
     const int32_t K = g->select_pages;
@@ -384,6 +403,8 @@ static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
         active_slot[j] = next_free;
         c->counters.pages_recalled++;
         c->counters.bytes_recalled += g->unit_bytes;
+        if (critical)
+            c->counters.pages_recalled_critical++;
     }
     memcpy(L->active_pages + (size_t)h * K, pages, (size_t)count * sizeof *pages);
     L->active_count[h] = count;
@@ -500,14 +521,21 @@ static void add_weighted(double *acc, const double *w, const double *v,
     }
 }
 
+/* The rows of segment *sg that lie before `limit` when n rows precede it. */
+static int32_t segment_rows(const cpu_segment *sg, int64_t n, int64_t limit)
+{
+    return limit - n < sg->rows ? (int32_t)(limit - n) : sg->rows;
+}
+
 /* For each of the group's query heads j (q + j*D), out at element
- * first + j*D (in the cache dtype) = softmax(scale * q.k) v over the
- * segments. Every K and V page is read and converted once for the whole
- * group; each head's arithmetic is that of the plain per-head loops, in
- * double, in the same order. */
+ * first + j*D (in the cache dtype) = softmax(scale * q.k) v over the first
+ * `limit` rows of the segments (in token order; less than all of them for
+ * the causal limit of fkv_attend_tokens). Every K and V page is read and
+ * converted once for the whole group; each head's arithmetic is that of the
+ * plain per-head loops, in double, in the same order. */
 static void attend_group(fkv_cache *c, const cpu_segment *segs,
-                         int32_t nsegs, const float *q, void *out,
-                         size_t first)
+                         int32_t nsegs, int64_t limit, const float *q,
+                         void *out, size_t first)
 {
     const fkvi_geometry *g = &c->geo;
     const int32_t D = g->head_dim, G = g->group;
@@ -515,12 +543,13 @@ static void attend_group(fkv_cache *c, const cpu_segment *segs,
     const size_t stride = (size_t)g->max_tokens; /* logits per head */
     cpu_backend *cb = backend_of(c);
     int64_t n = 0;
-    for (int32_t s = 0; s < nsegs; s++) {
-        load_k_tile(c, segs[s].unit, segs[s].rows, cb->ktile);
+    for (int32_t s = 0; s < nsegs && n < limit; s++) {
+        const int32_t rows = segment_rows(&segs[s], n, limit);
+        load_k_tile(c, segs[s].unit, rows, cb->ktile);
         for (int32_t j = 0; j < G; j++)
-            tile_logits(cb->ktile, segs[s].rows, D, q + (size_t)j * D,
+            tile_logits(cb->ktile, rows, D, q + (size_t)j * D,
                         g->scale, cb->logits + j * stride + n);
-        n += segs[s].rows;
+        n += rows;
     }
     for (int32_t j = 0; j < G; j++) {
         double *logits = cb->logits + j * stride, top = -INFINITY, sum = 0.0;
@@ -536,9 +565,9 @@ static void attend_group(fkv_cache *c, const cpu_segment *segs,
     }
     memset(cb->acc, 0, (size_t)G * D * sizeof *cb->acc);
     n = 0;
-    for (int32_t s = 0; s < nsegs; s++) {
+    for (int32_t s = 0; s < nsegs && n < limit; s++) {
         const unsigned char *vrows = segs[s].unit + g->page * row_bytes;
-        const int32_t rows = segs[s].rows;
+        const int32_t rows = segment_rows(&segs[s], n, limit);
         load_v_tile(c, vrows, rows, cb->vtile);
         for (int32_t j = 0; j < G; j++)
             add_weighted(cb->acc + (size_t)j * D, cb->logits + j * stride + n,
@@ -597,56 +626,94 @@ static int32_t gather_segments(fkv_cache *c, int32_t slot, int32_t layer,
     return n;
 }
 
-static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
-                             const void *q, void *out)
+/* Attention of one sequence's T query tokens (q rows q_row .. + T, the
+ * sequence's last T tokens) over (slot, layer). The selection is made or
+ * corrected with the last token's query: it is the one fkv_select will be
+ * given for the next step, and the step's tokens share one page set. */
+static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
+                            const void *q, int64_t q_row, int32_t T,
+                            void *out)
 {
     const fkvi_geometry *g = &c->geo;
     cpu_backend *cb = backend_of(c);
     const fkv_policy policy = c->opts.policy;
     const int32_t K = g->select_pages, D = g->head_dim;
-    for (int32_t i = 0; i < b->n; i++) {
-        int32_t slot = b->slot[i];
-        cpu_layer *L = layer_of(c, slot, layer);
-        fkvi_pages r;
-        fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
-        load_query(c, q, i, cb->query);
-        for (int32_t h = 0; h < g->kv_heads; h++) {
-            int32_t *active = L->active_pages + (size_t)h * K;
-            if (policy == FKV_POLICY_RESIDENT) {
-                L->active_count[h] = select_head(c, L, &r, cb->query, h, active);
-            } else if (policy == FKV_POLICY_SYNC) {
-                int32_t m = select_head(c, L, &r, cb->query, h, cb->selected);
-                recall_head(c, slot, layer, L, h, cb->selected, m);
-            } else if (policy == FKV_POLICY_FREEKV) {
-                c->counters.heads_checked++;
-                size_t qoff = (size_t)h * g->group * D;
-                bool correct = L->active_count[h] < 0 ||
-                    (r.cand_count <= K && L->active_count[h] < r.cand_count) ||
-                    fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
-                                      g->group, D) <
-                        c->opts.correction_threshold;
-                if (correct) {
-                    c->counters.corrections++;
-                    int32_t m = select_head(c, L, &r, cb->query, h,
-                                            cb->selected);
-                    recall_head(c, slot, layer, L, h, cb->selected, m);
-                    memcpy(L->active_q + qoff, cb->query + qoff,
-                           (size_t)g->group * D * sizeof(float));
-                }
+    cpu_layer *L = layer_of(c, slot, layer);
+    fkvi_pages r;
+    fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+    load_query(c, q, (int32_t)(q_row + T - 1), cb->query);
+    for (int32_t h = 0; h < g->kv_heads; h++) {
+        int32_t *active = L->active_pages + (size_t)h * K;
+        if (policy == FKV_POLICY_RESIDENT) {
+            L->active_count[h] = select_head(c, L, &r, cb->query, h, active);
+        } else if (policy == FKV_POLICY_SYNC) {
+            int32_t m = select_head(c, L, &r, cb->query, h, cb->selected);
+            recall_head(c, slot, layer, L, h, cb->selected, m, true);
+        } else if (policy == FKV_POLICY_FREEKV) {
+            c->counters.heads_checked++;
+            size_t qoff = (size_t)h * g->group * D;
+            bool correct = L->active_count[h] < 0 ||
+                (r.cand_count <= K && L->active_count[h] < r.cand_count) ||
+                fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
+                                  g->group, D) <
+                    c->opts.correction_threshold;
+            if (correct) {
+                c->counters.corrections++;
+                int32_t m = select_head(c, L, &r, cb->query, h,
+                                        cb->selected);
+                recall_head(c, slot, layer, L, h, cb->selected, m, true);
+                memcpy(L->active_q + qoff, cb->query + qoff,
+                       (size_t)g->group * D * sizeof(float));
             }
-            int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
-            /* fkv_recall changes the active set before the next attend;
-             * keep what this one used for fkv_get_selected_pages. */
-            memcpy(L->used_pages + (size_t)h * K, active,
-                   (size_t)nsel * sizeof *active);
-            L->used_count[h] = nsel;
-            int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
-                                            nsel);
+        }
+        int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
+        /* EXTERNAL before any fkv_set_pages (or after a truncate): sink,
+         * window and partial page only. Pages set stay candidates while the
+         * sequence grows (the window moves away from them). */
+        if (policy == FKV_POLICY_EXTERNAL && nsel < 0)
+            nsel = 0;
+        /* fkv_recall changes the active set before the next attend;
+         * keep what this one used for fkv_get_selected_pages. */
+        memcpy(L->used_pages + (size_t)h * K, active,
+               (size_t)nsel * sizeof *active);
+        L->used_count[h] = nsel;
+        int32_t nsegs = gather_segments(c, slot, layer, L, &r, h, active,
+                                        nsel);
+        int64_t rows = 0;
+        for (int32_t s = 0; s < nsegs; s++)
+            rows += cb->segments[s].rows;
+        for (int32_t t = 0; t < T; t++) {
+            /* The query tokens are the last rows (fkv_attend_tokens checks
+             * they lie in the window or partial page); token t sees all
+             * rows but the T - 1 - t after it. */
+            const float *qt = cb->query;
+            if (t < T - 1) {
+                load_query(c, q, (int32_t)(q_row + t), cb->query_tok);
+                qt = cb->query_tok;
+            }
             int32_t qh = h * g->group;
-            attend_group(c, cb->segments, nsegs, cb->query + (size_t)qh * D,
-                         out, ((size_t)i * g->q_heads + qh) * D);
+            attend_group(c, cb->segments, nsegs, rows - (T - 1 - t),
+                         qt + (size_t)qh * D, out,
+                         ((size_t)(q_row + t) * g->q_heads + qh) * D);
         }
     }
+}
+
+static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                             const void *q, void *out)
+{
+    for (int32_t i = 0; i < b->n; i++)
+        attend_sequence(c, layer, b->slot[i], q, i, 1, out);
+    return FKV_OK;
+}
+
+static fkv_status cpu_attend_tokens(fkv_cache *c, int32_t layer,
+                                    const fkvi_batch *b, const void *q,
+                                    void *out)
+{
+    for (int32_t i = 0; i < b->n; i++)
+        attend_sequence(c, layer, b->slot[i], q, b->offset[i], b->tokens[i],
+                        out);
     return FKV_OK;
 }
 
@@ -680,7 +747,7 @@ static fkv_status cpu_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         for (int32_t h = 0; h < g->kv_heads; h++)
             recall_head(c, slot, layer, L, h,
                         L->pending_pages + (size_t)h * g->select_pages,
-                        L->pending_count[h]);
+                        L->pending_count[h], false);
         memcpy(L->active_q, L->pending_q,
                (size_t)g->q_heads * g->head_dim * sizeof(float));
         L->pending_valid = false;
@@ -699,6 +766,99 @@ static fkv_status cpu_selected_pages(fkv_cache *c, int32_t layer, int32_t slot,
         pages[j] = src[j];
     *count = n;
     return FKV_OK;
+}
+
+/* ---- truncate ---------------------------------------------------------- */
+
+static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
+                         int64_t length)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    cpu_layer *L = layer_of(c, slot, layer);
+    fkvi_pages r;
+    fkvi_page_ranges(g, length, &r);
+    /* Pages from r.sealed on lose tokens (or are gone): a slot holding one
+     * would be reused by recall_head by page index, with stale rows. */
+    if (L->slot_page)
+        for (size_t i = 0; i < (size_t)g->kv_heads * K; i++)
+            if (L->slot_page[i] >= r.sealed)
+                L->slot_page[i] = -1;
+    /* Selections were made over the longer context; the next attend
+     * re-selects (FREEKV) and the next select starts afresh. */
+    for (int32_t h = 0; h < g->kv_heads; h++) {
+        L->active_count[h] = -1;
+        L->used_count[h] = 0;
+    }
+    L->pending_valid = false;
+    /* The window moves back over pages the ring has overwritten since:
+     * reload window and partial page from the pool, which holds every
+     * page. Sink pages are never overwritten. Summaries of pages below
+     * r.sealed are unchanged; the new partial page is summarised again
+     * when it seals. */
+    if (uses_slots(c)) {
+        int32_t last = r.partial ? r.sealed + 1 : r.sealed;
+        int32_t first = r.window_first > g->sink_pages ? r.window_first
+                                                       : g->sink_pages;
+        for (int32_t p = first; p < last; p++)
+            for (int32_t h = 0; h < g->kv_heads; h++)
+                memcpy(resident_unit(c, L, p, h),
+                       pool_unit(c, slot, layer, p, h), g->unit_bytes);
+    }
+}
+
+/* ---- external pages ------------------------------------------------------ */
+
+static void cpu_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                          const int32_t *pages, const int32_t *counts)
+{
+    const fkvi_geometry *g = &c->geo;
+    const int32_t K = g->select_pages;
+    for (int32_t i = 0; i < b->n; i++) {
+        cpu_layer *L = layer_of(c, b->slot[i], layer);
+        for (int32_t h = 0; h < g->kv_heads; h++) {
+            size_t row = (size_t)i * g->kv_heads + h;
+            int32_t n = counts[row];
+            int32_t *sorted = L->pending_pages + (size_t)h * K;
+            /* Ascending, like a selection (insertion sort: K is small). */
+            for (int32_t j = 0; j < n; j++) {
+                int32_t p = pages[row * (size_t)K + j], e = j;
+                for (; e > 0 && sorted[e - 1] > p; e--)
+                    sorted[e] = sorted[e - 1];
+                sorted[e] = p;
+            }
+            recall_head(c, b->slot[i], layer, L, h, sorted, n, false);
+        }
+    }
+}
+
+/* ---- fork -------------------------------------------------------------- */
+
+/* The child starts with the parent's resident pages and summaries, and
+ * empty slots and no selection: it recalls what its own queries choose. */
+static void cpu_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
+{
+    const fkvi_geometry *g = &c->geo;
+    const size_t kvh = (size_t)g->kv_heads, K = (size_t)g->select_pages;
+    for (int32_t l = 0; l < g->layers; l++) {
+        cpu_layer *P = layer_of(c, parent, l), *C = layer_of(c, child, l);
+        if (uses_slots(c)) {
+            memcpy(C->sink, P->sink, kvh * g->sink_pages * g->unit_bytes);
+            memcpy(C->ring, P->ring, kvh * g->ring_pages * g->unit_bytes);
+            for (size_t i = 0; i < kvh * K; i++)
+                C->slot_page[i] = -1;
+        }
+        if (uses_summaries(c)) {
+            size_t n = kvh * g->max_pages * g->head_dim * sizeof(float);
+            memcpy(C->smax, P->smax, n);
+            memcpy(C->smin, P->smin, n);
+        }
+        for (size_t h = 0; h < kvh; h++) {
+            C->active_count[h] = -1;
+            C->used_count[h] = 0;
+        }
+        C->pending_valid = false;
+    }
 }
 
 static fkv_status cpu_stats(fkv_cache *c, fkv_stats *s)
@@ -790,4 +950,9 @@ const fkvi_backend_ops fkvi_cpu_backend = {
     .stats = cpu_stats,
     .reset_stats = NULL,
     .audit = cpu_audit,
+    .truncate = cpu_truncate,
+    .attend_tokens = cpu_attend_tokens,
+    .seq_fork = cpu_seq_fork,
+    .set_pages = cpu_set_pages,
+    .append_strided = cpu_append_strided,
 };

@@ -246,6 +246,10 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
+    if (c->opts.policy == FKV_POLICY_EXTERNAL)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkv_create: FKV_POLICY_EXTERNAL is not implemented "
+                         "on the CUDA backend yet");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");

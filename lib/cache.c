@@ -137,6 +137,7 @@ void fkv_destroy(fkv_cache *c)
     fkvi_mem mem = c->mem; /* outlives the handle */
     fkvi_free(&mem, c->seqs);
     fkvi_free(&mem, c->batch_slot);
+    fkvi_free(&mem, c->block_shares);
     fkvi_free(&mem, c->batch_tokens);
     fkvi_free(&mem, c->batch_offset);
     fkvi_free(&mem, c->batch_mapped);
@@ -182,11 +183,13 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     if (!s)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_stats: stats is NULL");
-    if (s->struct_size < sizeof *s)
+    /* 0.1's fkv_stats ended before pages_recalled_critical. */
+    const size_t first_size = offsetof(fkv_stats, pages_recalled_critical);
+    if (s->struct_size < first_size)
         return fkvi_fail(c, FKV_ERR_VERSION_MISMATCH,
                          "fkv_get_stats: stats->struct_size is %zu, smaller "
                          "than the first fkv_stats (%zu bytes)",
-                         s->struct_size, sizeof *s);
+                         s->struct_size, first_size);
     size_t size = s->struct_size;
     fkv_stats r;
     memset(&r, 0, sizeof r);
@@ -196,15 +199,17 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     r.bytes_recalled = c->counters.bytes_recalled;
     r.corrections = c->counters.corrections;
     r.heads_checked = c->counters.heads_checked;
+    r.pages_recalled_critical = c->counters.pages_recalled_critical;
     r.host_bytes = c->pool.bytes_held + c->host_bytes_other;
     if (c->ops->stats) {
         fkv_status st = c->ops->stats(c, &r);
         if (st != FKV_OK)
             return st;
     }
-    /* A newer caller's fields beyond ours are left as they were. */
+    /* An older caller's struct gets its own fields only; a newer caller's
+     * fields beyond ours are left as they were. */
     r.struct_size = size;
-    *s = r;
+    memcpy(s, &r, size < sizeof r ? size : sizeof r);
     return FKV_OK;
 }
 

@@ -66,7 +66,8 @@ typedef struct fkvi_batch {
     int32_t n;
     const int32_t *slot;      /* [n] sequence slot */
     const int32_t *tokens;    /* [n] tokens appended (1 outside fkv_append) */
-    const int64_t *offset;    /* [n] first token row in k/v */
+    const int64_t *offset;    /* [n] first token row in k/v (or q rows:
+                                 fkv_attend_tokens) */
     int64_t total_tokens;
 } fkvi_batch;
 
@@ -80,6 +81,7 @@ typedef struct fkvi_sequence {
 
 typedef struct fkvi_counters {
     uint64_t steps, pages_recalled, bytes_recalled, corrections, heads_checked;
+    uint64_t pages_recalled_critical; /* inside fkv_attend */
 } fkvi_counters;
 
 typedef struct fkv_cache fkv_cache;
@@ -117,6 +119,32 @@ typedef struct fkvi_backend_ops {
     void (*reset_stats)(fkv_cache *c);
     /* fkvi_debug_audit; NULL: nothing to audit. */
     fkv_status (*audit)(fkv_cache *c);
+    /* Calls added in 0.2; NULL: FKV_ERR_UNSUPPORTED on this backend. */
+    /* Before (slot, layer) goes from its length down to `length`: forget
+     * what refers to pages at or past the new partial page. Pool blocks of
+     * pages [0, ceil(length / P)) are still mapped; must not fail. */
+    void (*truncate)(fkv_cache *c, int32_t slot, int32_t layer,
+                     int64_t length);
+    /* b->tokens are query tokens (the last ones appended), q and out rows
+     * at b->offset. */
+    fkv_status (*attend_tokens)(fkv_cache *c, int32_t layer,
+                                const fkvi_batch *b, const void *q,
+                                void *out);
+    /* child (opened, its page table filled: the parent's blocks, a copy of
+     * each partial page) takes the parent's lengths; the backend copies
+     * what it keeps per sequence. Must not fail. */
+    void (*seq_fork)(fkv_cache *c, int32_t parent, int32_t child);
+    /* FKV_POLICY_EXTERNAL: pages/counts validated (fkv_set_pages' layout);
+     * makes them each head's active set and recalls them. Must not fail. */
+    void (*set_pages)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                      const int32_t *pages, const int32_t *counts);
+    /* append with k/v element (row, head, channel) at row * *_token +
+     * head * *_head + channel elements. */
+    fkv_status (*append_strided)(fkv_cache *c, int32_t layer,
+                                 const fkvi_batch *b, const void *k,
+                                 int64_t k_token, int64_t k_head,
+                                 const void *v, int64_t v_token,
+                                 int64_t v_head);
 } fkvi_backend_ops;
 
 struct fkv_cache {
@@ -137,6 +165,11 @@ struct fkv_cache {
     int32_t *batch_mapped; /* mapped pages before an append, for undo */
     uint32_t batch_chunks; /* pool chunks before an append, for undo */
     uint8_t *batch_seen;
+
+    /* Other sequences sharing each pool block (fkv_seq_fork), by block id;
+     * ids at or past block_shares_cap are shared by none. */
+    uint32_t *block_shares;
+    uint32_t block_shares_cap;
 
     fkvi_counters counters;
     uint64_t host_bytes_other;
@@ -180,6 +213,13 @@ fkv_status fkvi_resolve_batch(fkv_cache *c, const char *fn, int32_t layer,
 fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
                               const fkvi_batch *b);
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b);
+/* fork.c: drops one reference to a pool block, freeing it with the last. */
+void fkvi_block_release(fkv_cache *c, uint32_t id);
+bool fkvi_block_shared(const fkv_cache *c, uint32_t id);
+
+/* Gives back pages [keep, mapped) of (slot, layer). */
+void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
+                      int32_t keep);
 
 /* dtype.c */
 size_t fkvi_dtype_size(fkv_dtype dt);

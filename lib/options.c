@@ -126,7 +126,8 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             (long long)o->sink_tokens + o->window_tokens, o->budget_tokens);
     REQUIRE(isfinite(o->correction_threshold), FKV_ERR_INVALID_ARGUMENT,
             "correction_threshold must be finite");
-    REQUIRE(o->policy >= FKV_POLICY_FREEKV && o->policy <= FKV_POLICY_DENSE,
+    REQUIRE(o->policy >= FKV_POLICY_FREEKV &&
+                o->policy <= FKV_POLICY_EXTERNAL,
             FKV_ERR_INVALID_ARGUMENT, "unknown policy %d", (int)o->policy);
     REQUIRE(o->group_score == FKV_GROUP_MEAN_SOFTMAX ||
                 o->group_score == FKV_GROUP_MEAN_SCORE,

@@ -91,7 +91,7 @@ fkv_status fkv_seq_close(fkv_cache *c, fkv_seq_id id)
     c->ops->seq_close(c, slot);
     for (size_t i = 0; i < page_table_entries(c); i++)
         if (s->blocks[i] != FKV_POOL_NO_BLOCK)
-            fkv_pool_give(&c->pool, s->blocks[i]);
+            fkvi_block_release(c, s->blocks[i]);
     c->host_bytes_other -= c->geo.layers * (sizeof *s->length +
                                             sizeof *s->mapped) +
                            page_table_entries(c) * sizeof *s->blocks;
@@ -233,14 +233,13 @@ static fkv_status map_pages(fkv_cache *c, int32_t slot, int32_t layer,
                : FKV_OK;
 }
 
-/* Gives back pages [keep, mapped) of (slot, layer). */
-static void unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
+void fkvi_unmap_pages(fkv_cache *c, int32_t slot, int32_t layer,
                         int32_t keep)
 {
     fkvi_sequence *s = &c->seqs[slot];
     uint32_t *table = s->blocks + (size_t)layer * c->geo.max_pages;
     for (int32_t p = keep; p < s->mapped[layer]; p++) {
-        fkv_pool_give(&c->pool, table[p]);
+        fkvi_block_release(c, table[p]);
         table[p] = FKV_POOL_NO_BLOCK;
     }
     if (keep < s->mapped[layer]) {
@@ -309,7 +308,7 @@ void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b)
     if (c->pool_unused)
         return;
     for (int32_t i = 0; i < b->n; i++)
-        unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
+        fkvi_unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
     /* The chunks the append added go too: "as it was" covers host_bytes. */
     fkv_pool_trim(&c->pool, c->batch_chunks);
 }
@@ -358,7 +357,7 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
         st = map_pages(c, slot, l, want);
     if (st != FKV_OK) { /* all or nothing, the pool's chunks included */
         for (int32_t l = 0; l < c->geo.layers; l++)
-            unmap_pages(c, slot, l, before[l]);
+            fkvi_unmap_pages(c, slot, l, before[l]);
         fkv_pool_trim(&c->pool, chunks);
     }
     fkvi_free(&c->mem, before);

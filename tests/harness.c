@@ -458,20 +458,27 @@ fkv_status tst_append(tst_model *m, int layer, int nseq, const int *slots,
     tst_dev_free(dv);
     if (st != FKV_OK)
         return st;
-    {
-        int64_t off = 0;
-        for (i = 0; i < nseq; ++i) {
-            tst_seq *s = &m->seq[slots[i]];
-            grow_rows(m, s, layer, s->len[layer] + nt[i]);
-            memcpy(s->k[layer] + (size_t)s->len[layer] * row,
-                   k + (size_t)off * row, sizeof(float) * row * nt[i]);
-            memcpy(s->v[layer] + (size_t)s->len[layer] * row,
-                   v + (size_t)off * row, sizeof(float) * row * nt[i]);
-            s->len[layer] += nt[i];
-            off += nt[i];
-        }
-    }
+    tst_model_add(m, layer, nseq, slots, ntok, k, v);
     return FKV_OK;
+}
+
+void tst_model_add(tst_model *m, int layer, int nseq, const int *slots,
+                   const int *ntok, const float *k, const float *v)
+{
+    size_t row = (size_t)m->KVH * m->D;
+    int64_t off = 0;
+    int i;
+    for (i = 0; i < nseq; ++i) {
+        tst_seq *s = &m->seq[slots[i]];
+        int n = ntok ? ntok[i] : 1;
+        grow_rows(m, s, layer, s->len[layer] + n);
+        memcpy(s->k[layer] + (size_t)s->len[layer] * row,
+               k + (size_t)off * row, sizeof(float) * row * n);
+        memcpy(s->v[layer] + (size_t)s->len[layer] * row,
+               v + (size_t)off * row, sizeof(float) * row * n);
+        s->len[layer] += n;
+        off += n;
+    }
 }
 
 void tst_append_rand(tst_model *m, int layer, int nseq, const int *slots,
@@ -1050,4 +1057,31 @@ void tst_snapshot_free(tst_snapshot *s)
     free(s->q);
     s->out = NULL;
     s->q = NULL;
+}
+
+int tst_fork(tst_model *m, int parent)
+{
+    tst_seq *p = &m->seq[parent], *s;
+    size_t row = (size_t)m->KVH * m->D;
+    int l, g;
+    fkv_status st;
+    ck_assert_msg(m->nslots < TST_MAX_SEQS, "too many test sequences");
+    s = &m->seq[m->nslots];
+    memset(s, 0, sizeof *s);
+    st = fkv_seq_fork(m->c, p->id, &s->id);
+    ck_assert_msg(st == FKV_OK, "fkv_seq_fork returned %d (%s)", (int)st,
+                  fkv_status_string(st));
+    s->open = 1;
+    for (l = 0; l < m->L; ++l) {
+        grow_rows(m, s, l, p->len[l] > 0 ? p->len[l] : 1);
+        memcpy(s->k[l], p->k[l], sizeof(float) * row * (size_t)p->len[l]);
+        memcpy(s->v[l], p->v[l], sizeof(float) * row * (size_t)p->len[l]);
+        s->len[l] = p->len[l];
+        for (g = 0; g < m->KVH; ++g) { /* no selection yet */
+            sel_alloc(m, &s->active[l][g]);
+            sel_alloc(m, &s->pending[l][g]);
+            sel_alloc(m, &s->used[l][g]);
+        }
+    }
+    return m->nslots++;
 }

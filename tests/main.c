@@ -20,8 +20,9 @@ static const suite_fn k_suites[] = {
     suite_reference, suite_api,      suite_dense,     suite_selection,
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
     suite_always,    suite_badinput, suite_stats,     suite_accuracy,
-    suite_faults,    suite_defects,
-    suite_llama,
+    suite_faults,    suite_defects,   suite_truncate,  suite_multitoken,
+    suite_fork,      suite_external,  suite_critical,  suite_strided,
+    suite_llama,     suite_llama_spec,
 };
 
 static SRunner *make_runner(const char *prefix)

@@ -315,6 +315,13 @@ void ref_attended_mask(const ref_layout *L, int64_t n, const int *selected,
         mark_page(L, n, selected[i], mask);
 }
 
+void ref_causal_limit(int64_t n, int64_t pos, unsigned char *mask)
+{
+    int64_t t;
+    for (t = pos + 1; t < n; ++t)
+        mask[t] = 0;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Selection                                                              */
 /* ---------------------------------------------------------------------- */

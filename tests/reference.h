@@ -80,6 +80,11 @@ int ref_candidates(const ref_layout *L, int64_t n, int *first, int *end);
 void ref_attended_mask(const ref_layout *L, int64_t n, const int *selected,
                        int nselected, unsigned char *mask);
 
+/* Causal limit of several query tokens (docs/design.md section 9): the
+ * query at position pos attends to no token after it; clears mask[t] for
+ * pos < t < n. */
+void ref_causal_limit(int64_t n, int64_t pos, unsigned char *mask);
+
 /* ---------------------------------------------------------------------- */
 /* Selection (docs/design.md section 3).                                  */
 /* ---------------------------------------------------------------------- */

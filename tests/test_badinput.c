@@ -10,6 +10,7 @@
 
 #include "tests.h"
 
+#include <stddef.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -617,10 +618,20 @@ START_TEST(bi_stats_struct_size)
     st.struct_size = 0;
     tst_expect_error(f.m.c, fkv_get_stats(f.m.c, &st),
                      FKV_ERR_VERSION_MISMATCH, "fkv_get_stats(struct_size 0)");
-    st.struct_size = sizeof st - sizeof(uint64_t);
+    /* 0.1's fkv_stats ended at device_bytes. */
+    st.struct_size = offsetof(fkv_stats, pages_recalled_critical) -
+                     sizeof(uint64_t);
     tst_expect_error(f.m.c, fkv_get_stats(f.m.c, &st),
                      FKV_ERR_VERSION_MISMATCH,
                      "fkv_get_stats(struct_size too small)");
+    /* A 0.1 caller's struct: accepted, nothing written past its end. */
+    st.struct_size = offsetof(fkv_stats, pages_recalled_critical);
+    st.pages_recalled_critical = 0xdeadbeefu;
+    tst_ok(fkv_get_stats(f.m.c, &st));
+    ck_assert_uint_eq(st.pages_recalled_critical, 0xdeadbeefu);
+    ck_assert_uint_eq(st.struct_size,
+                      offsetof(fkv_stats, pages_recalled_critical));
+    ck_assert_uint_gt(st.host_bytes, 0);
     tst_expect_error(f.m.c, fkv_get_stats(f.m.c, NULL),
                      FKV_ERR_INVALID_ARGUMENT, "fkv_get_stats(NULL)");
     memset(&o, 0, sizeof o);

@@ -136,10 +136,18 @@ void tst_model_free(tst_model *m);
 int tst_open(tst_model *m);
 void tst_close(tst_model *m, int slot);
 
+/* fkv_seq_fork of parent; the child's model copies the parent's rows and
+ * has no selection (docs/design.md section 9). Returns its slot. */
+int tst_fork(tst_model *m, int parent);
+
 /* Appends (k, v: host floats, packed sequence after sequence) to the cache
  * and, on success, to the model's copy. ntok NULL: 1 token each. */
 fkv_status tst_append(tst_model *m, int layer, int nseq, const int *slots,
                       const int *ntok, const float *k, const float *v);
+/* The model's side of tst_append only: records the rows (packed like
+ * fkv_append's k, v) without calling the library. */
+void tst_model_add(tst_model *m, int layer, int nseq, const int *slots,
+                   const int *ntok, const float *k, const float *v);
 /* Random K and V (N(0,1) in the dtype); asserts FKV_OK. */
 void tst_append_rand(tst_model *m, int layer, int nseq, const int *slots,
                      const int *ntok);
@@ -264,8 +272,18 @@ Suite *suite_faults(const char *prefix);
 Suite *suite_defects(const char *prefix);
 /* The llama example engine's loader and CPU path (test_llama.c). */
 Suite *suite_llama(const char *prefix);
+/* Its speculative decoding (test_llama_spec.c). */
+Suite *suite_llama_spec(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
+/* Serving-engine calls added in 0.2. */
+Suite *suite_truncate(const char *prefix);
+Suite *suite_multitoken(const char *prefix);
+Suite *suite_fork(const char *prefix);
+Suite *suite_external(const char *prefix);
+Suite *suite_critical(const char *prefix);
+Suite *suite_strided(const char *prefix);
+
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
 /* GPU-only, added when two CUDA devices exist (test_multidevice.c). */

@@ -137,7 +137,8 @@ static int cpu_create(const llama_model *m, const llama_run_config *rc,
     b->rc = *rc;
     b->qd = (int64_t)c->q_heads * c->head_dim;
     b->kvd = (int64_t)c->kv_heads * c->head_dim;
-    B = (size_t)rc->max_batch;
+    /* Decode scratch rows: a batch of slots, or one slot's verify tokens. */
+    B = (size_t)(rc->max_batch > LLAMA_MAX_VERIFY ? rc->max_batch : LLAMA_MAX_VERIFY);
 
     total = (size_t)c->vocab * c->hidden * 2 + (size_t)c->hidden;
     total += (size_t)c->layers * ((size_t)c->hidden * 2 + (size_t)b->qd * c->hidden * 2 +
@@ -188,9 +189,9 @@ static int cpu_create(const llama_model *m, const llama_run_config *rc,
     }
 #undef TAKE
 
-    b->seq = calloc(B, sizeof *b->seq);
-    b->pos = calloc(B, sizeof *b->pos);
-    b->kept = calloc(B, sizeof *b->kept);
+    b->seq = calloc((size_t)rc->max_batch, sizeof *b->seq);
+    b->pos = calloc((size_t)rc->max_batch, sizeof *b->pos);
+    b->kept = calloc((size_t)rc->max_batch, sizeof *b->kept);
     b->x = malloc(B * (size_t)c->hidden * sizeof(float));
     b->xn = malloc(B * (size_t)c->hidden * sizeof(float));
     b->q = malloc(B * (size_t)b->qd * sizeof(float));
@@ -578,6 +579,115 @@ static int cpu_decode(llama_backend *b, int32_t n, const int32_t *slots,
     return 0;
 }
 
+/* The decode step for n tokens of one slot at once (speculative
+ * verification): the same math as cpu_decode with n rows at positions
+ * pos..pos+n-1, their K/V appended with one fkv_append per layer and
+ * attended causally with fkv_attend_tokens. Allocates nothing (the scratch
+ * has LLAMA_MAX_VERIFY rows). */
+static int cpu_verify(llama_backend *b, int32_t slot, const int32_t *tokens, int32_t n,
+                      float *logits, char *err, size_t errlen)
+{
+    const llama_config *c = &b->c;
+    int64_t H = c->hidden, I = c->intermediate, qd = b->qd, kvd = b->kvd, pos0;
+    float eps = (float)c->rms_norm_eps;
+    size_t es;
+    fkv_batch bt, b1;
+    int32_t i, l;
+    if (slot_ok(b, slot, 0, err, errlen))
+        return -1;
+    if (n < 1 || n > LLAMA_MAX_VERIFY) {
+        llama_errf(err, errlen, "verify: %d tokens (must be in [1, %d])", n, LLAMA_MAX_VERIFY);
+        return -1;
+    }
+    pos0 = b->pos[slot];
+    if (pos0 < 1 || pos0 + n > b->rc.max_context) {
+        llama_errf(err, errlen, "verify: slot %d holds %lld tokens; %d more need a prefilled slot within max_context %lld",
+                   slot, (long long)pos0, n, (long long)b->rc.max_context);
+        return -1;
+    }
+    for (i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= c->vocab) {
+            llama_errf(err, errlen, "verify: token %d outside the vocabulary [0, %d)", tokens[i], c->vocab);
+            return -1;
+        }
+        b->batch_pos[i] = pos0 + i;
+        memcpy(b->x + (int64_t)i * H, b->embed + (int64_t)tokens[i] * H, (size_t)H * sizeof(float));
+    }
+    es = llama_fkv_dtype_size(b->dtype);
+    bt.num_seqs = 1;
+    bt.reserved = 0;
+    bt.seq_ids = &b->seq[slot];
+    bt.num_tokens = &n;
+    b1 = bt;
+    b1.num_tokens = NULL;
+    for (l = 0; l < c->layers; l++) {
+        const cpu_layer *L = &b->layer[l];
+        const void *qp = b->q, *kp = b->k, *vp = b->v;
+        void *op = b->att;
+        fkv_status st;
+        const char *what;
+        cpu_rmsnorm(b->xn, b->x, L->attn_norm, n, H, eps);
+        cpu_matmul(b->q, b->xn, L->wq, n, H, qd, 0);
+        cpu_matmul(b->k, b->xn, L->wk, n, H, kvd, 0);
+        cpu_matmul(b->v, b->xn, L->wv, n, H, kvd, 0);
+        cpu_rope(b->q, n, c->q_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
+        cpu_rope(b->k, n, c->kv_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
+        if (b->dtype != FKV_DTYPE_F32) {
+            llama_convert_from_f32(b->dtype, b->q, b->qb, (size_t)n * qd);
+            llama_convert_from_f32(b->dtype, b->k, b->kb, (size_t)n * kvd);
+            llama_convert_from_f32(b->dtype, b->v, b->vb, (size_t)n * kvd);
+            qp = b->qb;
+            kp = b->kb;
+            vp = b->vb;
+            op = b->ob;
+        }
+        /* The selection is made with the last token's query, as
+         * fkv_attend_tokens shares it among the tokens. */
+        what = "fkv_append";
+        st = fkv_append(b->cache, l, &bt, kp, vp);
+        if (st == FKV_OK && (what = "fkv_attend_tokens",
+                             st = fkv_attend_tokens(b->cache, l, &bt, qp, op)) == FKV_OK &&
+            (what = "fkv_select",
+             st = fkv_select(b->cache, l, &b1, (const char *)qp + (size_t)(n - 1) * qd * es)) == FKV_OK)
+            what = "fkv_recall", st = fkv_recall(b->cache, l, &b1);
+        if (st != FKV_OK) {
+            llama_fkv_check(st, b->cache, what, err, errlen);
+            /* Earlier layers hold the n tokens: one truncate drops them. */
+            fkv_seq_truncate(b->cache, b->seq[slot], pos0);
+            return -1;
+        }
+        if (b->dtype != FKV_DTYPE_F32)
+            llama_convert_to_f32(b->dtype, b->ob, b->att, (size_t)n * qd);
+        cpu_matmul(b->x, b->att, L->wo, n, qd, H, 1);
+        cpu_rmsnorm(b->xn, b->x, L->ffn_norm, n, H, eps);
+        cpu_matmul(b->gate, b->xn, L->w_gate, n, H, I, 0);
+        cpu_matmul(b->up, b->xn, L->w_up, n, H, I, 0);
+        cpu_swiglu(b->gate, b->gate, b->up, (int64_t)n * I);
+        cpu_matmul(b->x, b->gate, L->w_down, n, I, H, 1);
+    }
+    cpu_rmsnorm(b->xn, b->x, b->norm, n, H, eps);
+    cpu_matmul(logits, b->xn, b->lm_head, n, H, c->vocab, 0);
+    b->pos[slot] = pos0 + n;
+    return 0;
+}
+
+static int cpu_truncate(llama_backend *b, int32_t slot, int64_t length, char *err,
+                        size_t errlen)
+{
+    if (slot_ok(b, slot, 0, err, errlen))
+        return -1;
+    if (length < 0 || length > b->pos[slot]) {
+        llama_errf(err, errlen, "truncate: length %lld outside [0, %lld]", (long long)length,
+                   (long long)b->pos[slot]);
+        return -1;
+    }
+    if (llama_fkv_check(fkv_seq_truncate(b->cache, b->seq[slot], length), b->cache,
+                        "fkv_seq_truncate", err, errlen))
+        return -1;
+    b->pos[slot] = length;
+    return 0;
+}
+
 static int cpu_stats(llama_backend *b, fkv_stats *st, char *err, size_t errlen)
 {
     if (!b->cache) {
@@ -605,4 +715,9 @@ const llama_backend_ops llama_cpu_backend = {
     cpu_decode,
     cpu_stats,
     cpu_weight_bytes,
+};
+
+const llama_verify_ops llama_cpu_verify = {
+    cpu_verify,
+    cpu_truncate,
 };

@@ -2,7 +2,8 @@
  *
  * The engine is: a loader (config.json + safetensors, model.c / json.c), a
  * forward backend (CPU: cpu.c; CUDA: the *.cu / gpu_* files, built with
- * LLAMA_WITH_CUDA) and the modes (main.c: generate, eval, bench).
+ * LLAMA_WITH_CUDA) and the modes (main.c: generate, eval, bench,
+ * speculate; speculative decoding itself is speculate.c).
  *
  * Every backend keeps its KV cache in libfreekv: the backend owns the
  * fkv_cache, runs its own causal attention for the prompt, appends the
@@ -193,6 +194,28 @@ typedef struct llama_backend_ops {
 } llama_backend_ops;
 
 extern const llama_backend_ops llama_cpu_backend;
+
+/* Speculative decoding's steps (speculate.c), apart from llama_backend_ops
+ * so that backends without them need no change; only the CPU backend has
+ * them for now (fkv_attend_tokens and fkv_seq_truncate are CPU only).
+ * verify: one forward over n (1..LLAMA_MAX_VERIFY) tokens of one slot, as
+ * if decoded one after another: one fkv_append of the n tokens and one
+ * fkv_attend_tokens per layer (causal), then fkv_select and fkv_recall with
+ * the last token's query. logits: [n, vocab] f32 host. On failure the slot
+ * is truncated back to its length before the call.
+ * truncate: keeps the slot's first length tokens (fkv_seq_truncate, every
+ * layer at once). */
+typedef struct llama_verify_ops {
+    int (*verify)(llama_backend *b, int32_t slot, const int32_t *tokens, int32_t n,
+                  float *logits, char *err, size_t errlen);
+    int (*truncate)(llama_backend *b, int32_t slot, int64_t length, char *err,
+                    size_t errlen);
+} llama_verify_ops;
+
+/* The most tokens of one verify call (fkv_attend_tokens' limit). */
+#define LLAMA_MAX_VERIFY FKV_MAX_QUERY_TOKENS
+
+extern const llama_verify_ops llama_cpu_verify;
 #ifdef LLAMA_WITH_CUDA
 /* CUDA path (engine-cuda): weights on the device, fkv_set_stream with the
  * backend's stream, device pointers to libfreekv. */

@@ -2,12 +2,14 @@
  *
  *   llama generate --model DIR (--prompt TEXT | --prompt-file F) --tokens N
  *   llama eval     --model DIR --text FILE --prefill N --steps M
+ *   llama speculate --model DIR (--prompt TEXT | --prompt-file F) --tokens N --draft n
  *   llama bench    --shape llama3-8b|qwen2.5-7b|tiny|H,I,L,QH,KVH,HD,V
  *
  * See `llama --help` and docs/integration.md. Every failure is a message on
  * stderr and exit status 1 (2 for bad usage). */
 #define _POSIX_C_SOURCE 200809L
 #include "engine.h"
+#include "speculate.h"
 #ifdef LLAMA_WITH_CUDA
 #include "gpu_selfcheck.h"
 #ifdef LLAMA_WITH_CUDA
@@ -40,6 +42,8 @@ static void usage(FILE *f)
         "modes:\n"
         "  generate --model DIR (--prompt TEXT | --prompt-file F) --tokens N\n"
         "           [--temperature T] [--seed S]\n"
+        "  speculate --model DIR (--prompt TEXT | --prompt-file F) --tokens N [--draft n]\n"
+        "           greedy speculative decoding (n-gram drafter, CPU), checked against generate\n"
         "  eval     --model DIR --text FILE [--offset BYTES] --prefill N --steps M\n"
         "           [--policies a,b,...] [--budgets x,y,...] [--no-dense]\n"
         "  bench    --shape llama3-8b|qwen2.5-7b|tiny|H,I,L,QH,KVH,HD,V --batch B\n"
@@ -62,7 +66,7 @@ static void usage(FILE *f)
 typedef struct args {
     const char *mode, *model, *prompt, *prompt_file, *text, *shape;
     const char *policies, *budgets, *backend, *weights;
-    int64_t tokens, offset, prefill, steps, batch, context, warmup, seed;
+    int64_t tokens, offset, prefill, steps, batch, context, warmup, seed, draft;
     double temperature;
     int json, no_dense, threads;
     int graph, dtype_set; /* --graph; --dtype given */
@@ -121,6 +125,7 @@ static int parse_args(int argc, char **argv, args *a)
     a->backend = "auto";
     a->weights = "bf16";
     a->tokens = 64;
+    a->draft = 4;
     a->batch = 1;
     a->steps = -1;
     a->warmup = 2;
@@ -155,6 +160,7 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(f, "--backend")) a->backend = val;
         else if (!strcmp(f, "--weights")) a->weights = val;
         else if (!strcmp(f, "--tokens")) { if (parse_int(f, val, 1, INT32_MAX, &a->tokens)) return -1; }
+        else if (!strcmp(f, "--draft")) { if (parse_int(f, val, 1, LLAMA_MAX_VERIFY - 1, &a->draft)) return -1; }
         else if (!strcmp(f, "--offset")) { if (parse_int(f, val, 0, INT64_MAX, &a->offset)) return -1; }
         else if (!strcmp(f, "--prefill")) { if (parse_int(f, val, 1, INT32_MAX, &a->prefill)) return -1; }
         else if (!strcmp(f, "--steps")) { if (parse_int(f, val, 1, INT32_MAX, &a->steps)) return -1; }
@@ -522,6 +528,134 @@ out:
     return rc;
 }
 
+/* ---- speculate --------------------------------------------------------------- */
+
+/* The prompt of --prompt / --prompt-file as tokens, as generate reads it:
+ * bytes for a byte-level model (vocab 256), else token ids. */
+static int read_prompt_tokens(const args *a, int32_t vocab, int32_t **toks, int64_t *n)
+{
+    unsigned char *text = NULL;
+    size_t tlen = 0, i;
+    *toks = NULL;
+    *n = 0;
+    if (a->prompt) {
+        tlen = strlen(a->prompt);
+        text = malloc(tlen + 1);
+        if (text) memcpy(text, a->prompt, tlen + 1);
+    } else if (read_all(a->prompt_file, &text, &tlen)) {
+        return -1;
+    }
+    if (!text || !(*toks = malloc((tlen + 1) * sizeof **toks))) {
+        fprintf(stderr, "llama: out of memory\n");
+        free(text);
+        return -1;
+    }
+    if (vocab == 256) {
+        for (i = 0; i < tlen; i++) (*toks)[(*n)++] = text[i];
+    } else {
+        char *p = (char *)text, *end;
+        p[tlen] = '\0';
+        for (;;) {
+            long v;
+            while (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r' || *p == ',') p++;
+            if (!*p) break;
+            errno = 0;
+            v = strtol(p, &end, 10);
+            if (end == p || errno || v < 0 || v >= vocab) {
+                fprintf(stderr, "llama: the prompt must be token ids in [0, %d) separated by spaces\n", vocab);
+                free(text);
+                return -1;
+            }
+            (*toks)[(*n)++] = (int32_t)v;
+            p = end;
+        }
+    }
+    free(text);
+    if (*n == 0) {
+        fprintf(stderr, "llama: empty prompt\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* Speculative greedy decoding and plain greedy generate of the same prompt
+ * in one process (slot 0 and slot 1 of one cache); prints the text, the
+ * acceptance rate and whether both outputs are equal (exit 1 if not). */
+static int cmd_speculate(const args *a)
+{
+    llama_model m;
+    const llama_backend_ops *ops;
+    const llama_verify_ops *vops;
+    llama_backend *b = NULL;
+    int32_t *toks = NULL, *spec = NULL, *plain = NULL;
+    int64_t n = 0, i, diff = -1;
+    char err[ERRLEN];
+    int rc = 1;
+    llama_spec_stats st;
+    double t0, t_spec, t_plain;
+    if ((!a->prompt) == (!a->prompt_file)) {
+        fprintf(stderr, "llama: speculate needs exactly one of --prompt and --prompt-file\n");
+        return 2;
+    }
+    if (load_model(a, &m))
+        return 1;
+    if (read_prompt_tokens(a, m.cfg.vocab, &toks, &n))
+        goto out;
+    spec = malloc((size_t)a->tokens * sizeof *spec);
+    plain = malloc((size_t)a->tokens * sizeof *plain);
+    if (!spec || !plain) { fprintf(stderr, "llama: out of memory\n"); goto out; }
+    /* The verify step appends up to draft + 1 tokens past the output. */
+    if (make_backend(a, &m, n + a->tokens + a->draft + 1, 2, 0, &ops, &b))
+        goto out;
+    vops = ops == &llama_cpu_backend ? &llama_cpu_verify : NULL;
+    if (!vops) {
+        fprintf(stderr, "llama: speculate runs on the CPU backend only for now (--backend cpu)\n");
+        goto out;
+    }
+    if (ops->cache_open(b, &a->opts, err, sizeof err)) {
+        fprintf(stderr, "llama: %s\n", err);
+        goto out;
+    }
+    t0 = now_ms();
+    if (llama_spec_generate(ops, vops, b, 0, m.cfg.vocab, toks, n, a->tokens, (int32_t)a->draft, NULL,
+                            NULL, spec, &st, err, sizeof err)) {
+        fprintf(stderr, "llama: %s\n", err);
+        goto out;
+    }
+    t_spec = now_ms() - t0;
+    t0 = now_ms();
+    if (llama_greedy_generate(ops, b, 1, m.cfg.vocab, toks, n, a->tokens, plain, err, sizeof err)) {
+        fprintf(stderr, "llama: %s\n", err);
+        goto out;
+    }
+    t_plain = now_ms() - t0;
+    for (i = 0; i < a->tokens && diff < 0; i++)
+        if (spec[i] != plain[i]) diff = i;
+    if (m.cfg.vocab == 256) {
+        for (i = 0; i < a->tokens; i++) fputc(spec[i], stdout);
+    } else {
+        for (i = 0; i < a->tokens; i++) printf("%s%d", i ? " " : "", spec[i]);
+    }
+    printf("\n");
+    printf("speculate: policy %s, draft %lld: %lld steps for %lld tokens, accepted %lld of %lld drafted (%.1f%%), %lld truncations\n",
+           policy_name(a->opts.policy), (long long)a->draft, (long long)st.steps, (long long)a->tokens,
+           (long long)st.accepted, (long long)st.drafted,
+           st.drafted ? 100.0 * (double)st.accepted / (double)st.drafted : 0.0, (long long)st.truncated);
+    printf("speculate: %.1f ms, plain generate %.1f ms (prefill included)\n", t_spec, t_plain);
+    if (diff < 0) {
+        printf("speculate: output equals plain greedy generate (%lld tokens)\n", (long long)a->tokens);
+        rc = 0;
+    } else {
+        printf("speculate: MISMATCH with plain greedy generate at token %lld (%d vs %d)\n",
+               (long long)diff, spec[diff], plain[diff]);
+    }
+out:
+    if (b) ops->destroy(b);
+    llama_model_free(&m);
+    free(toks); free(spec); free(plain);
+    return rc;
+}
+
 /* ---- eval ------------------------------------------------------------------ */
 
 static double nll_of(const float *logits, int32_t vocab, int32_t target)
@@ -826,6 +960,8 @@ int main(int argc, char **argv)
 #endif
     if (!strcmp(a.mode, "generate"))
         return cmd_generate(&a);
+    if (!strcmp(a.mode, "speculate"))
+        return cmd_speculate(&a);
     if (!strcmp(a.mode, "eval"))
         return cmd_eval(&a);
     if (!strcmp(a.mode, "bench"))
