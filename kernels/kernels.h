@@ -121,11 +121,26 @@ cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
  * each sequence: to the host pool block (sliding-window policies) and to the
  * device copy (sink, ring or store); summarises each page it completes;
  * then advances len. Positions come from len on the device. */
+/* Element strides of K and V rows (token) and heads; channels contiguous. */
+typedef struct fkv_dev_strides {
+    int64_t k_token, k_head, v_token, v_head;
+    int32_t vec16; /* every row 16-byte aligned: vector copies */
+} fkv_dev_strides;
+
 cudaError_t fkv_launch_append(const fkv_dev_geometry *g,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *k, const void *v,
                               cudaStream_t stream);
+/* fkv_launch_append with K element (row, head, channel) at row * k_token +
+ * head * k_head + channel (V alike), rows counted from k / v. */
+cudaError_t fkv_launch_append_strided(const fkv_dev_geometry *g,
+                                      const fkv_dev_state *st,
+                                      const fkv_dev_batch *b, int32_t layer,
+                                      const void *k, int64_t k_token,
+                                      int64_t k_head, const void *v,
+                                      int64_t v_token, int64_t v_head,
+                                      cudaStream_t stream);
 
 /* Copies q ([n][q_heads][D], cache dtype) into pending_q as float and len
  * into snap_len, so that a selection on another stream sees this moment. */

@@ -34,6 +34,9 @@ typedef struct cuda_backend {
     fkv_dev_state st_side; /* the same with the side stream's own scratch */
     int32_t gather_blocks_main, gather_blocks_side;
     int32_t max_bound_pages;
+    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: the 0.2 calls whose CUDA code
+     * has not been validated on a GPU yet are enabled. */
+    bool experimental;
 
     unsigned char **seq_base_host; /* pinned [max_seqs] */
     unsigned char **seq_base_dev;
@@ -225,6 +228,8 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
     return off;
 }
 
+static const fkvi_backend_ops cuda_experimental_backend;
+
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
@@ -237,6 +242,10 @@ static fkv_status cuda_create(fkv_cache *c)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     cb->device = c->opts.device;
+    {
+        const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+        cb->experimental = x && strcmp(x, "1") == 0;
+    }
     device_guard guard;
     fkv_status st = enter(c, &guard);
     if (st != FKV_OK)
@@ -358,6 +367,8 @@ static fkv_status cuda_create(fkv_cache *c)
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->sm_count;
     cb->gather_blocks_side = 32;
+    if (cb->experimental)
+        c->ops = &cuda_experimental_backend;
     st = FKV_OK;
 out:
 #undef TRY
@@ -488,6 +499,42 @@ static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
     return FKV_OK;
 }
 
+/* child (opened: its region initialised on the stream, its host page table
+ * filled by fork.c) becomes a copy of parent's device state: resident pages
+ * (sink, ring or store), summaries and lengths; its metadata is then reset
+ * as at open (empty recall slots, no selection), as the CPU backend does.
+ * Off the decode path; errors stay in the CUDA context, since this op
+ * cannot fail (a sticky error is reported by the next call). */
+static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    const int32_t L = c->geo.layers;
+    for (int32_t l = 0; l < L; l++)
+        (void)cuda_pages_changed(c, child, l, 0, c->seqs[child].mapped[l]);
+    /* The parent's recall slots are written on the side stream: copy after
+     * its work so far. */
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(cb->seq_base_host[child],
+                            cb->seq_base_host[parent],
+                            cb->geo.layer_bytes * (uint64_t)L,
+                            cudaMemcpyDeviceToDevice, cb->stream);
+    if (e == cudaSuccess) /* metadata as at open; zeroes the lengths */
+        e = fkv_launch_seq_init(&cb->geo, &cb->st_main, child, cb->stream);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(cb->st_main.len + (size_t)child * L,
+                            cb->st_main.len + (size_t)parent * L,
+                            (size_t)L * sizeof(int32_t),
+                            cudaMemcpyDeviceToDevice, cb->stream);
+    (void)e;
+    leave(&guard);
+}
+
 /* ---- the per-layer calls ----------------------------------------------- */
 
 static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
@@ -568,6 +615,54 @@ static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         if (e != cudaSuccess) {
             leave(&guard);
             return cuda_fail(c, e, "fkv_append: append kernel");
+        }
+    }
+    leave(&guard);
+    return FKV_OK;
+}
+
+/* A 0.2 call with CUDA code not yet validated on a GPU. */
+static fkv_status need_experimental(fkv_cache *c, const char *fn)
+{
+    if (backend_of(c)->experimental)
+        return FKV_OK;
+    return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                     "%s: not enabled on the CUDA backend: its CUDA code is "
+                     "experimental (set FKV_CUDA_EXPERIMENTAL=1 before "
+                     "fkv_create to use it)", fn);
+}
+
+static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
+                                      const fkvi_batch *b, const void *k,
+                                      int64_t k_token, int64_t k_head,
+                                      const void *v, int64_t v_token,
+                                      int64_t v_head)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_experimental(c, "fkv_append_strided");
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_append_strided", "k->data", k);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_append_strided", "v->data", v);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const size_t eb = c->geo.elem_bytes;
+    FOR_EACH_CHUNK(b, first, count) {
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        /* The kernel counts rows from the chunk's first one. */
+        const char *kc = (const char *)k + (size_t)b->offset[first] * (size_t)k_token * eb;
+        const char *vc = (const char *)v + (size_t)b->offset[first] * (size_t)v_token * eb;
+        cudaError_t e = fkv_launch_append_strided(&cb->geo, &cb->st_main, &d,
+                                                  layer, kc, k_token, k_head,
+                                                  vc, v_token, v_head,
+                                                  cb->stream);
+        if (e != cudaSuccess) {
+            leave(&guard);
+            return cuda_fail(c, e, "fkv_append_strided: append kernel");
         }
     }
     leave(&guard);
@@ -851,20 +946,20 @@ static fkv_status cuda_sync(fkv_cache *c)
     return st;
 }
 
-const fkvi_backend_ops fkvi_cuda_backend = {
-    .name = "cuda",
-    .create = cuda_create,
-    .destroy = cuda_destroy,
-    .set_stream = cuda_set_stream,
-    .seq_open = cuda_seq_open,
-    .seq_close = cuda_seq_close,
-    .pages_changed = cuda_pages_changed,
-    .sync = cuda_sync,
-    .append = cuda_append,
-    .attend = cuda_attend,
-    .select = cuda_select,
-    .recall = cuda_recall,
-    .selected_pages = cuda_selected_pages,
-    .stats = cuda_stats,
-    .reset_stats = cuda_reset_stats,
+/* The ops of a cache created with FKV_CUDA_EXPERIMENTAL=1: also the 0.2
+ * calls whose op cannot refuse by itself (seq_fork must not fail). */
+#define CUDA_OPS_COMMON                                                      \
+    .name = "cuda", .create = cuda_create, .destroy = cuda_destroy,          \
+    .set_stream = cuda_set_stream, .seq_open = cuda_seq_open,                \
+    .seq_close = cuda_seq_close, .pages_changed = cuda_pages_changed,        \
+    .sync = cuda_sync, .append = cuda_append, .attend = cuda_attend,         \
+    .select = cuda_select, .recall = cuda_recall,                            \
+    .selected_pages = cuda_selected_pages, .stats = cuda_stats,              \
+    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided
+
+const fkvi_backend_ops fkvi_cuda_backend = {CUDA_OPS_COMMON};
+
+static const fkvi_backend_ops cuda_experimental_backend = {
+    CUDA_OPS_COMMON,
+    .seq_fork = cuda_seq_fork,
 };
