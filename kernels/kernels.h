@@ -109,12 +109,25 @@ typedef struct fkv_dev_batch {
     int32_t slot[FKV_DEV_MAX_BATCH];
     int32_t tokens[FKV_DEV_MAX_BATCH];    /* append only */
     int64_t offset[FKV_DEV_MAX_BATCH];    /* first row in k/v (append) */
+    /* attend: row of entry i in q and out (i for fkv_attend; the query
+     * token's row for fkv_attend_tokens) and how many of the last attended
+     * tokens it must not see (its causal limit; 0 for fkv_attend). */
+    int32_t row[FKV_DEV_MAX_BATCH];
+    int32_t cut[FKV_DEV_MAX_BATCH];
 } fkv_dev_batch;
 
 /* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
  * its lengths. */
 cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st, int32_t slot,
+                                cudaStream_t stream);
+
+/* fkv_seq_truncate of (slot, layer) to `length`: metadata as at open, the
+ * device length, the window ring reloaded from the host pool
+ * (kernels/truncate.cu). */
+cudaError_t fkv_launch_truncate(const fkv_dev_geometry *g,
+                                const fkv_dev_state *st, int32_t slot,
+                                int32_t layer, int32_t length,
                                 cudaStream_t stream);
 
 /* Writes the batch's tokens (k, v: [rows][kv_heads][head_dim]) at the end of

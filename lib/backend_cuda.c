@@ -45,6 +45,7 @@ typedef struct cuda_backend {
     void *small;                   /* len, counters, error, append_done */
     void *scratch[2];              /* scores, agg, work lists: main, side */
     void *partials;
+    void *q_last; /* [FKV_DEV_MAX_BATCH] q rows: attend_tokens' selection */
     uint64_t device_bytes;
 } cuda_backend;
 
@@ -196,6 +197,7 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaFree(cb->scratch[0]);
     (void)cudaFree(cb->scratch[1]);
     (void)cudaFree(cb->partials);
+    (void)cudaFree(cb->q_last);
     (void)cudaFreeHost(cb->seq_base_host);
     (void)cudaFreeHost(cb->block_ptr_host);
     (void)cudaGetLastError();
@@ -367,8 +369,15 @@ static fkv_status cuda_create(fkv_cache *c)
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->sm_count;
     cb->gather_blocks_side = 32;
-    if (cb->experimental)
+    if (cb->experimental) {
+        /* attend_tokens gathers each sequence's last query here (sized
+         * now: no allocation on the decode path). */
+        TRY_ST(dev_alloc(c, &cb->q_last,
+                         (uint64_t)FKV_DEV_MAX_BATCH * g->q_heads *
+                             g->head_dim * g->elem_bytes,
+                         "last query tokens"));
         c->ops = &cuda_experimental_backend;
+    }
     st = FKV_OK;
 out:
 #undef TRY
@@ -531,6 +540,45 @@ static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
                             cb->st_main.len + (size_t)parent * L,
                             (size_t)L * sizeof(int32_t),
                             cudaMemcpyDeviceToDevice, cb->stream);
+    /* fork.c copied the partial pages on the host, but appends still in
+     * flight may write the parent's: copy them again in stream order. */
+    const fkvi_geometry *g = &c->geo;
+    for (int32_t l = 0; e == cudaSuccess && !c->pool_unused && l < L; l++) {
+        const int64_t n = c->seqs[parent].length[l];
+        if (n % g->page == 0)
+            continue;
+        const size_t at = (size_t)l * g->max_pages + (size_t)(n / g->page);
+        e = cudaMemcpyAsync(
+            fkv_pool_block(&c->pool, c->seqs[child].blocks[at]),
+            fkv_pool_block(&c->pool, c->seqs[parent].blocks[at]),
+            g->block_bytes, cudaMemcpyDefault, cb->stream);
+    }
+    (void)e;
+    leave(&guard);
+}
+
+/* Before (slot, layer) goes down to `length` (truncate.c has already
+ * copied a shared partial page; unmapping the pages past it follows). Runs
+ * on the engine stream after the side stream's work so far, which may
+ * still recall into this layer's slots. Cannot fail: errors stay in the
+ * CUDA context for the next call to report. */
+static void cuda_truncate(fkv_cache *c, int32_t slot, int32_t layer,
+                          int64_t length)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    const int32_t P = c->geo.page;
+    if (length % P) /* the copy on write may have replaced its block */
+        (void)cuda_pages_changed(c, slot, layer, (int32_t)(length / P),
+                                 (int32_t)(length / P) + 1);
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
+    if (e == cudaSuccess)
+        e = fkv_launch_truncate(&cb->geo, &cb->st_main, slot, layer,
+                                (int32_t)length, cb->stream);
     (void)e;
     leave(&guard);
 }
@@ -569,6 +617,7 @@ static void dev_batch(const fkvi_batch *b, int32_t first, int32_t count,
         d->slot[j] = b->slot[first + j];
         d->tokens[j] = b->tokens[first + j];
         d->offset[j] = b->offset[first + j] - b->offset[first];
+        d->row[j] = j;
         if (d->tokens[j] > d->max_tokens)
             d->max_tokens = d->tokens[j];
     }
@@ -732,6 +781,88 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     leave(&guard);
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_attend");
+    return FKV_OK;
+}
+
+/* T query tokens per sequence (b->tokens, rows from b->offset): the page
+ * set is selected (or corrected) with each sequence's last query, as on the
+ * CPU, then one attend launch per token index t over the sequences with
+ * more than t tokens, each cut to its causal limit. */
+static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
+                                     const fkvi_batch *b, const void *q,
+                                     void *out)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_experimental(c, "fkv_attend_tokens");
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const fkv_policy policy = c->opts.policy;
+    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
+                        c->geo.elem_bytes;
+    cudaError_t e = cudaSuccess;
+    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
+        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    const int32_t bound = bound_pages(c, b, layer);
+    FOR_EACH_CHUNK(b, first, count) {
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        if (policy != FKV_POLICY_DENSE) {
+            /* The select kernel reads entry j's query at row j. */
+            for (int32_t j = 0; e == cudaSuccess && j < count; j++) {
+                const int64_t last = b->offset[first + j] +
+                                     b->tokens[first + j] - 1;
+                e = cudaMemcpyAsync((char *)cb->q_last + (size_t)j * qrow,
+                                    (const char *)q + (size_t)last * qrow,
+                                    qrow, cudaMemcpyDefault, cb->stream);
+            }
+        }
+        if (e == cudaSuccess &&
+            (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+                                  cb->q_last,
+                                  policy == FKV_POLICY_FREEKV
+                                      ? FKV_SELECT_CORRECT
+                                      : FKV_SELECT_FIX_ALL,
+                                  cb->stream);
+            if (e == cudaSuccess)
+                e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                                      FKV_RECALL_FIX, cb->gather_blocks_main,
+                                      cb->stream);
+        } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+                                  cb->q_last, FKV_SELECT_ACTIVE, cb->stream);
+        }
+        for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
+            fkv_dev_batch a;
+            memset(&a, 0, sizeof a);
+            for (int32_t j = 0; j < count; j++) {
+                const int32_t T = b->tokens[first + j];
+                if (T <= t)
+                    continue;
+                a.slot[a.n] = b->slot[first + j];
+                a.tokens[a.n] = 1;
+                a.row[a.n] = (int32_t)(b->offset[first + j] + t);
+                a.cut[a.n] = T - 1 - t;
+                a.n++;
+            }
+            a.max_tokens = 1;
+            /* Rows are absolute: q and out are not moved per chunk. */
+            e = fkv_launch_attend(&cb->geo, &cb->st_main, &a, layer, q, out,
+                                  bound, cb->stream);
+        }
+    }
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_attend_tokens");
     return FKV_OK;
 }
 
@@ -955,11 +1086,13 @@ static fkv_status cuda_sync(fkv_cache *c)
     .sync = cuda_sync, .append = cuda_append, .attend = cuda_attend,         \
     .select = cuda_select, .recall = cuda_recall,                            \
     .selected_pages = cuda_selected_pages, .stats = cuda_stats,              \
-    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided
+    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided, \
+    .attend_tokens = cuda_attend_tokens
 
 const fkvi_backend_ops fkvi_cuda_backend = {CUDA_OPS_COMMON};
 
 static const fkvi_backend_ops cuda_experimental_backend = {
     CUDA_OPS_COMMON,
     .seq_fork = cuda_seq_fork,
+    .truncate = cuda_truncate,
 };

@@ -217,15 +217,8 @@ Suite *suite_fork(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "fork"));
     TCase *tc = tst_tcase(s, "fork");
-    if (g_test_backend == FKV_BACKEND_CUDA) {
-        if (!tst_cuda_experimental()) {
-            tcase_add_test(tc, fork_cuda_needs_experimental);
-            return s;
-        }
-        /* fkv_seq_truncate has no CUDA code yet: no copy-on-write case. */
-        tcase_add_loop_test(tc, fork_decodes_independently, 0, 4);
-        tcase_add_test(tc, fork_shares_pages);
-        tcase_add_test(tc, fork_bad_input);
+    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
+        tcase_add_test(tc, fork_cuda_needs_experimental);
         return s;
     }
     tcase_add_loop_test(tc, fork_decodes_independently, 0, 4);
