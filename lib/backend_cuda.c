@@ -46,6 +46,11 @@ typedef struct cuda_backend {
     void *scratch[2];              /* scores, agg, work lists: main, side */
     void *partials;
     void *q_last; /* [FKV_DEV_MAX_BATCH] q rows: attend_tokens' selection */
+    /* EXTERNAL: one sequence's sorted pages [kv_heads][K] and counts
+     * [kv_heads], pageable (an async copy from pageable memory is staged
+     * before it returns, so the next sequence may reuse it at once). */
+    int32_t *ext_pages;
+    int32_t *ext_counts;
     uint64_t device_bytes;
 } cuda_backend;
 
@@ -198,6 +203,8 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaFree(cb->scratch[1]);
     (void)cudaFree(cb->partials);
     (void)cudaFree(cb->q_last);
+    free(cb->ext_pages);
+    free(cb->ext_counts);
     (void)cudaFreeHost(cb->seq_base_host);
     (void)cudaFreeHost(cb->block_ptr_host);
     (void)cudaGetLastError();
@@ -235,10 +242,15 @@ static const fkvi_backend_ops cuda_experimental_backend;
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    if (c->opts.policy == FKV_POLICY_EXTERNAL)
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_create: FKV_POLICY_EXTERNAL is not implemented "
-                         "on the CUDA backend yet");
+    {
+        const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+        if (c->opts.policy == FKV_POLICY_EXTERNAL && !(x && strcmp(x, "1") == 0))
+            return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                             "fkv_create: FKV_POLICY_EXTERNAL on the CUDA "
+                             "backend is experimental (set "
+                             "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to "
+                             "use it)");
+    }
     cuda_backend *cb = calloc(1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
@@ -376,6 +388,17 @@ static fkv_status cuda_create(fkv_cache *c)
                          (uint64_t)FKV_DEV_MAX_BATCH * g->q_heads *
                              g->head_dim * g->elem_bytes,
                          "last query tokens"));
+        if (c->opts.policy == FKV_POLICY_EXTERNAL) {
+            cb->ext_pages = malloc((size_t)g->kv_heads *
+                                   (g->select_pages > 0 ? g->select_pages : 1) *
+                                   sizeof(int32_t));
+            cb->ext_counts = malloc((size_t)g->kv_heads * sizeof(int32_t));
+            if (!cb->ext_pages || !cb->ext_counts) {
+                st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
+                               "fkv_create: no memory");
+                goto out;
+            }
+        }
         c->ops = &cuda_experimental_backend;
     }
     st = FKV_OK;
@@ -670,6 +693,60 @@ static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     return FKV_OK;
 }
 
+/* FKV_POLICY_EXTERNAL (validated by external.c): each head's pages,
+ * sorted, become its pending correction (fix arrays), which the FIX recall
+ * makes the active set, copying only the pages not in a slot yet. Cannot
+ * fail: errors stay in the CUDA context for the next call to report. */
+static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                           const int32_t *pages, const int32_t *counts)
+{
+    cuda_backend *cb = backend_of(c);
+    const fkv_dev_geometry *dg = &cb->geo;
+    const int32_t H = c->geo.kv_heads, K = c->geo.select_pages;
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    cudaError_t e = cudaSuccess;
+    FOR_EACH_CHUNK(b, first, count) {
+        for (int32_t j = 0; e == cudaSuccess && j < count; j++) {
+            const int32_t i = first + j;
+            for (int32_t h = 0; h < H; h++) {
+                const int32_t n = counts[(size_t)i * H + h];
+                int32_t *to = cb->ext_pages + (size_t)h * K;
+                const int32_t *from = pages ? pages + ((size_t)i * H + h) * K : NULL;
+                cb->ext_counts[h] = n;
+                for (int32_t x = 0; x < n; x++) { /* insertion sort: n <= K */
+                    int32_t p = from[x], y = x;
+                    for (; y > 0 && to[y - 1] > p; y--)
+                        to[y] = to[y - 1];
+                    to[y] = p;
+                }
+                for (int32_t x = n; x < K; x++)
+                    to[x] = -1;
+            }
+            unsigned char *base = cb->seq_base_host[b->slot[i]] +
+                                  (uint64_t)layer * dg->layer_bytes;
+            if (K > 0)
+                e = cudaMemcpyAsync(base + dg->off_fix_pages, cb->ext_pages,
+                                    (size_t)H * K * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, cb->stream);
+            if (e == cudaSuccess)
+                e = cudaMemcpyAsync(base + dg->off_fix_count, cb->ext_counts,
+                                    (size_t)H * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, cb->stream);
+        }
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                              FKV_RECALL_FIX, cb->gather_blocks_main,
+                              cb->stream);
+    }
+    (void)e;
+    leave(&guard);
+}
+
 /* A 0.2 call with CUDA code not yet validated on a GPU. */
 static fkv_status need_experimental(fkv_cache *c, const char *fn)
 {
@@ -870,6 +947,8 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *q)
 {
     cuda_backend *cb = backend_of(c);
+    if (c->opts.policy == FKV_POLICY_EXTERNAL) /* the engine selects */
+        return FKV_OK;
     fkv_status st = need_device_pointer(c, "fkv_select", "q", q);
     if (st != FKV_OK)
         return st;
@@ -908,6 +987,8 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
 static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
 {
     cuda_backend *cb = backend_of(c);
+    if (c->opts.policy == FKV_POLICY_EXTERNAL) /* fkv_set_pages recalls */
+        return FKV_OK;
     device_guard guard;
     fkv_status st = enter(c, &guard);
     if (st != FKV_OK)
@@ -1095,4 +1176,5 @@ static const fkvi_backend_ops cuda_experimental_backend = {
     CUDA_OPS_COMMON,
     .seq_fork = cuda_seq_fork,
     .truncate = cuda_truncate,
+    .set_pages = cuda_set_pages,
 };
