@@ -24,7 +24,9 @@ enum {
     FKV_DEV_BYTES_RECALLED = 1,
     FKV_DEV_CORRECTIONS = 2,
     FKV_DEV_HEADS_CHECKED = 3,
-    FKV_DEV_COUNTERS = 4
+    /* of PAGES_RECALLED, the FIX recalls of fkv_attend (critical path) */
+    FKV_DEV_PAGES_RECALLED_CRITICAL = 4,
+    FKV_DEV_COUNTERS = 5
 };
 
 /* Bits of fkv_dev_state.error (sticky until fkv_sync reads them). */

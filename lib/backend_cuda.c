@@ -1089,6 +1089,7 @@ static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
     s->bytes_recalled += counters[FKV_DEV_BYTES_RECALLED];
     s->corrections += counters[FKV_DEV_CORRECTIONS];
     s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];
+    s->pages_recalled_critical += counters[FKV_DEV_PAGES_RECALLED_CRITICAL];
     s->host_bytes += cb->block_ptr_entries * sizeof(uint64_t) + sizeof *cb;
     s->device_bytes = cb->device_bytes;
     return FKV_OK;
