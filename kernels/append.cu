@@ -16,7 +16,7 @@ namespace {
 
 template <typename T>
 __global__ void append_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b,
-                              int32_t layer, const T *k, const T *v)
+                              int32_t layer, const T *k, const T *v, fkv_dev_strides s)
 {
     const int32_t i = blockIdx.z, h = blockIdx.y, j = blockIdx.x;
     const int32_t slot = b.slot[i], n = b.tokens[i];
@@ -48,22 +48,44 @@ __global__ void append_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batc
         const bool on_device = g.store || page < g.sink_pages || page > last_page - g.ring_pages;
         unsigned char *dev = on_device ? lv.resident_unit(h, page) : nullptr;
 
-        // Copy rows [t0, t1) of K and V, 16 bytes per thread access.
-        const uint32_t vecs_per_row = (uint32_t)(row_bytes / 16);
+        // Copy rows [t0, t1) of K and V, 16 bytes per thread access when
+        // every source row is 16-byte aligned (always for packed rows),
+        // else one element per access (fkv_append_strided's odd strides).
         const uint32_t rows = (uint32_t)(t1 - t0);
-        const uint32_t total = 2 * rows * vecs_per_row;
-        for (uint32_t e = threadIdx.x; e < total; e += blockDim.x) {
-            const uint32_t kv = e / (rows * vecs_per_row); // 0: K, 1: V
-            const uint32_t rem = e % (rows * vecs_per_row);
-            const uint32_t r = rem / vecs_per_row, c = rem % vecs_per_row;
-            const int32_t t = t0 + (int32_t)r;
-            const T *src = (kv ? v : k) + ((b.offset[i] + (t - base)) * (uint64_t)g.kv_heads + h) * D;
-            const uint4 val = reinterpret_cast<const uint4 *>(src)[c];
-            const uint64_t dst_off = ((uint64_t)kv * P + (t - page * P)) * row_bytes + (uint64_t)c * 16;
-            if (dev)
-                *reinterpret_cast<uint4 *>(dev + dst_off) = val;
-            if (host)
-                *reinterpret_cast<uint4 *>(host + dst_off) = val;
+        if (s.vec16) {
+            const uint32_t vecs_per_row = (uint32_t)(row_bytes / 16);
+            const uint32_t total = 2 * rows * vecs_per_row;
+            for (uint32_t e = threadIdx.x; e < total; e += blockDim.x) {
+                const uint32_t kv = e / (rows * vecs_per_row); // 0: K, 1: V
+                const uint32_t rem = e % (rows * vecs_per_row);
+                const uint32_t r = rem / vecs_per_row, c = rem % vecs_per_row;
+                const int32_t t = t0 + (int32_t)r;
+                const int64_t src_row = b.offset[i] + (t - base);
+                const T *src = kv ? v + src_row * s.v_token + h * s.v_head
+                                  : k + src_row * s.k_token + h * s.k_head;
+                const uint4 val = reinterpret_cast<const uint4 *>(src)[c];
+                const uint64_t dst_off = ((uint64_t)kv * P + (t - page * P)) * row_bytes + (uint64_t)c * 16;
+                if (dev)
+                    *reinterpret_cast<uint4 *>(dev + dst_off) = val;
+                if (host)
+                    *reinterpret_cast<uint4 *>(host + dst_off) = val;
+            }
+        } else {
+            const uint32_t total = 2 * rows * (uint32_t)D;
+            for (uint32_t e = threadIdx.x; e < total; e += blockDim.x) {
+                const uint32_t kv = e / (rows * (uint32_t)D);
+                const uint32_t rem = e % (rows * (uint32_t)D);
+                const uint32_t r = rem / (uint32_t)D, c = rem % (uint32_t)D;
+                const int32_t t = t0 + (int32_t)r;
+                const int64_t src_row = b.offset[i] + (t - base);
+                const T val = kv ? v[src_row * s.v_token + h * s.v_head + c]
+                                 : k[src_row * s.k_token + h * s.k_head + c];
+                const uint64_t dst_off = ((uint64_t)kv * P + (t - page * P)) * row_bytes + (uint64_t)c * sizeof(T);
+                if (dev)
+                    *reinterpret_cast<T *>(dev + dst_off) = val;
+                if (host)
+                    *reinterpret_cast<T *>(host + dst_off) = val;
+            }
         }
 
         // Summary of a completed page. Rows from this append come from k
@@ -78,7 +100,7 @@ __global__ void append_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batc
                     const int32_t t = page * P + r;
                     float x;
                     if (t >= base)
-                        x = fkv::to_f(k[((b.offset[i] + (t - base)) * (uint64_t)g.kv_heads + h) * D + d]);
+                        x = fkv::to_f(k[(b.offset[i] + (t - base)) * s.k_token + h * s.k_head + d]);
                     else if (old)
                         x = fkv::to_f(reinterpret_cast<const T *>(old + r * row_bytes)[d]);
                     else
@@ -132,6 +154,21 @@ extern "C" cudaError_t fkv_launch_append(const fkv_dev_geometry *g,
                                          const void *k, const void *v,
                                          cudaStream_t stream)
 {
+    const int64_t row = (int64_t)g->kv_heads * g->head_dim;
+    return fkv_launch_append_strided(g, st, b, layer, k, row, g->head_dim, v,
+                                     row, g->head_dim, stream);
+}
+
+extern "C" cudaError_t fkv_launch_append_strided(
+    const fkv_dev_geometry *g, const fkv_dev_state *st, const fkv_dev_batch *b,
+    int32_t layer, const void *k, int64_t k_token, int64_t k_head,
+    const void *v, int64_t v_token, int64_t v_head, cudaStream_t stream)
+{
+    fkv_dev_strides s;
+    s.k_token = k_token;
+    s.k_head = k_head;
+    s.v_token = v_token;
+    s.v_head = v_head;
     if (b->n == 0)
         return cudaSuccess;
     // n tokens touch at most ceil((n + P - 1) / P) pages.
@@ -139,9 +176,17 @@ extern "C" cudaError_t fkv_launch_append(const fkv_dev_geometry *g,
     const dim3 grid(chunks, g->kv_heads, b->n);
     return fkv::dispatch_dtype(g->dtype, [&](auto tag) {
         using T = decltype(tag);
+        // 16-byte accesses need every row start (and the row length)
+        // aligned to 16 bytes.
+        const uint64_t eb = sizeof(T);
+        const uint64_t bits = (uint64_t)(uintptr_t)k | (uint64_t)(uintptr_t)v |
+                              (uint64_t)k_token * eb | (uint64_t)k_head * eb |
+                              (uint64_t)v_token * eb | (uint64_t)v_head * eb |
+                              (uint64_t)g->head_dim * eb;
+        s.vec16 = (bits & 15u) == 0;
         append_kernel<T><<<grid, 128, 0, stream>>>(*g, *st, *b, layer,
                                                    static_cast<const T *>(k),
-                                                   static_cast<const T *>(v));
+                                                   static_cast<const T *>(v), s);
         return cudaGetLastError();
     });
 }

@@ -528,9 +528,13 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     // The last split takes whatever lies beyond the others, so that a bound
     // that is too small costs speed, never tokens.
     const int32_t v_end = split == splits - 1 ? n_virtual : min(v_begin + pps, n_virtual);
+    // Virtual rows attended: all but the partial page's empty tail and the
+    // b.cut[i] last tokens (fkv_attend_tokens' causal limit; those lie in
+    // the window and partial page, in token order, at the virtual end).
+    const int32_t total_rows = n_virtual * g.page - (has_partial ? g.page - r.partial : 0) - b.cut[i];
 
     E e(lane);
-    e.load_q(q + ((uint64_t)i * g.q_heads + qh0) * D, nq, g.scale * kLog2e);
+    e.load_q(q + ((uint64_t)b.row[i] * g.q_heads + qh0) * D, nq, g.scale * kLog2e);
 
     const int32_t P = g.page;
     const uint64_t v_off = (uint64_t)P * D * sizeof(T);  // V rows follow the K rows
@@ -544,8 +548,8 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
         if ((int32_t)threadIdx.x < ce - cb)
             table[threadIdx.x] = virtual_unit(g, lv, r, h, nsel, cb + threadIdx.x);
         __syncthreads();
-        int32_t rows = (ce - cb) * P;
-        if (ce == n_virtual && has_partial) rows -= P - r.partial;
+        int32_t rows = min((ce - cb) * P, total_rows - cb * P);
+        if (rows < 0) rows = 0;
         // Warp w takes steps w, w + kWarps, ...: nk of them.
         const int32_t steps = (rows + E::kStep - 1) / E::kStep;
         const int32_t nk = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;
@@ -586,7 +590,7 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
         }
         const int32_t qh = qh0 + k;
         if (splits == 1) {
-            out[((uint64_t)i * g.q_heads + qh) * D + d] = fkv::from_f<T>(a / sum);
+            out[((uint64_t)b.row[i] * g.q_heads + qh) * D + d] = fkv::from_f<T>(a / sum);
         } else {
             // An empty range leaves m = -inf, l = 0 and a zero accumulator.
             const uint64_t part = ((uint64_t)slot * g.q_heads + qh) * st.max_splits + split;
@@ -619,7 +623,7 @@ combine_kernel(const fkv_dev_state st, const fkv_dev_batch b, int32_t q_heads,
         sum = fmaf(w, p.y, sum);
         a = fmaf(w, acc[(uint64_t)s * D], a);
     }
-    out[((uint64_t)i * q_heads + qh) * D + d] = fkv::from_f<T>(a / sum);
+    out[((uint64_t)b.row[i] * q_heads + qh) * D + d] = fkv::from_f<T>(a / sum);
 }
 
 // ---- host side ----------------------------------------------------------------

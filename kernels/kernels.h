@@ -24,7 +24,9 @@ enum {
     FKV_DEV_BYTES_RECALLED = 1,
     FKV_DEV_CORRECTIONS = 2,
     FKV_DEV_HEADS_CHECKED = 3,
-    FKV_DEV_COUNTERS = 4
+    /* of PAGES_RECALLED, the FIX recalls of fkv_attend (critical path) */
+    FKV_DEV_PAGES_RECALLED_CRITICAL = 4,
+    FKV_DEV_COUNTERS = 5
 };
 
 /* Bits of fkv_dev_state.error (sticky until fkv_sync reads them). */
@@ -109,6 +111,11 @@ typedef struct fkv_dev_batch {
     int32_t slot[FKV_DEV_MAX_BATCH];
     int32_t tokens[FKV_DEV_MAX_BATCH];    /* append only */
     int64_t offset[FKV_DEV_MAX_BATCH];    /* first row in k/v (append) */
+    /* attend: row of entry i in q and out (i for fkv_attend; the query
+     * token's row for fkv_attend_tokens) and how many of the last attended
+     * tokens it must not see (its causal limit; 0 for fkv_attend). */
+    int32_t row[FKV_DEV_MAX_BATCH];
+    int32_t cut[FKV_DEV_MAX_BATCH];
 } fkv_dev_batch;
 
 /* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
@@ -117,15 +124,38 @@ cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st, int32_t slot,
                                 cudaStream_t stream);
 
+/* fkv_seq_truncate of (slot, layer) to `length`: metadata as at open, the
+ * device length, the window ring reloaded from the host pool
+ * (kernels/truncate.cu). */
+cudaError_t fkv_launch_truncate(const fkv_dev_geometry *g,
+                                const fkv_dev_state *st, int32_t slot,
+                                int32_t layer, int32_t length,
+                                cudaStream_t stream);
+
 /* Writes the batch's tokens (k, v: [rows][kv_heads][head_dim]) at the end of
  * each sequence: to the host pool block (sliding-window policies) and to the
  * device copy (sink, ring or store); summarises each page it completes;
  * then advances len. Positions come from len on the device. */
+/* Element strides of K and V rows (token) and heads; channels contiguous. */
+typedef struct fkv_dev_strides {
+    int64_t k_token, k_head, v_token, v_head;
+    int32_t vec16; /* every row 16-byte aligned: vector copies */
+} fkv_dev_strides;
+
 cudaError_t fkv_launch_append(const fkv_dev_geometry *g,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *k, const void *v,
                               cudaStream_t stream);
+/* fkv_launch_append with K element (row, head, channel) at row * k_token +
+ * head * k_head + channel (V alike), rows counted from k / v. */
+cudaError_t fkv_launch_append_strided(const fkv_dev_geometry *g,
+                                      const fkv_dev_state *st,
+                                      const fkv_dev_batch *b, int32_t layer,
+                                      const void *k, int64_t k_token,
+                                      int64_t k_head, const void *v,
+                                      int64_t v_token, int64_t v_head,
+                                      cudaStream_t stream);
 
 /* Copies q ([n][q_heads][D], cache dtype) into pending_q as float and len
  * into snap_len, so that a selection on another stream sees this moment. */

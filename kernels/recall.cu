@@ -96,6 +96,9 @@ __global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch 
         if (w) {
             atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
             atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED], (unsigned long long)w * g.unit_bytes);
+            // FIX recalls run inside fkv_attend, except fkv_set_pages'.
+            if (mode == FKV_RECALL_FIX && g.policy != FKV_POLICY_EXTERNAL)
+                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL], (unsigned long long)w);
         }
     }
     __syncthreads();

@@ -35,6 +35,9 @@ typedef struct cuda_backend {
     fkv_dev_state st_side; /* the same with the side stream's own scratch */
     int32_t gather_blocks_main, gather_blocks_side;
     int32_t max_bound_pages;
+    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: the 0.2 calls whose CUDA code
+     * has not been validated on a GPU yet are enabled. */
+    bool experimental;
 
     unsigned char **seq_base_host; /* pinned [max_seqs] */
     unsigned char **seq_base_dev;
@@ -43,6 +46,12 @@ typedef struct cuda_backend {
     void *small;                   /* len, counters, error, append_done */
     void *scratch[2];              /* scores, agg, work lists: main, side */
     void *partials;
+    void *q_last; /* [FKV_DEV_MAX_BATCH] q rows: attend_tokens' selection */
+    /* EXTERNAL: one sequence's sorted pages [kv_heads][K] and counts
+     * [kv_heads], pageable (an async copy from pageable memory is staged
+     * before it returns, so the next sequence may reuse it at once). */
+    int32_t *ext_pages;
+    int32_t *ext_counts;
     uint64_t device_bytes;
 } cuda_backend;
 
@@ -211,6 +220,9 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaFree(cb->scratch[0]);
     (void)cudaFree(cb->scratch[1]);
     (void)cudaFree(cb->partials);
+    (void)cudaFree(cb->q_last);
+    fkvi_free(&c->mem, cb->ext_pages);
+    fkvi_free(&c->mem, cb->ext_counts);
     (void)cudaFreeHost(cb->seq_base_host);
     (void)cudaFreeHost(cb->block_ptr_host);
     (void)cudaGetLastError();
@@ -243,18 +255,23 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
     return off;
 }
 
+static const fkvi_backend_ops cuda_experimental_backend;
+
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    if (c->opts.policy == FKV_POLICY_EXTERNAL)
+    if (c->opts.policy == FKV_POLICY_EXTERNAL && !c->cuda_experimental)
         return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_create: FKV_POLICY_EXTERNAL is not implemented "
-                         "on the CUDA backend yet");
+                         "fkv_create: FKV_POLICY_EXTERNAL on the CUDA "
+                         "backend is experimental (set "
+                         "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to "
+                         "use it)");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     cb->device = c->opts.device;
+    cb->experimental = c->cuda_experimental; /* read once, at fkv_create */
     device_guard guard;
     fkv_status st = enter(c, &guard);
     if (st != FKV_OK)
@@ -378,6 +395,28 @@ static fkv_status cuda_create(fkv_cache *c)
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->sm_count;
     cb->gather_blocks_side = 32;
+    if (cb->experimental) {
+        /* attend_tokens gathers each sequence's last query here (sized
+         * now: no allocation on the decode path). */
+        TRY_ST(dev_alloc(c, &cb->q_last,
+                         (uint64_t)FKV_DEV_MAX_BATCH * g->q_heads *
+                             g->head_dim * g->elem_bytes,
+                         "last query tokens"));
+        if (c->opts.policy == FKV_POLICY_EXTERNAL) {
+            cb->ext_pages = fkvi_alloc(
+                &c->mem,
+                (size_t)g->kv_heads * (g->select_pages > 0 ? g->select_pages : 1),
+                sizeof(int32_t));
+            cb->ext_counts =
+                fkvi_alloc(&c->mem, (size_t)g->kv_heads, sizeof(int32_t));
+            if (!cb->ext_pages || !cb->ext_counts) {
+                st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
+                               "fkv_create: no memory");
+                goto out;
+            }
+        }
+        c->ops = &cuda_experimental_backend;
+    }
     st = FKV_OK;
 out:
 #undef TRY
@@ -508,6 +547,81 @@ static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
     return FKV_OK;
 }
 
+/* child (opened: its region initialised on the stream, its host page table
+ * filled by fork.c) becomes a copy of parent's device state: resident pages
+ * (sink, ring or store), summaries and lengths; its metadata is then reset
+ * as at open (empty recall slots, no selection), as the CPU backend does.
+ * Off the decode path; errors stay in the CUDA context, since this op
+ * cannot fail (a sticky error is reported by the next call). */
+static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    const int32_t L = c->geo.layers;
+    for (int32_t l = 0; l < L; l++)
+        (void)cuda_pages_changed(c, child, l, 0, c->seqs[child].mapped[l]);
+    /* The parent's recall slots are written on the side stream: copy after
+     * its work so far. */
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(cb->seq_base_host[child],
+                            cb->seq_base_host[parent],
+                            cb->geo.layer_bytes * (uint64_t)L,
+                            cudaMemcpyDeviceToDevice, cb->stream);
+    if (e == cudaSuccess) /* metadata as at open; zeroes the lengths */
+        e = fkv_launch_seq_init(&cb->geo, &cb->st_main, child, cb->stream);
+    if (e == cudaSuccess)
+        e = cudaMemcpyAsync(cb->st_main.len + (size_t)child * L,
+                            cb->st_main.len + (size_t)parent * L,
+                            (size_t)L * sizeof(int32_t),
+                            cudaMemcpyDeviceToDevice, cb->stream);
+    /* fork.c copied the partial pages on the host, but appends still in
+     * flight may write the parent's: copy them again in stream order. */
+    const fkvi_geometry *g = &c->geo;
+    for (int32_t l = 0; e == cudaSuccess && !c->pool_unused && l < L; l++) {
+        const int64_t n = c->seqs[parent].length[l];
+        if (n % g->page == 0)
+            continue;
+        const size_t at = (size_t)l * g->max_pages + (size_t)(n / g->page);
+        e = cudaMemcpyAsync(
+            fkv_pool_block(&c->pool, c->seqs[child].blocks[at]),
+            fkv_pool_block(&c->pool, c->seqs[parent].blocks[at]),
+            g->block_bytes, cudaMemcpyDefault, cb->stream);
+    }
+    (void)e;
+    leave(&guard);
+}
+
+/* Before (slot, layer) goes down to `length` (truncate.c has already
+ * copied a shared partial page; unmapping the pages past it follows). Runs
+ * on the engine stream after the side stream's work so far, which may
+ * still recall into this layer's slots. Cannot fail: errors stay in the
+ * CUDA context for the next call to report. */
+static void cuda_truncate(fkv_cache *c, int32_t slot, int32_t layer,
+                          int64_t length)
+{
+    cuda_backend *cb = backend_of(c);
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    const int32_t P = c->geo.page;
+    if (length % P) /* the copy on write may have replaced its block */
+        (void)cuda_pages_changed(c, slot, layer, (int32_t)(length / P),
+                                 (int32_t)(length / P) + 1);
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
+    if (e == cudaSuccess)
+        e = fkv_launch_truncate(&cb->geo, &cb->st_main, slot, layer,
+                                (int32_t)length, cb->stream);
+    (void)e;
+    leave(&guard);
+}
+
 /* ---- the per-layer calls ----------------------------------------------- */
 
 static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
@@ -542,6 +656,7 @@ static void dev_batch(const fkvi_batch *b, int32_t first, int32_t count,
         d->slot[j] = b->slot[first + j];
         d->tokens[j] = b->tokens[first + j];
         d->offset[j] = b->offset[first + j] - b->offset[first];
+        d->row[j] = j;
         if (d->tokens[j] > d->max_tokens)
             d->max_tokens = d->tokens[j];
     }
@@ -588,6 +703,108 @@ static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         if (e != cudaSuccess) {
             leave(&guard);
             return cuda_fail(c, e, "fkv_append: append kernel");
+        }
+    }
+    leave(&guard);
+    return FKV_OK;
+}
+
+/* FKV_POLICY_EXTERNAL (validated by external.c): each head's pages,
+ * sorted, become its pending correction (fix arrays), which the FIX recall
+ * makes the active set, copying only the pages not in a slot yet. Cannot
+ * fail: errors stay in the CUDA context for the next call to report. */
+static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
+                           const int32_t *pages, const int32_t *counts)
+{
+    cuda_backend *cb = backend_of(c);
+    const fkv_dev_geometry *dg = &cb->geo;
+    const int32_t H = c->geo.kv_heads, K = c->geo.select_pages;
+    device_guard guard;
+    if (enter(c, &guard) != FKV_OK)
+        return;
+    cudaError_t e = cudaSuccess;
+    FOR_EACH_CHUNK(b, first, count) {
+        for (int32_t j = 0; e == cudaSuccess && j < count; j++) {
+            const int32_t i = first + j;
+            for (int32_t h = 0; h < H; h++) {
+                const int32_t n = counts[(size_t)i * H + h];
+                int32_t *to = cb->ext_pages + (size_t)h * K;
+                const int32_t *from = pages ? pages + ((size_t)i * H + h) * K : NULL;
+                cb->ext_counts[h] = n;
+                for (int32_t x = 0; x < n; x++) { /* insertion sort: n <= K */
+                    int32_t p = from[x], y = x;
+                    for (; y > 0 && to[y - 1] > p; y--)
+                        to[y] = to[y - 1];
+                    to[y] = p;
+                }
+                for (int32_t x = n; x < K; x++)
+                    to[x] = -1;
+            }
+            unsigned char *base = cb->seq_base_host[b->slot[i]] +
+                                  (uint64_t)layer * dg->layer_bytes;
+            if (K > 0)
+                e = cudaMemcpyAsync(base + dg->off_fix_pages, cb->ext_pages,
+                                    (size_t)H * K * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, cb->stream);
+            if (e == cudaSuccess)
+                e = cudaMemcpyAsync(base + dg->off_fix_count, cb->ext_counts,
+                                    (size_t)H * sizeof(int32_t),
+                                    cudaMemcpyHostToDevice, cb->stream);
+        }
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                              FKV_RECALL_FIX, cb->gather_blocks_main,
+                              cb->stream);
+    }
+    (void)e;
+    leave(&guard);
+}
+
+/* A 0.2 call with CUDA code not yet validated on a GPU. */
+static fkv_status need_experimental(fkv_cache *c, const char *fn)
+{
+    if (backend_of(c)->experimental)
+        return FKV_OK;
+    return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                     "%s: not enabled on the CUDA backend: its CUDA code is "
+                     "experimental (set FKV_CUDA_EXPERIMENTAL=1 before "
+                     "fkv_create to use it)", fn);
+}
+
+static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
+                                      const fkvi_batch *b, const void *k,
+                                      int64_t k_token, int64_t k_head,
+                                      const void *v, int64_t v_token,
+                                      int64_t v_head)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_experimental(c, "fkv_append_strided");
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_append_strided", "k->data", k);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_append_strided", "v->data", v);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const size_t eb = c->geo.elem_bytes;
+    FOR_EACH_CHUNK(b, first, count) {
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        /* The kernel counts rows from the chunk's first one. */
+        const char *kc = (const char *)k + (size_t)b->offset[first] * (size_t)k_token * eb;
+        const char *vc = (const char *)v + (size_t)b->offset[first] * (size_t)v_token * eb;
+        cudaError_t e = fkv_launch_append_strided(&cb->geo, &cb->st_main, &d,
+                                                  layer, kc, k_token, k_head,
+                                                  vc, v_token, v_head,
+                                                  cb->stream);
+        if (e != cudaSuccess) {
+            leave(&guard);
+            return cuda_fail(c, e, "fkv_append_strided: append kernel");
         }
     }
     leave(&guard);
@@ -660,10 +877,94 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     return FKV_OK;
 }
 
+/* T query tokens per sequence (b->tokens, rows from b->offset): the page
+ * set is selected (or corrected) with each sequence's last query, as on the
+ * CPU, then one attend launch per token index t over the sequences with
+ * more than t tokens, each cut to its causal limit. */
+static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
+                                     const fkvi_batch *b, const void *q,
+                                     void *out)
+{
+    cuda_backend *cb = backend_of(c);
+    fkv_status st = need_experimental(c, "fkv_attend_tokens");
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
+    if (st != FKV_OK)
+        return st;
+    device_guard guard;
+    if ((st = enter(c, &guard)) != FKV_OK)
+        return st;
+    const fkv_policy policy = c->opts.policy;
+    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
+                        c->geo.elem_bytes;
+    cudaError_t e = cudaSuccess;
+    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
+        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    const int32_t bound = bound_pages(c, b, layer);
+    FOR_EACH_CHUNK(b, first, count) {
+        if (e != cudaSuccess)
+            break;
+        fkv_dev_batch d;
+        dev_batch(b, first, count, &d);
+        if (policy != FKV_POLICY_DENSE) {
+            /* The select kernel reads entry j's query at row j. */
+            for (int32_t j = 0; e == cudaSuccess && j < count; j++) {
+                const int64_t last = b->offset[first + j] +
+                                     b->tokens[first + j] - 1;
+                e = cudaMemcpyAsync((char *)cb->q_last + (size_t)j * qrow,
+                                    (const char *)q + (size_t)last * qrow,
+                                    qrow, cudaMemcpyDefault, cb->stream);
+            }
+        }
+        if (e == cudaSuccess &&
+            (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+                                  cb->q_last,
+                                  policy == FKV_POLICY_FREEKV
+                                      ? FKV_SELECT_CORRECT
+                                      : FKV_SELECT_FIX_ALL,
+                                  cb->stream);
+            if (e == cudaSuccess)
+                e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                                      FKV_RECALL_FIX, cb->gather_blocks_main,
+                                      cb->stream);
+        } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
+            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+                                  cb->q_last, FKV_SELECT_ACTIVE, cb->stream);
+        }
+        for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
+            fkv_dev_batch a;
+            memset(&a, 0, sizeof a);
+            for (int32_t j = 0; j < count; j++) {
+                const int32_t T = b->tokens[first + j];
+                if (T <= t)
+                    continue;
+                a.slot[a.n] = b->slot[first + j];
+                a.tokens[a.n] = 1;
+                a.row[a.n] = (int32_t)(b->offset[first + j] + t);
+                a.cut[a.n] = T - 1 - t;
+                a.n++;
+            }
+            a.max_tokens = 1;
+            /* Rows are absolute: q and out are not moved per chunk. */
+            e = fkv_launch_attend(&cb->geo, &cb->st_main, &a, layer, q, out,
+                                  bound, cb->stream);
+        }
+    }
+    leave(&guard);
+    if (e != cudaSuccess)
+        return cuda_fail(c, e, "fkv_attend_tokens");
+    return FKV_OK;
+}
+
 static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *q)
 {
     cuda_backend *cb = backend_of(c);
+    if (c->opts.policy == FKV_POLICY_EXTERNAL) /* the engine selects */
+        return FKV_OK;
     fkv_status st = need_device_pointer(c, "fkv_select", "q", q);
     if (st != FKV_OK)
         return st;
@@ -702,6 +1003,8 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
 static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
 {
     cuda_backend *cb = backend_of(c);
+    if (c->opts.policy == FKV_POLICY_EXTERNAL) /* fkv_set_pages recalls */
+        return FKV_OK;
     device_guard guard;
     fkv_status st = enter(c, &guard);
     if (st != FKV_OK)
@@ -802,6 +1105,7 @@ static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
     s->bytes_recalled += counters[FKV_DEV_BYTES_RECALLED];
     s->corrections += counters[FKV_DEV_CORRECTIONS];
     s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];
+    s->pages_recalled_critical += counters[FKV_DEV_PAGES_RECALLED_CRITICAL];
     s->host_bytes += cb->block_ptr_entries * sizeof(uint64_t) + sizeof *cb;
     s->device_bytes = cb->device_bytes;
     return FKV_OK;
@@ -986,21 +1290,23 @@ static fkv_status cuda_audit(fkv_cache *c)
     return st;
 }
 
-const fkvi_backend_ops fkvi_cuda_backend = {
-    .name = "cuda",
-    .create = cuda_create,
-    .destroy = cuda_destroy,
-    .set_stream = cuda_set_stream,
-    .seq_open = cuda_seq_open,
-    .seq_close = cuda_seq_close,
-    .pages_changed = cuda_pages_changed,
-    .sync = cuda_sync,
-    .append = cuda_append,
-    .attend = cuda_attend,
-    .select = cuda_select,
-    .recall = cuda_recall,
-    .selected_pages = cuda_selected_pages,
-    .stats = cuda_stats,
-    .reset_stats = cuda_reset_stats,
-    .audit = cuda_audit,
+/* The ops of a cache created with FKV_CUDA_EXPERIMENTAL=1: also the 0.2
+ * calls whose op cannot refuse by itself (seq_fork must not fail). */
+#define CUDA_OPS_COMMON                                                      \
+    .name = "cuda", .create = cuda_create, .destroy = cuda_destroy,          \
+    .set_stream = cuda_set_stream, .seq_open = cuda_seq_open,                \
+    .seq_close = cuda_seq_close, .pages_changed = cuda_pages_changed,        \
+    .sync = cuda_sync, .append = cuda_append, .attend = cuda_attend,         \
+    .select = cuda_select, .recall = cuda_recall,                            \
+    .selected_pages = cuda_selected_pages, .stats = cuda_stats,              \
+    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided, \
+    .attend_tokens = cuda_attend_tokens, .audit = cuda_audit
+
+const fkvi_backend_ops fkvi_cuda_backend = {CUDA_OPS_COMMON};
+
+static const fkvi_backend_ops cuda_experimental_backend = {
+    CUDA_OPS_COMMON,
+    .seq_fork = cuda_seq_fork,
+    .truncate = cuda_truncate,
+    .set_pages = cuda_set_pages,
 };

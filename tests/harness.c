@@ -68,6 +68,12 @@ TCase *tst_tcase(Suite *s, const char *name)
     return tc;
 }
 
+int tst_cuda_experimental(void)
+{
+    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+    return x && strcmp(x, "1") == 0;
+}
+
 const char *tst_suite_name(const char *prefix, const char *name)
 {
     /* Static storage: suites keep the pointer until srunner_free. */

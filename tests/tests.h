@@ -52,6 +52,10 @@ void tst_geometry(fkv_options *o, int page, int sink, int window, int budget);
 
 /* A TCase with a timeout suited to sanitizers. */
 TCase *tst_tcase(Suite *s, const char *name);
+/* 1 when FKV_CUDA_EXPERIMENTAL is "1": the CUDA backend's 0.2 calls are
+ * enabled and their CPU suites run on CUDA too. */
+int tst_cuda_experimental(void);
+
 /* Suite name with the run's prefix ("" or "gpu:"). */
 const char *tst_suite_name(const char *prefix, const char *name);
 
