@@ -103,6 +103,20 @@ typedef enum fkv_group_score {
     FKV_GROUP_MEAN_SCORE = 1
 } fkv_group_score;
 
+/* When FKV_POLICY_FREEKV fetches pages inside fkv_attend (docs/design.md
+ * section 4). */
+typedef enum fkv_correction_criterion {
+    /* Re-select a KV head with the current query, and recall all its
+     * missing pages, when its mean query cosine against the query of its
+     * resident selection is below correction_threshold. */
+    FKV_CRITERION_COSINE = 0,
+    /* Score every KV head with the current query; fetch now only the
+     * missing pages of the new top-K whose aggregated probability is at
+     * least correction_min_mass, at most correction_max_pages per head;
+     * the new top-K is the next step's speculative selection. */
+    FKV_CRITERION_BOUNDED = 1
+} fkv_correction_criterion;
+
 /* correction_threshold at or below this value turns correction off. */
 #define FKV_CORRECTION_OFF (-2.0f)
 
@@ -141,6 +155,16 @@ typedef struct fkv_options {
     int32_t max_sequences;            /* open at once; default 8 */
     int64_t max_tokens_per_sequence;  /* default 131072 */
     uint64_t host_pool_bytes;         /* KV pool limit; 0 = no limit */
+
+    /* Correction criterion (added in 0.2; a caller compiled against an
+     * older header gets these defaults). */
+    int32_t correction_criterion; /* fkv_correction_criterion; default
+                                     FKV_CRITERION_COSINE */
+    float correction_min_mass;    /* BOUNDED: smallest probability of a page
+                                     fetched inside fkv_attend; default
+                                     0.02, in [0, 1] */
+    int32_t correction_max_pages; /* BOUNDED: most pages per KV head fetched
+                                     inside fkv_attend; default 4, >= 0 */
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.
@@ -279,6 +303,9 @@ typedef struct fkv_stats {
     uint64_t heads_checked;   /* (sequence, layer, KV head) correction checks */
     uint64_t host_bytes;      /* host memory held now */
     uint64_t device_bytes;    /* device memory held now (0 on the CPU) */
+    /* Added in 0.2. */
+    uint64_t pages_recalled_attend; /* of pages_recalled, those moved inside
+                                       fkv_attend (the critical path) */
 } fkv_stats;
 
 /* Counters since creation or the last fkv_reset_stats. */

@@ -775,6 +775,10 @@ static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
     if (st != FKV_OK)
         return st;
     s->pages_recalled += counters[FKV_DEV_PAGES_RECALLED];
+    /* SYNC recalls only inside fkv_attend. FREEKV's correction recalls are
+     * not counted apart on the device yet. */
+    if (c->opts.policy == FKV_POLICY_SYNC)
+        s->pages_recalled_attend += counters[FKV_DEV_PAGES_RECALLED];
     s->bytes_recalled += counters[FKV_DEV_BYTES_RECALLED];
     s->corrections += counters[FKV_DEV_CORRECTIONS];
     s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];

@@ -56,6 +56,9 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     st = pick_backend(&o);
     if (st != FKV_OK)
         return st;
+    st = fkvi_correction_backend_check(&o);
+    if (st != FKV_OK)
+        return st;
 
     fkv_cache *c = calloc(1, sizeof *c);
     if (!c)
@@ -132,13 +135,14 @@ fkv_status fkv_get_options(fkv_cache *c, fkv_options *out)
     if (!out)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_options: out is NULL");
-    if (out->struct_size < sizeof(fkv_options))
+    if (out->struct_size < FKVI_OPTIONS_SIZE_V0)
         return fkvi_fail(c, FKV_ERR_VERSION_MISMATCH,
                          "fkv_get_options: out->struct_size %zu is smaller "
-                         "than fkv_options (%zu)",
-                         out->struct_size, sizeof(fkv_options));
+                         "than the first fkv_options (%zu)",
+                         out->struct_size, (size_t)FKVI_OPTIONS_SIZE_V0);
     size_t size = out->struct_size;
-    memcpy(out, &c->opts, sizeof c->opts);
+    /* An older caller's struct gets the fields it knows. */
+    memcpy(out, &c->opts, size < sizeof c->opts ? size : sizeof c->opts);
     out->struct_size = size;
     return FKV_OK;
 }
@@ -159,11 +163,11 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     if (!s)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_stats: stats is NULL");
-    if (s->struct_size < sizeof *s)
+    if (s->struct_size < FKVI_STATS_SIZE_V0)
         return fkvi_fail(c, FKV_ERR_VERSION_MISMATCH,
                          "fkv_get_stats: stats->struct_size is %zu, smaller "
                          "than the first fkv_stats (%zu bytes)",
-                         s->struct_size, sizeof *s);
+                         s->struct_size, (size_t)FKVI_STATS_SIZE_V0);
     size_t size = s->struct_size;
     fkv_stats r;
     memset(&r, 0, sizeof r);
@@ -173,6 +177,7 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     r.bytes_recalled = c->counters.bytes_recalled;
     r.corrections = c->counters.corrections;
     r.heads_checked = c->counters.heads_checked;
+    r.pages_recalled_attend = c->counters.pages_recalled_attend;
     r.host_bytes = c->pool.bytes_held + c->host_bytes_other;
     if (c->ops->stats) {
         fkv_status st = c->ops->stats(c, &r);
@@ -181,7 +186,7 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     }
     /* A newer caller's fields beyond ours are left as they were. */
     r.struct_size = size;
-    *s = r;
+    memcpy(s, &r, size < sizeof r ? size : sizeof r);
     return FKV_OK;
 }
 

@@ -4,10 +4,12 @@
 
 #include "internal.h"
 
-/* The size of the first published fkv_options. A caller compiled against a
- * later header passes a larger struct; fields we do not know must then be
- * zero (their "default" meaning), as with Linux's copy_struct_from_user. */
-#define FKV_OPTIONS_SIZE_V0 sizeof(fkv_options)
+/* The size of the first published fkv_options is FKVI_OPTIONS_SIZE_V0
+ * (internal.h). A caller compiled against a later header passes a larger
+ * struct; fields we do not know must then be zero (their "default"
+ * meaning), as with Linux's copy_struct_from_user. A caller compiled
+ * against an earlier header gets the defaults of the fields it lacks. */
+#define FKV_OPTIONS_SIZE_V0 FKVI_OPTIONS_SIZE_V0
 
 static void set_defaults(fkv_options *o)
 {
@@ -27,6 +29,9 @@ static void set_defaults(fkv_options *o)
     o->max_sequences = 8;
     o->max_tokens_per_sequence = 131072;
     o->host_pool_bytes = 0;
+    o->correction_criterion = FKV_CRITERION_COSINE;
+    o->correction_min_mass = 0.02f;
+    o->correction_max_pages = 4;
 }
 
 fkv_status fkv_options_init(fkv_options *opts, size_t opts_size)
@@ -43,7 +48,7 @@ fkv_status fkv_options_init(fkv_options *opts, size_t opts_size)
     set_defaults(&d);
     /* A newer caller's fields beyond ours keep their zero default. */
     memset(opts, 0, opts_size);
-    memcpy(opts, &d, sizeof d);
+    memcpy(opts, &d, opts_size < sizeof d ? opts_size : sizeof d);
     opts->struct_size = opts_size;
     return FKV_OK;
 }
@@ -57,6 +62,7 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
 {
     if (!user)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT, "opts is NULL");
+    fkv_status st;
     size_t size = user->struct_size;
     if (size < FKV_OPTIONS_SIZE_V0)
         return fkvi_fail(NULL, FKV_ERR_VERSION_MISMATCH,
@@ -72,7 +78,9 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
                                  "this library (%s, %zu bytes) does not know",
                                  size, fkv_version_string(), sizeof *o);
     }
-    memcpy(o, user, sizeof *o);
+    /* An older caller's struct ends early: the rest keeps the defaults. */
+    set_defaults(o);
+    memcpy(o, user, size < sizeof *o ? size : sizeof *o);
     o->struct_size = sizeof *o;
 
 #define REQUIRE(cond, st, ...) \
@@ -131,6 +139,9 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             FKV_ERR_INVALID_ARGUMENT,
             "max_tokens_per_sequence %lld is out of range",
             (long long)o->max_tokens_per_sequence);
+    st = fkvi_correction_validate(o);
+    if (st != FKV_OK)
+        return st;
 #undef REQUIRE
 
     if (o->softmax_scale == 0.0f)

@@ -20,6 +20,7 @@ static const suite_fn k_suites[] = {
     suite_reference, suite_api,      suite_dense,     suite_selection,
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
     suite_always,    suite_badinput, suite_stats,     suite_accuracy,
+    suite_correction,
 };
 
 static SRunner *make_runner(const char *prefix)

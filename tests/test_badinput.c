@@ -524,7 +524,9 @@ START_TEST(bi_options_size_too_small)
 {
     fkv_options o;
     tst_options(&o, 1, 4, 2, 64, FKV_DTYPE_F32);
-    o.struct_size = sizeof o - sizeof(uint64_t);
+    /* Smaller than the first published fkv_options (0.1's). */
+    o.struct_size = offsetof(fkv_options, correction_criterion) -
+                    sizeof(uint64_t);
     tst_expect_error(NULL, create_with(&o), FKV_ERR_VERSION_MISMATCH,
                      "fkv_create(struct_size too small)");
     o.struct_size = 0;
@@ -612,7 +614,9 @@ START_TEST(bi_stats_struct_size)
     st.struct_size = 0;
     tst_expect_error(f.m.c, fkv_get_stats(f.m.c, &st),
                      FKV_ERR_VERSION_MISMATCH, "fkv_get_stats(struct_size 0)");
-    st.struct_size = sizeof st - sizeof(uint64_t);
+    /* Smaller than the first published fkv_stats (0.1's). */
+    st.struct_size = offsetof(fkv_stats, pages_recalled_attend) -
+                     sizeof(uint64_t);
     tst_expect_error(f.m.c, fkv_get_stats(f.m.c, &st),
                      FKV_ERR_VERSION_MISMATCH,
                      "fkv_get_stats(struct_size too small)");

@@ -258,6 +258,8 @@ Suite *suite_sequences(const char *prefix);
 Suite *suite_always(const char *prefix);
 Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
+/* FREEKV's BOUNDED correction criterion (test_correction.c). */
+Suite *suite_correction(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
