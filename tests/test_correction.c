@@ -74,10 +74,13 @@ static void cr_options(fkv_options *o, int layers, float min_mass, int M)
     o->correction_max_pages = M;
 }
 
-/* Two sequences of 1000 and 1203 tokens (K = 10 of 56 and 69 candidates). */
-static int cr_init(cr_sim *s, const fkv_options *o, uint64_t seed)
+/* Two sequences of n0 and n1 tokens. */
+static int cr_init_len(cr_sim *s, const fkv_options *o, uint64_t seed, int n0,
+                       int n1)
 {
-    int ntok[2] = {1000, 1203}, i, l;
+    int ntok[2], i, l;
+    ntok[0] = n0;
+    ntok[1] = n1;
     memset(s, 0, sizeof *s);
     if (!bounded_supported(o))
         return 0;
@@ -91,6 +94,12 @@ static int cr_init(cr_sim *s, const fkv_options *o, uint64_t seed)
             s->pending_q[i][l] = (float *)calloc(
                 (size_t)s->m.QH * s->m.D, sizeof(float));
     return 1;
+}
+
+/* 1000 and 1203 tokens: K = 10 of 56 and 69 candidates. */
+static int cr_init(cr_sim *s, const fkv_options *o, uint64_t seed)
+{
+    return cr_init_len(s, o, seed, 1000, 1203);
 }
 
 static void cr_free(cr_sim *s)
@@ -654,6 +663,33 @@ START_TEST(cr_bad_options)
 }
 END_TEST
 
+/* Few candidates growing past K (16 tokens a step: one page leaves the
+ * window each step): the "candidates fit but are missing" full corrections,
+ * then bounded fetches. */
+START_TEST(cr_candidates_grow_past_k)
+{
+    cr_sim s;
+    fkv_options o;
+    float q[2 * 4 * 64], prev[2 * 4 * 64];
+    int step, ntok[2] = {16, 16};
+    cr_options(&o, 1, 0.02f, 2);
+    if (!cr_init_len(&s, &o, 0xa7, 250, 200))
+        return;
+    for (step = 0; step < 9; ++step) {
+        tst_append_rand(&s.m, 0, 2, s.slots, ntok);
+        tst_next_query(&s.m, 0, 2, s.slots, step ? prev : NULL, q);
+        cr_attend(&s, 0, q);
+        cr_select(&s, 0, q);
+        cr_recall(&s, 0);
+        memcpy(prev, q, sizeof q);
+        cr_expect_stats(&s, "growing candidates");
+    }
+    /* Each step while the candidates fit corrected every head fully. */
+    ck_assert(s.corrections >= 2 * 2 * 4);
+    cr_free(&s);
+}
+END_TEST
+
 Suite *suite_correction(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "correction"));
@@ -661,6 +697,7 @@ Suite *suite_correction(const char *prefix)
     tcase_add_loop_test(tc, cr_drift, 0,
                         (int)(sizeof k_params / sizeof k_params[0]));
     tcase_add_test(tc, cr_unbounded_is_current_topk);
+    tcase_add_test(tc, cr_candidates_grow_past_k);
     tcase_add_test(tc, cr_select_bookkeeping);
     tcase_add_test(tc, cr_attend_counter_other_policies);
     tcase_add_test(tc, cr_defaults_and_old_struct_size);
