@@ -367,7 +367,10 @@ static void cr_expect_stats(cr_sim *s, const char *when)
 static const struct {
     float min_mass;
     int M;
-} k_params[] = {{0.02f, 2}, {0.0f, 1}, {0.0f, 64}, {0.05f, 4}, {0.02f, 0}};
+    fkv_dtype dt;
+} k_params[] = {{0.02f, 2, FKV_DTYPE_F32},  {0.0f, 1, FKV_DTYPE_F32},
+                {0.0f, 64, FKV_DTYPE_F32},  {0.05f, 4, FKV_DTYPE_F32},
+                {0.02f, 0, FKV_DTYPE_F32},  {0.01f, 3, FKV_DTYPE_BF16}};
 
 /* Drifting queries over decode steps (append, attend, select, recall on
  * every layer); every third step selects with another query than the one
@@ -381,6 +384,7 @@ START_TEST(cr_drift)
     float *q, *prev, *other;
     int step, l;
     cr_options(&o, 2, k_params[_i].min_mass, k_params[_i].M);
+    o.dtype = k_params[_i].dt;
     if (!cr_init(&s, &o, 0xc0 + (uint64_t)_i))
         return;
     qs = (size_t)s.m.QH * s.m.D;
