@@ -110,10 +110,11 @@ typedef enum fkv_correction_criterion {
      * missing pages, when its mean query cosine against the query of its
      * resident selection is below correction_threshold. */
     FKV_CRITERION_COSINE = 0,
-    /* Score every KV head with the current query; fetch now only the
-     * missing pages of the new top-K whose aggregated probability is at
-     * least correction_min_mass, at most correction_max_pages per head;
-     * the new top-K is the next step's speculative selection. */
+    /* Score every KV head with the current query; fetch now the missing
+     * pages of the new top-K, most estimated mass first, until the
+     * attended pages hold (1 - correction_min_mass) of the top-K's
+     * estimated mass, at most correction_max_pages per head; the new
+     * top-K is the next step's speculative selection. */
     FKV_CRITERION_BOUNDED = 1
 } fkv_correction_criterion;
 
@@ -160,11 +161,11 @@ typedef struct fkv_options {
      * older header gets these defaults). */
     int32_t correction_criterion; /* fkv_correction_criterion; default
                                      FKV_CRITERION_COSINE */
-    float correction_min_mass;    /* BOUNDED: smallest probability of a page
-                                     fetched inside fkv_attend; default
-                                     0.02, in [0, 1] */
+    float correction_min_mass;    /* BOUNDED: share of the top-K's
+                                     estimated mass the attended pages may
+                                     miss; default 0.002, in [0, 1] */
     int32_t correction_max_pages; /* BOUNDED: most pages per KV head fetched
-                                     inside fkv_attend; default 4, >= 0 */
+                                     inside fkv_attend; default 32, >= 0 */
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.

@@ -1,8 +1,8 @@
 /* The BOUNDED correction criterion of FKV_POLICY_FREEKV (docs/design.md
  * section 4): at fkv_attend every KV head is scored with the current query;
- * only the missing pages of the new top-K that carry probability mass are
- * fetched now, at most M per head, and the rest come with the next
- * speculative recall. Scores are accumulated in double, in the same order as
+ * the missing pages of the new top-K are fetched now, most mass first, only
+ * until the attended set holds (1 - m) of the top-K's estimated mass and at
+ * most M per head; the rest come with the next speculative recall. Scores are accumulated in double, in the same order as
  * selection.c, so that the top-K is the one fkvi_select_pages gives. */
 #include <math.h>
 #include <stdlib.h>
@@ -54,7 +54,7 @@ fkv_status fkvi_correction_scratch_init(fkvi_correction_scratch *s,
     s->scores = malloc((size_t)g->group * pages * sizeof *s->scores);
     s->mass = malloc(pages * sizeof *s->mass);
     s->rank = malloc(pages * sizeof *s->rank);
-    s->order = malloc(pages * sizeof(ranked_page));
+    s->order = malloc(2 * pages * sizeof(ranked_page));
     if (!s->scores || !s->mass || !s->rank || !s->order) {
         fkvi_correction_scratch_free(s);
         return FKV_ERR_OUT_OF_MEMORY;
@@ -177,40 +177,58 @@ int32_t fkvi_correction_bounded(const fkvi_geometry *g, const fkv_options *o,
         top[i] = order[i].page;
     qsort(top, (size_t)K, sizeof *top, by_page);
 
-    /* Missing pages that carry mass, most mass first, at most M. */
+    /* Cumulative rule: fetch the missing pages of T, most mass first, until
+     * the attended set's estimated mass reaches (1 - m) of T's, at most M.
+     * A fetched page takes a free slot first, else replaces the resident
+     * page outside T with the least mass (there are at least as many of
+     * those as missing pages, since |T| = K). */
+    double mass_top = 0.0, mass_att = 0.0;
+    for (int32_t i = 0; i < K; i++)
+        mass_top += s->mass[top[i] - first];
+    for (int32_t j = 0; j < nactive; j++)
+        mass_att += s->mass[active[j] - first];
+    const double target = (1.0 - (double)o->correction_min_mass) * mass_top;
+
     int32_t nmiss = 0;
     for (int32_t i = 0; i < K; i++)
-        if (!holds(active, nactive, top[i]) &&
-            s->mass[top[i] - first] >= (double)o->correction_min_mass) {
+        if (!holds(active, nactive, top[i])) {
             order[nmiss].score = s->mass[top[i] - first];
             order[nmiss].page = top[i];
             nmiss++;
         }
     qsort(order, (size_t)nmiss, sizeof *order, by_score_desc);
-    int32_t nfetch = nmiss < o->correction_max_pages ? nmiss
-                                                     : o->correction_max_pages;
-    int32_t n = 0;
-    for (int32_t i = 0; i < nfetch; i++)
-        attended[n++] = order[i].page;
-
-    /* Free slots take fetched pages first; the rest replace the resident
-     * pages outside the top-K with the least mass (there are at least as
-     * many of those as missing pages, since |top| = K). */
-    int32_t replace = nfetch - (K - nactive);
-    if (replace < 0)
-        replace = 0;
+    /* The resident pages outside T, least mass first, in the second half
+     * of the scratch. */
+    ranked_page *out = order + g->max_pages;
     int32_t nout = 0;
     for (int32_t j = 0; j < nactive; j++)
         if (!holds(top, K, active[j])) {
-            order[nout].score = s->mass[active[j] - first];
-            order[nout].page = active[j];
+            out[nout].score = s->mass[active[j] - first];
+            out[nout].page = active[j];
             nout++;
         }
-    qsort(order, (size_t)nout, sizeof *order, by_score_asc);
+    qsort(out, (size_t)nout, sizeof *out, by_score_asc);
+
+    const int32_t M = o->correction_max_pages;
+    const int32_t free_slots = K - nactive;
+    int32_t nfetch = 0;
+    while (nfetch < nmiss && nfetch < M && mass_att < target) {
+        if (nfetch >= free_slots)
+            mass_att -= out[nfetch - free_slots].score;
+        mass_att += order[nfetch].score;
+        nfetch++;
+    }
+    int32_t replace = nfetch - free_slots;
+    if (replace < 0)
+        replace = 0;
+
+    int32_t n = 0;
+    for (int32_t i = 0; i < nfetch; i++)
+        attended[n++] = order[i].page;
     for (int32_t j = 0; j < nactive; j++) {
         bool dropped = false;
         for (int32_t i = 0; i < replace && !dropped; i++)
-            dropped = order[i].page == active[j];
+            dropped = out[i].page == active[j];
         if (!dropped)
             attended[n++] = active[j];
     }

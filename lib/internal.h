@@ -188,7 +188,7 @@ typedef struct fkvi_correction_scratch {
     double *scores; /* [group][max_pages] raw page scores */
     double *mass;   /* [max_pages] mean softmax probability */
     double *rank;   /* [max_pages] the group_score aggregation */
-    void *order;    /* [max_pages] sort records */
+    void *order;    /* [2 * max_pages] sort records */
 } fkvi_correction_scratch;
 
 /* The correction options of resolved options o (criterion, mass, M). */

@@ -30,8 +30,8 @@ static void set_defaults(fkv_options *o)
     o->max_tokens_per_sequence = 131072;
     o->host_pool_bytes = 0;
     o->correction_criterion = FKV_CRITERION_COSINE;
-    o->correction_min_mass = 0.02f;
-    o->correction_max_pages = 4;
+    o->correction_min_mass = 0.002f;
+    o->correction_max_pages = 32;
 }
 
 fkv_status fkv_options_init(fkv_options *opts, size_t opts_size)
