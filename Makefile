@@ -158,12 +158,48 @@ ifeq ($(CUDA),1)
   endif
 endif
 
+# The llama engine (examples/llama/, docs/integration.md): one program,
+# build/examples/llama. Its objects go to $(BUILD)/llama/ (the program's own
+# path cannot also be a directory). OpenMP (-fopenmp) for the CPU path's
+# matmuls and prefill attention, for this example only: the library stays
+# free of it. LLAMA_ARCH (default -march=native, 512-bit vectors where the
+# host has them) because the CPU path is
+# only fast with the host's vector width; set LLAMA_ARCH= for a portable
+# binary. With CUDA=1 examples/llama/*.cu and gpu_*.c join, with
+# -DLLAMA_WITH_CUDA and cuBLAS.
+LLAMA_ARCH   ?= -march=native -mprefer-vector-width=512
+# NCCL (--tp, examples/llama/gpu_tp.c): with CUDA=1, on when nccl.h and
+# libnccl are found under CUDA_HOME (or /usr); NCCL=0 turns it off.
+ifeq ($(CUDA),1)
+  NCCL_HOME ?= $(firstword $(foreach d,$(CUDA_HOME) /usr,$(if $(wildcard $(d)/include/nccl.h),$(d))))
+  NCCL_LIBDIR ?= $(firstword $(foreach d,$(NCCL_HOME)/lib64 $(NCCL_HOME)/lib $(NCCL_HOME)/lib/x86_64-linux-gnu,$(if $(wildcard $(d)/libnccl.so*),$(d))))
+  NCCL ?= $(if $(NCCL_LIBDIR),1,0)
+else
+  NCCL := 0
+endif
+LLAMA_NCCL_FLAGS := $(if $(filter 1,$(NCCL)),-DLLAMA_WITH_NCCL -I$(NCCL_HOME)/include)
+# (A literal comma would end $(if)'s first branch: -Wl,-rpath goes through
+# llama_comma.)
+llama_comma := ,
+LLAMA_NCCL_LIBS  := $(if $(filter 1,$(NCCL)),-L$(NCCL_LIBDIR) -Wl$(llama_comma)-rpath$(llama_comma)$(NCCL_LIBDIR) -lnccl)
+LLAMA_CFLAGS := -O3 $(LLAMA_ARCH) -fopenmp -Iexamples/llama \
+                $(if $(filter 1,$(CUDA)),-DLLAMA_WITH_CUDA) $(LLAMA_NCCL_FLAGS)
+LLAMA_C_ALL  := $(wildcard examples/llama/*.c)
+LLAMA_C      := $(if $(filter 1,$(CUDA)),$(LLAMA_C_ALL),$(filter-out examples/llama/gpu_%,$(LLAMA_C_ALL)))
+LLAMA_CU     := $(if $(filter 1,$(CUDA)),$(wildcard examples/llama/*.cu))
+LLAMA_OBJS   := $(LLAMA_C:examples/llama/%.c=$(BUILD)/llama/%.o) \
+                $(LLAMA_CU:examples/llama/%.cu=$(BUILD)/llama/%.cu.o)
+# What tests/test_llama.c links: the loader and the CPU path (no main, no
+# CUDA), so that `make check` needs no GPU libraries.
+LLAMA_TEST_OBJS := $(filter-out $(BUILD)/llama/main.o $(BUILD)/llama/gpu_%,$(filter %.o,$(LLAMA_C:examples/llama/%.c=$(BUILD)/llama/%.o)))
+LLAMA_BIN    := $(BUILD)/examples/llama
+
 STATIC_LIB := $(BUILD)/libfreekv.a
 SHARED_LIB := $(BUILD)/$(SO_REAL)
 SHARED_LINKS := $(BUILD)/$(SONAME) $(BUILD)/libfreekv.so
 MAP_FILE   := lib/libfreekv.map
 
-ALL_OBJS := $(LIB_OBJS) $(TEST_OBJS) $(EXAMPLE_OBJS) $(BENCH_OBJS)
+ALL_OBJS := $(LIB_OBJS) $(TEST_OBJS) $(EXAMPLE_OBJS) $(BENCH_OBJS) $(LLAMA_OBJS)
 
 # ---------------------------------------------------------------------------
 # Check (unit-test framework) discovery:
@@ -230,7 +266,7 @@ endif
 
 FLAGS_STAMP := $(BUILD)/.flags
 FLAGS_TEXT  := CC=$(CC) $(ALL_CFLAGS) | NVCC=$(if $(LIB_CU)$(BENCH_CU),$(NVCC) $(ALL_NVCCFLAGS)) \
-               | CUDA=$(CUDA) | LIBS=$(SYS_LIBS) $(LDFLAGS)
+               | CUDA=$(CUDA) | LIBS=$(SYS_LIBS) $(LDFLAGS) | LLAMA=$(LLAMA_CFLAGS)
 
 # ---------------------------------------------------------------------------
 # Targets
@@ -274,9 +310,11 @@ $(STATIC_LIB): $(LIB_OBJS)
 $(TEST_OBJS): EXTRA_CFLAGS = $(CHECK_CFLAGS)
 $(TEST_OBJS): | $(CHECK_STAMP)
 
-$(TEST_BIN): $(TEST_OBJS) $(STATIC_LIB)
+# tests/test_llama.c links the llama engine's loader and CPU path (OpenMP).
+$(TEST_BIN): $(TEST_OBJS) $(LLAMA_TEST_OBJS) $(STATIC_LIB)
 	@mkdir -p $(@D)
-	$(CC) $(ALL_LDFLAGS) -o $@ $(TEST_OBJS) $(STATIC_LIB) $(CHECK_LIBS) $(SYS_LIBS)
+	$(CC) $(ALL_LDFLAGS) -fopenmp -o $@ $(TEST_OBJS) $(LLAMA_TEST_OBJS) $(STATIC_LIB) \
+	  $(CHECK_LIBS) $(SYS_LIBS)
 
 ifneq ($(CHECK_STAMP),)
 $(CHECK_STAMP): scripts/fetch-check.sh
@@ -307,7 +345,21 @@ endif
 $(EXAMPLE_BINS): $(BUILD)/examples/%: $(BUILD)/examples/%.o $(STATIC_LIB)
 	$(CC) $(ALL_LDFLAGS) -o $@ $< $(STATIC_LIB) $(SYS_LIBS)
 
-examples: $(EXAMPLE_BINS)
+
+$(BUILD)/llama/%.o: examples/llama/%.c $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) $(LLAMA_CFLAGS) $(DEPFLAGS) -c -o $@ $<
+
+$(BUILD)/llama/%.cu.o: examples/llama/%.cu $(FLAGS_STAMP)
+	@mkdir -p $(@D)
+	$(NVCC) $(ALL_NVCCFLAGS) -DLLAMA_WITH_CUDA $(LLAMA_NCCL_FLAGS) -Iexamples/llama -MMD -MP -MF $(@:.o=.d) -c -o $@ $<
+
+$(LLAMA_BIN): $(LLAMA_OBJS) $(STATIC_LIB)
+	@mkdir -p $(@D)
+	$(CC) $(ALL_LDFLAGS) -fopenmp -o $@ $(LLAMA_OBJS) $(STATIC_LIB) \
+	  $(if $(LLAMA_CU),$(BENCH_LIBS)) $(LLAMA_NCCL_LIBS) $(SYS_LIBS)
+
+examples: $(EXAMPLE_BINS) $(LLAMA_BIN)
 
 demo: $(BUILD)/examples/demo
 	$(BUILD)/examples/demo

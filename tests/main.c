@@ -21,6 +21,7 @@ static const suite_fn k_suites[] = {
     suite_freekv,    suite_policies, suite_dtypes,    suite_sequences,
     suite_always,    suite_badinput, suite_stats,     suite_accuracy,
     suite_correction,
+    suite_llama,
 };
 
 static SRunner *make_runner(const char *prefix)

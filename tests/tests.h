@@ -260,6 +260,8 @@ Suite *suite_badinput(const char *prefix);
 Suite *suite_stats(const char *prefix);
 /* FREEKV's BOUNDED correction criterion (test_correction.c). */
 Suite *suite_correction(const char *prefix);
+/* The llama example engine's loader and CPU path (test_llama.c). */
+Suite *suite_llama(const char *prefix);
 /* Retrieval accuracy on bench/workload.h's generators (test_accuracy.c). */
 Suite *suite_accuracy(const char *prefix);
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
