@@ -5,12 +5,16 @@
  * against DENSE, needle hits, correction rate and pages recalled, for
  * FREEKV (library default threshold, 0.9), SYNC, RESIDENT, DENSE and FREEKV
  * at correction thresholds 0.7, 0.8, 0.95 and off. See docs/accuracy.md.
+ * --bounded MASS:M[,MASS:M...] (at most 4) compares the BOUNDED correction
+ * criterion (correction_min_mass MASS, correction_max_pages M) with the
+ * cosine criterion instead: FREEKV at 0.9 and 0.8, RESIDENT, DENSE and one
+ * BOUNDED variant per pair.
  *
  *   accuracy [--backend cpu|cuda] [--seed N] [--csv FILE] [--smoke]
  *            [--workload all|topics|needles|drift[,...]]
  *            [--contexts 8k,16k,32k,64k,128k] [--steps N] [--needles N]
  *            [--layers N] [--budget TOKENS] [--dtype bf16|f16|f32]
- *            [--head-dim D]
+ *            [--head-dim D] [--bounded MASS:M[,MASS:M...]]
  *
  * --steps sets the decode steps of W1 and W3 (W2 runs 2 + 3 x needles:
  * every ask and a plain step between asks). Defaults: 64 steps up to 32K,
@@ -64,6 +68,9 @@ typedef struct options {
     int steps;  /* 0: per context default */
     int needles; /* 0: per context default */
     wl_shape shape;
+    float bounded_mass[4]; /* --bounded pairs */
+    int bounded_pages[4];
+    int nbounded;
 } options;
 
 static void usage(FILE *f)
@@ -75,7 +82,8 @@ static void usage(FILE *f)
             "                [--contexts 8k,16k,32k,64k,128k] [--steps N] "
             "[--needles N] [--layers N]\n"
             "                [--budget TOKENS] [--dtype bf16|f16|f32] "
-            "[--head-dim D]\n");
+            "[--head-dim D]\n"
+            "                [--bounded MASS:M[,MASS:M...]]\n");
 }
 
 static int parse_args(int argc, char **argv, options *o)
@@ -105,7 +113,7 @@ static int parse_args(int argc, char **argv, options *o)
             static const char *const known[] = {
                 "--backend", "--seed",   "--csv",    "--workload", "--contexts",
                 "--steps",   "--needles", "--layers", "--budget",  "--head-dim",
-                "--dtype"};
+                "--dtype",   "--bounded"};
             size_t k;
             int found = 0;
             for (k = 0; k < sizeof known / sizeof known[0]; ++k)
@@ -185,6 +193,22 @@ static int parse_args(int argc, char **argv, options *o)
                 (x != 64 && x != 128 && x != 256))
                 return fprintf(stderr, "accuracy: bad head dim %s\n", val), -1;
             o->shape.D = (int)x;
+        } else if (!strcmp(a, "--bounded")) {
+            char buf[256], *tok, *save = NULL;
+            snprintf(buf, sizeof buf, "%s", val);
+            o->nbounded = 0;
+            for (tok = strtok_r(buf, ",", &save); tok;
+                 tok = strtok_r(NULL, ",", &save)) {
+                float mass;
+                int pages;
+                if (o->nbounded == 4 ||
+                    sscanf(tok, "%f:%d", &mass, &pages) != 2 ||
+                    !(mass >= 0.0f && mass <= 1.0f) || pages < 0)
+                    return fprintf(stderr, "accuracy: bad --bounded %s "
+                                           "(MASS:M, at most 4)\n", tok), -1;
+                o->bounded_mass[o->nbounded] = mass;
+                o->bounded_pages[o->nbounded++] = pages;
+            }
         } else if (!strcmp(a, "--dtype")) {
             if (!strcmp(val, "bf16"))
                 o->shape.dtype = FKV_DTYPE_BF16;
@@ -242,12 +266,34 @@ static void fmt_pct(char *buf, size_t len, double x, int prec)
 
 static void fmt_tau(char *buf, size_t len, const wl_variant *v, float tau)
 {
-    if (v->policy != FKV_POLICY_FREEKV)
+    if (v->policy != FKV_POLICY_FREEKV || v->criterion)
         snprintf(buf, len, "-");
     else if (tau <= FKV_CORRECTION_OFF)
         snprintf(buf, len, "off");
     else
         snprintf(buf, len, "%.2g", (double)tau);
+}
+
+/* --bounded: the cosine criterion at 0.9 and 0.8, the oracle, dense, and
+ * one BOUNDED variant per (mass, M). */
+static int bounded_variants(const options *o, wl_variant *v)
+{
+    int n = 0, i;
+    v[n++] = wl_make_variant("FREEKV", FKV_POLICY_FREEKV, NAN);
+    v[n++] = wl_make_variant("FREEKV tau=0.8", FKV_POLICY_FREEKV, 0.8f);
+    v[n++] = wl_make_variant("RESIDENT", FKV_POLICY_RESIDENT, NAN);
+    v[n++] = wl_make_variant("DENSE", FKV_POLICY_DENSE, NAN);
+    for (i = 0; i < o->nbounded; ++i) {
+        char name[40];
+        snprintf(name, sizeof name, "BOUNDED m=%g M=%d",
+                 (double)o->bounded_mass[i], o->bounded_pages[i]);
+        v[n] = wl_make_variant(name, FKV_POLICY_FREEKV, NAN);
+        v[n].criterion = FKV_CRITERION_BOUNDED;
+        v[n].min_mass = o->bounded_mass[i];
+        v[n].max_pages = o->bounded_pages[i];
+        n++;
+    }
+    return n;
 }
 
 /* One (workload, context) run; appends to csv. Returns 0, 1 (a check
@@ -257,7 +303,7 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
 {
     wl_params pp = wl_default_params();
     wl_variant var[WL_MAX_VARIANTS];
-    int nvar = wl_default_variants(var);
+    int nvar = o->nbounded ? bounded_variants(o, var) : wl_default_variants(var);
     wl_gen g;
     wl_session s;
     wl_mem mem = wl_host_mem();

@@ -804,6 +804,11 @@ typedef struct wl_variant {
     char name[40];
     fkv_policy policy;
     float threshold; /* NAN: the library's default */
+    /* FREEKV's correction criterion; 0 (COSINE) leaves the options as
+     * fkv_options_init made them. */
+    int32_t criterion;
+    float min_mass;
+    int32_t max_pages;
 } wl_variant;
 
 WL_FN wl_variant wl_make_variant(const char *name, fkv_policy policy,
@@ -1060,6 +1065,11 @@ WL_FN int wl_session_open(wl_session *s, wl_gen *g, const wl_variant *var,
         o.policy = var[v].policy;
         if (!isnan(var[v].threshold))
             o.correction_threshold = var[v].threshold;
+        if (var[v].criterion != FKV_CRITERION_COSINE) {
+            o.correction_criterion = var[v].criterion;
+            o.correction_min_mass = var[v].min_mass;
+            o.correction_max_pages = var[v].max_pages;
+        }
         o.max_sequences = 1;
         o.max_tokens_per_sequence = g->cap;
         st = fkv_create(&o, &s->c[v]);

@@ -109,6 +109,21 @@ typedef enum fkv_group_score {
     FKV_GROUP_MEAN_SCORE = 1
 } fkv_group_score;
 
+/* When FKV_POLICY_FREEKV fetches pages inside fkv_attend (docs/design.md
+ * section 4). */
+typedef enum fkv_correction_criterion {
+    /* Re-select a KV head with the current query, and recall all its
+     * missing pages, when its mean query cosine against the query of its
+     * resident selection is below correction_threshold. */
+    FKV_CRITERION_COSINE = 0,
+    /* Score every KV head with the current query; fetch now the missing
+     * pages of the new top-K, most estimated mass first, until the
+     * attended pages hold (1 - correction_min_mass) of the top-K's
+     * estimated mass, at most correction_max_pages per head; the new
+     * top-K is the next step's speculative selection. */
+    FKV_CRITERION_BOUNDED = 1
+} fkv_correction_criterion;
+
 /* correction_threshold at or below this value turns correction off. */
 #define FKV_CORRECTION_OFF (-2.0f)
 
@@ -148,7 +163,7 @@ typedef struct fkv_options {
     int64_t max_tokens_per_sequence;  /* default 131072 */
     uint64_t host_pool_bytes;         /* KV pool limit; 0 = no limit */
 
-    /* Host allocator (added in 0.1; both NULL: the C library's malloc).
+    /* Host allocator (added in 0.2; both NULL: the C library's malloc).
      * Every host allocation the library makes goes through it, except the
      * CUDA backend's pinned memory (cudaHostAlloc). host_alloc returns
      * memory aligned to `alignment` (a power of two) or NULL; host_free gets
@@ -157,6 +172,16 @@ typedef struct fkv_options {
     void *(*host_alloc)(void *user, size_t size, size_t alignment);
     void (*host_free)(void *user, void *ptr, size_t size);
     void *alloc_user; /* passed to both */
+
+    /* Correction criterion (added in 0.2; a caller compiled against an
+     * older header gets these defaults). */
+    int32_t correction_criterion; /* fkv_correction_criterion; default
+                                     FKV_CRITERION_COSINE */
+    float correction_min_mass;    /* BOUNDED: share of the top-K's
+                                     estimated mass the attended pages may
+                                     miss; default 0.002, in [0, 1] */
+    int32_t correction_max_pages; /* BOUNDED: most pages per KV head fetched
+                                     inside fkv_attend; default 32, >= 0 */
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.

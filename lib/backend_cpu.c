@@ -26,6 +26,10 @@ typedef struct cpu_layer {
     bool pending_valid;
     float *active_q;  /* [q_heads][D] query that made each active set */
     float *pending_q; /* [q_heads][D] */
+    /* BOUNDED: pending was made by fkv_attend with pending_q at length
+     * pending_len, so fkv_select with the same query only keeps it. */
+    bool pending_at_attend;
+    int64_t pending_len;
 } cpu_layer;
 
 typedef struct cpu_segment {
@@ -36,6 +40,7 @@ typedef struct cpu_segment {
 typedef struct cpu_backend {
     cpu_layer *layers;          /* [max_sequences][layers] */
     fkvi_select_scratch select;
+    fkvi_correction_scratch corr; /* BOUNDED only */
     float *query;               /* [q_heads][D] one sequence's query */
     float *query_tok;           /* [q_heads][D] one query token of several */
     float *row;                 /* [D] */
@@ -78,6 +83,12 @@ static bool uses_slots(const fkv_cache *c)
            c->opts.policy == FKV_POLICY_EXTERNAL;
 }
 
+static bool bounded(const fkv_cache *c)
+{
+    return c->opts.policy == FKV_POLICY_FREEKV &&
+           c->opts.correction_criterion == FKV_CRITERION_BOUNDED;
+}
+
 static bool uses_summaries(const fkv_cache *c)
 {
     /* EXTERNAL: the engine scores pages, the library does not. */
@@ -92,6 +103,7 @@ static void cpu_destroy(fkv_cache *c)
         return;
     const fkvi_mem *m = &c->mem;
     fkvi_select_scratch_free(&cb->select);
+    fkvi_correction_scratch_free(&cb->corr);
     fkvi_free(m, cb->layers);
     fkvi_free(m, cb->query);
     fkvi_free(m, cb->query_tok);
@@ -134,6 +146,8 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->selected = fkvi_alloc(m, k, sizeof(int32_t));
     cb->keep = fkvi_alloc(m, k, 1);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g, m);
+    if (st == FKV_OK && bounded(c))
+        st = fkvi_correction_scratch_init(&cb->corr, g);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->query_tok ||
         !cb->row ||
         !cb->stage || !cb->ktile || !cb->vtile || !cb->logits || !cb->acc ||
@@ -410,6 +424,39 @@ static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
     L->active_count[h] = count;
 }
 
+/* BOUNDED at attend for KV head h with the sequence's query in cb->query
+ * (docs/design.md section 4; the caller counts its recalls as critical): the top-K with it becomes the pending
+ * selection; `full` (no selection yet, or candidates that fit but are not
+ * all resident) recalls all of it now, otherwise only the missing pages
+ * with mass are fetched. Returns whether the head counts as corrected. */
+static bool bounded_head(fkv_cache *c, int32_t slot, int32_t layer,
+                         cpu_layer *L, const fkvi_pages *r, int32_t h,
+                         bool full)
+{
+    const fkvi_geometry *g = &c->geo;
+    cpu_backend *cb = backend_of(c);
+    const int32_t K = g->select_pages;
+    int32_t *top = L->pending_pages + (size_t)h * K;
+    if (full || r->cand_count <= K) {
+        int32_t m = select_head(c, L, r, cb->query, h, top);
+        L->pending_count[h] = m;
+        if (full)
+            recall_head(c, slot, layer, L, h, top, m, false);
+        return full;
+    }
+    size_t off = (size_t)h * g->max_pages * g->head_dim;
+    int32_t fetched = 0;
+    int32_t n = fkvi_correction_bounded(
+        g, &c->opts, L->smax + off, L->smin + off,
+        cb->query + (size_t)h * g->group * g->head_dim, r->cand_first,
+        r->cand_count, L->active_pages + (size_t)h * K, L->active_count[h],
+        &cb->corr, top, cb->selected, &fetched);
+    L->pending_count[h] = K;
+    if (fetched > 0)
+        recall_head(c, slot, layer, L, h, cb->selected, n, false);
+    return fetched > 0;
+}
+
 static void load_query(fkv_cache *c, const void *q, int32_t i, float *out)
 {
     size_t n = (size_t)c->geo.q_heads * c->geo.head_dim;
@@ -652,12 +699,20 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
         } else if (policy == FKV_POLICY_FREEKV) {
             c->counters.heads_checked++;
             size_t qoff = (size_t)h * g->group * D;
-            bool correct = L->active_count[h] < 0 ||
-                (r.cand_count <= K && L->active_count[h] < r.cand_count) ||
-                fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
-                                  g->group, D) <
-                    c->opts.correction_threshold;
-            if (correct) {
+            bool full = L->active_count[h] < 0 ||
+                (r.cand_count <= K && L->active_count[h] < r.cand_count);
+            bool correct = !bounded(c) &&
+                (full || fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
+                                           g->group, D) <
+                             c->opts.correction_threshold);
+            if (bounded(c)) {
+                /* Its fetches are on the critical path: counted as such. */
+                const uint64_t before = c->counters.pages_recalled;
+                if (bounded_head(c, slot, layer, L, &r, h, full))
+                    c->counters.corrections++;
+                c->counters.pages_recalled_critical +=
+                    c->counters.pages_recalled - before;
+            } else if (correct) {
                 c->counters.corrections++;
                 int32_t m = select_head(c, L, &r, cb->query, h,
                                         cb->selected);
@@ -697,6 +752,13 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
                          ((size_t)(q_row + t) * g->q_heads + qh) * D);
         }
     }
+    if (bounded(c)) { /* select at attend: this top-K is the next step's */
+        memcpy(L->pending_q, cb->query,
+               (size_t)g->q_heads * D * sizeof(float));
+        L->pending_valid = true;
+        L->pending_at_attend = true;
+        L->pending_len = c->seqs[slot].length[layer];
+    }
 }
 
 static fkv_status cpu_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
@@ -726,6 +788,17 @@ static fkv_status cpu_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         cpu_layer *L = layer_of(c, slot, layer);
         fkvi_pages r;
         fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
+        if (L->pending_at_attend) {
+            /* Select at attend: the same query (bitwise) at the same length
+             * already made this selection. */
+            float *query = backend_of(c)->query;
+            load_query(c, q, i, query);
+            if (L->pending_len == c->seqs[slot].length[layer] &&
+                memcmp(query, L->pending_q, (size_t)g->q_heads *
+                                                g->head_dim * sizeof(float)) == 0)
+                continue;
+            L->pending_at_attend = false;
+        }
         load_query(c, q, i, L->pending_q);
         for (int32_t h = 0; h < g->kv_heads; h++)
             L->pending_count[h] =
@@ -751,6 +824,7 @@ static fkv_status cpu_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         memcpy(L->active_q, L->pending_q,
                (size_t)g->q_heads * g->head_dim * sizeof(float));
         L->pending_valid = false;
+        L->pending_at_attend = false;
     }
     return FKV_OK;
 }

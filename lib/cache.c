@@ -69,6 +69,9 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     st = pick_backend(&o);
     if (st != FKV_OK)
         return st;
+    st = fkvi_correction_backend_check(&o);
+    if (st != FKV_OK)
+        return st;
 
     fkvi_mem mem;
     fkvi_mem_init(&mem, &o);
@@ -154,13 +157,14 @@ fkv_status fkv_get_options(fkv_cache *c, fkv_options *out)
     if (!out)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_options: out is NULL");
-    if (out->struct_size < sizeof(fkv_options))
+    if (out->struct_size < FKVI_OPTIONS_SIZE_V0)
         return fkvi_fail(c, FKV_ERR_VERSION_MISMATCH,
                          "fkv_get_options: out->struct_size %zu is smaller "
-                         "than fkv_options (%zu)",
-                         out->struct_size, sizeof(fkv_options));
+                         "than the first fkv_options (%zu)",
+                         out->struct_size, (size_t)FKVI_OPTIONS_SIZE_V0);
     size_t size = out->struct_size;
-    memcpy(out, &c->opts, sizeof c->opts);
+    /* An older caller's struct gets the fields it knows. */
+    memcpy(out, &c->opts, size < sizeof c->opts ? size : sizeof c->opts);
     out->struct_size = size;
     return FKV_OK;
 }
@@ -183,13 +187,11 @@ fkv_status fkv_get_stats(fkv_cache *c, fkv_stats *s)
     if (!s)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_get_stats: stats is NULL");
-    /* 0.1's fkv_stats ended before pages_recalled_critical. */
-    const size_t first_size = offsetof(fkv_stats, pages_recalled_critical);
-    if (s->struct_size < first_size)
+    if (s->struct_size < FKVI_STATS_SIZE_V0)
         return fkvi_fail(c, FKV_ERR_VERSION_MISMATCH,
                          "fkv_get_stats: stats->struct_size is %zu, smaller "
                          "than the first fkv_stats (%zu bytes)",
-                         s->struct_size, first_size);
+                         s->struct_size, (size_t)FKVI_STATS_SIZE_V0);
     size_t size = s->struct_size;
     fkv_stats r;
     memset(&r, 0, sizeof r);

@@ -84,6 +84,11 @@ typedef struct fkvi_counters {
     uint64_t pages_recalled_critical; /* inside fkv_attend */
 } fkvi_counters;
 
+/* Sizes of the first published fkv_options and fkv_stats (0.1): the
+ * offsets of the first fields added after them. */
+#define FKVI_OPTIONS_SIZE_V0 offsetof(fkv_options, host_alloc)
+#define FKVI_STATS_SIZE_V0 offsetof(fkv_stats, pages_recalled_critical)
+
 typedef struct fkv_cache fkv_cache;
 
 /* What a backend implements. The host code validates every argument and
@@ -255,6 +260,36 @@ int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
 /* Mean over the group's heads of cos(a[h], b[h]); a zero vector gives 0. */
 double fkvi_group_cosine(const float *a, const float *b, int32_t group,
                          int32_t dim);
+
+/* correction.c: the BOUNDED correction criterion (docs/design.md
+ * section 4). */
+typedef struct fkvi_correction_scratch {
+    double *scores; /* [group][max_pages] raw page scores */
+    double *mass;   /* [max_pages] mean softmax probability */
+    double *rank;   /* [max_pages] the group_score aggregation */
+    void *order;    /* [2 * max_pages] sort records */
+} fkvi_correction_scratch;
+
+/* The correction options of resolved options o (criterion, mass, M). */
+fkv_status fkvi_correction_validate(const fkv_options *o);
+/* FKV_ERR_UNSUPPORTED (with the message in c) where the backend lacks the
+ * criterion. */
+fkv_status fkvi_correction_backend_check(const fkv_options *o);
+fkv_status fkvi_correction_scratch_init(fkvi_correction_scratch *s,
+                                        const fkvi_geometry *g);
+void fkvi_correction_scratch_free(fkvi_correction_scratch *s);
+/* BOUNDED at attend for one KV head with more than K candidates
+ * [first, first + count): top[] (ascending, K pages) is the top-K with the
+ * current queries q [group][D]; active[nactive] (ascending) is the resident
+ * selection, all candidates. Writes the attended set (ascending) to
+ * attended[] and returns its size; *fetched is how many of its pages are
+ * not in active. smax/smin: [max_pages][D] of this KV head. */
+int32_t fkvi_correction_bounded(const fkvi_geometry *g, const fkv_options *o,
+                                const float *smax, const float *smin,
+                                const float *q, int32_t first, int32_t count,
+                                const int32_t *active, int32_t nactive,
+                                fkvi_correction_scratch *s, int32_t *top,
+                                int32_t *attended, int32_t *fetched);
 
 /* Page ranges of one (sequence, layer) holding n tokens. */
 typedef struct fkvi_pages {

@@ -5,10 +5,12 @@
 
 #include "internal.h"
 
-/* The size of the first published fkv_options. A caller compiled against a
- * later header passes a larger struct; fields we do not know must then be
- * zero (their "default" meaning), as with Linux's copy_struct_from_user. */
-#define FKV_OPTIONS_SIZE_V0 offsetof(fkv_options, host_alloc)
+/* The size of the first published fkv_options is FKVI_OPTIONS_SIZE_V0
+ * (internal.h). A caller compiled against a later header passes a larger
+ * struct; fields we do not know must then be zero (their "default"
+ * meaning), as with Linux's copy_struct_from_user. A caller compiled
+ * against an earlier header gets the defaults of the fields it lacks. */
+#define FKV_OPTIONS_SIZE_V0 FKVI_OPTIONS_SIZE_V0
 
 static void set_defaults(fkv_options *o)
 {
@@ -28,6 +30,9 @@ static void set_defaults(fkv_options *o)
     o->max_sequences = 8;
     o->max_tokens_per_sequence = 131072;
     o->host_pool_bytes = 0;
+    o->correction_criterion = FKV_CRITERION_COSINE;
+    o->correction_min_mass = 0.002f;
+    o->correction_max_pages = 32;
 }
 
 fkv_status fkv_options_init(fkv_options *opts, size_t opts_size)
@@ -60,6 +65,7 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
 {
     if (!user)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT, "opts is NULL");
+    fkv_status st;
     size_t size = user->struct_size;
     if (size < FKV_OPTIONS_SIZE_V0)
         return fkvi_fail(NULL, FKV_ERR_VERSION_MISMATCH,
@@ -75,9 +81,8 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
                                  "this library (%s, %zu bytes) does not know",
                                  size, fkv_version_string(), sizeof *o);
     }
-    /* An older caller's struct lacks the last fields: they keep their zero
-     * default. */
-    memset(o, 0, sizeof *o);
+    /* An older caller's struct ends early: the rest keeps the defaults. */
+    set_defaults(o);
     memcpy(o, user, size < sizeof *o ? size : sizeof *o);
     o->struct_size = sizeof *o;
 
@@ -145,6 +150,9 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             FKV_ERR_INVALID_ARGUMENT,
             "opts.host_alloc and opts.host_free must be set together (both "
             "NULL: the C library's allocator)");
+    st = fkvi_correction_validate(o);
+    if (st != FKV_OK)
+        return st;
 #undef REQUIRE
 
     if (o->softmax_scale == 0.0f)

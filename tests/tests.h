@@ -274,6 +274,8 @@ Suite *suite_stats(const char *prefix);
  * reliability review (test_defects.c). */
 Suite *suite_faults(const char *prefix);
 Suite *suite_defects(const char *prefix);
+/* FREEKV's BOUNDED correction criterion (test_correction.c). */
+Suite *suite_correction(const char *prefix);
 /* The llama example engine's loader and CPU path (test_llama.c). */
 Suite *suite_llama(const char *prefix);
 /* Its speculative decoding (test_llama_spec.c). */

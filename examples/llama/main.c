@@ -52,6 +52,7 @@ static void usage(FILE *f)
         "cache options (defaults: the library's fkv_options_init):\n"
         "  --policy dense|resident|sync|freekv  --budget N  --page N  --sink N\n"
         "  --window N  --threshold X|off  --dtype f32|f16|bf16 (default f32)\n"
+        "  --criterion cosine|bounded  --min-mass X  --max-pages N (BOUNDED)\n"
         "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
         "       --graph (CUDA: replay decode steps from a captured CUDA graph;\n"
         "       the CUDA path's --dtype defaults to bf16)\n"
@@ -193,6 +194,18 @@ static int parse_args(int argc, char **argv, args *a)
                 }
                 a->opts.correction_threshold = (float)t;
             }
+        } else if (!strcmp(f, "--criterion")) {
+            if (!strcmp(val, "cosine")) a->opts.correction_criterion = FKV_CRITERION_COSINE;
+            else if (!strcmp(val, "bounded")) a->opts.correction_criterion = FKV_CRITERION_BOUNDED;
+            else { fprintf(stderr, "llama: --criterion must be cosine or bounded\n"); return -1; }
+        } else if (!strcmp(f, "--min-mass")) {
+            char *end;
+            double t = strtod(val, &end);
+            if (*end || end == val) { fprintf(stderr, "llama: --min-mass needs a number\n"); return -1; }
+            a->opts.correction_min_mass = (float)t;
+        } else if (!strcmp(f, "--max-pages")) {
+            if (parse_int(f, val, 0, INT32_MAX, &v)) return -1;
+            a->opts.correction_max_pages = (int32_t)v;
         } else if (!strcmp(f, "--policy")) {
             if (parse_policy(val, &a->opts.policy)) {
                 fprintf(stderr, "llama: --policy must be dense, resident, sync or freekv\n");
@@ -767,9 +780,13 @@ static int cmd_eval(const args *a)
                    nll / (double)M, ppl);
             if (dense_ppl > 0) printf("%.6f", ppl / dense_ppl); else printf("null");
             printf(",\"corrections\":%llu,\"heads_checked\":%llu,\"pages_recalled_per_step\":%.3f,"
+                   "\"pages_recalled_critical_per_step\":%.3f,\"criterion\":\"%s\","
                    "\"ms_per_step\":%.3f,\"prefill_ms\":%.1f,\"replay_ms\":%.1f}\n",
                    (unsigned long long)st.corrections, (unsigned long long)st.heads_checked,
-                   (double)st.pages_recalled / (double)M, ms / (double)M, prefill_ms, replay_ms);
+                   (double)st.pages_recalled / (double)M,
+                   (double)st.pages_recalled_critical / (double)M,
+                   o.correction_criterion == FKV_CRITERION_BOUNDED ? "bounded" : "cosine",
+                   ms / (double)M, prefill_ms, replay_ms);
         } else {
             printf("%-8s budget %6d page %d sink %d window %d threshold ", policy_name(o.policy),
                    o.budget_tokens, o.page_tokens, o.sink_tokens, o.window_tokens);
