@@ -256,7 +256,8 @@ FKV_API fkv_status fkv_sync(fkv_cache *cache);
  * length is a no-op; a larger one is FKV_ERR_OUT_OF_RANGE. Selections that
  * the dropped tokens could affect are forgotten: the next fkv_attend of a
  * FREEKV sequence re-selects every KV head (docs/design.md section 11).
- * CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+ * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
+ * fkv_create (docs/design.md section 11). */
 FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
                                     int64_t length);
 
@@ -264,8 +265,9 @@ FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
  * shares the parent's sealed host pages: they are reference counted and
  * counted once in host_bytes; partial pages are copied. The child has its
  * own device slots and selections (FREEKV: it re-selects at its first
- * attend). Closing either leaves the other intact. CPU backend only for
- * now (CUDA: FKV_ERR_UNSUPPORTED). */
+ * attend). Closing either leaves the other intact.
+ * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
+ * fkv_create (docs/design.md section 11). */
 FKV_API fkv_status fkv_seq_fork(fkv_cache *cache, fkv_seq_id parent,
                                 fkv_seq_id *child);
 
@@ -311,7 +313,8 @@ typedef struct fkv_tensor {
 
 /* fkv_append with strided k and v. Contiguous strides (token_stride =
  * num_kv_heads * head_dim, head_stride = head_dim) work on every backend;
- * others on the CPU backend only for now (CUDA: FKV_ERR_UNSUPPORTED). */
+ * others on the CPU backend, and on CUDA with FKV_CUDA_EXPERIMENTAL=1 set
+ * at fkv_create (else FKV_ERR_UNSUPPORTED there). */
 FKV_API fkv_status fkv_append_strided(fkv_cache *cache, int32_t layer,
                                       const fkv_batch *batch,
                                       const fkv_tensor *k,
@@ -348,7 +351,9 @@ FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
  * and including itself. The page selection is shared by a sequence's tokens
  * and made (or checked for correction) with its last token's query. The
  * query tokens must lie in the window and partial page (or every page must
- * be attended), else FKV_ERR_INVALID_ARGUMENT. CPU backend only for now. */
+ * be attended), else FKV_ERR_INVALID_ARGUMENT.
+ * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
+ * fkv_create (docs/design.md section 11). */
 FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
                                      const fkv_batch *batch, const void *q,
                                      void *out);
@@ -362,7 +367,8 @@ FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
  * candidate page (sealed, past the sink, before the window) and none twice.
  * Host arrays read during the call. Starts recalling the pages not yet in
  * the device slots, like fkv_recall. Invalid pages: FKV_ERR_OUT_OF_RANGE or
- * FKV_ERR_INVALID_ARGUMENT, and nothing changes. CPU backend only for now.
+ * FKV_ERR_INVALID_ARGUMENT, and nothing changes. On CUDA the policy needs
+ * FKV_CUDA_EXPERIMENTAL=1 at fkv_create (else fkv_create fails).
  * flags: 0 (reserved). */
 FKV_API fkv_status fkv_set_pages(fkv_cache *cache, int32_t layer,
                                  const fkv_batch *batch,
