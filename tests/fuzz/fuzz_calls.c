@@ -870,7 +870,7 @@ static void op_create(harness *h, input *in)
         o->budget_tokens = o->page_tokens > 1 ? o->budget_tokens + 1 : -1;
         break;
     case 9: o->correction_threshold = (float)NAN; break;
-    case 10: o->policy = (fkv_policy)(4 + (v & 7)); break;
+    case 10: o->policy = (fkv_policy)(5 + (v & 7)); break; /* 4: EXTERNAL */
     case 11: o->max_sequences = (v & 1) ? 0 : (1 << 20) + 1; break;
     case 12: o->max_tokens_per_sequence = -(int64_t)(v & 7); break;
     case 13: o->struct_size = v & 15; break;
