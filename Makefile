@@ -321,7 +321,15 @@ $(CHECK_STAMP): scripts/fetch-check.sh
 	sh scripts/fetch-check.sh $(CHECK_FETCH_DIR)
 endif
 
+# make check also replays the fuzz corpus (ASan + UBSan, CPU backend) and
+# runs a short soak (CHECK_SOAK_STEPS) before the test suites; CI runs the
+# long fuzz and soak besides. The sanitized variant runs the suites alone.
+CHECK_SOAK_STEPS ?= 5000
 check: $(CHECK_LIB_DEPS) $(TEST_BIN)
+ifneq ($(SANITIZE),1)
+	+$(MAKE) --no-print-directory fuzz-replay
+	+$(MAKE) --no-print-directory soak SOAK_STEPS=$(CHECK_SOAK_STEPS)
+endif
 	$(TEST_ENV) $(TEST_BIN)
 
 check-sanitize:
@@ -427,7 +435,8 @@ distclean: clean
 	rm -rf $(CHECK_FETCH_DIR)
 
 # ===========================================================================
-# Fuzzing and soak (tests/fuzz/, tests/soak/). Not part of `make check`.
+# Fuzzing and soak (tests/fuzz/, tests/soak/). `make check` runs the corpus
+# replay and a short soak; the rest is here.
 #
 #   make fuzz [FUZZ_TIME=60]  libFuzzer target tests/fuzz/fuzz_calls.c under
 #                             ASan + UBSan, built with clang in build/fuzz/
