@@ -120,19 +120,7 @@ static void score_candidates(const fkvi_geometry *g, fkv_group_score mode,
     for (int32_t h = 0; h < g->group; h++) {
         const float *qh = q + (size_t)h * dim;
         double *sh = s->scores + (size_t)h * count;
-        double top = -INFINITY;
-        for (int32_t i = 0; i < count; i++) {
-            const float *mx = smax + (size_t)(first + i) * dim;
-            const float *mn = smin + (size_t)(first + i) * dim;
-            double acc = 0.0;
-            for (int32_t d = 0; d < dim; d++) {
-                double a = (double)qh[d] * mx[d], b = (double)qh[d] * mn[d];
-                acc += a > b ? a : b;
-            }
-            sh[i] = acc;
-            if (acc > top)
-                top = acc;
-        }
+        double top = fkvi_quest_scores(dim, smax, smin, qh, first, count, sh);
         if (mode == FKV_GROUP_MEAN_SCORE)
             for (int32_t i = 0; i < count; i++)
                 s->rank[i] = (h == 0 ? 0.0 : s->rank[i]) + sh[i];

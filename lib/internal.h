@@ -246,6 +246,12 @@ typedef struct fkvi_select_scratch {
     const fkvi_mem *mem;
 } fkvi_select_scratch;
 
+/* Quest scores of `count` candidate pages from `first` for one query head
+ * (selection.c; shared by the top-K and the BOUNDED criterion). */
+double fkvi_quest_scores(int32_t dim, const float *smax, const float *smin,
+                         const float *qh, int32_t first, int32_t count,
+                         double *sh);
+
 fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
                                     const fkvi_geometry *g,
                                     const fkvi_mem *m);

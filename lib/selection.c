@@ -59,6 +59,28 @@ static int by_page(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
+/* sh[i] = the Quest score of candidate page first + i for query qh (the
+ * largest q.k its per-channel max/min allow); returns the largest. */
+double fkvi_quest_scores(int32_t dim, const float *smax, const float *smin,
+                         const float *qh, int32_t first, int32_t count,
+                         double *sh)
+{
+    double top = -INFINITY;
+    for (int32_t i = 0; i < count; i++) {
+        const float *mx = smax + (size_t)(first + i) * dim;
+        const float *mn = smin + (size_t)(first + i) * dim;
+        double acc = 0.0;
+        for (int32_t d = 0; d < dim; d++) {
+            double a = (double)qh[d] * mx[d], b = (double)qh[d] * mn[d];
+            acc += a > b ? a : b;
+        }
+        sh[i] = acc;
+        if (acc > top)
+            top = acc;
+    }
+    return top;
+}
+
 int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
                           const float *smax, const float *smin,
                           const float *q, int32_t first, int32_t count,
@@ -75,19 +97,7 @@ int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
     for (int32_t h = 0; h < g->group; h++) {
         const float *qh = q + (size_t)h * dim;
         double *sh = s->scores + (size_t)h * count;
-        double top = -INFINITY;
-        for (int32_t i = 0; i < count; i++) {
-            const float *mx = smax + (size_t)(first + i) * dim;
-            const float *mn = smin + (size_t)(first + i) * dim;
-            double acc = 0.0;
-            for (int32_t d = 0; d < dim; d++) {
-                double a = (double)qh[d] * mx[d], b = (double)qh[d] * mn[d];
-                acc += a > b ? a : b;
-            }
-            sh[i] = acc;
-            if (acc > top)
-                top = acc;
-        }
+        double top = fkvi_quest_scores(dim, smax, smin, qh, first, count, sh);
         if (mode == FKV_GROUP_MEAN_SOFTMAX) {
             double sum = 0.0;
             for (int32_t i = 0; i < count; i++) {
