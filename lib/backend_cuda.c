@@ -35,8 +35,8 @@ typedef struct cuda_backend {
     fkv_dev_state st_side; /* the same with the side stream's own scratch */
     int32_t gather_blocks_main, gather_blocks_side;
     int32_t max_bound_pages;
-    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: the 0.2 calls whose CUDA code
-     * has not been validated on a GPU yet are enabled. */
+    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA code not yet validated
+     * on a GPU is enabled (docs/design.md, "Behind FKV_CUDA_EXPERIMENTAL"). */
     bool experimental;
 
     unsigned char **seq_base_host; /* pinned [max_seqs] */
@@ -255,17 +255,9 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
     return off;
 }
 
-static const fkvi_backend_ops cuda_experimental_backend;
-
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    if (c->opts.policy == FKV_POLICY_EXTERNAL && !c->cuda_experimental)
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_create: FKV_POLICY_EXTERNAL on the CUDA "
-                         "backend is experimental (set "
-                         "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to "
-                         "use it)");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
@@ -395,27 +387,23 @@ static fkv_status cuda_create(fkv_cache *c)
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->sm_count;
     cb->gather_blocks_side = 32;
-    if (cb->experimental) {
-        /* attend_tokens gathers each sequence's last query here (sized
-         * now: no allocation on the decode path). */
-        TRY_ST(dev_alloc(c, &cb->q_last,
-                         (uint64_t)FKV_DEV_MAX_BATCH * g->q_heads *
-                             g->head_dim * g->elem_bytes,
-                         "last query tokens"));
-        if (c->opts.policy == FKV_POLICY_EXTERNAL) {
-            cb->ext_pages = fkvi_alloc(
-                &c->mem,
-                (size_t)g->kv_heads * (g->select_pages > 0 ? g->select_pages : 1),
-                sizeof(int32_t));
-            cb->ext_counts =
-                fkvi_alloc(&c->mem, (size_t)g->kv_heads, sizeof(int32_t));
-            if (!cb->ext_pages || !cb->ext_counts) {
-                st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
-                               "fkv_create: no memory");
-                goto out;
-            }
+    /* attend_tokens gathers each sequence's last query here (sized now:
+     * no allocation on the decode path). */
+    TRY_ST(dev_alloc(c, &cb->q_last,
+                     (uint64_t)FKV_DEV_MAX_BATCH * g->q_heads * g->head_dim *
+                         g->elem_bytes,
+                     "last query tokens"));
+    if (c->opts.policy == FKV_POLICY_EXTERNAL) {
+        cb->ext_pages = fkvi_alloc(
+            &c->mem,
+            (size_t)g->kv_heads * (g->select_pages > 0 ? g->select_pages : 1),
+            sizeof(int32_t));
+        cb->ext_counts =
+            fkvi_alloc(&c->mem, (size_t)g->kv_heads, sizeof(int32_t));
+        if (!cb->ext_pages || !cb->ext_counts) {
+            st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
+            goto out;
         }
-        c->ops = &cuda_experimental_backend;
     }
     st = FKV_OK;
 out:
@@ -763,17 +751,6 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     leave(&guard);
 }
 
-/* A 0.2 call with CUDA code not yet validated on a GPU. */
-static fkv_status need_experimental(fkv_cache *c, const char *fn)
-{
-    if (backend_of(c)->experimental)
-        return FKV_OK;
-    return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                     "%s: not enabled on the CUDA backend: its CUDA code is "
-                     "experimental (set FKV_CUDA_EXPERIMENTAL=1 before "
-                     "fkv_create to use it)", fn);
-}
-
 static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
                                       const fkvi_batch *b, const void *k,
                                       int64_t k_token, int64_t k_head,
@@ -781,9 +758,7 @@ static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
                                       int64_t v_head)
 {
     cuda_backend *cb = backend_of(c);
-    fkv_status st = need_experimental(c, "fkv_append_strided");
-    if (st == FKV_OK)
-        st = need_device_pointer(c, "fkv_append_strided", "k->data", k);
+    fkv_status st = need_device_pointer(c, "fkv_append_strided", "k->data", k);
     if (st == FKV_OK)
         st = need_device_pointer(c, "fkv_append_strided", "v->data", v);
     if (st != FKV_OK)
@@ -886,9 +861,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                      void *out)
 {
     cuda_backend *cb = backend_of(c);
-    fkv_status st = need_experimental(c, "fkv_attend_tokens");
-    if (st == FKV_OK)
-        st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
+    fkv_status st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
     if (st == FKV_OK)
         st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
     if (st != FKV_OK)
@@ -1193,10 +1166,6 @@ static fkv_status cuda_audit(fkv_cache *c)
     cuda_backend *cb = backend_of(c);
     const fkv_dev_geometry *d = &cb->geo;
     const fkvi_geometry *g = &c->geo;
-    if (!c->cuda_experimental)
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkvi_debug_audit: the CUDA audit is not validated "
-                         "yet; set FKV_CUDA_EXPERIMENTAL=1");
     if (d->store)
         return FKV_OK; /* no host pool to compare with */
     device_guard guard;
@@ -1290,23 +1259,15 @@ static fkv_status cuda_audit(fkv_cache *c)
     return st;
 }
 
-/* The ops of a cache created with FKV_CUDA_EXPERIMENTAL=1: also the 0.2
- * calls whose op cannot refuse by itself (seq_fork must not fail). */
-#define CUDA_OPS_COMMON                                                      \
-    .name = "cuda", .create = cuda_create, .destroy = cuda_destroy,          \
-    .set_stream = cuda_set_stream, .seq_open = cuda_seq_open,                \
-    .seq_close = cuda_seq_close, .pages_changed = cuda_pages_changed,        \
-    .sync = cuda_sync, .append = cuda_append, .attend = cuda_attend,         \
-    .select = cuda_select, .recall = cuda_recall,                            \
-    .selected_pages = cuda_selected_pages, .stats = cuda_stats,              \
-    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided, \
-    .attend_tokens = cuda_attend_tokens, .audit = cuda_audit
-
-const fkvi_backend_ops fkvi_cuda_backend = {CUDA_OPS_COMMON};
-
-static const fkvi_backend_ops cuda_experimental_backend = {
-    CUDA_OPS_COMMON,
-    .seq_fork = cuda_seq_fork,
-    .truncate = cuda_truncate,
+const fkvi_backend_ops fkvi_cuda_backend = {
+    .name = "cuda", .create = cuda_create, .destroy = cuda_destroy,
+    .set_stream = cuda_set_stream, .seq_open = cuda_seq_open,
+    .seq_close = cuda_seq_close, .pages_changed = cuda_pages_changed,
+    .sync = cuda_sync, .append = cuda_append, .attend = cuda_attend,
+    .select = cuda_select, .recall = cuda_recall,
+    .selected_pages = cuda_selected_pages, .stats = cuda_stats,
+    .reset_stats = cuda_reset_stats, .append_strided = cuda_append_strided,
+    .attend_tokens = cuda_attend_tokens, .audit = cuda_audit,
+    .seq_fork = cuda_seq_fork, .truncate = cuda_truncate,
     .set_pages = cuda_set_pages,
 };

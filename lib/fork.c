@@ -59,11 +59,7 @@ fkv_status fkv_seq_fork(fkv_cache *c, fkv_seq_id parent, fkv_seq_id *child)
     if (!c->ops->seq_fork)
         return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
                          "fkv_seq_fork: not implemented on the %s backend "
-                         "yet%s", c->ops->name,
-                         strcmp(c->ops->name, "cuda") == 0
-                             ? " (its experimental CUDA code is enabled by "
-                               "FKV_CUDA_EXPERIMENTAL=1 at fkv_create)"
-                             : "");
+                         "yet", c->ops->name);
     if (c->open_seqs >= c->opts.max_sequences)
         return fkvi_fail(c, FKV_ERR_CAPACITY,
                          "fkv_seq_fork: %d sequences are open already "

@@ -31,11 +31,7 @@ fkv_status fkv_seq_truncate(fkv_cache *c, fkv_seq_id id, int64_t length)
     if (!c->ops->truncate)
         return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
                          "fkv_seq_truncate: not implemented on the %s "
-                         "backend yet%s", c->ops->name,
-                         strcmp(c->ops->name, "cuda") == 0
-                             ? " (its experimental CUDA code is enabled by "
-                               "FKV_CUDA_EXPERIMENTAL=1 at fkv_create)"
-                             : "");
+                         "backend yet", c->ops->name);
     fkvi_sequence *s = &c->seqs[slot];
     int64_t held = s->length[0];
     for (int32_t l = 1; l < c->geo.layers; l++)

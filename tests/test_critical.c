@@ -105,9 +105,6 @@ Suite *suite_critical(const char *prefix)
     Suite *s = suite_create(tst_suite_name(prefix, "critical"));
     TCase *tc = tst_tcase(s, "critical");
     tcase_add_test(tc, selected_pages_sizing);
-    /* CUDA counts them in code not yet validated on a GPU. */
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental())
-        return s;
     tcase_add_test(tc, critical_freekv);
     tcase_add_loop_test(tc, critical_sync_resident, 0, 2);
     return s;

@@ -23,9 +23,6 @@ static void ext_options(fkv_options *o)
 {
     tst_options(o, 2, 4, 2, 64, FKV_DTYPE_F32);
     o->policy = FKV_POLICY_EXTERNAL;
-    /* CUDA: FKV_ERR_UNSUPPORTED without FKV_CUDA_EXPERIMENTAL=1. */
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental())
-        o->backend = FKV_BACKEND_CPU;
     o->max_tokens_per_sequence = 2048;
 }
 
@@ -258,31 +255,10 @@ START_TEST(external_needs_policy)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: fkv_create refuses the policy,
- * naming the switch. */
-START_TEST(external_cuda_needs_experimental)
-{
-    fkv_options o;
-    fkv_cache *c = NULL;
-    char msg[512];
-    ext_options(&o);
-    o.backend = FKV_BACKEND_CUDA;
-    ck_assert_int_eq(fkv_create(&o, &c), FKV_ERR_UNSUPPORTED);
-    ck_assert_msg(c == NULL, "no cache on failure");
-    fkv_last_error(NULL, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                  "the message names the switch: %s", msg);
-}
-END_TEST
-
 Suite *suite_external(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "external"));
     TCase *tc = tst_tcase(s, "external");
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, external_cuda_needs_experimental);
-        return s;
-    }
     tcase_add_test(tc, external_matches_reference);
     tcase_add_test(tc, external_bad_pages);
     tcase_add_test(tc, external_needs_policy);

@@ -22,16 +22,10 @@ extern int64_t fkvi_device_fault_countdown;
 extern uint64_t fkvi_device_alloc_calls;
 fkv_status fkvi_debug_audit(fkv_cache *c);
 
-/* The slot audit. On the CUDA backend it is unvalidated code and runs only
- * with FKV_CUDA_EXPERIMENTAL=1 (the lead runs it on the GPU); without it,
- * UNSUPPORTED is the expected answer. */
+/* The resident-slot audit (both backends). */
 static void ft_audit(fkv_cache *c)
 {
     fkv_status st = fkvi_debug_audit(c);
-    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
-    if (st == FKV_ERR_UNSUPPORTED && g_test_backend == FKV_BACKEND_CUDA &&
-        !(x && !strcmp(x, "1")))
-        return;
     char msg[512];
     fkv_last_error(c, msg, sizeof msg);
     ck_assert_msg(st == FKV_OK, "audit: %d: %s", (int)st, msg);

@@ -186,41 +186,10 @@ START_TEST(fork_bad_input)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: fork is refused, naming the
- * switch, and nothing changes. */
-START_TEST(fork_cuda_needs_experimental)
-{
-    fkv_options o;
-    tst_model m;
-    tst_snapshot snap;
-    int p, n = 300;
-    fkv_seq_id child = 77;
-    char msg[512];
-    tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
-    tst_model_init(&m, &o, 15400);
-    p = tst_open(&m);
-    tst_prefill(&m, 1, &p, &n);
-    tst_snapshot_take(&m, &snap);
-    tst_expect_error(m.c, fkv_seq_fork(m.c, m.seq[p].id, &child),
-                     FKV_ERR_UNSUPPORTED, "fork without the switch");
-    fkv_last_error(m.c, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                  "the message names the switch: %s", msg);
-    ck_assert_int_eq(child, 77);
-    tst_snapshot_check(&m, &snap);
-    tst_snapshot_free(&snap);
-    tst_model_free(&m);
-}
-END_TEST
-
 Suite *suite_fork(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "fork"));
     TCase *tc = tst_tcase(s, "fork");
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, fork_cuda_needs_experimental);
-        return s;
-    }
     tcase_add_loop_test(tc, fork_decodes_independently, 0, 4);
     tcase_add_test(tc, fork_shares_pages);
     tcase_add_loop_test(tc, fork_truncate_copy_on_write, 0, 4);

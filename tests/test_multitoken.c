@@ -259,44 +259,10 @@ START_TEST(multitoken_bad_input)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: refused, naming the switch. */
-START_TEST(multitoken_cuda_needs_experimental)
-{
-    fkv_options o;
-    tst_model m;
-    int s, n = 300;
-    int32_t nt = 2;
-    fkv_seq_id id;
-    fkv_batch b = {1, 0, &id, &nt};
-    size_t bytes = (size_t)2 * 4 * 64 * sizeof(float);
-    void *q, *out;
-    char msg[512];
-    tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
-    tst_model_init(&m, &o, 16400);
-    s = tst_open(&m);
-    tst_prefill(&m, 1, &s, &n);
-    id = m.seq[s].id;
-    q = tst_dev_alloc(bytes);
-    out = tst_dev_alloc(bytes);
-    tst_expect_error(m.c, fkv_attend_tokens(m.c, 0, &b, q, out),
-                     FKV_ERR_UNSUPPORTED, "attend_tokens without the switch");
-    fkv_last_error(m.c, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                  "the message names the switch: %s", msg);
-    tst_dev_free(q);
-    tst_dev_free(out);
-    tst_model_free(&m);
-}
-END_TEST
-
 Suite *suite_multitoken(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "multitoken"));
     TCase *tc = tst_tcase(s, "multitoken");
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, multitoken_cuda_needs_experimental);
-        return s;
-    }
     tcase_add_loop_test(tc, multitoken_matches_reference, 0, 4);
     tcase_add_test(tc, multitoken_bf16);
     tcase_add_test(tc, multitoken_bad_input);

@@ -175,58 +175,11 @@ START_TEST(strided_bad_input)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: strided tensors are refused,
- * naming the variable, and change nothing; packed strides still work. */
-START_TEST(strided_cuda_needs_experimental)
-{
-    fkv_options o;
-    tst_model m;
-    tst_snapshot snap;
-    int s, n = 100;
-    fkv_seq_id id;
-    int32_t one = 1;
-    size_t bytes = sizeof(float) * 2 * 64 * 2;
-    void *dk, *dv;
-    fkv_tensor kt, vt;
-    fkv_batch b = {1, 0, &id, &one};
-    char msg[512];
-    tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
-    tst_model_init(&m, &o, 18200);
-    s = tst_open(&m);
-    tst_prefill(&m, 1, &s, &n);
-    id = m.seq[s].id;
-    tst_snapshot_take(&m, &snap);
-    dk = tst_dev_alloc(bytes);
-    dv = tst_dev_alloc(bytes);
-    memset(&kt, 0, sizeof kt);
-    kt.struct_size = sizeof kt;
-    kt.data = dk;
-    kt.token_stride = 2 * 64 * 2; /* padded rows */
-    kt.head_stride = 64;
-    vt = kt;
-    vt.data = dv;
-    tst_expect_error(m.c, fkv_append_strided(m.c, 0, &b, &kt, &vt),
-                     FKV_ERR_UNSUPPORTED, "strided without the switch");
-    fkv_last_error(m.c, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                  "the message names the switch: %s", msg);
-    tst_snapshot_check(&m, &snap);
-    tst_snapshot_free(&snap);
-    tst_dev_free(dk);
-    tst_dev_free(dv);
-    tst_model_free(&m);
-}
-END_TEST
-
 Suite *suite_strided(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "strided"));
     TCase *tc = tst_tcase(s, "strided");
     tcase_add_test(tc, strided_bad_input);
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, strided_cuda_needs_experimental);
-        return s;
-    }
     tcase_add_loop_test(tc, strided_matches_reference, 0, 6);
     return s;
 }

@@ -183,39 +183,10 @@ START_TEST(truncate_bad_input)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: refused, naming the switch, and
- * nothing changes. */
-START_TEST(truncate_cuda_needs_experimental)
-{
-    fkv_options o;
-    tst_model m;
-    tst_snapshot snap;
-    int s, n = 300;
-    char msg[512];
-    tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
-    tst_model_init(&m, &o, 14400);
-    s = tst_open(&m);
-    tst_prefill(&m, 1, &s, &n);
-    tst_snapshot_take(&m, &snap);
-    tst_expect_error(m.c, fkv_seq_truncate(m.c, m.seq[s].id, 250),
-                     FKV_ERR_UNSUPPORTED, "truncate without the switch");
-    fkv_last_error(m.c, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                  "the message names the switch: %s", msg);
-    tst_snapshot_check(&m, &snap);
-    tst_snapshot_free(&snap);
-    tst_model_free(&m);
-}
-END_TEST
-
 Suite *suite_truncate(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "truncate"));
     TCase *tc = tst_tcase(s, "truncate");
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, truncate_cuda_needs_experimental);
-        return s;
-    }
     tcase_add_loop_test(tc, truncate_then_decode, 0, 4);
     tcase_add_test(tc, truncate_frees_pages);
     tcase_add_test(tc, truncate_noop_and_zero);
