@@ -120,9 +120,14 @@ class Model:
         return self.rms(h, "model.norm.weight") @ self.W("lm_head.weight").T
 
 
+TORCH = None  # torch module when --torch-cuda is given (the device run)
+
+
 def causal_attention(q, k, v, q0, G, chunk=512):
     """q: [Tq, H, D] at positions q0..q0+Tq-1; k, v: [T, KVH, D] from 0.
     Full causal softmax attention, chunked over queries."""
+    if TORCH is not None:
+        return causal_attention_torch(q, k, v, q0, G)
     Tq, H, D = q.shape
     scale = 1.0 / math.sqrt(D)
     out = np.empty_like(q)
@@ -140,6 +145,32 @@ def causal_attention(q, k, v, q0, G, chunk=512):
             s /= s.sum(axis=1, keepdims=True)
             out[a:b, g * G:(g + 1) * G, :] = (s @ vg).reshape(b - a, G, D)
     return out
+
+
+def causal_attention_torch(q, k, v, q0, G, chunk=2048):
+    """The same computation in float64 on a CUDA device (32K windows take
+    hours in numpy on a few cores); only the O(T^2) part runs there."""
+    t = TORCH
+    dev = "cuda"
+    Tq, H, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    qt = t.from_numpy(np.ascontiguousarray(q)).to(dev)
+    kt = t.from_numpy(np.ascontiguousarray(k)).to(dev)
+    vt = t.from_numpy(np.ascontiguousarray(v)).to(dev)
+    out = t.empty_like(qt)
+    for a in range(0, Tq, chunk):
+        b = min(Tq, a + chunk)
+        last = q0 + b
+        for g in range(k.shape[1]):
+            qs = qt[a:b, g * G:(g + 1) * G, :].reshape(-1, D)
+            s = (qs @ kt[:last, g, :].T) * scale
+            pos = (q0 + t.arange(a, b, device=dev)).repeat_interleave(G)
+            s.masked_fill_(t.arange(last, device=dev)[None, :] > pos[:, None],
+                           float("-inf"))
+            p = t.softmax(s, dim=1)
+            out[a:b, g * G:(g + 1) * G, :] = (p @ vt[:last, g, :]).reshape(
+                b - a, G, D)
+    return out.cpu().numpy()
 
 
 def nll_of(logits, targets):
@@ -198,7 +229,30 @@ def quest_select(qh, kmax, kmin, cands, K, scale):
     return sorted(c[order[:K]].tolist())
 
 
-def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget):
+def rescore_select(qh, kmax, kmin, cands, K, scale, k_g, P, R):
+    """Two stages: the R*K best pages by Quest's bound, then the K of them
+    holding the most exact attention mass of the group (per-head softmax
+    over the candidates' tokens, mean over heads): what a library holding
+    the candidates' keys (a compact device copy, or the CPU pool) can do."""
+    if len(cands) <= K:
+        return list(cands)
+    first = quest_select(qh, kmax, kmin, cands, min(len(cands), R * K), scale)
+    if len(first) <= K:
+        return first
+    c = np.asarray(first)
+    idx = (c[:, None] * P + np.arange(P)[None, :]).reshape(-1)
+    s = (qh @ k_g[idx].T) * scale  # [G, len(c) * P]
+    s -= s.max(axis=1, keepdims=True)
+    e = np.exp(s)
+    e /= e.sum(axis=1, keepdims=True)
+    m = e.reshape(qh.shape[0], len(c), P).sum(axis=2).mean(axis=0)
+    return sorted(c[np.lexsort((c, -m))[:K]].tolist())
+
+
+MODES = ("quest", "oracle", "quest-oracle-last")
+
+
+def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget, modes=MODES):
     """Decode positions N..N+M-1 attend to the sink, window, partial page and
     K selected pages (Quest with the current query, or the true-mass oracle).
     Returns {mode: {"nll": [M], "mass": [L, H, 4]}} with mass shares (sink,
@@ -211,7 +265,10 @@ def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget):
     res = {}
     # "quest-oracle-last": Quest in every layer but the last, the oracle
     # there (how much of the gap the last layer's selection alone makes).
-    for mode in ("quest", "oracle", "quest-oracle-last"):
+    # "dense-last": Quest everywhere but the last layer, which attends every
+    # token (the library's dense_layers option). "rescore:R": two-stage
+    # selection (rescore_select) in every layer.
+    for mode in modes:
         pos = np.arange(N, N + M)
         h = hs[0][N:N + M].copy()
         mass = np.zeros((model.L, model.H, 4))
@@ -238,7 +295,14 @@ def emulate(model, toks, N, M, dense, P, S_tok, W_tok, budget):
                     pm = pd[:, :(n // P) * P].reshape(G, -1, P).sum(axis=2)
                     oracle = mode == "oracle" or (
                         mode == "quest-oracle-last" and l == model.L - 1)
-                    if not oracle:
+                    all_tokens = mode == "dense-last" and l == model.L - 1
+                    if all_tokens:
+                        sel = list(cands)
+                    elif mode.startswith("rescore:"):
+                        sel = rescore_select(qh, kmax[:, g, :], kmin[:, g, :],
+                                             cands, K, scale, k[:n, g, :], P,
+                                             int(mode.split(":")[1]))
+                    elif not oracle:
                         sel = quest_select(qh, kmax[:, g, :], kmin[:, g, :],
                                            cands, K, scale)
                     else:
@@ -283,8 +347,19 @@ def main():
     ap.add_argument("--sinkwindow", default="512/512",
                     help="SINK/WINDOW[,SINK/WINDOW...] tokens (default the "
                     "library's 512/512)")
+    ap.add_argument("--modes", default=",".join(MODES),
+                    help="emulated selections: quest, oracle, "
+                    "quest-oracle-last, dense-last, rescore:R (default %s)"
+                    % ",".join(MODES))
+    ap.add_argument("--torch-cuda", action="store_true",
+                    help="run the O(T^2) attention in float64 with torch on "
+                    "a CUDA device (the same float64 computation)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.torch_cuda:
+        global TORCH
+        import torch
+        TORCH = torch
     with open(a.text, "rb") as f:
         f.seek(a.offset)
         data = f.read(a.prefill + a.steps + 1)
@@ -312,7 +387,7 @@ def main():
             continue
         t0 = time.time()
         em = emulate(model, toks, a.prefill, a.steps, dense, a.page, sink,
-                     window, b)
+                     window, b, a.modes.split(","))
         for mode, v in em.items():
             r = dict(base, policy="emul-" + mode, budget=b, sink=sink,
                      window=window, page=a.page,

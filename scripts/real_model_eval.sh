@@ -5,17 +5,20 @@
 # (scripts/hf_reference.py). One JSON line per result in $OUT/*.jsonl;
 # scripts/real_model_tables.py turns them into the tables.
 #
-#   scripts/real_model_eval.sh reference PREFILL STEPS [NWIN]
+#   scripts/real_model_eval.sh reference PREFILL STEPS [NWIN] [--torch-cuda]
 #   scripts/real_model_eval.sh engine PREFILL STEPS [NWIN] [extra eval args]
 #   scripts/real_model_eval.sh emulate PREFILL STEPS [NWIN] [extra args]
 #
 # Environment: MODEL (default ../shared/models/tinylm-code-32k),
 # PYLIB (default: this Python's standard library), OUT (default
-# build/accuracy-real).
+# build/accuracy-real), PYTHON (default python3), LLAMA (default
+# build/examples/llama).
 set -eu
 MODEL=${MODEL:-../shared/models/tinylm-code-32k}
 PYLIB=${PYLIB:-/root/.pyenv/versions/3.11.7/lib/python3.11}
 OUT=${OUT:-build/accuracy-real}
+PYTHON=${PYTHON:-python3}
+LLAMA=${LLAMA:-build/examples/llama}
 # The windows: one file each (every one >= 33 KB, so the 32K windows fit),
 # read from byte offset 0. Different modules, different authors and styles.
 # WINDOWS="name ..." runs a subset.
@@ -31,15 +34,15 @@ for f in $FILES; do
     t=$PYLIB/$f.py
     case $mode in
     reference)
-        python3 scripts/hf_reference.py --model "$MODEL" --text "$t" \
-            --offset $OFFSET --prefill "$N" --steps "$M" --json \
+        $PYTHON scripts/hf_reference.py --model "$MODEL" --text "$t" \
+            --offset $OFFSET --prefill "$N" --steps "$M" "$@" --json \
             >> "$OUT/reference-$N-$M.jsonl" ;;
     emulate)
-        python3 scripts/hf_reference.py --model "$MODEL" --text "$t" \
+        $PYTHON scripts/hf_reference.py --model "$MODEL" --text "$t" \
             --offset $OFFSET --prefill "$N" --steps "$M" --emulate "$@" \
             --json >> "$OUT/emulate-$N-$M.jsonl" ;;
     engine)
-        build/examples/llama eval --model "$MODEL" --text "$t" \
+        "$LLAMA" eval --model "$MODEL" --text "$t" \
             --offset $OFFSET --prefill "$N" --steps "$M" "$@" --json |
             sed "s|^{|{\"text\":\"$t\",\"args\":\"$*\",|" \
             > "$OUT/.engine.$$"
