@@ -9,7 +9,9 @@
 #        DECODE_NAME: another build's decode), plot (a PNG per decode CSV);
 #        check-exp memcheck-exp (the same with FKV_CUDA_EXPERIMENTAL=1);
 #        llama-selfcheck llama-eval llama-bench (the engine example:
-#        LLAMA_BIN, LLAMA_MODEL, LLAMA_TEXT; LLAMA_BENCH_ARGS).
+#        LLAMA_BIN, LLAMA_MODEL, LLAMA_TEXT; LLAMA_BENCH_ARGS);
+#        suites-san (racecheck and synccheck of each suite in SAN_SUITES,
+#        all at once, FKV_CUDA_EXPERIMENTAL as set by the caller; SAN_LIMIT).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -31,15 +33,15 @@ step() { # name, limit, command...
 
 for s in "$@"; do
     case $s in
-    check) step check 150 build/tests/freekv_tests ;;
-    memcheck) FKV_TEST_GPU_ONLY=1 step memcheck 240 compute-sanitizer --tool memcheck \
+    check) step check "${CHECK_LIMIT:-150}" build/tests/freekv_tests ;;
+    memcheck) FKV_TEST_GPU_ONLY=1 step memcheck "${MEMCHECK_LIMIT:-240}" compute-sanitizer --tool memcheck \
             --report-api-errors no --error-exitcode 9 build/tests/freekv_tests ;;
     racecheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step racecheck 120 \
             compute-sanitizer --tool racecheck --error-exitcode 9 build/tests/freekv_tests ;;
     synccheck) FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=gpu:freekv step synccheck 120 \
             compute-sanitizer --tool synccheck --error-exitcode 9 build/tests/freekv_tests ;;
-    check-exp) FKV_CUDA_EXPERIMENTAL=1 step check-exp 150 build/tests/freekv_tests ;;
-    memcheck-exp) FKV_CUDA_EXPERIMENTAL=1 FKV_TEST_GPU_ONLY=1 step memcheck-exp 240 \
+    check-exp) FKV_CUDA_EXPERIMENTAL=1 step check-exp "${CHECK_LIMIT:-150}" build/tests/freekv_tests ;;
+    memcheck-exp) FKV_CUDA_EXPERIMENTAL=1 FKV_TEST_GPU_ONLY=1 step memcheck-exp "${MEMCHECK_LIMIT:-240}" \
             compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 9 \
             build/tests/freekv_tests ;;
     llama-selfcheck) step llama-selfcheck 240 "$LLAMA_BIN" selfcheck-gpu \
@@ -55,6 +57,16 @@ for s in "$@"; do
             step "llama-bench-$ctx-$b${g:+-graph}" 200 "$LLAMA_BIN" bench --backend cuda \
                 ${g:+--graph} --shape llama3-8b --batch "$b" --context "$ctx" --steps 20 \
                 --policies dense,resident,sync,freekv ${LLAMA_BENCH_ARGS:-}
+        done ;;
+    suites-san) # every (tool, suite) at once: racecheck runs are slow
+        for t in racecheck synccheck; do for su in ${SAN_SUITES:?}; do
+            FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=$su timeout "${SAN_LIMIT:-480}" \
+                compute-sanitizer --tool $t --error-exitcode 9 build/tests/freekv_tests \
+                >"$logs/$t-$su.log" 2>&1 &
+        done; done
+        wait
+        for f in "$logs"/racecheck-gpu:*.log "$logs"/synccheck-gpu:*.log; do
+            [ -e "$f" ] && summary+=("$(basename "$f" .log): $(grep -E '^[0-9]+%: Checks|SUMMARY' "$f" | tr '\n' ' ')")
         done ;;
     attend) step attend "${ATTEND_LIMIT:-150}" build/bench/attend --csv "$logs/attend.csv" ;;
     recall) step recall "${RECALL_LIMIT:-150}" build/bench/recall --csv "$logs/recall.csv" ;;
