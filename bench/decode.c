@@ -43,7 +43,6 @@
 #define BENCH_WITH_CUBLAS
 #include "bench.h"
 
-#include <ctype.h>
 #include <stdbool.h>
 
 /* ------------------------------------------------------------------------ */
@@ -192,41 +191,6 @@ static double parse_double(const char *flag, const char *v)
     return x;
 }
 
-static int parse_policies(const char *s, fkv_policy *out)
-{
-    int n = 0;
-    while (*s) {
-        char word[32];
-        size_t len = strcspn(s, ",");
-        if (len == 0 || len >= sizeof word)
-            return -1;
-        for (size_t i = 0; i < len; i++)
-            word[i] = (char)toupper((unsigned char)s[i]);
-        word[len] = '\0';
-        fkv_policy p;
-        if (!strcmp(word, "FREEKV"))
-            p = FKV_POLICY_FREEKV;
-        else if (!strcmp(word, "SYNC"))
-            p = FKV_POLICY_SYNC;
-        else if (!strcmp(word, "RESIDENT"))
-            p = FKV_POLICY_RESIDENT;
-        else if (!strcmp(word, "DENSE"))
-            p = FKV_POLICY_DENSE;
-        else
-            return -1;
-        for (int i = 0; i < n; i++)
-            if (out[i] == p)
-                return -1;
-        if (n == NUM_POLICIES)
-            return -1;
-        out[n++] = p;
-        s += len;
-        if (*s == ',')
-            s++;
-    }
-    return n;
-}
-
 /* smoke_sizes: start from the --smoke sizes even without the flag (the CPU
  * backend's defaults). */
 static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
@@ -365,7 +329,8 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
                 if (a->batches[b] > 1024)
                     bench_die("--batches: at most 1024");
         } else if (!strcmp(name, "--policies")) {
-            a->n_policies = parse_policies(val, a->policies);
+            a->n_policies =
+                bench_parse_policies(val, a->policies, NUM_POLICIES);
             if (a->n_policies <= 0)
                 bench_die("--policies: a list of FREEKV, RESIDENT, SYNC, "
                           "DENSE, each once");

@@ -41,7 +41,6 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
-#define BENCH_DIE_PREFIX "recall: FAILED: "
 #define BENCH_WITH_CUBLAS
 
 #include "bench.h"
@@ -242,6 +241,7 @@ static int parse_args(int argc, char **argv, config *c)
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("recall: FAILED: ");
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
@@ -1424,6 +1424,7 @@ static void write_csv(const char *path)
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("recall: FAILED: ");
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
