@@ -34,6 +34,12 @@
  * stable (cosine above 0.9) and 15% volatile, the spread the FreeKV paper
  * reports, on the same keys.
  *
+ * Also per row: the host time inside the fkv calls and, separately, in the
+ * GEMM enqueues; the pages moved inside fkv_attend (critical path). FREEKV
+ * runs once per --thresholds entry, with --criterion's rule. --graph (CUDA)
+ * captures one whole step once per configuration and replays it for the
+ * timed steps (docs/benchmarks.md, "Method").
+ *
  * Output: progress on stderr, the table (and the FREEKV ratios) on stdout
  * at the end, a CSV with one row per configuration with --csv FILE (written
  * as each configuration finishes). --help lists the flags.
