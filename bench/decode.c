@@ -169,9 +169,10 @@ static void usage(FILE *f)
         "  --thresholds LIST     FREEKV once per threshold, e.g. 0.8,0.9,off\n"
         "                        (the other policies run once)\n"
         "  --criterion cosine|bounded   FREEKV's correction criterion (default\n"
-        "                        cosine); bounded on CUDA needs\n"
-        "                        FKV_CUDA_EXPERIMENTAL=1 and the code, else its\n"
-        "                        rows say \"unsupported\"\n"
+        "                        cosine); where the backend refuses bounded\n"
+        "                        (CUDA, until its code lands behind\n"
+        "                        FKV_CUDA_EXPERIMENTAL=1) the rows say\n"
+        "                        \"unsupported\"\n"
         "  --min-mass X --max-pages N   bounded's correction_min_mass (default\n"
         "                        0.002) and correction_max_pages (default 32)\n"
         "  --graph               (CUDA) capture one whole decode step (every\n"
@@ -504,6 +505,7 @@ typedef struct engine {
     size_t w_qkv, w_o, w_gu, w_down, w_layer; /* element offsets, per layer */
     size_t n_qkv;                              /* (q + 2 kv) * head_dim */
     void *x, *qkv, *h, *gu;
+    void *blas_ws; /* --graph: cuBLAS's workspace, set explicitly */
     size_t weight_bytes;
 #endif
 } engine;
@@ -584,6 +586,14 @@ static void engine_cuda_init(engine *e, const args *a)
         cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
     BENCH_CUBLAS_CHECK(cublasCreate(&e->blas));
     BENCH_CUBLAS_CHECK(cublasSetStream(e->blas, e->stream));
+    if (a->graph) {
+        /* A workspace of our own, so that no capture makes cuBLAS allocate
+         * one (as examples/llama does; set after the stream, which resets
+         * it). */
+        const size_t ws = (size_t)32 << 20;
+        BENCH_CUDA_CHECK(cudaMalloc(&e->blas_ws, ws));
+        BENCH_CUBLAS_CHECK(cublasSetWorkspace(e->blas, e->blas_ws, ws));
+    }
 
     /* Bandwidths: one 256 MiB pinned host-to-device copy, one 1 GiB
      * device-to-device copy. */
@@ -649,6 +659,8 @@ static void engine_cuda_free(engine *e)
     BENCH_CUDA_CHECK(cudaFree(e->gu));
     BENCH_CUDA_CHECK(cudaFree(e->out));
     BENCH_CUBLAS_CHECK(cublasDestroy(e->blas));
+    if (e->blas_ws)
+        BENCH_CUDA_CHECK(cudaFree(e->blas_ws));
     BENCH_CUDA_CHECK(cudaStreamDestroy(e->stream));
 }
 #endif /* FKV_WITH_CUDA */
