@@ -1441,6 +1441,13 @@ static bool time_replays(run_ctx *rc, int t0, int steps, int with_fkv,
     ok = true;
 done:
     rc->staged = 0;
+    if (!ok && with_fkv) {
+        /* A capture cut short counted its calls on the host: fkv_sync
+         * brings the host's view back to the device's (its status is not
+         * the reason reported). */
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(e->stream));
+        (void)fkv_sync(rc->cache);
+    }
     if (exec)
         BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
     if (graph)
