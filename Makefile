@@ -140,9 +140,15 @@ EXAMPLE_SRCS := $(wildcard examples/*.c)
 EXAMPLE_OBJS := $(EXAMPLE_SRCS:%.c=$(BUILD)/%.o)
 EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 
-BENCH_C    := $(wildcard bench/*.c)
+# bench/: every .c is one program, except the support files below, which
+# every bench program links (and the unit tests, for bench/workload.h).
+BENCH_SUPPORT_C := bench/bench.c bench/bench_data.c bench/workload_gen.c \
+                   bench/workload_session.c bench/workload_measure.c
+BENCH_SUPPORT_OBJS := $(BENCH_SUPPORT_C:%.c=$(BUILD)/%.o)
+BENCH_C    := $(filter-out $(BENCH_SUPPORT_C),$(wildcard bench/*.c))
 BENCH_CU   := $(if $(filter 1,$(CUDA)),$(wildcard bench/*.cu))
-BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o)
+BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o) \
+              $(BENCH_SUPPORT_OBJS)
 BENCH_C_BINS  := $(BENCH_C:bench/%.c=$(BUILD)/bench/%)
 BENCH_CU_BINS := $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 # cuBLAS for the benchmarks' model stand-in. Static when the toolkit has the
@@ -311,9 +317,11 @@ $(TEST_OBJS): EXTRA_CFLAGS = $(CHECK_CFLAGS)
 $(TEST_OBJS): | $(CHECK_STAMP)
 
 # tests/test_llama.c links the llama engine's loader and CPU path (OpenMP).
-$(TEST_BIN): $(TEST_OBJS) $(LLAMA_TEST_OBJS) $(STATIC_LIB)
+# tests/test_accuracy.c runs bench/workload.h's workloads (BENCH_SUPPORT_OBJS).
+$(TEST_BIN): $(TEST_OBJS) $(LLAMA_TEST_OBJS) $(BENCH_SUPPORT_OBJS) $(STATIC_LIB)
 	@mkdir -p $(@D)
-	$(CC) $(ALL_LDFLAGS) -fopenmp -o $@ $(TEST_OBJS) $(LLAMA_TEST_OBJS) $(STATIC_LIB) \
+	$(CC) $(ALL_LDFLAGS) -fopenmp -o $@ $(TEST_OBJS) $(LLAMA_TEST_OBJS) \
+	  $(BENCH_SUPPORT_OBJS) $(STATIC_LIB) \
 	  $(CHECK_LIBS) $(SYS_LIBS)
 
 ifneq ($(CHECK_STAMP),)
@@ -373,8 +381,10 @@ demo: $(BUILD)/examples/demo
 	$(BUILD)/examples/demo
 
 # --- benchmarks (nothing to do when bench/ has no sources) ------------------
-# Each bench/*.c (and bench/*.cu with CUDA=1) is one program; headers
-# (bench/bench.h) and scripts (bench/*.py) are not built.
+# Each bench/*.c (and bench/*.cu with CUDA=1) is one program, but for
+# BENCH_SUPPORT_C (bench.c, bench_data.c, workload_*.c: the definitions of
+# bench/bench.h and bench/workload.h), which each program links; scripts
+# (bench/*.py) are not built.
 #   make bench         build them
 #   make bench-smoke   build them and run each with --smoke (tiny sizes, CPU
 #                      backend where there is no GPU; what CI runs)
@@ -382,11 +392,13 @@ demo: $(BUILD)/examples/demo
 
 BENCH_BINS := $(BENCH_C_BINS) $(BENCH_CU_BINS)
 
-$(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(STATIC_LIB)
-	$(CC) $(ALL_LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
+$(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BENCH_SUPPORT_OBJS) $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(STATIC_LIB) \
+	  $(BENCH_LIBS) $(SYS_LIBS)
 
-$(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(STATIC_LIB)
-	$(CC) $(LDFLAGS) -o $@ $< $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
+$(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(BENCH_SUPPORT_OBJS) $(STATIC_LIB)
+	$(CC) $(LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(STATIC_LIB) \
+	  $(BENCH_LIBS) $(SYS_LIBS)
 
 bench: $(BENCH_BINS)
 	@:

@@ -40,7 +40,6 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
-#define BENCH_DIE_PREFIX "attend: FAILED: "
 
 #include "bench.h"
 
@@ -996,6 +995,7 @@ static void bench_resident(const config *c, const data *d,
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("attend: FAILED: ");
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;

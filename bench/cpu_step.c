@@ -14,7 +14,6 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
-#define BENCH_DIE_PREFIX "cpu_step: "
 #include "bench.h"
 
 typedef struct args {
@@ -59,28 +58,6 @@ static int parse_dtypes(const char *s, args *a)
         s += n + (s[n] == ',');
     }
     return a->ndtypes > 0 ? 0 : -1;
-}
-
-static int parse_policies(const char *s, args *a)
-{
-    static const fkv_policy all[4] = {FKV_POLICY_FREEKV, FKV_POLICY_RESIDENT,
-                                      FKV_POLICY_SYNC, FKV_POLICY_DENSE};
-    a->npolicies = 0;
-    while (*s && a->npolicies < 4) {
-        size_t n = strcspn(s, ",");
-        int found = 0;
-        for (int i = 0; i < 4; i++) {
-            const char *name = bench_policy_name(all[i]);
-            if (strlen(name) == n && !strncmp(s, name, n)) {
-                a->policies[a->npolicies++] = all[i];
-                found = 1;
-            }
-        }
-        if (!found)
-            return -1;
-        s += n + (s[n] == ',');
-    }
-    return a->npolicies > 0 ? 0 : -1;
 }
 
 static void parse_args(int argc, char **argv, args *a)
@@ -134,7 +111,8 @@ static void parse_args(int argc, char **argv, args *a)
             if (parse_dtypes(v, a))
                 bench_die("--dtypes: f32, f16 or bf16, not '%s'", v);
         } else if (!strcmp(f, "--policies")) {
-            if (parse_policies(v, a))
+            a->npolicies = bench_parse_policies(v, a->policies, 4);
+            if (a->npolicies < 0)
                 bench_die("--policies: DENSE, RESIDENT, FREEKV or SYNC, "
                           "not '%s'", v);
         } else if (!strcmp(f, "--contexts")) {
@@ -243,6 +221,7 @@ static double run_one(const args *a, fkv_dtype dt, fkv_policy pol,
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("cpu_step: ");
     args a;
     parse_args(argc, argv, &a);
     printf("CPU backend, %d layer(s), q_heads %d, kv_heads %d, head_dim %d, "

@@ -34,6 +34,12 @@
  * stable (cosine above 0.9) and 15% volatile, the spread the FreeKV paper
  * reports, on the same keys.
  *
+ * Also per row: the host time inside the fkv calls and, separately, in the
+ * GEMM enqueues; the pages moved inside fkv_attend (critical path). FREEKV
+ * runs once per --thresholds entry, with --criterion's rule. --graph (CUDA)
+ * captures one whole step once per configuration and replays it for the
+ * timed steps (docs/benchmarks.md, "Method").
+ *
  * Output: progress on stderr, the table (and the FREEKV ratios) on stdout
  * at the end, a CSV with one row per configuration with --csv FILE (written
  * as each configuration finishes). --help lists the flags.
@@ -43,7 +49,6 @@
 #define BENCH_WITH_CUBLAS
 #include "bench.h"
 
-#include <ctype.h>
 #include <stdbool.h>
 
 /* ------------------------------------------------------------------------ */
@@ -103,7 +108,13 @@ typedef struct args {
     char model_label[48]; /* the preset's name, or "custom" */
     int layers, q_heads, kv_heads, head_dim, hidden, intermediate;
     int page, budget, sink, window;
-    double threshold;
+    double threshold;                /* thresholds[0] */
+    double thresholds[MAX_LIST];     /* FREEKV runs once per threshold */
+    int n_thresholds;
+    int criterion;                   /* fkv_correction_criterion */
+    double min_mass;                 /* BOUNDED */
+    int max_pages;                   /* BOUNDED */
+    int graph;                       /* --graph: replay a captured step */
     int paper_trace; /* --trace paper (else drift) */
     int64_t contexts[MAX_LIST];
     int n_contexts;
@@ -154,7 +165,21 @@ static void usage(FILE *f)
         "  --page N --budget N --sink N --window N   cache (default: the\n"
         "                        library's, 32, 2048, 512, 512)\n"
         "  --threshold X         correction threshold (default: the library's,\n"
-        "                        0.9)\n"
+        "                        0.9); \"off\" turns correction off\n"
+        "  --thresholds LIST     FREEKV once per threshold, e.g. 0.8,0.9,off\n"
+        "                        (the other policies run once)\n"
+        "  --criterion cosine|bounded   FREEKV's correction criterion (default\n"
+        "                        cosine); where the backend refuses bounded\n"
+        "                        (CUDA, until its code lands behind\n"
+        "                        FKV_CUDA_EXPERIMENTAL=1) the rows say\n"
+        "                        \"unsupported\"\n"
+        "  --min-mass X --max-pages N   bounded's correction_min_mass (default\n"
+        "                        0.002) and correction_max_pages (default 32)\n"
+        "  --graph               (CUDA) capture one whole decode step (every\n"
+        "                        layer's fkv calls and GEMMs) in a CUDA graph\n"
+        "                        after the warm-up, replay it for the timed\n"
+        "                        steps; a policy whose step cannot be captured\n"
+        "                        gets a \"no-graph\" row, not eager timings\n"
         "  --trace drift|paper   query trace: drift (default; every head\n"
         "                        drifts alike, cosine 0.7-0.85) or paper (most\n"
         "                        heads stable above 0.9, 15%% volatile)\n"
@@ -185,45 +210,28 @@ static int parse_int(const char *flag, const char *v, int lo, int hi)
 
 static double parse_double(const char *flag, const char *v)
 {
-    char *end = NULL;
-    double x = strtod(v, &end);
-    if (end == v || *end != '\0' || !(x == x))
+    double x;
+    if (bench_parse_double(v, &x) != 0)
         bench_die("%s: expected a number, got '%s'", flag, v);
     return x;
 }
 
-static int parse_policies(const char *s, fkv_policy *out)
+/* "0.8,0.9,off" into out[0..MAX_LIST); "off" is FKV_CORRECTION_OFF. */
+static int parse_thresholds(const char *flag, const char *v, double *out)
 {
+    char buf[256];
     int n = 0;
-    while (*s) {
-        char word[32];
-        size_t len = strcspn(s, ",");
-        if (len == 0 || len >= sizeof word)
-            return -1;
-        for (size_t i = 0; i < len; i++)
-            word[i] = (char)toupper((unsigned char)s[i]);
-        word[len] = '\0';
-        fkv_policy p;
-        if (!strcmp(word, "FREEKV"))
-            p = FKV_POLICY_FREEKV;
-        else if (!strcmp(word, "SYNC"))
-            p = FKV_POLICY_SYNC;
-        else if (!strcmp(word, "RESIDENT"))
-            p = FKV_POLICY_RESIDENT;
-        else if (!strcmp(word, "DENSE"))
-            p = FKV_POLICY_DENSE;
-        else
-            return -1;
-        for (int i = 0; i < n; i++)
-            if (out[i] == p)
-                return -1;
-        if (n == NUM_POLICIES)
-            return -1;
-        out[n++] = p;
-        s += len;
-        if (*s == ',')
-            s++;
+    if (strlen(v) >= sizeof buf)
+        bench_die("%s: list too long", flag);
+    strcpy(buf, v);
+    for (char *t = strtok(buf, ","); t; t = strtok(NULL, ",")) {
+        if (n == MAX_LIST)
+            bench_die("%s: at most %d thresholds", flag, MAX_LIST);
+        out[n++] = !strcmp(t, "off") ? (double)FKV_CORRECTION_OFF
+                                     : parse_double(flag, t);
     }
+    if (n == 0)
+        bench_die("%s: expected numbers or off, got '%s'", flag, v);
     return n;
 }
 
@@ -243,6 +251,9 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
         a->sink = lib.sink_tokens;
         a->window = lib.window_tokens;
         a->threshold = lib.correction_threshold;
+        a->criterion = lib.correction_criterion;
+        a->min_mass = lib.correction_min_mass;
+        a->max_pages = lib.correction_max_pages;
     }
     a->contexts[0] = 8192;
     a->contexts[1] = 32768;
@@ -305,11 +316,16 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
             a->gemm = 0;
             continue;
         }
+        if (!strcmp(flag, "--graph")) {
+            a->graph = 1;
+            continue;
+        }
         static const char *const with_value[] = {
             "--model", "--layers", "--q-heads", "--kv-heads", "--head-dim",
             "--intermediate", "--contexts", "--batches", "--policies",
             "--steps", "--warmup", "--churn-steps", "--prefill-chunk",
             "--page", "--budget", "--sink", "--window", "--threshold", "--trace",
+            "--thresholds", "--criterion", "--min-mass", "--max-pages",
             "--host-mem-gib", "--time-limit", "--backend", "--device", "--csv",
             "--seed"};
         size_t flag_len = eq ? (size_t)(eq - flag) : strlen(flag);
@@ -365,7 +381,8 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
                 if (a->batches[b] > 1024)
                     bench_die("--batches: at most 1024");
         } else if (!strcmp(name, "--policies")) {
-            a->n_policies = parse_policies(val, a->policies);
+            a->n_policies =
+                bench_parse_policies(val, a->policies, NUM_POLICIES);
             if (a->n_policies <= 0)
                 bench_die("--policies: a list of FREEKV, RESIDENT, SYNC, "
                           "DENSE, each once");
@@ -385,8 +402,24 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
             a->sink = parse_int(name, val, 0, 1 << 24);
         else if (!strcmp(name, "--window"))
             a->window = parse_int(name, val, 0, 1 << 24);
-        else if (!strcmp(name, "--threshold"))
-            a->threshold = parse_double(name, val);
+        else if (!strcmp(name, "--threshold")) {
+            a->n_thresholds = parse_thresholds(name, val, a->thresholds);
+            if (a->n_thresholds != 1)
+                bench_die("--threshold: one number or off (a list: "
+                          "--thresholds)");
+        } else if (!strcmp(name, "--thresholds"))
+            a->n_thresholds = parse_thresholds(name, val, a->thresholds);
+        else if (!strcmp(name, "--criterion")) {
+            if (!strcmp(val, "cosine"))
+                a->criterion = FKV_CRITERION_COSINE;
+            else if (!strcmp(val, "bounded"))
+                a->criterion = FKV_CRITERION_BOUNDED;
+            else
+                bench_die("--criterion: cosine or bounded, not '%s'", val);
+        } else if (!strcmp(name, "--min-mass"))
+            a->min_mass = parse_double(name, val);
+        else if (!strcmp(name, "--max-pages"))
+            a->max_pages = parse_int(name, val, 0, 1 << 20);
         else if (!strcmp(name, "--trace")) {
             if (!strcmp(val, "paper"))
                 a->paper_trace = 1;
@@ -417,6 +450,12 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
         else
             bench_die("unknown flag '%s'", name); /* not in with_value */
     }
+
+    if (a->n_thresholds == 0) {
+        a->thresholds[0] = a->threshold;
+        a->n_thresholds = 1;
+    }
+    a->threshold = a->thresholds[0];
 
     const model_preset *m = a->model;
     if (a->layers < 0)
@@ -466,6 +505,7 @@ typedef struct engine {
     size_t w_qkv, w_o, w_gu, w_down, w_layer; /* element offsets, per layer */
     size_t n_qkv;                              /* (q + 2 kv) * head_dim */
     void *x, *qkv, *h, *gu;
+    void *blas_ws; /* --graph: cuBLAS's workspace, set explicitly */
     size_t weight_bytes;
 #endif
 } engine;
@@ -546,6 +586,14 @@ static void engine_cuda_init(engine *e, const args *a)
         cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking));
     BENCH_CUBLAS_CHECK(cublasCreate(&e->blas));
     BENCH_CUBLAS_CHECK(cublasSetStream(e->blas, e->stream));
+    if (a->graph) {
+        /* A workspace of our own, so that no capture makes cuBLAS allocate
+         * one (as examples/llama does; set after the stream, which resets
+         * it). */
+        const size_t ws = (size_t)32 << 20;
+        BENCH_CUDA_CHECK(cudaMalloc(&e->blas_ws, ws));
+        BENCH_CUBLAS_CHECK(cublasSetWorkspace(e->blas, e->blas_ws, ws));
+    }
 
     /* Bandwidths: one 256 MiB pinned host-to-device copy, one 1 GiB
      * device-to-device copy. */
@@ -611,6 +659,8 @@ static void engine_cuda_free(engine *e)
     BENCH_CUDA_CHECK(cudaFree(e->gu));
     BENCH_CUDA_CHECK(cudaFree(e->out));
     BENCH_CUBLAS_CHECK(cublasDestroy(e->blas));
+    if (e->blas_ws)
+        BENCH_CUDA_CHECK(cudaFree(e->blas_ws));
     BENCH_CUDA_CHECK(cudaStreamDestroy(e->stream));
 }
 #endif /* FKV_WITH_CUDA */
@@ -694,6 +744,10 @@ typedef struct workload {
     size_t coef_rows;
 #ifdef FKV_WITH_CUDA
     void *kbasis_dev, *vbasis_dev, *coef_dev;
+    /* --graph: one step's inputs, where the captured step reads them
+     * (copied from q_mem / kdec / vdec before each replay) */
+    void *q_cur;               /* [L][batch][QH][D] */
+    void *k_cur, *v_cur;       /* [L][batch][HD] */
 #endif
     bool on_device;
 } workload;
@@ -1049,6 +1103,11 @@ static void workload_alloc(engine *e, workload *w)
         w->vbasis_dev = bench_dev_alloc(0, basis);
         h2d(e, w->kbasis_dev, w->kbasis, basis);
         h2d(e, w->vbasis_dev, w->vbasis, basis);
+        if (w->a->graph) {
+            w->q_cur = bench_dev_alloc(0, L * B * (size_t)w->QH * w->D * 2);
+            w->k_cur = bench_dev_alloc(0, L * B * HD * 2);
+            w->v_cur = bench_dev_alloc(0, L * B * HD * 2);
+        }
     }
 #endif
 
@@ -1080,6 +1139,11 @@ static void workload_free(engine *e, workload *w)
         bench_dev_free(0, w->coef_dev);
         bench_dev_free(0, w->kbasis_dev);
         bench_dev_free(0, w->vbasis_dev);
+        if (w->q_cur) {
+            bench_dev_free(0, w->q_cur);
+            bench_dev_free(0, w->k_cur);
+            bench_dev_free(0, w->v_cur);
+        }
     }
 #endif
     bench_dev_free(host, w->kdec);
@@ -1106,16 +1170,24 @@ typedef enum run_status {
     RUN_HOST_MEM,
     RUN_DEVICE_MEM,
     RUN_TIME_LIMIT,
-    RUN_OOM
+    RUN_OOM,
+    RUN_UNSUPPORTED, /* the library refused the options (FKV_ERR_UNSUPPORTED) */
+    RUN_NO_GRAPH     /* --graph: the step could not be captured or replayed */
 } run_status;
 
 typedef struct result {
     int64_t ctx;
     int batch, batch_index;
     fkv_policy policy;
+    double threshold; /* in the options (FREEKV's; the others ignore it) */
+    int threshold_index; /* in args.thresholds: the table keeps that order */
     run_status status;
     char note[160];
     double ms_median, ms_p90, host_ms; /* per step; host: enqueue time */
+    /* Host time per step inside the fkv calls, and enqueueing the GEMM
+     * stand-ins (medians; NAN under --graph, where a step is one launch) */
+    double lib_host_ms, gemm_host_ms;
+    double crit_pages; /* pages_recalled_critical per step */
     double tokens_per_s;
     double corrections, heads_checked; /* per step */
     double pages, bytes;               /* recalled per step */
@@ -1135,7 +1207,44 @@ typedef struct run_ctx {
     fkv_cache *cache;
     fkv_batch step;
     int batch;
+    /* Host time of the last decode_step inside the fkv calls and in the
+     * GEMM enqueues (a host clock read around each call). */
+    double lib_ms, gemm_host_ms;
+    /* Under capture: an fkv call that fails is recorded here (and the
+     * step's later fkv calls skipped) instead of ending the program. */
+    int soft;
+    fkv_status failed;
+    char fail_msg[140];
+    /* --graph: the step reads its inputs from w->q_cur, k_cur, v_cur. */
+    int staged;
 } run_ctx;
+
+static void step_check(run_ctx *rc, fkv_status st, const char *what,
+                       const char *file, int line)
+{
+    if (st == FKV_OK)
+        return;
+    if (!rc->soft)
+        bench_fkv_check(st, rc->cache, what, file, line);
+    if (rc->failed == FKV_OK) {
+        char msg[112];
+        fkv_last_error(rc->cache, msg, sizeof msg);
+        rc->failed = st;
+        snprintf(rc->fail_msg, sizeof rc->fail_msg, "%s: %s",
+                 fkv_status_string(st), msg);
+    }
+}
+
+/* An fkv call of the step: timed into rc->lib_ms, checked. */
+#define STEP_FKV(rc, call)                                                   \
+    do {                                                                     \
+        if ((rc)->failed == FKV_OK) {                                        \
+            double t_ = bench_now_ms();                                      \
+            fkv_status st_ = (call);                                         \
+            (rc)->lib_ms += bench_now_ms() - t_;                             \
+            step_check((rc), st_, #call, __FILE__, __LINE__);                \
+        }                                                                    \
+    } while (0)
 
 /* One decode step (every layer) at step index t of the trace. */
 static void decode_step(run_ctx *rc, int t, int with_fkv)
@@ -1147,45 +1256,212 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
     const int use_gemm = e->backend == FKV_BACKEND_CUDA && e->use_gemm;
     const int B = rc->batch, hid = a->hidden, inter = a->intermediate;
 #endif
+    rc->lib_ms = rc->gemm_host_ms = 0.0;
     for (int l = 0; l < L; l++) {
 #ifdef FKV_WITH_CUDA
         const uint16_t *wl = NULL;
         if (use_gemm) {
+            double t0 = bench_now_ms();
             wl = (const uint16_t *)e->weights + (size_t)l * e->w_layer;
             gemm_bf16(e, (int)e->n_qkv, B, hid, wl + e->w_qkv, e->x, hid,
                       e->qkv);
+            rc->gemm_host_ms += bench_now_ms() - t0;
         }
 #endif
         if (with_fkv) {
             workload *w = rc->w;
             const size_t Bz = (size_t)w->batch;
-            const size_t kv_off =
-                (((size_t)l * w->T + (size_t)t) * Bz) * w->HD * 2;
-            const size_t q_off =
-                (((size_t)t * w->L + (size_t)l) * Bz) * w->QH * w->D * 2;
-            const void *k = (const char *)w->kdec + kv_off;
-            const void *v = (const char *)w->vdec + kv_off;
-            const void *q = (const char *)w->q_mem + q_off;
+            const void *k, *v, *q;
+#ifdef FKV_WITH_CUDA
+            if (rc->staged) {
+                const size_t kv_off = (size_t)l * Bz * w->HD * 2;
+                k = (const char *)w->k_cur + kv_off;
+                v = (const char *)w->v_cur + kv_off;
+                q = (const char *)w->q_cur +
+                    (size_t)l * Bz * w->QH * w->D * 2;
+            } else
+#endif
+            {
+                const size_t kv_off =
+                    (((size_t)l * w->T + (size_t)t) * Bz) * w->HD * 2;
+                const size_t q_off =
+                    (((size_t)t * w->L + (size_t)l) * Bz) * w->QH * w->D * 2;
+                k = (const char *)w->kdec + kv_off;
+                v = (const char *)w->vdec + kv_off;
+                q = (const char *)w->q_mem + q_off;
+            }
             fkv_cache *c = rc->cache;
-            BENCH_FKV_CHECK(c, fkv_append(c, l, &rc->step, k, v));
-            BENCH_FKV_CHECK(c, fkv_attend(c, l, &rc->step, q, e->out));
-            BENCH_FKV_CHECK(c, fkv_select(c, l, &rc->step, q));
-            BENCH_FKV_CHECK(c, fkv_recall(c, l, &rc->step));
+            STEP_FKV(rc, fkv_append(c, l, &rc->step, k, v));
+            STEP_FKV(rc, fkv_attend(c, l, &rc->step, q, e->out));
+            STEP_FKV(rc, fkv_select(c, l, &rc->step, q));
+            STEP_FKV(rc, fkv_recall(c, l, &rc->step));
         }
 #ifdef FKV_WITH_CUDA
         if (use_gemm) {
+            double t0 = bench_now_ms();
             gemm_bf16(e, hid, B, hid, wl + e->w_o, e->out, hid, e->h);
             gemm_bf16(e, 2 * inter, B, hid, wl + e->w_gu, e->h, hid, e->gu);
             gemm_bf16(e, hid, B, inter, wl + e->w_down, e->gu, 2 * inter,
                       e->x);
+            rc->gemm_host_ms += bench_now_ms() - t0;
         }
 #endif
     }
 }
 
-/* Times `steps` steps after `warmup` ones, from trace step t0. */
-static void time_steps(run_ctx *rc, int t0, int warmup, int steps,
-                       int with_fkv, double *ms, double *host_ms)
+/* Per timed step: device (or host) time, host enqueue time, host time in
+ * the fkv calls and in the GEMM enqueues (the last two NAN for a replay). */
+typedef struct step_times {
+    double *ms, *host, *lib, *gemm;
+} step_times;
+
+static void step_times_alloc(step_times *st, int steps)
+{
+    st->ms = bench_xmalloc((size_t)steps * sizeof *st->ms);
+    st->host = bench_xmalloc((size_t)steps * sizeof *st->host);
+    st->lib = bench_xmalloc((size_t)steps * sizeof *st->lib);
+    st->gemm = bench_xmalloc((size_t)steps * sizeof *st->gemm);
+}
+
+static void step_times_free(step_times *st)
+{
+    free(st->ms);
+    free(st->host);
+    free(st->lib);
+    free(st->gemm);
+}
+
+#ifdef FKV_WITH_CUDA
+/* Copies trace step t's queries and new K/V where the captured step reads
+ * them (on the engine's stream, before the replay's start event). */
+static void stage_inputs(run_ctx *rc, int t)
+{
+    engine *e = rc->e;
+    workload *w = rc->w;
+    const size_t B = (size_t)w->batch, L = (size_t)w->L;
+    const size_t qstep = L * B * (size_t)w->QH * w->D * 2;
+    const size_t kvrow = B * (size_t)w->HD * 2;
+    BENCH_CUDA_CHECK(cudaMemcpyAsync(w->q_cur,
+                                     (const char *)w->q_mem + (size_t)t * qstep,
+                                     qstep, cudaMemcpyDeviceToDevice,
+                                     e->stream));
+    /* kdec is [L][T][batch][HD]: one row of batch * HD per layer. */
+    BENCH_CUDA_CHECK(cudaMemcpy2DAsync(
+        w->k_cur, kvrow, (const char *)w->kdec + (size_t)t * kvrow,
+        (size_t)w->T * kvrow, kvrow, L, cudaMemcpyDeviceToDevice, e->stream));
+    BENCH_CUDA_CHECK(cudaMemcpy2DAsync(
+        w->v_cur, kvrow, (const char *)w->vdec + (size_t)t * kvrow,
+        (size_t)w->T * kvrow, kvrow, L, cudaMemcpyDeviceToDevice, e->stream));
+}
+
+/* --graph: captures the step at trace index t0 once and replays it `steps`
+ * times (inputs of steps t0, t0 + 1, ... staged before each replay).
+ * Returns false with the reason in why when the step cannot be captured,
+ * instantiated or replayed. */
+static bool time_replays(run_ctx *rc, int t0, int steps, int with_fkv,
+                         step_times *out, char *why, size_t why_len)
+{
+    engine *e = rc->e;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t ce;
+    bool ok = false;
+    bench_timer tm;
+    if (with_fkv) {
+        /* Pool blocks for every token the replays and the churn run add:
+         * none can be allocated under capture (docs/design.md section 6). */
+        for (int s = 0; s < rc->batch; s++) {
+            fkv_status st = fkv_seq_reserve(rc->cache, rc->step.seq_ids[s],
+                                            rc->w->ctx + rc->w->T);
+            if (st != FKV_OK) {
+                snprintf(why, why_len, "fkv_seq_reserve: %s",
+                         fkv_status_string(st));
+                return false;
+            }
+        }
+        fkv_status st = fkv_sync(rc->cache);
+        if (st != FKV_OK) {
+            snprintf(why, why_len, "fkv_sync before capture: %s",
+                     fkv_status_string(st));
+            return false;
+        }
+    }
+    rc->staged = 1;
+    rc->soft = 1;
+    rc->failed = FKV_OK;
+    BENCH_CUDA_CHECK(cudaStreamBeginCapture(e->stream,
+                                            cudaStreamCaptureModeThreadLocal));
+    decode_step(rc, t0, with_fkv);
+    ce = cudaStreamEndCapture(e->stream, &graph);
+    rc->soft = 0;
+    if (rc->failed != FKV_OK || ce != cudaSuccess || !graph) {
+        snprintf(why, why_len, "not capturable: %s",
+                 rc->failed != FKV_OK ? rc->fail_msg : cudaGetErrorString(ce));
+        (void)cudaGetLastError(); /* a capture error is not sticky */
+        goto done;
+    }
+    ce = cudaGraphInstantiateWithFlags(&exec, graph,
+                                       cudaGraphInstantiateFlagUseNodePriority);
+    if (ce == cudaSuccess)
+        ce = cudaGraphUpload(exec, e->stream);
+    if (ce != cudaSuccess) {
+        snprintf(why, why_len, "graph instantiate: %s", cudaGetErrorString(ce));
+        (void)cudaGetLastError();
+        goto done;
+    }
+    bench_timer_init(&tm, 1, e->stream);
+    for (int i = 0; i < steps; i++) {
+        if (with_fkv)
+            stage_inputs(rc, t0 + i);
+        bench_timer_start(&tm);
+        ce = cudaGraphLaunch(exec, e->stream);
+        out->host[i] = bench_timer_stop(&tm);
+        if (ce != cudaSuccess)
+            break;
+        out->ms[i] = bench_timer_elapsed_ms(&tm);
+        out->lib[i] = out->gemm[i] = NAN;
+    }
+    bench_timer_free(&tm);
+    if (ce != cudaSuccess) {
+        snprintf(why, why_len, "graph launch: %s", cudaGetErrorString(ce));
+        goto done;
+    }
+    if (with_fkv) {
+        /* Refreshes the host's lengths; reports an append past the
+         * reservation. */
+        fkv_status st = fkv_sync(rc->cache);
+        if (st != FKV_OK) {
+            char msg[96];
+            fkv_last_error(rc->cache, msg, sizeof msg);
+            snprintf(why, why_len, "fkv_sync after replays: %s: %s",
+                     fkv_status_string(st), msg);
+            goto done;
+        }
+    }
+    ok = true;
+done:
+    rc->staged = 0;
+    if (!ok && with_fkv) {
+        /* A capture cut short counted its calls on the host: fkv_sync
+         * brings the host's view back to the device's (its status is not
+         * the reason reported). */
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(e->stream));
+        (void)fkv_sync(rc->cache);
+    }
+    if (exec)
+        BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    if (graph)
+        BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
+    return ok;
+}
+#endif
+
+/* Times `steps` steps after `warmup` ones, from trace step t0: eager, or
+ * with --graph (CUDA) replays of the step captured after the warm-up.
+ * Returns false (reason in why) when --graph cannot capture or replay. */
+static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
+                       int with_fkv, step_times *out, char *why,
+                       size_t why_len)
 {
     engine *e = rc->e;
     bench_timer tm;
@@ -1193,7 +1469,6 @@ static void time_steps(run_ctx *rc, int t0, int warmup, int steps,
 #ifdef FKV_WITH_CUDA
     stream = e->stream;
 #endif
-    bench_timer_init(&tm, e->backend == FKV_BACKEND_CUDA, stream);
     for (int i = 0; i < warmup; i++)
         decode_step(rc, t0 + i, with_fkv);
     if (with_fkv)
@@ -1201,15 +1476,26 @@ static void time_steps(run_ctx *rc, int t0, int warmup, int steps,
 #ifdef FKV_WITH_CUDA
     if (e->backend == FKV_BACKEND_CUDA)
         BENCH_CUDA_CHECK(cudaStreamSynchronize(e->stream));
+    if (rc->a->graph && e->backend == FKV_BACKEND_CUDA)
+        return time_replays(rc, t0 + warmup, steps, with_fkv, out, why,
+                            why_len);
 #endif
+    if (rc->a->graph) {
+        snprintf(why, why_len, "--graph needs the CUDA backend");
+        return false;
+    }
+    bench_timer_init(&tm, e->backend == FKV_BACKEND_CUDA, stream);
     for (int i = 0; i < steps; i++) {
         bench_timer_start(&tm);
         decode_step(rc, t0 + warmup + i, with_fkv);
-        host_ms[i] = bench_timer_stop(&tm);
+        out->host[i] = bench_timer_stop(&tm);
+        out->lib[i] = rc->lib_ms;
+        out->gemm[i] = rc->gemm_host_ms;
         /* Waits for the step, as an engine waits for its sampled token. */
-        ms[i] = bench_timer_elapsed_ms(&tm);
+        out->ms[i] = bench_timer_elapsed_ms(&tm);
     }
     bench_timer_free(&tm);
+    return true;
 }
 
 /* The GEMMs alone at batch index bi (once per batch). */
@@ -1226,13 +1512,17 @@ static void measure_gemm(engine *e, const args *a, int bi)
     rc.e = e;
     rc.a = a;
     rc.batch = (int)a->batches[bi];
-    double *ms = bench_xmalloc((size_t)a->steps * sizeof *ms);
-    double *hm = bench_xmalloc((size_t)a->steps * sizeof *hm);
-    time_steps(&rc, 0, a->warmup, a->steps, 0, ms, hm);
-    e->gemm_ms[bi] = bench_median(ms, (size_t)a->steps);
-    e->gemm_p90[bi] = bench_percentile(ms, (size_t)a->steps, 90.0);
-    free(ms);
-    free(hm);
+    step_times tt;
+    char why[160];
+    step_times_alloc(&tt, a->steps);
+    /* Under --graph the GEMMs alone are captured and replayed too, so that
+     * the bound is measured the way the steps are. */
+    if (time_steps(&rc, 0, a->warmup, a->steps, 0, &tt, why, sizeof why)) {
+        e->gemm_ms[bi] = bench_median(tt.ms, (size_t)a->steps);
+        e->gemm_p90[bi] = bench_percentile(tt.ms, (size_t)a->steps, 90.0);
+    } else
+        fprintf(stderr, "GEMMs alone at batch %d: %s\n", rc.batch, why);
+    step_times_free(&tt);
 }
 
 static uint64_t div_up(uint64_t x, uint64_t y)
@@ -1290,20 +1580,34 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
     const int batch = rc->batch;
     const int K = selected_pages_k(a);
     /* Warm-up and timed steps; stats over the timed steps only. */
-    double *ms = bench_xmalloc((size_t)a->steps * sizeof *ms);
-    double *hm = bench_xmalloc((size_t)a->steps * sizeof *hm);
-    time_steps(rc, 0, a->warmup, a->steps, 1, ms, hm);
+    step_times tt;
+    char why[160];
+    step_times_alloc(&tt, a->steps);
+    if (!time_steps(rc, 0, a->warmup, a->steps, 1, &tt, why, sizeof why)) {
+        res->status = RUN_NO_GRAPH;
+        snprintf(res->note, sizeof res->note, "%s", why);
+        step_times_free(&tt);
+        return;
+    }
     fkv_stats st;
     memset(&st, 0, sizeof st);
     st.struct_size = sizeof st;
     BENCH_FKV_CHECK(cache, fkv_get_stats(cache, &st));
-    if (st.steps != (uint64_t)a->steps)
+    /* steps counts fkv_attend calls on layer 0 on the host, which a
+     * captured step makes once however often it is replayed (the device
+     * counters count every replay): checked for eager steps only. */
+    if (!a->graph && st.steps != (uint64_t)a->steps)
         bench_die("fkv_get_stats counted %llu steps, %d were timed",
                   (unsigned long long)st.steps, a->steps);
     const double n_steps = (double)a->steps;
-    res->ms_median = bench_median(ms, (size_t)a->steps);
-    res->ms_p90 = bench_percentile(ms, (size_t)a->steps, 90.0);
-    res->host_ms = bench_median(hm, (size_t)a->steps);
+    res->ms_median = bench_median(tt.ms, (size_t)a->steps);
+    res->ms_p90 = bench_percentile(tt.ms, (size_t)a->steps, 90.0);
+    res->host_ms = bench_median(tt.host, (size_t)a->steps);
+    res->lib_host_ms = bench_median(tt.lib, (size_t)a->steps);
+    res->gemm_host_ms = bench_median(tt.gemm, (size_t)a->steps);
+    res->crit_pages = (double)st.pages_recalled_critical / n_steps;
+    if (!rc->e->use_gemm)
+        res->gemm_host_ms = NAN;
     res->tokens_per_s = batch / (res->ms_median * 1e-3);
     res->corrections = (double)st.corrections / n_steps;
     res->heads_checked = (double)st.heads_checked / n_steps;
@@ -1314,8 +1618,7 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
                              : 0.0;
     res->device_bytes = st.device_bytes;
     res->host_bytes = st.host_bytes;
-    free(ms);
-    free(hm);
+    step_times_free(&tt);
 
     /* Churn: an un-timed run reading the selected pages of a sample of
      * (layer, sequence, KV head) after every step. */
@@ -1377,25 +1680,28 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
 }
 
 /* A set-up call (create, open, prefill append): out of memory means the
- * configuration does not fit after all (the estimate missed), recorded in
- * res and returned as true; any other failure ends the program. */
+ * configuration does not fit after all (the estimate missed), and
+ * FKV_ERR_UNSUPPORTED that the backend lacks the options (BOUNDED on CUDA
+ * without FKV_CUDA_EXPERIMENTAL): recorded in res and returned as true; any
+ * other failure ends the program. */
 static bool setup_call(fkv_status st, const fkv_cache *cache,
                        const char *what, result *res)
 {
     if (st == FKV_OK)
         return false;
-    if (st != FKV_ERR_OUT_OF_MEMORY)
+    if (st != FKV_ERR_OUT_OF_MEMORY && st != FKV_ERR_UNSUPPORTED)
         bench_fkv_check(st, cache, what, __FILE__, __LINE__);
     char msg[112];
     fkv_last_error(cache, msg, sizeof msg);
-    res->status = RUN_OOM;
-    snprintf(res->note, sizeof res->note, "out of memory in %s: %s", what,
-             msg);
+    res->status = st == FKV_ERR_UNSUPPORTED ? RUN_UNSUPPORTED : RUN_OOM;
+    snprintf(res->note, sizeof res->note, "%s in %s: %s",
+             st == FKV_ERR_UNSUPPORTED ? "unsupported" : "out of memory",
+             what, msg);
     return true;
 }
 
 static void run_config(engine *e, const args *a, int ci, int bi,
-                       fkv_policy policy, result *res)
+                       fkv_policy policy, double threshold, result *res)
 {
     const int64_t ctx = a->contexts[ci];
     const int batch = (int)a->batches[bi];
@@ -1453,7 +1759,10 @@ static void run_config(engine *e, const args *a, int ci, int bi,
     o.budget_tokens = a->budget;
     o.sink_tokens = a->sink;
     o.window_tokens = a->window;
-    o.correction_threshold = (float)a->threshold;
+    o.correction_threshold = (float)threshold;
+    o.correction_criterion = a->criterion;
+    o.correction_min_mass = (float)a->min_mass;
+    o.correction_max_pages = a->max_pages;
     o.policy = policy;
     o.max_sequences = batch;
     o.max_tokens_per_sequence = ctx + T;
@@ -1518,7 +1827,7 @@ static void run_config(engine *e, const args *a, int ci, int bi,
     free(seqs);
     free(ntok);
     workload_free(e, &w);
-    if (oom)
+    if (oom || res->status != RUN_OK)
         return;
 
     /* Lower bounds. */
@@ -1553,8 +1862,24 @@ static const char *status_name(run_status s)
     case RUN_DEVICE_MEM: return "device-mem";
     case RUN_TIME_LIMIT: return "time-limit";
     case RUN_OOM: return "out-of-memory";
+    case RUN_UNSUPPORTED: return "unsupported";
+    case RUN_NO_GRAPH: return "no-graph";
     }
     return "?";
+}
+
+static const char *criterion_name(int c)
+{
+    return c == FKV_CRITERION_BOUNDED ? "bounded" : "cosine";
+}
+
+/* "0.90", or "off" for a threshold that turns correction off. */
+static void fmt_threshold(char *buf, size_t n, double t)
+{
+    if (t <= FKV_CORRECTION_OFF)
+        snprintf(buf, n, "off");
+    else
+        snprintf(buf, n, "%.2f", t);
 }
 
 static void csv_header(FILE *f)
@@ -1566,7 +1891,9 @@ static void csv_header(FILE *f)
                "heads_checked_per_step,correction_rate,pages_recalled_per_step,"
                "bytes_recalled_per_step,recall_fraction,churn,adjacent_cos,"
                "topics,device_bytes,host_bytes,gemm_ms,pcie_gbs,device_gbs,"
-               "recall_bound_ms,attend_bound_ms,lower_bound_ms,prefill_s\n");
+               "recall_bound_ms,attend_bound_ms,lower_bound_ms,prefill_s,"
+               "criterion,min_mass,max_pages,graph,lib_host_ms,gemm_host_ms,"
+               "pages_critical_per_step,bound_ratio\n");
 }
 
 /* A number, or nothing for NAN. */
@@ -1586,7 +1913,7 @@ static void csv_row(FILE *f, const engine *e, const args *a, const result *r)
             backend_name(e->backend), e->device_name, a->model_label,
             a->layers, a->q_heads, a->kv_heads, a->head_dim, a->hidden,
             a->intermediate, a->page, a->budget, a->sink, a->window,
-            a->threshold, a->paper_trace ? "paper" : "drift",
+            r->threshold, a->paper_trace ? "paper" : "drift",
             bench_policy_name(r->policy), (long long)r->ctx,
             r->batch, status_name(r->status), r->note, a->warmup, a->steps);
     double rate = r->heads_checked > 0 ? r->corrections / r->heads_checked
@@ -1604,6 +1931,13 @@ static void csv_row(FILE *f, const engine *e, const args *a, const result *r)
         ok ? r->bound_ms : NAN, ok ? r->prefill_s : NAN};
     for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++)
         csv_num(f, vals[i]);
+    fprintf(f, ",%s,%g,%d,%d", criterion_name(a->criterion), a->min_mass,
+            a->max_pages, a->graph);
+    double more[] = {ok ? r->lib_host_ms : NAN, ok ? r->gemm_host_ms : NAN,
+                     ok ? r->crit_pages : NAN,
+                     ok && r->bound_ms > 0 ? r->ms_median / r->bound_ms : NAN};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
+        csv_num(f, more[i]);
     fputc('\n', f);
     fflush(f);
 }
@@ -1615,60 +1949,79 @@ static int cmp_result(const void *x, const void *y)
         return a->ctx < b->ctx ? -1 : 1;
     if (a->batch != b->batch)
         return a->batch < b->batch ? -1 : 1;
-    return policy_rank(a->policy) - policy_rank(b->policy);
+    if (a->policy != b->policy)
+        return policy_rank(a->policy) - policy_rank(b->policy);
+    return a->threshold_index - b->threshold_index;
 }
 
-static void print_tables(const engine *e, result *res, int n)
+static void print_tables(const engine *e, const args *a, result *res, int n)
 {
     qsort(res, (size_t)n, sizeof *res, cmp_result);
     bench_table t;
-    bench_table_init(&t, 21);
-    const char *head[] = {"context", "batch", "policy", "ms med", "ms p90",
-                          "host ms", "tok/s", "corr/st", "chk/st", "pages/st",
-                          "MiB/st", "churn%", "cos", "dev GiB", "host GiB",
-                          "GEMM ms", "PCIe ms", "attn ms", "bound", "x bnd",
-                          "note"};
+    enum { NCOL = 25 };
+    bench_table_init(&t, NCOL);
+    const char *head[NCOL] = {"context", "batch", "policy", "tau", "ms med",
+                              "ms p90", "host ms", "lib ms", "GEMM host",
+                              "tok/s", "corr/st", "chk/st", "pages/st",
+                              "crit/st", "MiB/st", "churn%", "cos", "dev GiB",
+                              "host GiB", "GEMM ms", "PCIe ms", "attn ms",
+                              "bound", "x bnd", "note"};
     for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
         bench_table_add(&t, "%s", head[i]);
     for (int i = 0; i < n; i++) {
         const result *r = &res[i];
-        char b[21][48];
+        char b[NCOL - 1][48];
         bool ok = r->status == RUN_OK;
         snprintf(b[0], 48, "%lld", (long long)r->ctx);
         snprintf(b[1], 48, "%d", r->batch);
         snprintf(b[2], 48, "%s", bench_policy_name(r->policy));
-        bench_fmt(b[3], 48, "%.3f", ok ? r->ms_median : NAN);
-        bench_fmt(b[4], 48, "%.3f", ok ? r->ms_p90 : NAN);
-        bench_fmt(b[5], 48, "%.3f", ok ? r->host_ms : NAN);
-        bench_fmt(b[6], 48, "%.0f", ok ? r->tokens_per_s : NAN);
-        bench_fmt(b[7], 48, "%.1f",
+        if (r->policy == FKV_POLICY_FREEKV)
+            fmt_threshold(b[3], 48, r->threshold);
+        else
+            snprintf(b[3], 48, "-");
+        bench_fmt(b[4], 48, "%.3f", ok ? r->ms_median : NAN);
+        bench_fmt(b[5], 48, "%.3f", ok ? r->ms_p90 : NAN);
+        bench_fmt(b[6], 48, "%.3f", ok ? r->host_ms : NAN);
+        bench_fmt(b[7], 48, "%.3f", ok ? r->lib_host_ms : NAN);
+        bench_fmt(b[8], 48, "%.3f", ok ? r->gemm_host_ms : NAN);
+        bench_fmt(b[9], 48, "%.0f", ok ? r->tokens_per_s : NAN);
+        bench_fmt(b[10], 48, "%.1f",
                   ok && r->heads_checked > 0 ? r->corrections : NAN);
-        bench_fmt(b[8], 48, "%.0f",
+        bench_fmt(b[11], 48, "%.0f",
                   ok && r->heads_checked > 0 ? r->heads_checked : NAN);
-        bench_fmt(b[9], 48, "%.1f", ok ? r->pages : NAN);
-        bench_fmt(b[10], 48, "%.2f", ok ? r->bytes / 1048576.0 : NAN);
-        bench_fmt(b[11], 48, "%.1f", ok ? 100.0 * r->churn : NAN);
-        bench_fmt(b[12], 48, "%.3f", ok ? r->cos_mean : NAN);
-        bench_fmt(b[13], 48, "%.2f",
+        bench_fmt(b[12], 48, "%.1f", ok ? r->pages : NAN);
+        bench_fmt(b[13], 48, "%.1f", ok ? r->crit_pages : NAN);
+        bench_fmt(b[14], 48, "%.2f", ok ? r->bytes / 1048576.0 : NAN);
+        bench_fmt(b[15], 48, "%.1f", ok ? 100.0 * r->churn : NAN);
+        bench_fmt(b[16], 48, "%.3f", ok ? r->cos_mean : NAN);
+        bench_fmt(b[17], 48, "%.2f",
                   ok ? r->device_bytes / 1073741824.0 : NAN);
-        bench_fmt(b[14], 48, "%.2f", ok ? r->host_bytes / 1073741824.0 : NAN);
-        bench_fmt(b[15], 48, "%.3f", r->gemm_ms == 0.0 ? NAN : r->gemm_ms);
-        bench_fmt(b[16], 48, "%.3f", ok ? r->recall_bound_ms : NAN);
-        bench_fmt(b[17], 48, "%.3f", ok ? r->attend_bound_ms : NAN);
-        bench_fmt(b[18], 48, "%.3f", ok ? r->bound_ms : NAN);
-        bench_fmt(b[19], 48, "%.2f",
+        bench_fmt(b[18], 48, "%.2f", ok ? r->host_bytes / 1073741824.0 : NAN);
+        bench_fmt(b[19], 48, "%.3f", r->gemm_ms == 0.0 ? NAN : r->gemm_ms);
+        bench_fmt(b[20], 48, "%.3f", ok ? r->recall_bound_ms : NAN);
+        bench_fmt(b[21], 48, "%.3f", ok ? r->attend_bound_ms : NAN);
+        bench_fmt(b[22], 48, "%.3f", ok ? r->bound_ms : NAN);
+        bench_fmt(b[23], 48, "%.2f",
                   ok && r->bound_ms > 0 ? r->ms_median / r->bound_ms : NAN);
-        for (int c = 0; c < 20; c++)
+        for (int c = 0; c < NCOL - 1; c++)
             bench_table_add(&t, "%s", b[c]);
         bench_table_add(&t, "%s", r->note);
     }
     bench_table_print(&t, stdout);
     bench_table_free(&t);
-    printf("ms med/p90: step latency over the timed steps (%s); host ms: "
+    printf("ms med/p90: step latency over the timed steps (%s%s); host ms: "
            "host time to enqueue a step\n",
            e->backend == FKV_BACKEND_CUDA ? "CUDA events on the engine's "
                                             "stream"
-                                          : "host clock");
+                                          : "host clock",
+           a->graph && e->backend == FKV_BACKEND_CUDA
+               ? ", one graph replay per step" : "");
+    printf("lib ms: host time inside the fkv calls per step; GEMM host: "
+           "host time enqueueing the GEMM stand-ins (medians; - under "
+           "--graph)\n");
+    printf("tau: FREEKV's correction threshold (criterion %s); crit/st: "
+           "pages moved inside fkv_attend per step (of pages/st)\n",
+           criterion_name(a->criterion));
     printf("corr/st, chk/st: corrections and heads checked per step "
            "(FREEKV); pages/st, MiB/st: recalled per step\n");
     printf("churn%%: selected pages that changed per step (sampled, un-timed "
@@ -1679,8 +2032,8 @@ static void print_tables(const engine *e, result *res, int n)
 
     /* FREEKV against RESIDENT and SYNC, per (context, batch). */
     bench_table r;
-    bench_table_init(&r, 8);
-    const char *rh[] = {"context", "batch", "FREEKV ms", "RESIDENT ms",
+    bench_table_init(&r, 9);
+    const char *rh[] = {"context", "batch", "tau", "FREEKV ms", "RESIDENT ms",
                         "SYNC ms", "FREEKV/RESIDENT", "FREEKV/SYNC", "target"};
     for (size_t i = 0; i < sizeof rh / sizeof rh[0]; i++)
         bench_table_add(&r, "%s", rh[i]);
@@ -1704,8 +2057,11 @@ static void print_tables(const engine *e, result *res, int n)
         bench_fmt(c[2], 48, "%.3f", sy);
         bench_fmt(c[3], 48, "%.3f", fk / rs);
         bench_fmt(c[4], 48, "%.3f", fk / sy);
+        char tau[16];
+        fmt_threshold(tau, sizeof tau, res[i].threshold);
         bench_table_add(&r, "%lld", (long long)res[i].ctx);
         bench_table_add(&r, "%d", res[i].batch);
+        bench_table_add(&r, "%s", tau);
         for (int k = 0; k < 5; k++)
             bench_table_add(&r, "%s", c[k]);
         bench_table_add(&r, "%s", "<= 1.10 / <= 0.50");
@@ -1723,7 +2079,7 @@ static void print_tables(const engine *e, result *res, int n)
 /* ------------------------------------------------------------------------ */
 
 typedef struct plan_item {
-    int ci, bi;
+    int ci, bi, ti; /* ti: index in thresholds (FREEKV; else 0) */
     fkv_policy policy;
     int tier;
 } plan_item;
@@ -1737,7 +2093,9 @@ static int cmp_plan(const void *x, const void *y)
         return a->ci - b->ci;
     if (a->bi != b->bi)
         return a->bi - b->bi;
-    return policy_rank(a->policy) - policy_rank(b->policy);
+    if (a->policy != b->policy)
+        return policy_rank(a->policy) - policy_rank(b->policy);
+    return a->ti - b->ti;
 }
 
 int main(int argc, char **argv)
@@ -1781,9 +2139,21 @@ int main(int argc, char **argv)
             "head_dim %d, hidden %d, intermediate %d, bf16\n", a.model_label,
             a.layers, a.q_heads, a.kv_heads, a.head_dim, a.hidden,
             a.intermediate);
+    char taus[MAX_LIST * 8 + 1] = "";
+    for (int i = 0; i < a.n_thresholds; i++) {
+        char one[16];
+        fmt_threshold(one, sizeof one, a.thresholds[i]);
+        snprintf(taus + strlen(taus), sizeof taus - strlen(taus), "%s%s",
+                 i ? "," : "", one);
+    }
     fprintf(stderr, "cache: page %d, budget %d (sink %d, window %d, %d "
-            "selected pages), threshold %.2f\n", a.page, a.budget, a.sink,
-            a.window, K, a.threshold);
+            "selected pages), threshold %s, criterion %s", a.page, a.budget,
+            a.sink, a.window, K, taus, criterion_name(a.criterion));
+    if (a.criterion == FKV_CRITERION_BOUNDED)
+        fprintf(stderr, " (min mass %g, max pages %d)", a.min_mass,
+                a.max_pages);
+    fprintf(stderr, "%s\n", a.graph ? "; timed steps replay a CUDA graph"
+                                     : "");
     fprintf(stderr, "steps: %d warm-up, %d timed, %d for the churn\n",
             a.warmup, a.steps, a.churn_steps);
     if (cpu_sizes)
@@ -1804,7 +2174,10 @@ int main(int argc, char **argv)
                   "window %d", a.budget, a.sink, a.window);
 
     /* The sweep, most important first (see usage). */
-    const int n_items = a.n_contexts * a.n_batches * a.n_policies;
+    int per_cb = 0; /* runs per (context, batch) */
+    for (int p = 0; p < a.n_policies; p++)
+        per_cb += a.policies[p] == FKV_POLICY_FREEKV ? a.n_thresholds : 1;
+    const int n_items = a.n_contexts * a.n_batches * per_cb;
     plan_item *plan = bench_xmalloc((size_t)n_items * sizeof *plan);
     int64_t long_ctx = 32768;
     int64_t max_ctx = 0;
@@ -1816,10 +2189,13 @@ int main(int argc, char **argv)
     int k = 0;
     for (int c = 0; c < a.n_contexts; c++)
         for (int b = 0; b < a.n_batches; b++)
-            for (int p = 0; p < a.n_policies; p++) {
+            for (int p = 0; p < a.n_policies; p++)
+            for (int ti = 0; ti < (a.policies[p] == FKV_POLICY_FREEKV
+                                       ? a.n_thresholds : 1); ti++) {
                 plan_item *it = &plan[k++];
                 it->ci = c;
                 it->bi = b;
+                it->ti = ti;
                 it->policy = a.policies[p];
                 bool lng = a.contexts[c] >= long_ctx;
                 int tier = it->policy == FKV_POLICY_FREEKV ||
@@ -1847,6 +2223,8 @@ int main(int argc, char **argv)
         r->batch = (int)a.batches[it->bi];
         r->batch_index = it->bi;
         r->policy = it->policy;
+        r->threshold = a.thresholds[it->ti];
+        r->threshold_index = it->ti;
         double elapsed = (bench_now_ms() - t_start) * 1e-3;
         if (a.time_limit_s > 0 && elapsed > a.time_limit_s) {
             r->status = RUN_TIME_LIMIT;
@@ -1855,10 +2233,16 @@ int main(int argc, char **argv)
                      a.time_limit_s);
         } else {
             double t0 = bench_now_ms();
-            run_config(&e, &a, it->ci, it->bi, it->policy, r);
-            fprintf(stderr, "[%d/%d %5.0f s] %-8s context %7lld batch %3d: ",
+            run_config(&e, &a, it->ci, it->bi, it->policy, r->threshold, r);
+            char tau[24] = "";
+            if (r->policy == FKV_POLICY_FREEKV && a.n_thresholds > 1) {
+                char one[16];
+                fmt_threshold(one, sizeof one, r->threshold);
+                snprintf(tau, sizeof tau, " tau %s", one);
+            }
+            fprintf(stderr, "[%d/%d %5.0f s] %-8s%s context %7lld batch %3d: ",
                     i + 1, n_items, elapsed, bench_policy_name(r->policy),
-                    (long long)r->ctx, r->batch);
+                    tau, (long long)r->ctx, r->batch);
             if (r->status == RUN_OK) {
                 char churn[32];
                 bench_fmt(churn, sizeof churn, "%.1f%%", 100.0 * r->churn);
@@ -1878,16 +2262,17 @@ int main(int argc, char **argv)
 
     fflush(stderr);
     printf("libfreekv %s decode: backend %s (%s), %s (%d layers, %d/%d "
-           "heads, head_dim %d), budget %d, threshold %.2f, trace %s, %d timed "
-           "steps; %.0f s\n",
+           "heads, head_dim %d), budget %d, threshold %s, criterion %s, "
+           "trace %s, %d timed steps%s; %.0f s\n",
            fkv_version_string(), backend_name(e.backend), e.device_name,
            a.model_label, a.layers, a.q_heads, a.kv_heads, a.head_dim,
-           a.budget, a.threshold, a.paper_trace ? "paper" : "drift", a.steps,
-           (bench_now_ms() - t_start) * 1e-3);
+           a.budget, taus, criterion_name(a.criterion),
+           a.paper_trace ? "paper" : "drift", a.steps,
+           a.graph ? " (CUDA graph replays)" : "", (bench_now_ms() - t_start) * 1e-3);
     if (e.backend == FKV_BACKEND_CUDA)
         printf("H2D pinned %.1f GB/s, device %.0f GB/s (read + write)\n",
                e.pcie_gbs, e.dev_gbs);
-    print_tables(&e, res, n_items);
+    print_tables(&e, &a, res, n_items);
 
     free(res);
     free(plan);

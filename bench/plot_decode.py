@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Plot bench/decode's CSV: decode-step latency against context length.
 
-One line per (policy, batch): median step latency (ms) over the contexts
-that ran, log-scale x; the GEMMs alone (the step's lower bound from the
+One line per (policy, batch) -- per (FREEKV threshold, batch) when the
+run swept --thresholds: median step latency (ms) over the contexts that ran, log-scale x; the GEMMs alone (the step's lower bound from the
 model's work) as grey dotted lines, one per batch.
 
     python3 bench/plot_decode.py decode.csv [-o decode.png] [--logy]
@@ -47,27 +47,35 @@ def main():
     if not ok:
         sys.exit(f"{opts.csv}: no configuration ran (status ok)")
 
-    lines = defaultdict(list)  # (policy, batch) -> [(context, ms)]
+    lines = defaultdict(list)  # (policy, batch, label) -> [(context, ms)]
     gemm = defaultdict(dict)   # batch -> {context: ms}
+    taus = {r.get("threshold") for r in ok if r["policy"] == "FREEKV"}
     for r in ok:
         ctx, batch = int(r["context"]), int(r["batch"])
-        lines[(r["policy"], batch)].append((ctx, float(r["step_ms_median"])))
+        label = r["policy"]
+        if r["policy"] == "FREEKV" and len(taus) > 1:
+            t = number(r.get("threshold"))
+            label += " tau " + ("off" if t is not None and t <= -2 else
+                                r.get("threshold", "?"))
+        lines[(r["policy"], batch, label)].append(
+            (ctx, float(r["step_ms_median"])))
         g = number(r.get("gemm_ms"))
         if g is not None:
             gemm[batch][ctx] = g
 
-    batches = sorted({b for _, b in lines})
+    batches = sorted({b for _, b, _ in lines})
     style = {b: STYLES[i % len(STYLES)] for i, b in enumerate(batches)}
     marker = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(batches)}
 
     fig, ax = plt.subplots(figsize=(9, 6))
     order = sorted(lines, key=lambda k: (POLICIES.index(k[0])
-                                         if k[0] in POLICIES else 9, k[1]))
-    for policy, batch in order:
-        pts = sorted(lines[(policy, batch)])
+                                         if k[0] in POLICIES else 9, k[1],
+                                         k[2]))
+    for policy, batch, label in order:
+        pts = sorted(lines[(policy, batch, label)])
         ax.plot([p[0] for p in pts], [p[1] for p in pts],
                 color=COLORS.get(policy, "black"), linestyle=style[batch],
-                marker=marker[batch], label=f"{policy} batch {batch}")
+                marker=marker[batch], label=f"{label} batch {batch}")
     for batch in batches:
         pts = sorted(gemm[batch].items())
         if pts:

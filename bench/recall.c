@@ -17,6 +17,12 @@
  *       all K pages missing and copies them all (checked with the device's
  *       recall counters). Timed with CUDA events around the launch: median
  *       of --reps runs after warm-up;
+ *   (c') the small calls of a decode step: (b) and (c) for one sequence and
+ *       --small-units units in all (default 8, 16, 32, 64: K = units / KV
+ *       heads pages per KV head), the sizes one layer's recall of a few
+ *       changed pages moves, where the launch and per-call costs, not the
+ *       bandwidth, decide; printed in their own table with the time per
+ *       unit;
  *   (d) cuBLAS bf16 GEMMs of Llama-3.1-8B's per-layer shapes (QKV 4096x6144,
  *       O 4096x4096, gate+up 4096x28672, down 14336x4096) for 32 layers on a
  *       highest-priority stream, alone and with a recall variant running
@@ -41,7 +47,6 @@
  * SPDX-License-Identifier: MIT
  */
 #define _POSIX_C_SOURCE 200809L
-#define BENCH_DIE_PREFIX "recall: FAILED: "
 #define BENCH_WITH_CUBLAS
 
 #include "bench.h"
@@ -75,6 +80,7 @@ typedef struct config {
     int gemm_layers, gemm_reps;
     int conc_pages;                /* pages per (seq, KV head) per recall */
     int conc_blocks[MAX_LIST], nconc_blocks;
+    int small_units[MAX_LIST], nsmall_units; /* (c'); none: 0 entries */
 } config;
 
 static const char k_usage[] =
@@ -84,10 +90,14 @@ static const char k_usage[] =
     "              [--kv-heads N] [--group N] [--head-dim N] [--page N]\n"
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
     "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
+    "              [--small-units 8,16,32,64|none]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
     "  --pages: K, missing pages per (sequence, KV head) per recall\n"
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
-    "               beside the GEMMs (one layer's worth)\n";
+    "               beside the GEMMs (one layer's worth)\n"
+    "  --small-units: units (page x KV head) in all of the small calls\n"
+    "               a decode step makes (one sequence; multiples of\n"
+    "               --kv-heads), timed as (b) and (c); none: skip them\n";
 
 static int parse_args(int argc, char **argv, config *c)
 {
@@ -101,18 +111,21 @@ static int parse_args(int argc, char **argv, config *c)
         const int b[] = {1, 8}, p[] = {32, 64, 128}, g[] = {2, 4, 8, 16, 32, 0};
         const int gb[] = {1, 8}, cb[] = {2, 4, 8, 16, 32};
         const int sb[] = {1}, sp[] = {32}, sg[] = {16, 0}, scb[] = {16};
+        const int su[] = {8, 16, 32, 64}, ssu[] = {8, 64};
         if (smoke) {
             bench_set_list(c->batches, &c->nbatches, sb, 1);
             bench_set_list(c->pages, &c->npages, sp, 1);
             bench_set_list(c->blocks, &c->nblocks, sg, 2);
             bench_set_list(c->gemm_batches, &c->ngemm_batches, sb, 1);
             bench_set_list(c->conc_blocks, &c->nconc_blocks, scb, 1);
+            bench_set_list(c->small_units, &c->nsmall_units, ssu, 2);
         } else {
             bench_set_list(c->batches, &c->nbatches, b, 2);
             bench_set_list(c->pages, &c->npages, p, 3);
             bench_set_list(c->blocks, &c->nblocks, g, 6);
             bench_set_list(c->gemm_batches, &c->ngemm_batches, gb, 2);
             bench_set_list(c->conc_blocks, &c->nconc_blocks, cb, 5);
+            bench_set_list(c->small_units, &c->nsmall_units, su, 4);
         }
     }
     c->reps = smoke ? 5 : 50;
@@ -208,6 +221,13 @@ static int parse_args(int argc, char **argv, config *c)
             NEEDV;
             bad = bench_parse_list(v, 0, 65535, c->conc_blocks,
                                    &c->nconc_blocks, MAX_LIST);
+        } else if (!strcmp(a, "--small-units")) {
+            NEEDV;
+            if (!strcmp(v, "none"))
+                c->nsmall_units = 0;
+            else
+                bad = bench_parse_list(v, 1, 1 << 16, c->small_units,
+                                       &c->nsmall_units, MAX_LIST);
         } else {
             fprintf(stderr, "recall: unknown argument '%s'\n%s", a, k_usage);
             return -1;
@@ -223,6 +243,17 @@ static int parse_args(int argc, char **argv, config *c)
     for (int i = 0; i < c->npages; i++)
         if (c->pages[i] > maxk)
             maxk = c->pages[i];
+    for (int i = 0; i < c->nsmall_units; i++) {
+        if (c->small_units[i] % c->kv_heads != 0) {
+            fprintf(stderr,
+                    "recall: --small-units %d is not a multiple of "
+                    "--kv-heads %d (one sequence, K pages per KV head)\n",
+                    c->small_units[i], c->kv_heads);
+            return -1;
+        }
+        if (c->small_units[i] / c->kv_heads > maxk)
+            maxk = c->small_units[i] / c->kv_heads;
+    }
     if (c->pool_pages < 2 * maxk) {
         fprintf(stderr,
                 "recall: --pool-pages (%d) must be at least twice the largest "
@@ -242,6 +273,7 @@ static int parse_args(int argc, char **argv, config *c)
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("recall: FAILED: ");
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
@@ -272,7 +304,7 @@ static void sleep_us(long us)
 /* ------------------------------------------------------------------------ */
 
 typedef struct row {
-    char section[8]; /* "h2d" or "gemm" */
+    char section[8]; /* "h2d", "small" (the (c') calls) or "gemm" */
     char variant[48];
     int batch, pages, blocks;       /* -1: not applicable */
     double mib, us, gbps, pct;      /* h2d */
@@ -282,6 +314,8 @@ typedef struct row {
 static row *g_rows;
 static int g_nrows;
 static size_t g_cap;
+/* The section (b) and (c) file their rows under: "small" during (c'). */
+static const char *g_h2d_section = "h2d";
 
 static row *add_row(const char *section, const char *variant, int batch,
                     int pages, int blocks)
@@ -821,7 +855,8 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
     }
     units_verify(x, par ^ 1, x->units, false, "per-unit cudaMemcpyAsync");
     double t = bench_median(ms, (size_t)reps);
-    row *rw = add_row("h2d", "per-unit cudaMemcpyAsync", x->n, x->K, -1);
+    row *rw = add_row(g_h2d_section, "per-unit cudaMemcpyAsync", x->n, x->K,
+                      -1);
     rw->mib = mib;
     rw->us = t * 1e3;
     rw->gbps = mib * (1 << 20) / (t * 1e-3) / 1e9;
@@ -853,7 +888,8 @@ static bool bench_unit_copies(const config *c, rctx *x, cudaStream_t s,
         if (batch_ok) {
             units_verify(x, par ^ 1, x->units, false, "cudaMemcpyBatchAsync");
             t = bench_median(ms, (size_t)reps);
-            rw = add_row("h2d", "cudaMemcpyBatchAsync (units)", x->n, x->K, -1);
+            rw = add_row(g_h2d_section, "cudaMemcpyBatchAsync (units)", x->n,
+                         x->K, -1);
             rw->mib = mib;
             rw->us = t * 1e3;
             rw->gbps = mib * (1 << 20) / (t * 1e-3) / 1e9;
@@ -900,8 +936,8 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
             ms[r] = bench_event_ms(e0[warm + r], e1[warm + r]);
         rctx_verify(x, p, what);
         const double t = bench_median(ms, (size_t)reps);
-        row *rw = add_row("h2d", "recall fkv_launch_recall", x->n, x->K,
-                          blocks);
+        row *rw = add_row(g_h2d_section, "recall fkv_launch_recall", x->n,
+                          x->K, blocks);
         rw->mib = bytes / (1 << 20);
         rw->us = t * 1e3;
         rw->gbps = bytes / (t * 1e-3) / 1e9;
@@ -1330,7 +1366,8 @@ static void fmt_int(char *buf, size_t n, int v)
         snprintf(buf, n, "%d", v);
 }
 
-static void print_table(const char *device_name, double big_gbps)
+static void print_table(const char *device_name, double big_gbps,
+                        int kv_heads)
 {
     printf("\n== recall: host -> device, %s (one large pinned copy: %.2f "
            "GB/s; target: recall >= 90%%) ==\n",
@@ -1351,6 +1388,31 @@ static void print_table(const char *device_name, double big_gbps)
         bench_fmt(pct, sizeof pct, "%.1f", r->pct);
         printf("%-30s %5s %6s %6s %8s %10s %8s %7s\n", r->variant, b, k, g,
                mib, us, gb, pct);
+    }
+    bool small = false;
+    for (int i = 0; i < g_nrows; i++)
+        small = small || !strcmp(g_rows[i].section, "small");
+    if (small) {
+        printf("\n== the small calls of a decode step: one sequence, a few "
+               "units (launch and per-call cost) ==\n");
+        printf("%-30s %6s %6s %6s %10s %9s %8s %7s\n", "variant", "units",
+               "K/head", "blocks", "time_us", "us/unit", "GB/s", "%big");
+        for (int i = 0; i < g_nrows; i++) {
+            const row *r = &g_rows[i];
+            if (strcmp(r->section, "small"))
+                continue;
+            const int units = r->batch * kv_heads * r->pages;
+            char u[16], k[16], g[16], us[24], per[24], gb[24], pct[24];
+            fmt_int(u, sizeof u, units);
+            fmt_int(k, sizeof k, r->pages);
+            fmt_int(g, sizeof g, r->blocks);
+            bench_fmt(us, sizeof us, "%.1f", r->us);
+            bench_fmt(per, sizeof per, "%.2f", r->us / units);
+            bench_fmt(gb, sizeof gb, "%.2f", r->gbps);
+            bench_fmt(pct, sizeof pct, "%.1f", r->pct);
+            printf("%-30s %6s %6s %6s %10s %9s %8s %7s\n", r->variant, u, k,
+                   g, us, per, gb, pct);
+        }
     }
     bool any = false;
     for (int i = 0; i < g_nrows; i++)
@@ -1424,6 +1486,7 @@ static void write_csv(const char *path)
 
 int main(int argc, char **argv)
 {
+    bench_set_die_prefix("recall: FAILED: ");
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
@@ -1475,10 +1538,23 @@ int main(int argc, char **argv)
             bench_recall(&c, &x, &p, s, sm_count, big);
             rctx_destroy(&x);
         }
+    /* (c'): the small calls, one sequence. */
+    g_h2d_section = "small";
+    for (int i = 0; i < c.nsmall_units; i++) {
+        rctx x;
+        const int K = c.small_units[i] / c.kv_heads;
+        printf("(c') %d units in all: one sequence, K %d per KV head\n",
+               c.small_units[i], K);
+        rctx_create(&x, &c, &p, 1, K, 0x5A11ull + (uint64_t)i);
+        batch_ok = bench_unit_copies(&c, &x, s, big, batch_ok);
+        bench_recall(&c, &x, &p, s, sm_count, big);
+        rctx_destroy(&x);
+    }
+    g_h2d_section = "h2d";
     if (c.gemm)
         bench_gemm(&c, &p, c.device, sm_count, batch_ok);
 
-    print_table(dev.name, big);
+    print_table(dev.name, big, c.kv_heads);
     if (c.csv)
         write_csv(c.csv);
     BENCH_CUDA_CHECK(cudaStreamDestroy(s));
