@@ -126,6 +126,10 @@ __global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch 
             lv.h_array(g.off_fix_count)[h] = -1;
         } else {
             lv.h_array(g.off_pending_valid)[h] = 0;
+            // BOUNDED: the selection made at attend is active now; the next
+            // fkv_select selects afresh (nothing reads this meanwhile).
+            if (g.criterion == FKV_CRITERION_BOUNDED && h == 0)
+                *lv.at<int32_t>(g.off_pending_attend) = 0;
         }
     }
 }
