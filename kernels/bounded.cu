@@ -269,10 +269,11 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
         int32_t pos = 0;
         for (int x = 0; x < na; x++) pos += kept(x) && a_page[x] < p;
         for (int x = 0; x < nfetch; x++) pos += miss_page[x] < p;
-        fix[pos] = p;
+        if (pos < K) fix[pos] = p;  // always (|set| <= K); bounds kept anyway
     }
     if (tid == 0) {
-        *fix_count = na - replace + nfetch;
+        const int32_t n = na - replace + nfetch;
+        *fix_count = n < K ? n : K;
         atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
     }
 }

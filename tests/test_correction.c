@@ -737,6 +737,54 @@ START_TEST(cr_recall_without_select)
 }
 END_TEST
 
+/* A truncate drops the attend's selection with every other (design.md
+ * section 11): back at the attend's length, fkv_select with its query
+ * selects afresh and fkv_recall moves that set, so the next attend has an
+ * active selection to correct from (M = 0: nothing moves inside it). */
+START_TEST(cr_truncate_drops_attend_selection)
+{
+    cr_sim s;
+    fkv_options o;
+    float q[2 * 4 * 64];
+    int g;
+    int64_t n0;
+    cr_options(&o, 1, 0.0f, 0);
+    if (!cr_init(&s, &o, 0x9e))
+        return;
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q); /* full correction */
+    cr_recall(&s, 0);
+    tst_append_rand(&s.m, 0, 2, s.slots, NULL);
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q);
+    /* Sequence 0 loses its last token and gets one again. */
+    n0 = s.m.seq[s.slots[0]].len[0];
+    tst_ok(fkv_seq_truncate(s.m.c, s.m.seq[s.slots[0]].id, n0 - 1));
+    s.m.seq[s.slots[0]].len[0] = n0 - 1;
+    for (g = 0; g < s.m.KVH; ++g) {
+        s.m.seq[s.slots[0]].active[0][g].valid = 0;
+        s.m.seq[s.slots[0]].pending[0][g].valid = 0;
+        s.m.seq[s.slots[0]].used[0][g].valid = 0;
+        s.m.seq[s.slots[0]].used[0][g].count = 0;
+        /* The recall slots keep their pages (all below the new partial
+         * page): the list stays for counting what the recall moves. */
+        s.head[0][0][g].active_valid = 0;
+        s.head[0][0][g].pending_valid = 0;
+    }
+    s.pending_at_attend[0][0] = 0;
+    tst_append_rand(&s.m, 0, 1, s.slots, NULL);
+    ck_assert_int_eq(s.m.seq[s.slots[0]].len[0], n0);
+    cr_select(&s, 0, q);
+    cr_recall(&s, 0);
+    cr_expect_stats(&s, "after the truncate");
+    tst_append_rand(&s.m, 0, 2, s.slots, NULL);
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q);
+    cr_expect_stats(&s, "the attend after");
+    cr_free(&s);
+}
+END_TEST
+
 Suite *suite_correction(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "correction"));
@@ -747,6 +795,7 @@ Suite *suite_correction(const char *prefix)
     tcase_add_test(tc, cr_candidates_grow_past_k);
     tcase_add_test(tc, cr_select_bookkeeping);
     tcase_add_test(tc, cr_recall_without_select);
+    tcase_add_test(tc, cr_truncate_drops_attend_selection);
     tcase_add_test(tc, cr_attend_counter_other_policies);
     tcase_add_test(tc, cr_defaults_and_old_struct_size);
     tcase_add_test(tc, cr_bad_options);
