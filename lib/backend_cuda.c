@@ -913,7 +913,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             e = fkv_launch_attend(&cb->geo, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->stream);
     }
-    if (e == cudaSuccess && cb->bounded)
+    if (cb->bounded) /* even after an error: some of it may have run */
         cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
@@ -999,7 +999,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                   bound, cb->stream);
         }
     }
-    if (e == cudaSuccess && cb->bounded)
+    if (cb->bounded) /* even after an error: some of it may have run */
         cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
@@ -1042,10 +1042,12 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         e = fkv_launch_select(&cb->geo, &cb->st_side, &d, layer, NULL,
                               FKV_SELECT_PENDING, cb->side);
     }
-    if (e == cudaSuccess && cb->bounded) {
+    if (cb->bounded) {
         /* The side stream waited for select_ready, recorded after the
-         * attend; the next attend must wait for this selection. */
-        cb->attend_unjoined[layer] = false;
+         * attend; the next attend must wait for this selection (even
+         * after an error: some of it may have run). */
+        if (e == cudaSuccess)
+            cb->attend_unjoined[layer] = false;
         cb->select_unjoined[layer] = true;
     }
     leave(&guard);
