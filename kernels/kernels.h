@@ -50,6 +50,10 @@ typedef struct fkv_dev_geometry {
     int32_t max_tokens;
     float scale;
     float threshold;      /* correction threshold */
+    /* correction_criterion (fkv_criterion) and BOUNDED's m and M */
+    int32_t criterion;
+    float min_mass;
+    int32_t max_fetch;
     uint64_t unit_bytes;
     uint64_t layer_bytes;
     /* units */
@@ -71,6 +75,10 @@ typedef struct fkv_dev_geometry {
     uint64_t off_pending_valid; /* [kv_heads] 0/1 */
     uint64_t off_fix_pages;     /* [kv_heads][K] */
     uint64_t off_snap_len;      /* [1] length when fkv_select was called */
+    /* [1] BOUNDED: 1 while pending_pages/q and snap_len were made by
+     * fkv_attend (select at attend), so fkv_select with the same query at
+     * the same length keeps them */
+    uint64_t off_pending_attend;
     /* float arrays */
     uint64_t off_active_q;      /* [q_heads][head_dim] */
     uint64_t off_pending_q;     /* [q_heads][head_dim] */
@@ -158,7 +166,11 @@ cudaError_t fkv_launch_append_strided(const fkv_dev_geometry *g,
                                       cudaStream_t stream);
 
 /* Copies q ([n][q_heads][D], cache dtype) into pending_q as float and len
- * into snap_len, so that a selection on another stream sees this moment. */
+ * into snap_len, so that a selection on another stream sees this moment.
+ * Under FKV_CRITERION_BOUNDED a sequence whose pending selection was made
+ * at attend (pending_attend) with the same query, bitwise as float, at the
+ * same length keeps it (pending_attend stays 1: the FKV_SELECT_PENDING
+ * selection skips it); otherwise pending_attend is cleared. */
 cudaError_t fkv_launch_snapshot(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st,
                                 const fkv_dev_batch *b, int32_t layer,
@@ -177,7 +189,16 @@ typedef enum fkv_select_mode {
     /* SYNC's attend: select every head with q into fix_pages/count. */
     FKV_SELECT_FIX_ALL = 2,
     /* RESIDENT's attend: select every head with q into active_pages/count. */
-    FKV_SELECT_ACTIVE = 3
+    FKV_SELECT_ACTIVE = 3,
+    /* FREEKV's attend under FKV_CRITERION_BOUNDED (select at attend): per
+     * KV head, count a check and select with q into pending_pages/count
+     * (pending_valid set; q into pending_q, the length into snap_len,
+     * pending_attend set). If there is no active selection, or the
+     * candidates fit in K but are not all active: count a correction and
+     * copy the selection into fix_pages/count. If the candidates fit in K
+     * otherwise: fix_count = -1. Else fix_count is left to
+     * fkv_launch_bounded, which must follow on the same stream. */
+    FKV_SELECT_BOUNDED = 4
 } fkv_select_mode;
 
 /* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING). */
@@ -186,6 +207,17 @@ cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, fkv_select_mode mode,
                               cudaStream_t stream);
+
+/* BOUNDED's cumulative rule (docs/design.md section 4, step 4) for the
+ * heads FKV_SELECT_BOUNDED left to it (more than K candidates, an active
+ * selection): from the page scores that launch left in st->scores and its
+ * top-K in pending_pages, the missing pages to fetch now and the resident
+ * ones they replace; fix_pages/count is the attended set (ascending) when
+ * a page is fetched (a correction counted), else fix_count = -1. */
+cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
+                               const fkv_dev_state *st,
+                               const fkv_dev_batch *b, int32_t layer,
+                               cudaStream_t stream);
 
 typedef enum fkv_recall_mode {
     /* Make pending active where pending_valid (and copy pending_q to

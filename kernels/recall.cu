@@ -15,14 +15,42 @@ namespace {
 constexpr int kPlanThreads = 128;
 constexpr int kGatherThreads = 256;
 
-__global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b,
-                            int32_t layer, int32_t mode)
+// Exclusive prefix sum over the block in thread order; `total` gets the sum
+// of all. Every thread must call it; ends with a barrier.
+__device__ __forceinline__ uint32_t block_scan(uint32_t v, uint32_t &total,
+                                               uint32_t *warp_total)
+{
+    const int lane = threadIdx.x % fkv::kWarp, warp = threadIdx.x / fkv::kWarp;
+    uint32_t x = v;
+#pragma unroll
+    for (int o = 1; o < fkv::kWarp; o <<= 1) {
+        const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == fkv::kWarp - 1) warp_total[warp] = x;
+    __syncthreads();
+    uint32_t before = 0, all = 0;
+    for (int w = 0; w < kPlanThreads / fkv::kWarp; w++) {
+        const uint32_t t = warp_total[w];
+        before += w < warp ? t : 0u;
+        all += t;
+    }
+    __syncthreads();
+    total = all;
+    return before + x - v;
+}
+
+__global__ void __launch_bounds__(kPlanThreads)
+plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer,
+            int32_t mode)
 {
     extern __shared__ int32_t smem[];
+    __shared__ uint32_t warp_total[kPlanThreads / fkv::kWarp];
     const int32_t K = g.select_pages;
     int32_t *slot_page = smem;      // [K]
     int32_t *new_slot = smem + K;   // [K]
     int32_t *keep = smem + 2 * K;   // [K]
+    int32_t *free_list = smem + 3 * K;  // [K] (BOUNDED's parallel plan)
 
     const int32_t h = blockIdx.x, i = blockIdx.y, slot = b.slot[i];
     fkv::layer_view lv(g, st, slot, layer);
@@ -71,11 +99,61 @@ __global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch 
         if (found >= 0) keep[found] = 1;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
+    const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
+    if (g.criterion == FKV_CRITERION_BOUNDED) {
+        // The same assignment as the walk below (missing pages in set order
+        // take the free slots in slot order; the copy list skips pages
+        // without a block), from prefix sums: the r-th missing page takes
+        // the r-th free slot. Behind FKV_CUDA_EXPERIMENTAL with BOUNDED.
+        uint32_t nfree = 0;
+        for (int32_t base = 0; base < K; base += kPlanThreads) {
+            const int32_t s = base + (int32_t)threadIdx.x;
+            const uint32_t f = s < K && !keep[s];
+            uint32_t total;
+            const uint32_t before = block_scan(f, total, warp_total);
+            if (f) free_list[nfree + before] = s;
+            nfree += total;
+        }
+        __syncthreads();  // free_list complete
+        uint32_t nmiss = 0, w = 0;
+        for (int32_t base = 0; base < count; base += kPlanThreads) {
+            const int32_t j = base + (int32_t)threadIdx.x;
+            const bool miss = j < count && new_slot[j] < 0;
+            const uint64_t block = miss ? blocks[pages[j]] : 0;
+            // (listed << 16 | missing): each under K < 2^16 per round.
+            const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
+            uint32_t total;
+            const uint32_t before = block_scan(v, total, warp_total);
+            if (miss) {
+                const int32_t s = free_list[nmiss + (before & 0xffffu)];
+                new_slot[j] = s;
+                slot_page[s] = pages[j];
+                if (!block) {
+                    atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
+                } else {
+                    const uint32_t at = w + (before >> 16);
+                    st.work_src[list + at] = block + (uint64_t)h * g.unit_bytes;
+                    st.work_dst[list + at] = reinterpret_cast<uint64_t>(lv.slot_unit(h, s));
+                }
+            }
+            nmiss += total & 0xffffu;
+            w += total >> 16;
+        }
+        if (threadIdx.x == 0) {
+            *work_count = (int32_t)w;
+            if (w) {
+                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
+                atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED],
+                          (unsigned long long)w * g.unit_bytes);
+                if (mode == FKV_RECALL_FIX)  // BOUNDED is FREEKV: critical
+                    atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL],
+                              (unsigned long long)w);
+            }
+        }
+    } else if (threadIdx.x == 0) {
         // Missing pages take the slots whose pages left the set (the lowest
         // scored), in slot order.
-        const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
-        const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
         int32_t free_slot = 0, w = 0;
         for (int32_t j = 0; j < count; j++) {
             if (new_slot[j] >= 0) continue;
@@ -126,6 +204,10 @@ __global__ void plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch 
             lv.h_array(g.off_fix_count)[h] = -1;
         } else {
             lv.h_array(g.off_pending_valid)[h] = 0;
+            // BOUNDED: the selection made at attend is active now; the next
+            // fkv_select selects afresh (nothing reads this meanwhile).
+            if (g.criterion == FKV_CRITERION_BOUNDED && h == 0)
+                *lv.at<int32_t>(g.off_pending_attend) = 0;
         }
     }
 }
@@ -161,7 +243,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
 {
     if (b->n == 0)
         return cudaSuccess;
-    const size_t smem = 3 * (size_t)g->select_pages * sizeof(int32_t);
+    const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);
     plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(*g, *st, *b, layer,
                                                                          (int32_t)mode);
     cudaError_t e = cudaGetLastError();

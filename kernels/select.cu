@@ -524,6 +524,15 @@ __device__ __noinline__ bool need_correction(int32_t ac, int cand, int K, int G,
 
 // ---- kernels ---------------------------------------------------------------
 
+// FKV_SELECT_PENDING of a sequence whose pending selection fkv_attend made
+// with the query and length fkv_select was given (BOUNDED only; the
+// snapshot kernel cleared pending_attend otherwise): nothing to do.
+__device__ __forceinline__ bool kept_from_attend(const fkv_dev_geometry &g,
+                                                 const layer_view &L, int32_t mode) {
+    return mode == FKV_SELECT_PENDING && g.criterion == FKV_CRITERION_BOUNDED &&
+           *L.at<int32_t>(g.off_pending_attend) != 0;
+}
+
 // Length of sequence slot's layer for the mode and its candidate range,
 // clamped to the capacity (select_kernel flags a length past it).
 __device__ __forceinline__ int candidates(const fkv_dev_geometry &g,
@@ -582,6 +591,7 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
     const int c = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int slot = b.slot[i];
     const layer_view L(g, st, slot, layer);
+    if (kept_from_attend(g, L, mode)) return;
     int first;
     bool clamped;
     const int cand = candidates(g, st, L, slot, layer, mode, first, clamped);
@@ -629,6 +639,7 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     const int h = blockIdx.x, i = blockIdx.y;
     const int slot = b.slot[i];
     const layer_view L(g, st, slot, layer);
+    if (kept_from_attend(g, L, mode)) return;  // fkv_select: bookkeeping
 
     // 1. Length and candidate range.
     int first;
@@ -663,7 +674,10 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     } else if (mode == FKV_SELECT_ACTIVE) {
         out_pages = L.k_array(g.off_active_pages, h);
         out_count = L.h_array(g.off_active_count) + h;
-    } else if (mode == FKV_SELECT_PENDING) {
+    } else if (mode == FKV_SELECT_PENDING || mode == FKV_SELECT_BOUNDED) {
+        // BOUNDED: select at attend, the next step's speculative set.
+        if (mode == FKV_SELECT_BOUNDED && tid == 0)
+            atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
         out_pages = L.k_array(g.off_pending_pages, h);
         out_count = L.h_array(g.off_pending_count) + h;
     } else {  // FKV_SELECT_FIX_ALL
@@ -675,6 +689,33 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     const int count = select_pages(g, st, slot, h, first, cand, head_max,
                                    head_sum, keys_s, key_cap, sh, out_pages);
     if (tid == 0) *out_count = count;
+    if (mode == FKV_SELECT_BOUNDED) {
+        // The query and length fkv_select compares with (snapshot.cu).
+        float *pending_q = L.at<float>(g.off_pending_q) + q_first;
+        for (int j = tid; j < G * D; j += kThreads) pending_q[j] = q_s[j];
+        const int K = g.select_pages;
+        const int32_t ac = L.h_array(g.off_active_count)[h];
+        const bool full = ac < 0 || (cand <= K && ac < cand);
+        __syncthreads();  // every page of out_pages written
+        int32_t *fix_count = L.h_array(g.off_fix_count) + h;
+        if (full) {  // as under COSINE: the whole top-K now
+            int32_t *fix = L.k_array(g.off_fix_pages, h);
+            for (int j = tid; j < count; j += kThreads) fix[j] = out_pages[j];
+            if (tid == 0) {
+                *fix_count = count;
+                atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
+            }
+        } else if (cand <= K || K <= 0) {  // the active set holds them all
+            if (tid == 0) *fix_count = -1;
+        }  // else fkv_launch_bounded decides
+        if (tid == 0) {
+            L.h_array(g.off_pending_valid)[h] = 1;
+            if (h == 0) {
+                *L.at<int32_t>(g.off_snap_len) = seq_len(g, st, slot, layer);
+                *L.at<int32_t>(g.off_pending_attend) = 1;
+            }
+        }
+    }
     if (mode == FKV_SELECT_PENDING) {
         __syncthreads();  // every page written before the flag
         if (tid == 0) L.h_array(g.off_pending_valid)[h] = 1;
@@ -759,7 +800,8 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
     if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
         return cudaErrorInvalidValue;
     if (mode != FKV_SELECT_PENDING && mode != FKV_SELECT_CORRECT &&
-        mode != FKV_SELECT_FIX_ALL && mode != FKV_SELECT_ACTIVE)
+        mode != FKV_SELECT_FIX_ALL && mode != FKV_SELECT_ACTIVE &&
+        mode != FKV_SELECT_BOUNDED)
         return cudaErrorInvalidValue;
     if (mode != FKV_SELECT_PENDING && !q) return cudaErrorInvalidValue;
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {

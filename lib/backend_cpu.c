@@ -865,6 +865,9 @@ static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
         L->used_count[h] = 0;
     }
     L->pending_valid = false;
+    /* BOUNDED: the attend's selection is gone too; otherwise a select with
+     * its query, back at its length, would keep nothing (as CUDA does). */
+    L->pending_at_attend = false;
     /* The window moves back over pages the ring has overwritten since:
      * reload window and partial page from the pool, which holds every
      * page. Sink pages are never overwritten. Summaries of pages below
@@ -932,6 +935,7 @@ static void cpu_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
             C->used_count[h] = 0;
         }
         C->pending_valid = false;
+        C->pending_at_attend = false;
     }
 }
 

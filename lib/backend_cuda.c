@@ -38,6 +38,14 @@ typedef struct cuda_backend {
     /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA code not yet validated
      * on a GPU is enabled (docs/design.md, "Behind FKV_CUDA_EXPERIMENTAL"). */
     bool experimental;
+    /* FREEKV with FKV_CRITERION_BOUNDED (experimental): select at attend.
+     * Per layer, whether work of one stream that the other must follow
+     * has not been joined yet: the attend's pending selection (engine),
+     * which the side stream's recall reads, and the side stream's
+     * selection, which the next attend overwrites. */
+    bool bounded;
+    bool *attend_unjoined; /* [layers] */
+    bool *select_unjoined; /* [layers] */
 
     unsigned char **seq_base_host; /* pinned [max_seqs] */
     unsigned char **seq_base_dev;
@@ -210,6 +218,8 @@ static void cuda_destroy(fkv_cache *c)
             (void)cudaEventDestroy(cb->recall_done[l]);
     fkvi_free(&c->mem, cb->select_ready);
     fkvi_free(&c->mem, cb->recall_done);
+    fkvi_free(&c->mem, cb->attend_unjoined);
+    fkvi_free(&c->mem, cb->select_unjoined);
     if (cb->stream_switch)
         (void)cudaEventDestroy(cb->stream_switch);
     if (cb->side)
@@ -264,6 +274,9 @@ static fkv_status cuda_create(fkv_cache *c)
     c->backend = cb;
     cb->device = c->opts.device;
     cb->experimental = c->cuda_experimental; /* read once, at fkv_create */
+    /* fkv_create refused BOUNDED on CUDA without the switch. */
+    cb->bounded = c->opts.policy == FKV_POLICY_FREEKV &&
+                  c->opts.correction_criterion == FKV_CRITERION_BOUNDED;
     device_guard guard;
     fkv_status st = enter(c, &guard);
     if (st != FKV_OK)
@@ -302,7 +315,10 @@ static fkv_status cuda_create(fkv_cache *c)
                                   sizeof(cudaEvent_t));
     cb->recall_done = fkvi_alloc(&c->mem, (size_t)g->layers,
                                  sizeof(cudaEvent_t));
-    if (!cb->select_ready || !cb->recall_done) {
+    cb->attend_unjoined = fkvi_alloc(&c->mem, (size_t)g->layers, sizeof(bool));
+    cb->select_unjoined = fkvi_alloc(&c->mem, (size_t)g->layers, sizeof(bool));
+    if (!cb->select_ready || !cb->recall_done || !cb->attend_unjoined ||
+        !cb->select_unjoined) {
         st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
         goto out;
     }
@@ -800,6 +816,30 @@ static int32_t bound_pages(fkv_cache *c, const fkvi_batch *b, int32_t layer)
     return (int32_t)((most + c->geo.page - 1) / c->geo.page);
 }
 
+/* The selection launch of FREEKV's and SYNC's attend. */
+static fkv_select_mode attend_select_mode(const cuda_backend *cb,
+                                          fkv_policy policy)
+{
+    if (policy == FKV_POLICY_SYNC)
+        return FKV_SELECT_FIX_ALL;
+    return cb->bounded ? FKV_SELECT_BOUNDED : FKV_SELECT_CORRECT;
+}
+
+/* BOUNDED: an attend writes the pending selection, which a side-stream
+ * fkv_select not yet followed by its fkv_recall (whose recall_done the
+ * attend waits for) may still be writing: the engine waits for it. */
+static cudaError_t bounded_join_side(cuda_backend *cb, int32_t layer)
+{
+    if (!cb->bounded || !cb->select_unjoined[layer])
+        return cudaSuccess;
+    cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
+    if (e == cudaSuccess)
+        e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
+    if (e == cudaSuccess)
+        cb->select_unjoined[layer] = false;
+    return e;
+}
+
 static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *q, void *out)
 {
@@ -820,6 +860,8 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
      * the previous replay has finished before this one starts. */
     if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
         e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    if (e == cudaSuccess)
+        e = bounded_join_side(cb, layer);
     const int32_t bound = bound_pages(c, b, layer);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
@@ -830,10 +872,10 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         void *oc = (char *)out + first * qrow;
         if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
             e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer, qc,
-                                  policy == FKV_POLICY_FREEKV
-                                      ? FKV_SELECT_CORRECT
-                                      : FKV_SELECT_FIX_ALL,
-                                  cb->stream);
+                                  attend_select_mode(cb, policy), cb->stream);
+            if (e == cudaSuccess && cb->bounded)
+                e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
+                                       cb->stream);
             if (e == cudaSuccess)
                 e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
@@ -846,6 +888,8 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             e = fkv_launch_attend(&cb->geo, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->stream);
     }
+    if (cb->bounded) /* even after an error: some of it may have run */
+        cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_attend");
@@ -875,6 +919,8 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
     cudaError_t e = cudaSuccess;
     if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
         e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    if (e == cudaSuccess)
+        e = bounded_join_side(cb, layer);
     const int32_t bound = bound_pages(c, b, layer);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
@@ -894,11 +940,11 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
         if (e == cudaSuccess &&
             (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
             e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
-                                  cb->q_last,
-                                  policy == FKV_POLICY_FREEKV
-                                      ? FKV_SELECT_CORRECT
-                                      : FKV_SELECT_FIX_ALL,
+                                  cb->q_last, attend_select_mode(cb, policy),
                                   cb->stream);
+            if (e == cudaSuccess && cb->bounded)
+                e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
+                                       cb->stream);
             if (e == cudaSuccess)
                 e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
@@ -926,6 +972,8 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                   bound, cb->stream);
         }
     }
+    if (cb->bounded) /* even after an error: some of it may have run */
+        cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_attend_tokens");
@@ -967,6 +1015,14 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         e = fkv_launch_select(&cb->geo, &cb->st_side, &d, layer, NULL,
                               FKV_SELECT_PENDING, cb->side);
     }
+    if (cb->bounded) {
+        /* The side stream waited for select_ready, recorded after the
+         * attend; the next attend must wait for this selection (even
+         * after an error: some of it may have run). */
+        if (e == cudaSuccess)
+            cb->attend_unjoined[layer] = false;
+        cb->select_unjoined[layer] = true;
+    }
     leave(&guard);
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_select");
@@ -983,7 +1039,18 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
     if (st != FKV_OK)
         return st;
     cudaError_t e = cudaSuccess;
+    /* BOUNDED without an fkv_select since the attend: the side stream
+     * recalls the attend's selection, so it waits for that attend. */
+    if (cb->bounded && cb->attend_unjoined[layer]) {
+        e = cudaEventRecord(cb->select_ready[layer], cb->stream);
+        if (e == cudaSuccess)
+            e = cudaStreamWaitEvent(cb->side, cb->select_ready[layer], 0);
+        if (e == cudaSuccess)
+            cb->attend_unjoined[layer] = false;
+    }
     FOR_EACH_CHUNK(b, first, count) {
+        if (e != cudaSuccess)
+            break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
         e = fkv_launch_recall(&cb->geo, &cb->st_side, &d, layer,
@@ -994,6 +1061,8 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
     }
     if (e == cudaSuccess)
         e = cudaEventRecord(cb->recall_done[layer], cb->side);
+    if (e == cudaSuccess && cb->bounded) /* the next attend waits for it */
+        cb->select_unjoined[layer] = false;
     /* A captured step must join the side stream back before capture ends:
      * the last layer's recall is the step's last side-stream work. */
     if (e == cudaSuccess && layer == c->geo.layers - 1 && capturing(cb->stream))

@@ -69,7 +69,10 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     st = pick_backend(&o);
     if (st != FKV_OK)
         return st;
-    st = fkvi_correction_backend_check(&o);
+    /* Read once, here: it decides what the cache may run. */
+    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
+    const bool experimental = x && strcmp(x, "1") == 0;
+    st = fkvi_correction_backend_check(&o, experimental);
     if (st != FKV_OK)
         return st;
 
@@ -80,8 +83,7 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
         return fkvi_fail(NULL, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->opts = o;
     c->mem = mem;
-    const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
-    c->cuda_experimental = x && strcmp(x, "1") == 0;
+    c->cuda_experimental = experimental;
     fkvi_geometry_init(&o, &c->geo);
     int32_t n = o.max_sequences;
     c->seqs = fkvi_alloc(&c->mem, (size_t)n, sizeof *c->seqs);

@@ -42,6 +42,11 @@ void fkvi_cuda_layout(const fkv_options *o, const fkvi_geometry *g,
     d->max_tokens = (int32_t)g->max_tokens;
     d->scale = g->scale;
     d->threshold = o->correction_threshold;
+    /* Only FREEKV corrects: other policies see COSINE (no BOUNDED path). */
+    d->criterion = policy == FKV_POLICY_FREEKV ? o->correction_criterion
+                                               : FKV_CRITERION_COSINE;
+    d->min_mass = o->correction_min_mass;
+    d->max_fetch = o->correction_max_pages;
     d->unit_bytes = g->unit_bytes;
 
     const uint64_t H = (uint64_t)g->kv_heads, K = (uint64_t)g->select_pages;
@@ -62,6 +67,7 @@ void fkvi_cuda_layout(const fkv_options *o, const fkvi_geometry *g,
     d->off_used_pages = fkvi_cuda_place(&off, H * K, 4);
     d->off_used_count = fkvi_cuda_place(&off, H, 4);
     d->off_snap_len = fkvi_cuda_place(&off, 1, 4);
+    d->off_pending_attend = fkvi_cuda_place(&off, 1, 4);
     d->off_active_q = fkvi_cuda_place(&off, QD, 4);
     d->off_pending_q = fkvi_cuda_place(&off, QD, 4);
     off = fkvi_cuda_align_up(off, 256);

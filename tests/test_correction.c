@@ -48,16 +48,22 @@ static int cmp_int(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* Whether BOUNDED can be created on this run's backend (CUDA: refused with
- * FKV_ERR_UNSUPPORTED, which is checked). */
+/* Whether BOUNDED can be created on this run's backend (CUDA without
+ * FKV_CUDA_EXPERIMENTAL=1: refused with FKV_ERR_UNSUPPORTED naming the
+ * switch, which is checked). */
 static int bounded_supported(const fkv_options *o)
 {
     fkv_cache *c = NULL;
     fkv_status st = fkv_create(o, &c);
-    if (g_test_backend == FKV_BACKEND_CUDA) {
+    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
+        char msg[512];
         tst_expect_error(NULL, st, FKV_ERR_UNSUPPORTED,
                          "fkv_create(BOUNDED on CUDA)");
         ck_assert(c == NULL);
+        msg[0] = '\0';
+        fkv_last_error(NULL, msg, sizeof msg);
+        ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
+                      "the message does not name the switch: %s", msg);
         return 0;
     }
     ck_assert_msg(st == FKV_OK, "fkv_create(BOUNDED) returned %d", (int)st);
@@ -706,6 +712,79 @@ START_TEST(cr_candidates_grow_past_k)
 }
 END_TEST
 
+/* fkv_recall with no fkv_select after the attend recalls the attend's
+ * top-K (design.md section 4, step 6). */
+START_TEST(cr_recall_without_select)
+{
+    cr_sim s;
+    fkv_options o;
+    float q[2 * 4 * 64], prev[2 * 4 * 64];
+    int step, l;
+    cr_options(&o, 2, 0.01f, 2);
+    if (!cr_init(&s, &o, 0xb8))
+        return;
+    for (step = 0; step < 6; ++step) {
+        for (l = 0; l < s.m.L; ++l) {
+            tst_append_rand(&s.m, l, 2, s.slots, NULL);
+            tst_next_query(&s.m, l, 2, s.slots, step ? prev : NULL, q);
+            cr_attend(&s, l, q);
+            cr_recall(&s, l);
+        }
+        memcpy(prev, q, sizeof q);
+        cr_expect_stats(&s, "recall without select");
+    }
+    cr_free(&s);
+}
+END_TEST
+
+/* A truncate drops the attend's selection with every other (design.md
+ * section 11): back at the attend's length, fkv_select with its query
+ * selects afresh and fkv_recall moves that set, so the next attend has an
+ * active selection to correct from (M = 0: nothing moves inside it). */
+START_TEST(cr_truncate_drops_attend_selection)
+{
+    cr_sim s;
+    fkv_options o;
+    float q[2 * 4 * 64];
+    int g;
+    int64_t n0;
+    cr_options(&o, 1, 0.0f, 0);
+    if (!cr_init(&s, &o, 0x9e))
+        return;
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q); /* full correction */
+    cr_recall(&s, 0);
+    tst_append_rand(&s.m, 0, 2, s.slots, NULL);
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q);
+    /* Sequence 0 loses its last token and gets one again. */
+    n0 = s.m.seq[s.slots[0]].len[0];
+    tst_ok(fkv_seq_truncate(s.m.c, s.m.seq[s.slots[0]].id, n0 - 1));
+    s.m.seq[s.slots[0]].len[0] = n0 - 1;
+    for (g = 0; g < s.m.KVH; ++g) {
+        s.m.seq[s.slots[0]].active[0][g].valid = 0;
+        s.m.seq[s.slots[0]].pending[0][g].valid = 0;
+        s.m.seq[s.slots[0]].used[0][g].valid = 0;
+        s.m.seq[s.slots[0]].used[0][g].count = 0;
+        /* The recall slots keep their pages (all below the new partial
+         * page): the list stays for counting what the recall moves. */
+        s.head[0][0][g].active_valid = 0;
+        s.head[0][0][g].pending_valid = 0;
+    }
+    s.pending_at_attend[0][0] = 0;
+    tst_append_rand(&s.m, 0, 1, s.slots, NULL);
+    ck_assert_int_eq(s.m.seq[s.slots[0]].len[0], n0);
+    cr_select(&s, 0, q);
+    cr_recall(&s, 0);
+    cr_expect_stats(&s, "after the truncate");
+    tst_append_rand(&s.m, 0, 2, s.slots, NULL);
+    tst_good_query(&s.m, 0, 2, s.slots, q);
+    cr_attend(&s, 0, q);
+    cr_expect_stats(&s, "the attend after");
+    cr_free(&s);
+}
+END_TEST
+
 Suite *suite_correction(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "correction"));
@@ -715,6 +794,8 @@ Suite *suite_correction(const char *prefix)
     tcase_add_test(tc, cr_unbounded_is_current_topk);
     tcase_add_test(tc, cr_candidates_grow_past_k);
     tcase_add_test(tc, cr_select_bookkeeping);
+    tcase_add_test(tc, cr_recall_without_select);
+    tcase_add_test(tc, cr_truncate_drops_attend_selection);
     tcase_add_test(tc, cr_attend_counter_other_policies);
     tcase_add_test(tc, cr_defaults_and_old_struct_size);
     tcase_add_test(tc, cr_bad_options);

@@ -12,7 +12,9 @@
  *  cuda_graph_capture        one decode step of every layer captured in a
  *                            CUDA graph and replayed; an identical cache runs
  *                            the same steps eagerly: same outputs, lengths
- *                            (after fkv_sync), selections and counters.
+ *                            (after fkv_sync), selections and counters
+ *                            (four policies; with FKV_CUDA_EXPERIMENTAL=1
+ *                            also FREEKV under the BOUNDED criterion).
  *  cuda_device_errors        CUDA errors come back as FKV_ERR_DEVICE with
  *                            CUDA's message; host pointers are
  *                            FKV_ERR_INVALID_ARGUMENT; the cache stays
@@ -1178,9 +1180,11 @@ static void gc_same_state(gcache *a, gcache *b, const char *what)
 /* 2. cuda_graph_capture                                                  */
 /* ====================================================================== */
 
-static const fkv_policy k_graph_policies[4] = {
+/* The fifth, FREEKV with FKV_CRITERION_BOUNDED (select at attend), only
+ * with FKV_CUDA_EXPERIMENTAL=1. */
+static const fkv_policy k_graph_policies[5] = {
     FKV_POLICY_FREEKV, FKV_POLICY_SYNC, FKV_POLICY_RESIDENT,
-    FKV_POLICY_DENSE};
+    FKV_POLICY_DENSE, FKV_POLICY_FREEKV};
 
 /* _i: the policy. Cache A captures one decode step of its 3 layers on its
  * stream and replays it; its twin B runs the same steps eagerly. */
@@ -1214,6 +1218,11 @@ START_TEST(cuda_graph_capture)
     ref_rng_seed(&qr, 0x6A1000ull + (uint64_t)_i);
     cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, GC_BATCH,
                4096);
+    if (_i == 4) {
+        o.correction_criterion = FKV_CRITERION_BOUNDED;
+        o.correction_min_mass = 0.002f;
+        o.correction_max_pages = 4;
+    }
     gc_open(&A, &o);
     gc_open(&B, &o);
     gc_prefill_all(both, 2, prompt, dt, &rng);
@@ -1708,7 +1717,8 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_vs_cpu_agreement"),
                         cuda_vs_cpu_agreement, 0, AGREE_CONFIGS);
     tcase_add_loop_test(tst_tcase(s, "cuda_graph_capture"),
-                        cuda_graph_capture, 0, 4);
+                        cuda_graph_capture, 0,
+                        tst_cuda_experimental() ? 5 : 4);
     tcase_add_test(tst_tcase(s, "cuda_device_errors"), cuda_device_errors);
     tcase_add_test(tst_tcase(s, "cuda_long_context_memory"),
                    cuda_long_context_memory);
