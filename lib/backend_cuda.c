@@ -308,13 +308,17 @@ static range_query_fn range_query_entry(void)
     return q;
 }
 
+static bool capturing(cudaStream_t s);
+
 /* Remembers the allocation holding p (checked and accepted): its whole
- * range where the driver tells it, else p alone. */
+ * range where the driver tells it, else p alone. Under capture only p: the
+ * driver query was never tried inside a capture, and must not risk
+ * invalidating it (the runtime's check there always ran, before). */
 static void remember_range(cuda_backend *cb, const void *p)
 {
     const uintptr_t at = (uintptr_t)p;
     ptr_range r = {at, at + 1};
-    if (cb->range_query) {
+    if (cb->range_query && !capturing(cb->stream)) {
         CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
                                         CU_POINTER_ATTRIBUTE_RANGE_SIZE};
         CUdeviceptr start = 0;
