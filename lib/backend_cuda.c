@@ -73,6 +73,7 @@ typedef struct cuda_backend {
     uint64_t device_bytes;
     ptr_range ranges[PTR_RANGES];
     int32_t next_range;
+    uint64_t pointer_queries; /* fkvi_debug_pointer_queries */
     range_query_fn range_query; /* NULL: remember exact pointers only */
 } cuda_backend;
 
@@ -748,6 +749,7 @@ static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
     for (int i = 0; i < PTR_RANGES; i++)
         if (at >= cb->ranges[i].begin && at < cb->ranges[i].end)
             return FKV_OK; /* in an allocation accepted before */
+    cb->pointer_queries++;
     struct cudaPointerAttributes a;
     cudaError_t e = cudaPointerGetAttributes(&a, p);
     if (e != cudaSuccess) {
@@ -1433,3 +1435,11 @@ static const fkvi_backend_ops cuda_experimental_backend = {
     .truncate = cuda_truncate,
     .set_pages = cuda_set_pages,
 };
+
+uint64_t fkvi_debug_pointer_queries(const fkv_cache *c)
+{
+    if (!c || !c->backend ||
+        (c->ops != &fkvi_cuda_backend && c->ops != &cuda_experimental_backend))
+        return 0;
+    return ((const cuda_backend *)c->backend)->pointer_queries;
+}

@@ -24,6 +24,9 @@
  *                            device regions are reused): byte-identical to
  *                            a twin that drained first; no new device
  *                            memory at reopen.
+ *  cuda_pointer_checks       tensors are checked once per allocation
+ *                            (none on a repeated step or for rows inside
+ *                            one; again after fkv_sync).
  *
  * TST_CUDA_PEER (default FKV_BACKEND_CUDA) is the backend the agreement case
  * holds against the CPU; a dry run of that case's logic can build this file
@@ -1796,6 +1799,80 @@ START_TEST(cuda_slot_reuse)
 }
 END_TEST
 
+/* ====================================================================== */
+/* 6. cuda_pointer_checks                                                 */
+/* ====================================================================== */
+
+uint64_t fkvi_debug_pointer_queries(const fkv_cache *c); /* libfreekv.a */
+
+/* The user tensors are checked once per allocation: a decode step with the
+ * tensors of the step before asks CUDA nothing; rows at an offset inside
+ * those allocations neither (the allocation's range is remembered); after
+ * fkv_sync they are checked again. */
+START_TEST(cuda_pointer_checks)
+{
+    const fkv_dtype dt = FKV_DTYPE_BF16;
+    const int32_t prompt[GC_BATCH] = {600, 913};
+    fkv_options o;
+    gcache X;
+    gcache *one[1] = {&X};
+    gstep in;
+    unsigned char **outX;
+    uint64_t rng = 0x9C0000ull;
+    ref_rng qr;
+    uint64_t q0, q1, q2, q3;
+    fkv_batch b1;
+    size_t qrow;
+    int l;
+
+    ref_rng_seed(&qr, 0x9C1000ull);
+    cu_options(&o, FKV_BACKEND_CUDA, FKV_POLICY_FREEKV, dt, 3, 8, 2, 128, 512,
+               GC_BATCH, 4096);
+    gc_open(&X, &o);
+    gc_prefill_all(one, 1, prompt, dt, &rng);
+    outX = gc_outs(&X);
+    gstep_alloc(&in, &X);
+    gstep_fill(&in, &X, dt, &rng, &qr, 1);
+    gc_eager(&X, &in, outX);
+    q0 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q0 > 0, "no pointer was ever checked");
+
+    gstep_fill(&in, &X, dt, &rng, &qr, 0);
+    gc_eager(&X, &in, outX);
+    q1 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q1 == q0, "a decode step with the same tensors asked CUDA "
+                  "about %llu pointers", (unsigned long long)(q1 - q0));
+
+    /* The second sequence alone: its q and out rows one row into the same
+     * allocations. */
+    qrow = (size_t)X.QH * X.D * X.esize;
+    b1.num_seqs = 1;
+    b1.reserved = 0;
+    b1.seq_ids = &X.id[1];
+    b1.num_tokens = NULL;
+    for (l = 0; l < X.L; ++l)
+        CU_OK(X.c, fkv_attend(X.c, l, &b1, (char *)X.dq[l] + qrow,
+                              (char *)X.dout[l] + qrow));
+    CK_CUDA(cudaStreamSynchronize(X.s));
+    q2 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q2 == q1, "rows inside accepted allocations were checked "
+                  "again (%llu queries): the driver gave no allocation "
+                  "range (cuPointerGetAttributes)",
+                  (unsigned long long)(q2 - q1));
+
+    CU_OK(X.c, fkv_sync(X.c));
+    gstep_fill(&in, &X, dt, &rng, &qr, 0);
+    gc_eager(&X, &in, outX);
+    q3 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q3 > q2, "after fkv_sync the tensors were not checked "
+                  "again");
+
+    gstep_free(&in);
+    gc_outs_free(outX);
+    gc_close(&X);
+}
+END_TEST
+
 #endif /* FKV_WITH_CUDA */
 
 Suite *suite_cuda(const char *prefix)
@@ -1811,6 +1888,7 @@ Suite *suite_cuda(const char *prefix)
                    cuda_long_context_memory);
     tcase_add_loop_test(tst_tcase(s, "cuda_slot_reuse"), cuda_slot_reuse, 0,
                         4);
+    tcase_add_test(tst_tcase(s, "cuda_pointer_checks"), cuda_pointer_checks);
 #else
     /* Without CUDA the suite has no cases (main.c never adds it then). */
     (void)cuda_vs_cpu_agreement;
