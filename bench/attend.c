@@ -639,7 +639,8 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
             fkv_last_error(b->c, msg, sizeof msg);
         cudaError_t e = cudaStreamEndCapture(g_stream, &graph);
         if (st == FKV_OK && e == cudaSuccess && graph)
-            e = cudaGraphInstantiateWithFlags(&exec, graph, 0);
+            e = cudaGraphInstantiateWithFlags(
+                &exec, graph, cudaGraphInstantiateFlagUseNodePriority);
         if (st != FKV_OK || e != cudaSuccess) {
             (void)cudaGetLastError();
             printf("  %s: CUDA graph capture failed (%s%s%s); eager times "
@@ -791,8 +792,14 @@ static int split_count(const config *c, const bench_device *di, int batch,
     g.group = c->q_heads / c->kv_heads;
     g.head_dim = c->head_dim;
     g.dtype = c->dtype;
-    int s = fkv_attend_splits(&g, batch, bound_pages, di->sms);
-    const int most = fkv_attend_splits(&g, 1, max_bound_pages, di->sms);
+    /* The limits of the current device, as fkv_create reads them. */
+    fkv_dev_limits lim;
+    int dev = 0;
+    BENCH_CUDA_CHECK(cudaGetDevice(&dev));
+    BENCH_CUDA_CHECK(fkv_dev_limits_query(dev, &lim));
+    (void)di;
+    int s = fkv_attend_splits(&g, &lim, batch, bound_pages);
+    const int most = fkv_attend_splits(&g, &lim, 1, max_bound_pages);
     return s < most ? s : most;
 #else
     (void)c;

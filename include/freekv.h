@@ -231,7 +231,8 @@ FKV_API size_t fkv_last_error(const fkv_cache *cache, char *buf, size_t len);
 typedef int64_t fkv_seq_id;
 
 FKV_API fkv_status fkv_seq_open(fkv_cache *cache, fkv_seq_id *seq);
-/* Frees the sequence's pages and slots. */
+/* Frees the sequence's pages and slots (CUDA: the slot's device memory is
+ * kept for its next sequence; fkv_destroy frees it). */
 FKV_API fkv_status fkv_seq_close(fkv_cache *cache, fkv_seq_id seq);
 /* Tokens held for every layer (the smallest per-layer count). */
 FKV_API fkv_status fkv_seq_length(fkv_cache *cache, fkv_seq_id seq,

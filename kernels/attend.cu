@@ -45,7 +45,10 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
 constexpr int kTablePages = kThreads;  // one page address per thread per refill
 constexpr int kStages = 3;             // cp.async ring depth, in steps
-constexpr int kSmemPerSm = 220 * 1024; // what a Hopper SM gives blocks, roughly
+// Shared memory per SM assumed at compile time, for __launch_bounds__'
+// register budget only; the split grid is sized from the device's own
+// figures (fkv_dev_limits) at run time.
+constexpr int kSmemPerSmHint = 220 * 1024;
 constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- small device helpers ---------------------------------------------------
@@ -466,10 +469,19 @@ template <class E> __host__ __device__ constexpr size_t smem_bytes() {
 }
 // Blocks of this engine an SM holds: what shared memory allows, at most the
 // engine's register budget (E::kMaxBlocks: 65536 / (128 threads * regs)).
+// The compile-time figure (Hopper's shared memory) is the register hint of
+// __launch_bounds__; blocks_on() is the same for a given device.
 template <class E> __host__ __device__ constexpr int blocks_per_sm() {
-    return kSmemPerSm / smem_bytes<E>() < 1 ? 1
-           : kSmemPerSm / smem_bytes<E>() > E::kMaxBlocks ? E::kMaxBlocks
-                                                          : (int)(kSmemPerSm / smem_bytes<E>());
+    return kSmemPerSmHint / smem_bytes<E>() < 1 ? 1
+           : kSmemPerSmHint / smem_bytes<E>() > E::kMaxBlocks ? E::kMaxBlocks
+                                                              : (int)(kSmemPerSmHint / smem_bytes<E>());
+}
+template <class E> int blocks_on(const fkv_dev_limits &lim) {
+    const long long per_block = (long long)smem_bytes<E>() + (lim.smem_reserved_per_block > 0
+                                                                  ? lim.smem_reserved_per_block
+                                                                  : 0);
+    const long long fit = lim.smem_per_sm > 0 ? lim.smem_per_sm / per_block : 1;
+    return fit < 1 ? 1 : fit > E::kMaxBlocks ? E::kMaxBlocks : (int)fit;
 }
 
 // ---- kernels ------------------------------------------------------------------
@@ -632,11 +644,8 @@ template <typename T, int D, class E>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv_dev_batch &b,
                    int32_t layer, const void *q, void *out, int32_t pps, int32_t splits,
                    int32_t chunks, cudaStream_t stream) {
+    // Above 48 KiB: the opt-in was set once for this kernel (fkv_attend_init).
     constexpr size_t smem = smem_bytes<E>();
-    // Above 48 KiB needs the opt-in; a host-side attribute, capture-safe.
-    cudaError_t err = cudaFuncSetAttribute(split_kernel<T, D, E>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
     split_kernel<T, D, E><<<dim3(splits, g.kv_heads * chunks, b.n), kThreads, smem, stream>>>(
         g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits, chunks);
     if (splits > 1)
@@ -645,22 +654,65 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv
     return cudaGetLastError();
 }
 
-// Resident blocks per SM of the split kernel for this geometry (the grid
-// target of fkv_attend_splits).
-template <typename T, int D> int target_blocks_per_sm() {
-    if constexpr (sizeof(T) == 4) return blocks_per_sm<simt_engine<T, D, 4>>();
-    else return blocks_per_sm<mma_engine<T, D>>();
+// The opt-in shared memory of one split kernel: the same value for every
+// cache (it depends on the instantiation only), so caches sharing the
+// kernel never undo each other's setting.
+template <typename T, int D, class E> cudaError_t init_engine(const fkv_dev_limits &lim) {
+    constexpr size_t smem = smem_bytes<E>();
+    if (lim.smem_per_block_optin > 0 && smem > (size_t)lim.smem_per_block_optin)
+        return cudaErrorInvalidValue;
+    return cudaFuncSetAttribute(split_kernel<T, D, E>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+}
+
+// Calls f(engine tag) with the engine the geometry's launches use: the
+// tensor-core engine for f16/bf16, the CUDA-core one with the block's query
+// heads (1-4) for f32.
+template <class E> struct engine_tag { using type = E; };
+template <typename T, int D, typename F>
+cudaError_t with_engine(const fkv_dev_geometry &g, F &&f) {
+    if constexpr (sizeof(T) == 2) {
+        return f(engine_tag<mma_engine<T, D>>{});
+    } else {
+        const int32_t chunks = group_chunks(g.group, g.dtype);
+        switch ((g.group + chunks - 1) / chunks) {
+        case 1: return f(engine_tag<simt_engine<T, D, 1>>{});
+        case 2: return f(engine_tag<simt_engine<T, D, 2>>{});
+        case 3: return f(engine_tag<simt_engine<T, D, 3>>{});
+        default: return f(engine_tag<simt_engine<T, D, 4>>{});
+        }
+    }
+}
+
+// Resident blocks per SM of the split kernel for this geometry on this
+// device (the grid target of fkv_attend_splits).
+template <typename T, int D> int target_blocks_per_sm(const fkv_dev_limits &lim) {
+    if constexpr (sizeof(T) == 4) return blocks_on<simt_engine<T, D, 4>>(lim);
+    else return blocks_on<mma_engine<T, D>>(lim);
 }
 
 } // namespace
 
-extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, int32_t n,
-                                     int32_t bound_pages, int32_t sm_count) {
+extern "C" cudaError_t fkv_attend_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim) {
+    if (!g || !lim || g->group < 1) return cudaErrorInvalidValue;
+    return fkv::dispatch_dtype(g->dtype, [&](auto dtype_tag) {
+        using T = decltype(dtype_tag);
+        return fkv::dispatch_head_dim(g->head_dim, [&](auto dim_tag) -> cudaError_t {
+            constexpr int D = decltype(dim_tag)::value;
+            return with_engine<T, D>(*g, [&](auto e_tag) {
+                return init_engine<T, D, typename decltype(e_tag)::type>(*lim);
+            });
+        });
+    });
+}
+
+extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                                     int32_t n, int32_t bound_pages) {
     int32_t per_sm = 4;
     fkv::dispatch_dtype(g->dtype, [&](auto dtype_tag) {
         using T = decltype(dtype_tag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto dim_tag) {
-            per_sm = target_blocks_per_sm<T, decltype(dim_tag)::value>();
+            per_sm = target_blocks_per_sm<T, decltype(dim_tag)::value>(*lim);
             return cudaSuccess;
         });
     });
@@ -668,13 +720,14 @@ extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, int32_t n,
     // when it splits at all, and is non-increasing in n.
     const int64_t per_split = (int64_t)(n > 1 ? n : 1) * (g->kv_heads > 1 ? g->kv_heads : 1) *
                               group_chunks(g->group, g->dtype);
-    int64_t splits = (int64_t)per_sm * (sm_count > 1 ? sm_count : 1) / per_split;
+    const int32_t sms = lim->sm_count > 1 ? lim->sm_count : 1;
+    int64_t splits = (int64_t)per_sm * sms / per_split;
     if (splits > bound_pages) splits = bound_pages;  // at least one page per split
     if (splits < 1) splits = 1;
     return (int32_t)splits;
 }
 
-extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
+extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, void *out, int32_t bound_pages,
@@ -684,35 +737,20 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
         return fkv::dispatch_head_dim(g->head_dim, [&](auto dim_tag) -> cudaError_t {
             constexpr int D = decltype(dim_tag)::value;
             if (b->n == 0) return cudaSuccess;
-            if (b->n < 0 || b->n > FKV_DEV_MAX_BATCH || st->max_splits < 1 || g->group < 1 ||
-                g->kv_heads < 1)
+            if (!lim || b->n < 0 || b->n > FKV_DEV_MAX_BATCH || st->max_splits < 1 ||
+                g->group < 1 || g->kv_heads < 1)
                 return cudaErrorInvalidValue;
-            // The host sizes max_splits for this device's SM count; the
-            // attribute query is host-only (no stream work), so capture-safe.
-            int dev = 0, sms = 1;
-            cudaError_t err = cudaGetDevice(&dev);
-            if (err == cudaSuccess)
-                err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-            if (err != cudaSuccess) return err;
+            // The device's figures come from fkv_create (no query here);
+            // max_splits was sized with the same ones.
             const int32_t bound = bound_pages > 1 ? bound_pages : 1;
-            int32_t splits = fkv_attend_splits(g, b->n, bound, sms);
+            int32_t splits = fkv_attend_splits(g, lim, b->n, bound);
             if (splits > st->max_splits) splits = st->max_splits;
             const int32_t pps = (bound + splits - 1) / splits;
             const int32_t chunks = group_chunks(g->group, g->dtype);
-            if constexpr (sizeof(T) == 2) {
-                return launch<T, D, mma_engine<T, D>>(*g, *st, *b, layer, q, out, pps, splits,
-                                                      chunks, stream);
-            } else {
-#define FKV_SIMT(GB) \
-    launch<T, D, simt_engine<T, D, GB>>(*g, *st, *b, layer, q, out, pps, splits, chunks, stream)
-                switch ((g->group + chunks - 1) / chunks) {
-                case 1: return FKV_SIMT(1);
-                case 2: return FKV_SIMT(2);
-                case 3: return FKV_SIMT(3);
-                default: return FKV_SIMT(4);
-                }
-#undef FKV_SIMT
-            }
+            return with_engine<T, D>(*g, [&](auto e_tag) {
+                return launch<T, D, typename decltype(e_tag)::type>(*g, *st, *b, layer, q, out,
+                                                                     pps, splits, chunks, stream);
+            });
         });
     });
 }

@@ -126,11 +126,52 @@ typedef struct fkv_dev_batch {
     int32_t cut[FKV_DEV_MAX_BATCH];
 } fkv_dev_batch;
 
+/* What the launchers need to know of the device, read once at fkv_create
+ * (fkv_dev_limits_query), so that no launch queries the device: grids and
+ * split counts follow the SM count and shared memory of the device the
+ * cache was created on. */
+typedef struct fkv_dev_limits {
+    int32_t sm_count;
+    int32_t smem_per_sm;             /* bytes an SM gives its blocks */
+    int32_t smem_reserved_per_block; /* bytes the system keeps per block */
+    int32_t smem_per_block_optin;    /* most static + dynamic bytes a block
+                                        may opt in to */
+} fkv_dev_limits;
+
+/* Reads `device`'s limits (attribute queries: call off the decode path). */
+cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
+
+/* Once per cache at fkv_create, with the cache's device current: sets the
+ * function attributes (shared memory opt-in) of every kernel instantiation
+ * the geometry launches, so that no launch sets one. A geometry that needs
+ * more shared memory than a block may have gives cudaErrorInvalidValue.
+ * The parts, one per kernel file, follow. */
+cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
+                             const fkv_dev_limits *lim);
+cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
+                            const fkv_dev_limits *lim);
+cudaError_t fkv_select_init(const fkv_dev_geometry *g,
+                            const fkv_dev_limits *lim);
+
 /* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
  * its lengths. */
 cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st, int32_t slot,
                                 cudaStream_t stream);
+
+/* Page-table entries [first, first + n) of fkv_dev_state.block_ptr (index
+ * (slot * layers + layer) * max_pages + page), by value: the launch holds
+ * the values (kernels/page_table.cu). */
+#define FKV_DEV_PAGE_ENTRIES 64
+typedef struct fkv_dev_page_entries {
+    int32_t n;
+    uint64_t addr[FKV_DEV_PAGE_ENTRIES]; /* device address of a pool block; 0:
+                                            none */
+} fkv_dev_page_entries;
+
+cudaError_t fkv_launch_page_table(const fkv_dev_state *st, uint64_t first,
+                                  const fkv_dev_page_entries *e,
+                                  cudaStream_t stream);
 
 /* fkv_seq_truncate of (slot, layer) to `length`: metadata as at open, the
  * device length, the window ring reloaded from the host pool
@@ -203,6 +244,7 @@ typedef enum fkv_select_mode {
 
 /* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING). */
 cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
+                              const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, fkv_select_mode mode,
@@ -241,14 +283,16 @@ cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
  * DENSE). q, out: [n][q_heads][D] cache dtype. bound_pages: the most pages
  * any sequence of the batch can attend now (sets the split grid). */
 cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
+                              const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, void *out, int32_t bound_pages,
                               cudaStream_t stream);
 
-/* The split count fkv_launch_attend uses for bound_pages (for sizing). */
-int32_t fkv_attend_splits(const fkv_dev_geometry *g, int32_t n,
-                          int32_t bound_pages, int32_t sm_count);
+/* The split count fkv_launch_attend uses for bound_pages (for sizing):
+ * arithmetic on the geometry and lim only, no device query. */
+int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                          int32_t n, int32_t bound_pages);
 
 #ifdef __cplusplus
 }

@@ -722,79 +722,119 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 }
 
-// Pages per score_kernel block. The grid may depend only on the geometry and
-// the batch size, never on lengths: launches are captured in CUDA graphs and
-// replayed at longer lengths, so the chunks cover max_pages and blocks past a
-// sequence's candidates exit at once. The chunk aims at about kScoreBlocks
-// blocks in all (4 per SM of a 132-SM H200: enough to cover the GPU and
+// Pages per score_kernel block. The grid may depend only on the geometry,
+// the device and the batch size, never on lengths: launches are captured in
+// CUDA graphs and replayed at longer lengths, so the chunks cover max_pages
+// and blocks past a sequence's candidates exit at once. The chunk aims at
+// about kScoreBlocksPerSm blocks per SM in all (enough to cover the GPU and
 // balance chunks of unequal lengths, a block per chunk being a few us of
 // loads at most), but is at least kMinChunk pages so that each block's
 // fixed cost (the query, the correction check) stays small beside its
 // scoring. A multiple of the pages a score_pages step covers (kWarps * U:
 // 64, 32, 16 for D = 64, 128, 256), so that no warp idles inside a chunk.
-constexpr int kScoreBlocks = 4 * 132;
+constexpr int kScoreBlocksPerSm = 4;
 constexpr int kMinChunk = 64;
 
-template <int D> int score_chunk(const fkv_dev_geometry &g, int n) {
+template <int D> int score_chunk(const fkv_dev_geometry &g, const fkv_dev_limits &lim, int n) {
     constexpr int kStep = kWarps * (512 / D);
     static_assert(kMinChunk % kStep == 0, "kMinChunk: whole steps");
-    const long long heads = (long long)g.kv_heads * n;          // >= 1
-    const long long want = (kScoreBlocks + heads - 1) / heads;  // chunks per head
+    const long long blocks = (long long)kScoreBlocksPerSm * (lim.sm_count > 1 ? lim.sm_count : 1);
+    const long long heads = (long long)g.kv_heads * n;    // >= 1
+    const long long want = (blocks + heads - 1) / heads;  // chunks per head
     long long chunk = (g.max_pages + want - 1) / want;
     chunk = (chunk + kStep - 1) / kStep * kStep;
     return chunk < kMinChunk ? kMinChunk : (int)chunk;
 }
 
+// Dynamic shared memory of the two kernels for a geometry (the launches and
+// fkv_select_init agree through these).
+template <int D> size_t score_smem(const fkv_dev_geometry &g) {
+    return ((size_t)g.group * D + g.group) * sizeof(float);
+}
+template <int D> size_t select_base_smem(const fkv_dev_geometry &g) {
+    return ((size_t)g.group * D + 2 * (size_t)g.group) * sizeof(float);
+}
+// Room for every page's key when that keeps the block within the default
+// 48 KiB (up to ~10K pages); longer sequences read the keys from agg.
+template <int D> int32_t select_key_cap(const fkv_dev_geometry &g) {
+    const size_t keys = (size_t)(g.max_pages > 0 ? g.max_pages : 0) * sizeof(uint32_t);
+    return select_base_smem<D>(g) + keys <= 48 * 1024 ? g.max_pages : 0;
+}
+template <int D> size_t select_smem(const fkv_dev_geometry &g) {
+    const int32_t key_cap = select_key_cap<D>(g);
+    return select_base_smem<D>(g) + (key_cap > 0 ? (size_t)key_cap * sizeof(uint32_t) : 0);
+}
+inline bool needs_scores(const fkv_dev_geometry &g) {
+    return g.select_pages > 0 && g.max_pages > g.select_pages;
+}
+
+// Beyond the default (48 KiB less the kernel's static shared memory) a
+// kernel needs the opt-in, set once here: to the most the device allows,
+// not to this geometry's need, so that caches of other group sizes sharing
+// the kernel only ever raise it, never lower it under each other.
+template <typename K> cudaError_t allow_smem(K kernel, size_t need, const fkv_dev_limits &lim) {
+    cudaFuncAttributes a;
+    cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+    if (e != cudaSuccess) return e;
+    if (need <= (size_t)a.maxDynamicSharedSizeBytes) return cudaSuccess;
+    const long long most = (long long)lim.smem_per_block_optin - (long long)a.sharedSizeBytes;
+    if (most < (long long)need) return cudaErrorInvalidValue;  // the group is too large
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)most);
+}
+
 template <typename T, int D>
-cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st,
-                   const fkv_dev_batch &b, int32_t layer, const void *q,
-                   fkv_select_mode mode, cudaStream_t stream) {
+cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim) {
+    if (needs_scores(g)) {
+        cudaError_t e = allow_smem(score_kernel<T, D>, score_smem<D>(g), lim);
+        if (e != cudaSuccess) return e;
+    }
+    return allow_smem(select_kernel<T, D>, select_smem<D>(g), lim);
+}
+
+template <typename T, int D>
+cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
+                   const fkv_dev_state &st, const fkv_dev_batch &b, int32_t layer,
+                   const void *q, fkv_select_mode mode, cudaStream_t stream) {
     const T *qt = static_cast<const T *>(q);
     // 1. Scores. None when every sequence's candidates fit in K (a sequence
     // has at most max_pages) or K <= 0; then select_kernel scores nothing.
-    if (g.select_pages > 0 && g.max_pages > g.select_pages) {
-        const int32_t chunk = score_chunk<D>(g, b.n);
+    // Shared memory above 48 KiB was opted in at fkv_create (init above).
+    if (needs_scores(g)) {
+        const int32_t chunk = score_chunk<D>(g, lim, b.n);
         const unsigned chunks = (unsigned)((g.max_pages + chunk - 1) / chunk);
-        const size_t smem = ((size_t)g.group * D + g.group) * sizeof(float);
-        auto kernel = score_kernel<T, D>;
-        if (smem > 48 * 1024) {  // large groups need the opt-in limit
-            cudaError_t e = cudaFuncSetAttribute(
-                kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-            if (e != cudaSuccess) return e;
-        }
-        kernel<<<dim3(chunks, (unsigned)g.kv_heads, (unsigned)b.n), kThreads, smem,
-                 stream>>>(g, st, b, layer, qt, (int32_t)mode, chunk);
+        score_kernel<T, D><<<dim3(chunks, (unsigned)g.kv_heads, (unsigned)b.n), kThreads,
+                             score_smem<D>(g), stream>>>(g, st, b, layer, qt, (int32_t)mode,
+                                                         chunk);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess) return e;
     }
 
     // 2. Selection.
-    const size_t base = ((size_t)g.group * D + 2 * (size_t)g.group) * sizeof(float);
-    // Room for every page's key when that keeps the block within the default
-    // 48 KiB (up to ~10K pages); longer sequences read the keys from agg.
-    const size_t keys = (size_t)(g.max_pages > 0 ? g.max_pages : 0) * sizeof(uint32_t);
-    const int32_t key_cap = base + keys <= 48 * 1024 ? g.max_pages : 0;
-    const size_t smem = key_cap > 0 ? base + keys : base;
-    auto kernel = select_kernel<T, D>;
-    if (smem > 48 * 1024) {  // large groups need the opt-in limit
-        cudaError_t e = cudaFuncSetAttribute(
-            kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    kernel<<<dim3((unsigned)g.kv_heads, (unsigned)b.n), kThreads, smem, stream>>>(
-        g, st, b, layer, qt, (int32_t)mode, key_cap);
+    select_kernel<T, D><<<dim3((unsigned)g.kv_heads, (unsigned)b.n), kThreads, select_smem<D>(g),
+                          stream>>>(g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
     return cudaGetLastError();
 }
 
 } // namespace
 } // namespace fkv
 
+extern "C" cudaError_t fkv_select_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim) {
+    if (!g || !lim) return cudaErrorInvalidValue;
+    return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
+        using T = decltype(dtag);
+        return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
+            return fkv::init<T, decltype(htag)::value>(*g, *lim);
+        });
+    });
+}
+
 extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
+                                         const fkv_dev_limits *lim,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, fkv_select_mode mode,
                                          cudaStream_t stream) {
-    if (!g || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
+    if (!g || !lim || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
         return cudaErrorInvalidValue;
     if (b->n == 0) return cudaSuccess;
     if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
@@ -808,7 +848,7 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
             constexpr int D = decltype(htag)::value;
-            return fkv::launch<T, D>(*g, *st, *b, layer, q, mode, stream);
+            return fkv::launch<T, D>(*g, *lim, *st, *b, layer, q, mode, stream);
         });
     });
 }

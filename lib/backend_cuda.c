@@ -16,19 +16,34 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda.h> /* types of cuPointerGetAttributes (no -lcuda: see
+                      range_query below) */
 #include <cuda_runtime_api.h>
 
 #include "internal.h"
 #include "kernels.h"
 
+/* The user pointers (k, v, q, out) are checked once per allocation: the
+ * last PTR_RANGES allocations accepted are remembered, so that the decode
+ * path does not query CUDA per call (design §6). */
+#define PTR_RANGES 16
+typedef struct ptr_range {
+    uintptr_t begin, end; /* [begin, end); empty when begin == end */
+} ptr_range;
+typedef CUresult (CUDAAPI *range_query_fn)(unsigned int, CUpointer_attribute *,
+                                          void **, CUdeviceptr);
+
 typedef struct cuda_backend {
     int device;
-    int sm_count;
+    fkv_dev_limits lim; /* read once at fkv_create; passed to the launches */
     cudaStream_t stream; /* the engine's; NULL: legacy default stream */
     cudaStream_t side;   /* ours, highest priority */
     cudaEvent_t *select_ready; /* [layers] */
     cudaEvent_t *recall_done;  /* [layers] */
     cudaEvent_t stream_switch;
+    /* Recorded on the side stream at fkv_seq_close: a slot's region is
+     * reused at its next open after the side stream's work on it so far. */
+    cudaEvent_t seq_closed;
 
     fkv_dev_geometry geo;
     fkv_dev_state st_main; /* kernels on the engine's stream */
@@ -38,6 +53,9 @@ typedef struct cuda_backend {
     /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA code not yet validated
      * on a GPU is enabled (docs/design.md, "Behind FKV_CUDA_EXPERIMENTAL"). */
     bool experimental;
+    /* Set by the first fkv_seq_fork or fkv_seq_truncate: pool blocks were
+     * copied on the host, so fkv_seq_close waits for the streams. */
+    bool host_block_copies;
     /* FREEKV with FKV_CRITERION_BOUNDED (experimental): select at attend.
      * Per layer, whether work of one stream that the other must follow
      * has not been joined yet: the attend's pending selection (engine),
@@ -47,9 +65,12 @@ typedef struct cuda_backend {
     bool *attend_unjoined; /* [layers] */
     bool *select_unjoined; /* [layers] */
 
-    unsigned char **seq_base_host; /* pinned [max_seqs] */
+    /* [max_seqs] each slot's region, allocated at the slot's first open
+     * and kept (reused by later sequences in the slot) until destroy, so
+     * that no open or close frees device memory (cudaFree synchronises the
+     * device). Set once per slot: the copy to seq_base_dev reads it. */
+    unsigned char **seq_base_host; /* pinned */
     unsigned char **seq_base_dev;
-    uint64_t *block_ptr_host;      /* pinned mirror of st.block_ptr */
     uint64_t block_ptr_entries;
     void *small;                   /* len, counters, error, append_done */
     void *scratch[2];              /* scores, agg, work lists: main, side */
@@ -61,6 +82,10 @@ typedef struct cuda_backend {
     int32_t *ext_pages;
     int32_t *ext_counts;
     uint64_t device_bytes;
+    ptr_range ranges[PTR_RANGES];
+    int32_t next_range;
+    uint64_t pointer_queries; /* fkvi_debug_pointer_queries */
+    range_query_fn range_query; /* NULL: remember exact pointers only */
 } cuda_backend;
 
 static cuda_backend *backend_of(fkv_cache *c)
@@ -222,8 +247,12 @@ static void cuda_destroy(fkv_cache *c)
     fkvi_free(&c->mem, cb->select_unjoined);
     if (cb->stream_switch)
         (void)cudaEventDestroy(cb->stream_switch);
+    if (cb->seq_closed)
+        (void)cudaEventDestroy(cb->seq_closed);
     if (cb->side)
         (void)cudaStreamDestroy(cb->side);
+    for (int32_t s = 0; cb->seq_base_host && s < c->opts.max_sequences; s++)
+        (void)cudaFree(cb->seq_base_host[s]); /* NULL: a no-op */
     (void)cudaFree(cb->seq_base_dev);
     (void)cudaFree((void *)cb->st_main.block_ptr);
     (void)cudaFree(cb->small);
@@ -234,7 +263,6 @@ static void cuda_destroy(fkv_cache *c)
     fkvi_free(&c->mem, cb->ext_pages);
     fkvi_free(&c->mem, cb->ext_counts);
     (void)cudaFreeHost(cb->seq_base_host);
-    (void)cudaFreeHost(cb->block_ptr_host);
     (void)cudaGetLastError();
     if (previous >= 0 && previous != cb->device)
         (void)cudaSetDevice(previous);
@@ -263,6 +291,65 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
         st->work_count = (int32_t *)(base + count);
     }
     return off;
+}
+
+/* The driver's cuPointerGetAttributes through the runtime (libfreekv links
+ * no libcuda): it gives an allocation's range, which the runtime's
+ * cudaPointerGetAttributes does not. NULL where the driver lacks it. */
+static range_query_fn range_query_entry(void)
+{
+    void *fn = NULL;
+    enum cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+#if CUDART_VERSION >= 12050
+    cudaError_t e = cudaGetDriverEntryPointByVersion(
+        "cuPointerGetAttributes", &fn, 12000, cudaEnableDefault, &found);
+#elif CUDART_VERSION >= 12000
+    cudaError_t e = cudaGetDriverEntryPoint("cuPointerGetAttributes", &fn,
+                                            cudaEnableDefault, &found);
+#else
+    cudaError_t e = cudaGetDriverEntryPoint("cuPointerGetAttributes", &fn,
+                                            cudaEnableDefault);
+    found = cudaDriverEntryPointSuccess;
+#endif
+    if (e != cudaSuccess || found != cudaDriverEntryPointSuccess || !fn) {
+        (void)cudaGetLastError();
+        return NULL;
+    }
+    range_query_fn q;
+    memcpy(&q, &fn, sizeof q);
+    return q;
+}
+
+static bool capturing(cudaStream_t s);
+
+/* Remembers the allocation holding p (checked and accepted): its whole
+ * range where the driver tells it, else p alone. Under capture only p: the
+ * driver query was never tried inside a capture, and must not risk
+ * invalidating it (the runtime's check there always ran, before). */
+static void remember_range(cuda_backend *cb, const void *p)
+{
+    const uintptr_t at = (uintptr_t)p;
+    ptr_range r = {at, at + 1};
+    if (cb->range_query && !capturing(cb->stream)) {
+        CUpointer_attribute attrs[2] = {CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                                        CU_POINTER_ATTRIBUTE_RANGE_SIZE};
+        CUdeviceptr start = 0;
+        size_t size = 0;
+        void *data[2] = {&start, &size};
+        if (cb->range_query(2, attrs, data, (CUdeviceptr)at) == CUDA_SUCCESS &&
+            size > 0 && at >= (uintptr_t)start && at - (uintptr_t)start < size)
+            r = (ptr_range){(uintptr_t)start, (uintptr_t)start + size};
+    }
+    cb->ranges[cb->next_range] = r;
+    cb->next_range = (cb->next_range + 1) % PTR_RANGES;
+}
+
+/* Forgets the remembered allocations (fkv_sync, a new stream): memory the
+ * engine freed and reallocated is checked again after these. */
+static void forget_ranges(cuda_backend *cb)
+{
+    memset(cb->ranges, 0, sizeof cb->ranges);
+    cb->next_range = 0;
 }
 
 static fkv_status cuda_create(fkv_cache *c)
@@ -299,8 +386,14 @@ static fkv_status cuda_create(fkv_cache *c)
     fkvi_cuda_layout(&c->opts, &c->geo, &cb->geo);
     c->pool_unused = cb->geo.store != 0;
     c->pool.allocator = (fkv_pool_allocator){pinned_alloc, pinned_release, c};
-    TRY(cudaDeviceGetAttribute(&cb->sm_count, cudaDevAttrMultiProcessorCount,
-                               cb->device), "cudaDeviceGetAttribute");
+    /* Every device figure a launch needs, and every kernel attribute, once
+     * here: the decode path queries and sets nothing. */
+    TRY(fkv_dev_limits_query(cb->device, &cb->lim),
+        "fkv_create: reading the device's limits");
+    TRY(fkv_kernels_init(&cb->geo, &cb->lim),
+        "fkv_create: setting the kernels' shared memory (this head_dim and "
+        "GQA group may need more than a block may have)");
+    cb->range_query = range_query_entry();
     int least = 0, greatest = 0;
     TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest),
         "cudaDeviceGetStreamPriorityRange");
@@ -323,6 +416,8 @@ static fkv_status cuda_create(fkv_cache *c)
         goto out;
     }
     TRY(cudaEventCreateWithFlags(&cb->stream_switch, cudaEventDisableTiming),
+        "cudaEventCreateWithFlags");
+    TRY(cudaEventCreateWithFlags(&cb->seq_closed, cudaEventDisableTiming),
         "cudaEventCreateWithFlags");
     for (int32_t l = 0; l < g->layers; l++) {
         TRY(cudaEventCreateWithFlags(&cb->select_ready[l],
@@ -347,10 +442,6 @@ static fkv_status cuda_create(fkv_cache *c)
 
     cb->block_ptr_entries =
         cb->geo.store ? 1 : S * g->layers * (uint64_t)g->max_pages;
-    TRY(host_pinned((void **)&cb->block_ptr_host,
-                    cb->block_ptr_entries * sizeof(uint64_t),
-                    cudaHostAllocPortable), "cudaHostAlloc");
-    memset(cb->block_ptr_host, 0, cb->block_ptr_entries * sizeof(uint64_t));
     void *block_ptr = NULL;
     TRY_ST(dev_alloc(c, &block_ptr, cb->block_ptr_entries * sizeof(uint64_t),
                      "page table"));
@@ -377,8 +468,8 @@ static fkv_status cuda_create(fkv_cache *c)
                               ? g->max_pages
                               : g->sink_pages + g->select_pages +
                                     g->window_pages + 1;
-    m->max_splits = fkv_attend_splits(&cb->geo, 1, cb->max_bound_pages,
-                                      cb->sm_count);
+    m->max_splits = fkv_attend_splits(&cb->geo, &cb->lim, 1,
+                                      cb->max_bound_pages);
     {
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
@@ -401,7 +492,7 @@ static fkv_status cuda_create(fkv_cache *c)
      * GEMMs less while they run (bench/recall), but then the side stream
      * falls behind and the next step waits for it: in the decode step 32
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
-    cb->gather_blocks_main = cb->sm_count;
+    cb->gather_blocks_main = cb->lim.sm_count;
     cb->gather_blocks_side = 32;
     /* attend_tokens gathers each sequence's last query here (sized now:
      * no allocation on the decode path). */
@@ -451,6 +542,7 @@ static fkv_status cuda_set_stream(fkv_cache *c, void *stream)
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_set_stream");
     cb->stream = (cudaStream_t)stream;
+    forget_ranges(cb);
     return FKV_OK;
 }
 
@@ -465,36 +557,50 @@ static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
         return st;
     const fkvi_geometry *g = &c->geo;
     uint64_t bytes = cb->geo.layer_bytes * (uint64_t)g->layers;
-    void *region = NULL;
-    cudaError_t e = dev_malloc(&region, bytes);
-    if (e != cudaSuccess) {
-        leave(&guard);
-        (void)cudaGetLastError();
-        return fkvi_fail(c, e == cudaErrorMemoryAllocation
-                                ? FKV_ERR_OUT_OF_MEMORY
-                                : FKV_ERR_DEVICE,
-                         "fkv_seq_open: cudaMalloc of %llu bytes for the "
-                         "sequence's device state: %s",
-                         (unsigned long long)bytes, cudaGetErrorString(e));
+    unsigned char *region = cb->seq_base_host[slot];
+    const bool fresh = region == NULL;
+    cudaError_t e = cudaSuccess;
+    if (fresh) {
+        /* The slot's first open: its region, kept until fkv_destroy. */
+        e = dev_malloc((void **)&region, bytes);
+        if (e != cudaSuccess) {
+            leave(&guard);
+            (void)cudaGetLastError();
+            return fkvi_fail(c, e == cudaErrorMemoryAllocation
+                                    ? FKV_ERR_OUT_OF_MEMORY
+                                    : FKV_ERR_DEVICE,
+                             "fkv_seq_open: cudaMalloc of %llu bytes for the "
+                             "sequence's device state: %s",
+                             (unsigned long long)bytes, cudaGetErrorString(e));
+        }
+        cb->seq_base_host[slot] = region;
+        e = cudaMemcpyAsync(cb->seq_base_dev + slot, cb->seq_base_host + slot,
+                            sizeof(void *), cudaMemcpyHostToDevice,
+                            cb->stream);
+    } else {
+        /* A reused region: the previous sequence's speculative work on it
+         * (side stream) comes before the new one's set-up; its work on the
+         * engine's stream already does, in stream order (fkv_set_stream
+         * keeps that order across streams). */
+        e = cudaStreamWaitEvent(cb->stream, cb->seq_closed, 0);
     }
-    cb->seq_base_host[slot] = region;
-    e = cudaMemcpyAsync(cb->seq_base_dev + slot, cb->seq_base_host + slot,
-                        sizeof(void *), cudaMemcpyHostToDevice, cb->stream);
     if (e == cudaSuccess && !cb->geo.store) {
         uint64_t per = (uint64_t)g->layers * g->max_pages;
-        memset(cb->block_ptr_host + slot * per, 0, per * sizeof(uint64_t));
         e = cudaMemsetAsync((void *)(cb->st_main.block_ptr + slot * per), 0,
                             per * sizeof(uint64_t), cb->stream);
     }
     if (e == cudaSuccess)
         e = fkv_launch_seq_init(&cb->geo, &cb->st_main, slot, cb->stream);
     if (e != cudaSuccess) {
-        (void)cudaFree(region);
-        cb->seq_base_host[slot] = NULL;
+        if (fresh) { /* an error path: cudaFree's synchronisation is fine */
+            (void)cudaFree(region);
+            cb->seq_base_host[slot] = NULL;
+        }
         leave(&guard);
         return cuda_fail(c, e, "fkv_seq_open");
     }
-    cb->device_bytes += bytes;
+    if (fresh)
+        cb->device_bytes += bytes;
     leave(&guard);
     return FKV_OK;
 }
@@ -505,11 +611,19 @@ static void cuda_seq_close(fkv_cache *c, int32_t slot)
     device_guard guard;
     if (enter(c, &guard) != FKV_OK)
         return;
-    /* cudaFree waits for the work in flight that may still use it. */
-    (void)cudaFree(cb->seq_base_host[slot]);
+    (void)slot; /* the region stays with the slot for its next sequence */
+    /* Nothing is freed or waited for: the next open of a slot waits (on
+     * the device) for this point of the side stream. */
+    (void)cudaEventRecord(cb->seq_closed, cb->side);
+    /* Fork (its partial page) and truncate (copy on write) copy pool blocks
+     * on the host; a block this sequence gives back may still be written by
+     * its work in flight, which cudaFree used to wait for here. Until those
+     * copies are made in stream order, a cache that made one waits. */
+    if (cb->host_block_copies) {
+        (void)cudaStreamSynchronize(cb->side);
+        (void)cudaStreamSynchronize(cb->stream);
+    }
     (void)cudaGetLastError();
-    cb->seq_base_host[slot] = NULL;
-    cb->device_bytes -= cb->geo.layer_bytes * (uint64_t)c->geo.layers;
     leave(&guard);
 }
 
@@ -526,28 +640,34 @@ static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
     const uint64_t row = ((uint64_t)slot * c->geo.layers + layer) *
                          (uint64_t)c->geo.max_pages;
     const uint32_t *blocks = c->seqs[slot].blocks + (size_t)layer * c->geo.max_pages;
-    for (int32_t p = first; p < last; p++) {
-        uint64_t dev = 0;
-        if (blocks[p] != FKV_POOL_NO_BLOCK) {
+    /* The entries go by value in the launches (kernels/page_table.cu): no
+     * host buffer that a queued copy could read after a later change. */
+    cudaError_t e = cudaSuccess;
+    for (int32_t at = first; e == cudaSuccess && at < last;
+         at += FKV_DEV_PAGE_ENTRIES) {
+        fkv_dev_page_entries pe;
+        memset(&pe, 0, sizeof pe);
+        pe.n = last - at < FKV_DEV_PAGE_ENTRIES ? last - at
+                                                 : FKV_DEV_PAGE_ENTRIES;
+        for (int32_t j = 0; j < pe.n; j++) {
+            const uint32_t block = blocks[at + j];
+            if (block == FKV_POOL_NO_BLOCK)
+                continue;
             void *d = NULL;
-            cudaError_t e = cudaHostGetDevicePointer(
-                &d, fkv_pool_block(&c->pool, blocks[p]), 0);
+            e = cudaHostGetDevicePointer(&d, fkv_pool_block(&c->pool, block),
+                                         0);
             if (e != cudaSuccess) {
                 leave(&guard);
                 return cuda_fail(c, e, "cudaHostGetDevicePointer");
             }
-            dev = (uint64_t)(uintptr_t)d;
+            pe.addr[j] = (uint64_t)(uintptr_t)d;
         }
-        cb->block_ptr_host[row + p] = dev;
+        e = fkv_launch_page_table(&cb->st_main, row + (uint64_t)at, &pe,
+                                  cb->stream);
     }
-    cudaError_t e = cudaMemcpyAsync(
-        (void *)(cb->st_main.block_ptr + row + first),
-        cb->block_ptr_host + row + first,
-        (size_t)(last - first) * sizeof(uint64_t), cudaMemcpyHostToDevice,
-        cb->stream);
     leave(&guard);
     if (e != cudaSuccess)
-        return cuda_fail(c, e, "cudaMemcpyAsync (page table)");
+        return cuda_fail(c, e, "fkv_launch_page_table (page table)");
     return FKV_OK;
 }
 
@@ -560,6 +680,7 @@ static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
 static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
 {
     cuda_backend *cb = backend_of(c);
+    cb->host_block_copies = true;
     device_guard guard;
     if (enter(c, &guard) != FKV_OK)
         return;
@@ -609,6 +730,7 @@ static void cuda_truncate(fkv_cache *c, int32_t slot, int32_t layer,
                           int64_t length)
 {
     cuda_backend *cb = backend_of(c);
+    cb->host_block_copies = true;
     device_guard guard;
     if (enter(c, &guard) != FKV_OK)
         return;
@@ -631,6 +753,12 @@ static void cuda_truncate(fkv_cache *c, int32_t slot, int32_t layer,
 static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
                                       const char *name, const void *p)
 {
+    cuda_backend *cb = backend_of(c);
+    const uintptr_t at = (uintptr_t)p;
+    for (int i = 0; i < PTR_RANGES; i++)
+        if (at >= cb->ranges[i].begin && at < cb->ranges[i].end)
+            return FKV_OK; /* in an allocation accepted before */
+    cb->pointer_queries++;
     struct cudaPointerAttributes a;
     cudaError_t e = cudaPointerGetAttributes(&a, p);
     if (e != cudaSuccess) {
@@ -647,6 +775,7 @@ static fkv_status need_device_pointer(fkv_cache *c, const char *fn,
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "%s: %s is on device %d; the cache is on device %d",
                          fn, name, a.device, backend_of(c)->device);
+    remember_range(cb, p);
     return FKV_OK;
 }
 
@@ -871,7 +1000,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         const void *qc = (const char *)q + first * qrow;
         void *oc = (char *)out + first * qrow;
         if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer, qc,
+            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc,
                                   attend_select_mode(cb, policy), cb->stream);
             if (e == cudaSuccess && cb->bounded)
                 e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
@@ -881,11 +1010,11 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
                                       cb->stream);
         } else if (policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer, qc,
+            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc,
                                   FKV_SELECT_ACTIVE, cb->stream);
         }
         if (e == cudaSuccess)
-            e = fkv_launch_attend(&cb->geo, &cb->st_main, &d, layer, qc, oc,
+            e = fkv_launch_attend(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->stream);
     }
     if (cb->bounded) /* even after an error: some of it may have run */
@@ -939,7 +1068,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
         }
         if (e == cudaSuccess &&
             (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
-            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer,
                                   cb->q_last, attend_select_mode(cb, policy),
                                   cb->stream);
             if (e == cudaSuccess && cb->bounded)
@@ -950,7 +1079,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
                                       cb->stream);
         } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->geo, &cb->st_main, &d, layer,
+            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer,
                                   cb->q_last, FKV_SELECT_ACTIVE, cb->stream);
         }
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
@@ -968,7 +1097,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             }
             a.max_tokens = 1;
             /* Rows are absolute: q and out are not moved per chunk. */
-            e = fkv_launch_attend(&cb->geo, &cb->st_main, &a, layer, q, out,
+            e = fkv_launch_attend(&cb->geo, &cb->lim, &cb->st_main, &a, layer, q, out,
                                   bound, cb->stream);
         }
     }
@@ -1012,7 +1141,7 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        e = fkv_launch_select(&cb->geo, &cb->st_side, &d, layer, NULL,
+        e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_side, &d, layer, NULL,
                               FKV_SELECT_PENDING, cb->side);
     }
     if (cb->bounded) {
@@ -1148,7 +1277,7 @@ static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
     s->corrections += counters[FKV_DEV_CORRECTIONS];
     s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];
     s->pages_recalled_critical += counters[FKV_DEV_PAGES_RECALLED_CRITICAL];
-    s->host_bytes += cb->block_ptr_entries * sizeof(uint64_t) + sizeof *cb;
+    s->host_bytes += sizeof *cb;
     s->device_bytes = cb->device_bytes;
     return FKV_OK;
 }
@@ -1196,6 +1325,7 @@ static fkv_status cuda_sync(fkv_cache *c)
         if (e != cudaSuccess)
             st = cuda_fail(c, e, "fkv_sync");
     }
+    forget_ranges(cb);
     leave(&guard);
     if (st == FKV_OK) {
         for (int32_t s = 0; s < c->opts.max_sequences; s++)
@@ -1340,3 +1470,11 @@ const fkvi_backend_ops fkvi_cuda_backend = {
     .seq_fork = cuda_seq_fork, .truncate = cuda_truncate,
     .set_pages = cuda_set_pages,
 };
+
+uint64_t fkvi_debug_pointer_queries(const fkv_cache *c)
+{
+    if (!c || !c->backend ||
+        c->ops != &fkvi_cuda_backend)
+        return 0;
+    return ((const cuda_backend *)c->backend)->pointer_queries;
+}

@@ -200,6 +200,10 @@ void fkvi_clear_error(fkv_cache *c);
  * the pages the last attend used were resident. FKV_OK or FKV_ERR_INTERNAL
  * with the first difference in the message. */
 fkv_status fkvi_debug_audit(fkv_cache *c);
+/* Tests only (CUDA build): how many times the CUDA backend of c asked CUDA
+ * about a user pointer (its allocation was not among those remembered);
+ * 0 for other backends. */
+uint64_t fkvi_debug_pointer_queries(const fkv_cache *c);
 
 /* options.c */
 fkv_status fkvi_options_load(const fkv_options *user, fkv_options *out);

@@ -21,6 +21,14 @@
  *                            usable and unchanged (compared with a twin).
  *  cuda_long_context_memory  device_bytes does not grow from 8K to 32K
  *                            tokens; host_bytes does.
+ *  cuda_slot_reuse           sequences closed and reopened with the
+ *                            previous ones' work in flight (the slots'
+ *                            device regions are reused): byte-identical to
+ *                            a twin that drained first; no new device
+ *                            memory at reopen.
+ *  cuda_pointer_checks       tensors are checked once per allocation
+ *                            (none on a repeated step or for rows inside
+ *                            one; again after fkv_sync).
  *
  * TST_CUDA_PEER (default FKV_BACKEND_CUDA) is the backend the agreement case
  * holds against the CPU; a dry run of that case's logic can build this file
@@ -1278,7 +1286,10 @@ START_TEST(cuda_graph_capture)
     ck_assert_msg(ce == cudaSuccess && graph != NULL,
                   "cudaStreamEndCapture: %s (%s)", cudaGetErrorString(ce),
                   cudaGetErrorName(ce));
-    CK_CUDA(cudaGraphInstantiateWithFlags(&exec, graph, 0));
+    /* As docs/integration.md asks of engines: nodes keep their stream's
+     * priority (the side stream's) in replays. */
+    CK_CUDA(cudaGraphInstantiateWithFlags(
+        &exec, graph, cudaGraphInstantiateFlagUseNodePriority));
     /* The captured calls did the host's bookkeeping once (the appends
      * counted one token); the device, which fkv_sync reads back, has not
      * run anything yet. */
@@ -1708,6 +1719,169 @@ START_TEST(cuda_long_context_memory)
 }
 END_TEST
 
+/* ====================================================================== */
+/* 5. cuda_slot_reuse                                                     */
+/* ====================================================================== */
+
+/* _i: the policy. A sequence slot's device region is kept at fkv_seq_close
+ * and reused by the slot's next sequence, without waiting for the host.
+ * Cache X closes and reopens its sequences with the previous ones' work
+ * (and the side stream's speculative selection and recall) still queued;
+ * its twin T runs the same calls but drains everything (fkv_sync) before
+ * the close. Every later output, selection, length and counter agrees
+ * byte for byte, and reopening allocates no device memory. */
+START_TEST(cuda_slot_reuse)
+{
+    const fkv_policy policy = k_graph_policies[_i];
+    const fkv_dtype dt = FKV_DTYPE_BF16;
+    const int32_t prompt_old[GC_BATCH] = {700, 1333};
+    const int32_t prompt[GC_BATCH] = {1500, 2103};
+    fkv_options o;
+    gcache X, T;
+    gcache *both[2] = {&X, &T};
+    gstep in;
+    unsigned char **outX, **outT;
+    uint64_t rng = 0x5E0000ull + (uint64_t)_i;
+    ref_rng qr;
+    fkv_stats s0, s1;
+    int i, step;
+    double max_err = 0.0;
+
+    ref_rng_seed(&qr, 0x5E1000ull + (uint64_t)_i);
+    cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, GC_BATCH,
+               4096);
+    gc_open(&X, &o);
+    gc_open(&T, &o);
+    outX = gc_outs(&X);
+    outT = gc_outs(&T);
+    gstep_alloc(&in, &X);
+
+    /* The previous sequences: a prompt and two decode steps, left in
+     * flight on X. */
+    gc_prefill_all(both, 2, prompt_old, dt, &rng);
+    for (step = 0; step < 2; ++step) {
+        gstep_fill(&in, &X, dt, &rng, &qr, step == 0);
+        gc_put(&X, &in);
+        gc_step(&X);
+        gc_put(&T, &in);
+        gc_step(&T);
+    }
+    CU_OK(T.c, fkv_sync(T.c));
+    for (i = 0; i < GC_BATCH; ++i) {
+        CU_OK(X.c, fkv_seq_close(X.c, X.id[i]));
+        CU_OK(T.c, fkv_seq_close(T.c, T.id[i]));
+    }
+    for (i = 0; i < GC_BATCH; ++i) {
+        CU_OK(X.c, fkv_seq_open(X.c, &X.id[i]));
+        CU_OK(T.c, fkv_seq_open(T.c, &T.id[i]));
+    }
+
+    /* The new sequences in the same slots. */
+    gc_prefill_all(both, 2, prompt, dt, &rng);
+    for (step = 0; step < 3; ++step) {
+        gstep_fill(&in, &X, dt, &rng, &qr, step == 0);
+        gc_eager(&X, &in, outX);
+        gc_eager(&T, &in, outT);
+        gc_compare(&X, dt, outX, outT, 1, 0.0, &max_err,
+                   "step after the slots were reused");
+    }
+    gc_same_state(&X, &T, "after the slots were reused");
+
+    /* Reopening a slot allocates nothing. */
+    memset(&s0, 0, sizeof s0);
+    s0.struct_size = sizeof s0;
+    s1 = s0;
+    CU_OK(X.c, fkv_get_stats(X.c, &s0));
+    CU_OK(X.c, fkv_seq_close(X.c, X.id[0]));
+    CU_OK(X.c, fkv_seq_open(X.c, &X.id[0]));
+    CU_OK(X.c, fkv_get_stats(X.c, &s1));
+    ck_assert_msg(s1.device_bytes == s0.device_bytes,
+                  "device_bytes %llu after reopening a slot, %llu before",
+                  (unsigned long long)s1.device_bytes,
+                  (unsigned long long)s0.device_bytes);
+
+    gstep_free(&in);
+    gc_outs_free(outX);
+    gc_outs_free(outT);
+    gc_close(&X);
+    gc_close(&T);
+}
+END_TEST
+
+/* ====================================================================== */
+/* 6. cuda_pointer_checks                                                 */
+/* ====================================================================== */
+
+uint64_t fkvi_debug_pointer_queries(const fkv_cache *c); /* libfreekv.a */
+
+/* The user tensors are checked once per allocation: a decode step with the
+ * tensors of the step before asks CUDA nothing; rows at an offset inside
+ * those allocations neither (the allocation's range is remembered); after
+ * fkv_sync they are checked again. */
+START_TEST(cuda_pointer_checks)
+{
+    const fkv_dtype dt = FKV_DTYPE_BF16;
+    const int32_t prompt[GC_BATCH] = {600, 913};
+    fkv_options o;
+    gcache X;
+    gcache *one[1] = {&X};
+    gstep in;
+    unsigned char **outX;
+    uint64_t rng = 0x9C0000ull;
+    ref_rng qr;
+    uint64_t q0, q1, q2, q3;
+    fkv_batch b1;
+    size_t qrow;
+    int l;
+
+    ref_rng_seed(&qr, 0x9C1000ull);
+    cu_options(&o, FKV_BACKEND_CUDA, FKV_POLICY_FREEKV, dt, 3, 8, 2, 128, 512,
+               GC_BATCH, 4096);
+    gc_open(&X, &o);
+    gc_prefill_all(one, 1, prompt, dt, &rng);
+    outX = gc_outs(&X);
+    gstep_alloc(&in, &X);
+    gstep_fill(&in, &X, dt, &rng, &qr, 1);
+    gc_eager(&X, &in, outX);
+    q0 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q0 > 0, "no pointer was ever checked");
+
+    gstep_fill(&in, &X, dt, &rng, &qr, 0);
+    gc_eager(&X, &in, outX);
+    q1 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q1 == q0, "a decode step with the same tensors asked CUDA "
+                  "about %llu pointers", (unsigned long long)(q1 - q0));
+
+    /* The second sequence alone: its q and out rows one row into the same
+     * allocations. */
+    qrow = (size_t)X.QH * X.D * X.esize;
+    b1.num_seqs = 1;
+    b1.reserved = 0;
+    b1.seq_ids = &X.id[1];
+    b1.num_tokens = NULL;
+    for (l = 0; l < X.L; ++l)
+        CU_OK(X.c, fkv_attend(X.c, l, &b1, (char *)X.dq[l] + qrow,
+                              (char *)X.dout[l] + qrow));
+    CK_CUDA(cudaStreamSynchronize(X.s));
+    q2 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q2 == q1, "rows inside accepted allocations were checked "
+                  "again (%llu queries): the driver gave no allocation "
+                  "range (cuPointerGetAttributes)",
+                  (unsigned long long)(q2 - q1));
+
+    CU_OK(X.c, fkv_sync(X.c));
+    gstep_fill(&in, &X, dt, &rng, &qr, 0);
+    gc_eager(&X, &in, outX);
+    q3 = fkvi_debug_pointer_queries(X.c);
+    ck_assert_msg(q3 > q2, "after fkv_sync the tensors were not checked "
+                  "again");
+
+    gstep_free(&in);
+    gc_outs_free(outX);
+    gc_close(&X);
+}
+END_TEST
+
 #endif /* FKV_WITH_CUDA */
 
 Suite *suite_cuda(const char *prefix)
@@ -1722,6 +1896,9 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_test(tst_tcase(s, "cuda_device_errors"), cuda_device_errors);
     tcase_add_test(tst_tcase(s, "cuda_long_context_memory"),
                    cuda_long_context_memory);
+    tcase_add_loop_test(tst_tcase(s, "cuda_slot_reuse"), cuda_slot_reuse, 0,
+                        4);
+    tcase_add_test(tst_tcase(s, "cuda_pointer_checks"), cuda_pointer_checks);
 #else
     /* Without CUDA the suite has no cases (main.c never adds it then). */
     (void)cuda_vs_cpu_agreement;

@@ -1028,7 +1028,11 @@ static int graph_capture(llama_backend *b, int32_t n, const int32_t *slots,
                        cudaGetErrorString(e));
         return -1;
     }
-    e = cudaGraphInstantiateWithFlags(&b->exec, graph, 0);
+    /* UseNodePriority: replays keep the priority of the stream each kernel
+     * was captured on (libfreekv's side stream is its highest); without it
+     * every node of the graph runs at the launch stream's priority. */
+    e = cudaGraphInstantiateWithFlags(&b->exec, graph,
+                                      cudaGraphInstantiateFlagUseNodePriority);
     cudaGraphDestroy(graph);
     if (e != cudaSuccess) {
         b->exec = NULL;
