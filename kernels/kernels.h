@@ -36,9 +36,13 @@ enum {
 };
 
 /* Geometry and the layout of one (sequence, layer) region. A sequence slot
- * owns layers * layer_bytes of device memory from seq_base[slot]; each
- * layer's region holds the arrays below at the given byte offsets. Arrays
- * a policy does not use have size 0. "Units" are one (page, KV head) of K
+ * owns the regions of all its layers, one after the other, from
+ * seq_base[slot]; layer l's region starts region_off bytes in (l *
+ * layer_bytes when every layer has the same layout; a dense layer,
+ * fkv_options.dense_layers, has the DENSE layout and its own size). The
+ * host keeps one geometry per layer and passes the layer's to each launch.
+ * Each region holds the arrays below at the given byte offsets. Arrays a
+ * policy does not use have size 0. "Units" are one (page, KV head) of K
  * then V: [2][page][head_dim] elements of the cache dtype. */
 typedef struct fkv_dev_geometry {
     int32_t layers, q_heads, kv_heads, group, head_dim, page;
@@ -51,7 +55,8 @@ typedef struct fkv_dev_geometry {
     float scale;
     float threshold;      /* correction threshold */
     uint64_t unit_bytes;
-    uint64_t layer_bytes;
+    uint64_t layer_bytes; /* this layout's region size */
+    uint64_t region_off;  /* this layer's region from seq_base[slot] */
     /* units */
     uint64_t off_sink;    /* [kv_heads][sink_pages] */
     uint64_t off_ring;    /* [kv_heads][ring_pages]; page p >= S in
@@ -118,11 +123,11 @@ typedef struct fkv_dev_batch {
     int32_t cut[FKV_DEV_MAX_BATCH];
 } fkv_dev_batch;
 
-/* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
- * its lengths. */
+/* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
+ * zeroes its length; g is the layer's geometry. */
 cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st, int32_t slot,
-                                cudaStream_t stream);
+                                int32_t layer, cudaStream_t stream);
 
 /* fkv_seq_truncate of (slot, layer) to `length`: metadata as at open, the
  * device length, the window ring reloaded from the host pool
