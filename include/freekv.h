@@ -182,6 +182,22 @@ typedef struct fkv_options {
                                      miss; default 0.002, in [0, 1] */
     int32_t correction_max_pages; /* BOUNDED: most pages per KV head fetched
                                      inside fkv_attend; default 32, >= 0 */
+
+    /* Dense layers (added in 0.3; a caller compiled against an older
+     * header gets NULL). NULL: none. Otherwise num_layers flags: a layer
+     * whose flag is non-zero attends every token of the sequence, as under
+     * FKV_POLICY_DENSE, whatever the policy: no selection, correction or
+     * recall there (fkv_select and fkv_recall are no-ops on it, fkv_set_pages
+     * ignores its pages, fkv_get_selected_pages reports 0 pages) and its
+     * pages never count in pages_recalled or corrections. Copied by
+     * fkv_create; fkv_get_options returns the cache's copy (valid until
+     * fkv_destroy). Cost: a dense layer's whole KV is attended at every step
+     * and, on the CUDA backend, stays on the device: 2 * num_kv_heads *
+     * head_dim * elem_size bytes per token of capacity
+     * (max_tokens_per_sequence) per sequence and dense layer. On CUDA it
+     * needs FKV_CUDA_EXPERIMENTAL=1 at fkv_create (else
+     * FKV_ERR_UNSUPPORTED). */
+    const uint8_t *dense_layers;
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.
@@ -385,7 +401,7 @@ FKV_API fkv_status fkv_set_pages(fkv_cache *cache, int32_t layer,
  * window and the partial page. While the candidate pages number at most the
  * budget's K, they are all selected and all listed. Writes at most capacity
  * entries and sets *count to the number there are (0 before the first
- * attend and under FKV_POLICY_DENSE). */
+ * attend, under FKV_POLICY_DENSE and on a dense layer: opts.dense_layers). */
 FKV_API fkv_status fkv_get_selected_pages(fkv_cache *cache,
                                           int32_t layer, fkv_seq_id seq,
                                           int32_t kv_head, int32_t *pages,

@@ -59,7 +59,8 @@ template <typename F> inline cudaError_t dispatch_head_dim(int32_t head_dim, F &
 
 // ---- addressing ---------------------------------------------------------
 
-// The (slot, layer) region and typed views of its arrays.
+// The (slot, layer) region and typed views of its arrays; geo is the
+// layer's geometry (its region_off places the region).
 struct layer_view {
     unsigned char *base;
     const fkv_dev_geometry *g;
@@ -67,7 +68,7 @@ struct layer_view {
     __device__ __forceinline__ layer_view(const fkv_dev_geometry &geo,
                                           const fkv_dev_state &st,
                                           int32_t slot, int32_t layer)
-        : base(st.seq_base[slot] + (uint64_t)layer * geo.layer_bytes), g(&geo) {}
+        : base(st.seq_base[slot] + geo.region_off), g(&geo) { (void)layer; }
 
     template <typename T> __device__ __forceinline__ T *at(uint64_t off) const {
         return reinterpret_cast<T *>(base + off);

@@ -36,9 +36,13 @@ enum {
 };
 
 /* Geometry and the layout of one (sequence, layer) region. A sequence slot
- * owns layers * layer_bytes of device memory from seq_base[slot]; each
- * layer's region holds the arrays below at the given byte offsets. Arrays
- * a policy does not use have size 0. "Units" are one (page, KV head) of K
+ * owns the regions of all its layers, one after the other, from
+ * seq_base[slot]; layer l's region starts region_off bytes in (l *
+ * layer_bytes when every layer has the same layout; a dense layer,
+ * fkv_options.dense_layers, has the DENSE layout and its own size). The
+ * host keeps one geometry per layer and passes the layer's to each launch.
+ * Each region holds the arrays below at the given byte offsets. Arrays a
+ * policy does not use have size 0. "Units" are one (page, KV head) of K
  * then V: [2][page][head_dim] elements of the cache dtype. */
 typedef struct fkv_dev_geometry {
     int32_t layers, q_heads, kv_heads, group, head_dim, page;
@@ -55,7 +59,8 @@ typedef struct fkv_dev_geometry {
     float min_mass;
     int32_t max_fetch;
     uint64_t unit_bytes;
-    uint64_t layer_bytes;
+    uint64_t layer_bytes; /* this layout's region size */
+    uint64_t region_off;  /* this layer's region from seq_base[slot] */
     /* units */
     uint64_t off_sink;    /* [kv_heads][sink_pages] */
     uint64_t off_ring;    /* [kv_heads][ring_pages]; page p >= S in
@@ -153,11 +158,11 @@ cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 
-/* Sets the "-1" arrays of every layer of a freshly opened slot and zeroes
- * its lengths. */
+/* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
+ * zeroes its length; g is the layer's geometry. */
 cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st, int32_t slot,
-                                cudaStream_t stream);
+                                int32_t layer, cudaStream_t stream);
 
 /* Page-table entries [first, first + n) of fkv_dev_state.block_ptr (index
  * (slot * layers + layer) * max_pages + page), by value: the launch holds

@@ -53,7 +53,7 @@ typedef struct cpu_backend {
     int32_t *selected;          /* [max(K, 1)] */
     uint8_t *keep;              /* [max(K, 1)] */
     uint64_t bytes;             /* host memory held by this backend */
-    size_t layer_bytes;         /* per (sequence, layer) */
+    size_t seq_bytes;           /* per sequence, all layers */
 } cpu_backend;
 
 /* Tokens per block of the transposed K tile: the loops over a block's
@@ -76,24 +76,26 @@ static cpu_layer *layer_of(fkv_cache *c, int32_t slot, int32_t layer)
     return &backend_of(c)->layers[(size_t)slot * c->geo.layers + layer];
 }
 
-static bool uses_slots(const fkv_cache *c)
+/* The policy helpers take the layer: a dense layer (opts.dense_layers)
+ * follows FKV_POLICY_DENSE whatever the cache's policy. */
+static bool uses_slots(const fkv_cache *c, int32_t layer)
 {
-    return c->opts.policy == FKV_POLICY_FREEKV ||
-           c->opts.policy == FKV_POLICY_SYNC ||
-           c->opts.policy == FKV_POLICY_EXTERNAL;
+    const fkv_policy p = fkvi_layer_policy(c, layer);
+    return p == FKV_POLICY_FREEKV || p == FKV_POLICY_SYNC ||
+           p == FKV_POLICY_EXTERNAL;
 }
 
-static bool bounded(const fkv_cache *c)
+static bool bounded(const fkv_cache *c, int32_t layer)
 {
-    return c->opts.policy == FKV_POLICY_FREEKV &&
+    return fkvi_layer_policy(c, layer) == FKV_POLICY_FREEKV &&
            c->opts.correction_criterion == FKV_CRITERION_BOUNDED;
 }
 
-static bool uses_summaries(const fkv_cache *c)
+static bool uses_summaries(const fkv_cache *c, int32_t layer)
 {
     /* EXTERNAL: the engine scores pages, the library does not. */
-    return c->opts.policy != FKV_POLICY_DENSE &&
-           c->opts.policy != FKV_POLICY_EXTERNAL;
+    const fkv_policy p = fkvi_layer_policy(c, layer);
+    return p != FKV_POLICY_DENSE && p != FKV_POLICY_EXTERNAL;
 }
 
 static void cpu_destroy(fkv_cache *c)
@@ -146,7 +148,10 @@ static fkv_status cpu_create(fkv_cache *c)
     cb->selected = fkvi_alloc(m, k, sizeof(int32_t));
     cb->keep = fkvi_alloc(m, k, 1);
     fkv_status st = fkvi_select_scratch_init(&cb->select, g, m);
-    if (st == FKV_OK && bounded(c))
+    /* By the cache's policy (sparing it when every layer is dense is not
+     * worth a special case). */
+    if (st == FKV_OK && c->opts.policy == FKV_POLICY_FREEKV &&
+        c->opts.correction_criterion == FKV_CRITERION_BOUNDED)
         st = fkvi_correction_scratch_init(&cb->corr, g);
     if (st != FKV_OK || !cb->layers || !cb->query || !cb->query_tok ||
         !cb->row ||
@@ -194,20 +199,21 @@ static void *zalloc(const fkvi_mem *m, size_t n, size_t size, size_t *total)
     return fkvi_alloc(m, n ? n : 1, size);
 }
 
-static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
+static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L, int32_t layer,
+                              size_t *total)
 {
     const fkvi_geometry *g = &c->geo;
     size_t kvh = (size_t)g->kv_heads, K = (size_t)g->select_pages;
     size_t bytes = 0;
     bool ok = true;
-    if (uses_slots(c)) {
+    if (uses_slots(c, layer)) {
         ok &= (L->sink = zalloc(&c->mem, kvh * g->sink_pages, g->unit_bytes, &bytes)) != NULL;
         ok &= (L->ring = zalloc(&c->mem, kvh * g->ring_pages, g->unit_bytes, &bytes)) != NULL;
         ok &= (L->slots = zalloc(&c->mem, kvh * K, g->unit_bytes, &bytes)) != NULL;
         ok &= (L->slot_page = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
         ok &= (L->active_slot = zalloc(&c->mem, kvh * K, sizeof(int32_t), &bytes)) != NULL;
     }
-    if (uses_summaries(c)) {
+    if (uses_summaries(c, layer)) {
         size_t n = kvh * g->max_pages * g->head_dim;
         ok &= (L->smax = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
         ok &= (L->smin = zalloc(&c->mem, n, sizeof(float), &bytes)) != NULL;
@@ -230,14 +236,15 @@ static fkv_status alloc_layer(fkv_cache *c, cpu_layer *L)
             L->slot_page[i] = -1;
     for (size_t h = 0; h < kvh; h++)
         L->active_count[h] = -1;
-    backend_of(c)->layer_bytes = bytes;
+    *total += bytes;
     return FKV_OK;
 }
 
 static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
 {
+    size_t bytes = 0;
     for (int32_t l = 0; l < c->geo.layers; l++) {
-        if (alloc_layer(c, layer_of(c, slot, l)) != FKV_OK) {
+        if (alloc_layer(c, layer_of(c, slot, l), l, &bytes) != FKV_OK) {
             for (int32_t j = 0; j < l; j++)
                 free_layer(&c->mem, layer_of(c, slot, j));
             return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
@@ -245,7 +252,8 @@ static fkv_status cpu_seq_open(fkv_cache *c, int32_t slot)
                              "slots and summaries");
         }
     }
-    backend_of(c)->bytes += backend_of(c)->layer_bytes * c->geo.layers;
+    backend_of(c)->seq_bytes = bytes; /* the same for every sequence */
+    backend_of(c)->bytes += bytes;
     return FKV_OK;
 }
 
@@ -253,7 +261,7 @@ static void cpu_seq_close(fkv_cache *c, int32_t slot)
 {
     for (int32_t l = 0; l < c->geo.layers; l++)
         free_layer(&c->mem, layer_of(c, slot, l));
-    backend_of(c)->bytes -= backend_of(c)->layer_bytes * c->geo.layers;
+    backend_of(c)->bytes -= backend_of(c)->seq_bytes;
 }
 
 /* ---- addressing ------------------------------------------------------- */
@@ -348,13 +356,13 @@ static fkv_status cpu_append_strided(fkv_cache *c, int32_t layer,
                 unsigned char *pu = pool_unit(c, slot, layer, page, h);
                 memcpy(pu + off * row_bytes, ks, row_bytes);
                 memcpy(pu + page_rows_bytes + off * row_bytes, vs, row_bytes);
-                if (uses_slots(c)) {
+                if (uses_slots(c, layer)) {
                     unsigned char *du = resident_unit(c, L, page, h);
                     memcpy(du + off * row_bytes, ks, row_bytes);
                     memcpy(du + page_rows_bytes + off * row_bytes, vs,
                            row_bytes);
                 }
-                if (off == g->page - 1 && uses_summaries(c))
+                if (off == g->page - 1 && uses_summaries(c, layer))
                     summarise(c, L, pu, page, h);
             }
         }
@@ -647,11 +655,11 @@ static int32_t gather_segments(fkv_cache *c, int32_t slot, int32_t layer,
 {
     const fkvi_geometry *g = &c->geo;
     cpu_segment *segs = backend_of(c)->segments;
-    const bool slots = uses_slots(c);
+    const bool slots = uses_slots(c, layer);
     int32_t n = 0;
 #define PAGE_UNIT(p) (slots ? resident_unit(c, L, (p), h) \
                             : pool_unit(c, slot, layer, (p), h))
-    if (c->opts.policy == FKV_POLICY_DENSE) {
+    if (fkvi_layer_policy(c, layer) == FKV_POLICY_DENSE) {
         for (int32_t p = 0; p < r->sealed; p++)
             add_segment(segs, &n, PAGE_UNIT(p), g->page);
     } else {
@@ -683,7 +691,7 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
 {
     const fkvi_geometry *g = &c->geo;
     cpu_backend *cb = backend_of(c);
-    const fkv_policy policy = c->opts.policy;
+    const fkv_policy policy = fkvi_layer_policy(c, layer);
     const int32_t K = g->select_pages, D = g->head_dim;
     cpu_layer *L = layer_of(c, slot, layer);
     fkvi_pages r;
@@ -701,11 +709,11 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
             size_t qoff = (size_t)h * g->group * D;
             bool full = L->active_count[h] < 0 ||
                 (r.cand_count <= K && L->active_count[h] < r.cand_count);
-            bool correct = !bounded(c) &&
+            bool correct = !bounded(c, layer) &&
                 (full || fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
                                            g->group, D) <
                              c->opts.correction_threshold);
-            if (bounded(c)) {
+            if (bounded(c, layer)) {
                 /* Its fetches are on the critical path: counted as such. */
                 const uint64_t before = c->counters.pages_recalled;
                 if (bounded_head(c, slot, layer, L, &r, h, full))
@@ -752,7 +760,7 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
                          ((size_t)(q_row + t) * g->q_heads + qh) * D);
         }
     }
-    if (bounded(c)) { /* select at attend: this top-K is the next step's */
+    if (bounded(c, layer)) { /* select at attend: this top-K is the next step's */
         memcpy(L->pending_q, cb->query,
                (size_t)g->q_heads * D * sizeof(float));
         L->pending_valid = true;
@@ -873,7 +881,7 @@ static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
      * page. Sink pages are never overwritten. Summaries of pages below
      * r.sealed are unchanged; the new partial page is summarised again
      * when it seals. */
-    if (uses_slots(c)) {
+    if (uses_slots(c, layer)) {
         int32_t last = r.partial ? r.sealed + 1 : r.sealed;
         int32_t first = r.window_first > g->sink_pages ? r.window_first
                                                        : g->sink_pages;
@@ -919,13 +927,13 @@ static void cpu_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
     const size_t kvh = (size_t)g->kv_heads, K = (size_t)g->select_pages;
     for (int32_t l = 0; l < g->layers; l++) {
         cpu_layer *P = layer_of(c, parent, l), *C = layer_of(c, child, l);
-        if (uses_slots(c)) {
+        if (uses_slots(c, l)) {
             memcpy(C->sink, P->sink, kvh * g->sink_pages * g->unit_bytes);
             memcpy(C->ring, P->ring, kvh * g->ring_pages * g->unit_bytes);
             for (size_t i = 0; i < kvh * K; i++)
                 C->slot_page[i] = -1;
         }
-        if (uses_summaries(c)) {
+        if (uses_summaries(c, l)) {
             size_t n = kvh * g->max_pages * g->head_dim * sizeof(float);
             memcpy(C->smax, P->smax, n);
             memcpy(C->smin, P->smin, n);
@@ -961,12 +969,12 @@ static fkv_status cpu_audit(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
     const int32_t K = g->select_pages;
-    if (!uses_slots(c))
-        return FKV_OK; /* attention reads the pool itself */
     for (int32_t slot = 0; slot < c->opts.max_sequences; slot++) {
         if (!c->seqs[slot].open)
             continue;
         for (int32_t layer = 0; layer < g->layers; layer++) {
+            if (!uses_slots(c, layer))
+                continue; /* attention reads the pool itself */
             cpu_layer *L = layer_of(c, slot, layer);
             fkvi_pages r;
             fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);

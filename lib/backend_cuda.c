@@ -45,11 +45,18 @@ typedef struct cuda_backend {
      * reused at its next open after the side stream's work on it so far. */
     cudaEvent_t seq_closed;
 
-    fkv_dev_geometry geo;
+    fkv_dev_geometry geo;   /* the policy's layout (region_off 0) */
+    /* [layers]: each layer's layout and region (a dense layer's is the
+     * DENSE layout); kernels get their layer's. */
+    fkv_dev_geometry *lgeo;
+    uint64_t seq_bytes;     /* device memory of one sequence, all layers */
+    /* The last layer that is not dense (-1: none): its fkv_recall is the
+     * step's last side-stream work, which a captured step joins there. */
+    int32_t last_sparse;
     fkv_dev_state st_main; /* kernels on the engine's stream */
     fkv_dev_state st_side; /* the same with the side stream's own scratch */
     int32_t gather_blocks_main, gather_blocks_side;
-    int32_t max_bound_pages;
+    int32_t max_bound_pages; /* of the policy's layers */
     /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA code not yet validated
      * on a GPU is enabled (docs/design.md, "Behind FKV_CUDA_EXPERIMENTAL"). */
     bool experimental;
@@ -262,6 +269,7 @@ static void cuda_destroy(fkv_cache *c)
     (void)cudaFree(cb->q_last);
     fkvi_free(&c->mem, cb->ext_pages);
     fkvi_free(&c->mem, cb->ext_counts);
+    fkvi_free(&c->mem, cb->lgeo);
     (void)cudaFreeHost(cb->seq_base_host);
     (void)cudaGetLastError();
     if (previous >= 0 && previous != cb->device)
@@ -352,9 +360,51 @@ static void forget_ranges(cuda_backend *cb)
     cb->next_range = 0;
 }
 
+/* Each layer's geometry and region: the policy's layout, or DENSE's on a
+ * dense layer, one region after the other. Without dense layers layer l's
+ * region is at l * layer_bytes, as it always was. A dense layer of a cache
+ * that recalls from the host keeps everything on the device, so it gets
+ * no host pool blocks. */
+static fkv_status layer_layouts(fkv_cache *c, cuda_backend *cb)
+{
+    const int32_t L = c->geo.layers;
+    cb->lgeo = fkvi_alloc(&c->mem, (size_t)L, sizeof *cb->lgeo);
+    if (!cb->lgeo)
+        return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
+    fkv_dev_geometry dense = cb->geo;
+    if (c->any_dense) {
+        fkv_options o = c->opts;
+        o.policy = FKV_POLICY_DENSE;
+        fkvi_cuda_layout(&o, &c->geo, &dense);
+        if (!cb->geo.store) {
+            c->layer_pool_unused = fkvi_alloc(&c->mem, (size_t)L, 1);
+            if (!c->layer_pool_unused)
+                return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
+                                 "fkv_create: no memory");
+            memcpy(c->layer_pool_unused, c->dense, (size_t)L);
+        }
+    }
+    uint64_t off = 0;
+    cb->last_sparse = -1;
+    for (int32_t l = 0; l < L; l++) {
+        cb->lgeo[l] = fkvi_layer_dense(c, l) ? dense : cb->geo;
+        cb->lgeo[l].region_off = off;
+        off += cb->lgeo[l].layer_bytes;
+        if (!fkvi_layer_dense(c, l))
+            cb->last_sparse = l;
+    }
+    cb->seq_bytes = off;
+    return FKV_OK;
+}
+
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
+    if (c->any_dense && !c->cuda_experimental)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkv_create: opts.dense_layers on the CUDA backend "
+                         "is experimental (set FKV_CUDA_EXPERIMENTAL=1 "
+                         "before fkv_create to use it)");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
@@ -385,6 +435,9 @@ static fkv_status cuda_create(fkv_cache *c)
 
     fkvi_cuda_layout(&c->opts, &c->geo, &cb->geo);
     c->pool_unused = cb->geo.store != 0;
+    st = layer_layouts(c, cb);
+    if (st != FKV_OK)
+        goto out;
     c->pool.allocator = (fkv_pool_allocator){pinned_alloc, pinned_release, c};
     /* Every device figure a launch needs, and every kernel attribute, once
      * here: the decode path queries and sets nothing. */
@@ -468,8 +521,10 @@ static fkv_status cuda_create(fkv_cache *c)
                               ? g->max_pages
                               : g->sink_pages + g->select_pages +
                                     g->window_pages + 1;
-    m->max_splits = fkv_attend_splits(&cb->geo, &cb->lim, 1,
-                                      cb->max_bound_pages);
+    /* Dense layers' attention may split as finely as DENSE's. */
+    m->max_splits = fkv_attend_splits(
+        &cb->geo, &cb->lim, 1,
+        c->any_dense ? g->max_pages : cb->max_bound_pages);
     {
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
@@ -548,6 +603,16 @@ static fkv_status cuda_set_stream(fkv_cache *c, void *stream)
 
 /* ---- sequences and pages ----------------------------------------------- */
 
+/* Metadata of layers [0, L) of `slot` as at open, lengths 0. */
+static cudaError_t seq_init(cuda_backend *cb, int32_t slot, int32_t L)
+{
+    cudaError_t e = cudaSuccess;
+    for (int32_t l = 0; e == cudaSuccess && l < L; l++)
+        e = fkv_launch_seq_init(&cb->lgeo[l], &cb->st_main, slot, l,
+                                cb->stream);
+    return e;
+}
+
 static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
 {
     cuda_backend *cb = backend_of(c);
@@ -556,7 +621,7 @@ static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
     if (st != FKV_OK)
         return st;
     const fkvi_geometry *g = &c->geo;
-    uint64_t bytes = cb->geo.layer_bytes * (uint64_t)g->layers;
+    uint64_t bytes = cb->seq_bytes;
     unsigned char *region = cb->seq_base_host[slot];
     const bool fresh = region == NULL;
     cudaError_t e = cudaSuccess;
@@ -590,7 +655,7 @@ static fkv_status cuda_seq_open(fkv_cache *c, int32_t slot)
                             per * sizeof(uint64_t), cb->stream);
     }
     if (e == cudaSuccess)
-        e = fkv_launch_seq_init(&cb->geo, &cb->st_main, slot, cb->stream);
+        e = seq_init(cb, slot, g->layers);
     if (e != cudaSuccess) {
         if (fresh) { /* an error path: cudaFree's synchronisation is fine */
             (void)cudaFree(region);
@@ -631,7 +696,7 @@ static fkv_status cuda_pages_changed(fkv_cache *c, int32_t slot, int32_t layer,
                                      int32_t first, int32_t last)
 {
     cuda_backend *cb = backend_of(c);
-    if (cb->geo.store || last <= first)
+    if (cb->lgeo[layer].store || last <= first)
         return FKV_OK;
     device_guard guard;
     fkv_status st = enter(c, &guard);
@@ -695,10 +760,10 @@ static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
     if (e == cudaSuccess)
         e = cudaMemcpyAsync(cb->seq_base_host[child],
                             cb->seq_base_host[parent],
-                            cb->geo.layer_bytes * (uint64_t)L,
-                            cudaMemcpyDeviceToDevice, cb->stream);
+                            cb->seq_bytes, cudaMemcpyDeviceToDevice,
+                            cb->stream);
     if (e == cudaSuccess) /* metadata as at open; zeroes the lengths */
-        e = fkv_launch_seq_init(&cb->geo, &cb->st_main, child, cb->stream);
+        e = seq_init(cb, child, L);
     if (e == cudaSuccess)
         e = cudaMemcpyAsync(cb->st_main.len + (size_t)child * L,
                             cb->st_main.len + (size_t)parent * L,
@@ -707,9 +772,9 @@ static void cuda_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
     /* fork.c copied the partial pages on the host, but appends still in
      * flight may write the parent's: copy them again in stream order. */
     const fkvi_geometry *g = &c->geo;
-    for (int32_t l = 0; e == cudaSuccess && !c->pool_unused && l < L; l++) {
+    for (int32_t l = 0; e == cudaSuccess && l < L; l++) {
         const int64_t n = c->seqs[parent].length[l];
-        if (n % g->page == 0)
+        if (fkvi_pool_unused(c, l) || n % g->page == 0)
             continue;
         const size_t at = (size_t)l * g->max_pages + (size_t)(n / g->page);
         e = cudaMemcpyAsync(
@@ -742,7 +807,7 @@ static void cuda_truncate(fkv_cache *c, int32_t slot, int32_t layer,
     if (e == cudaSuccess)
         e = cudaStreamWaitEvent(cb->stream, cb->stream_switch, 0);
     if (e == cudaSuccess)
-        e = fkv_launch_truncate(&cb->geo, &cb->st_main, slot, layer,
+        e = fkv_launch_truncate(&cb->lgeo[layer], &cb->st_main, slot, layer,
                                 (int32_t)length, cb->stream);
     (void)e;
     leave(&guard);
@@ -830,7 +895,7 @@ static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
         size_t at = (size_t)b->offset[first] * row;
-        cudaError_t e = fkv_launch_append(&cb->geo, &cb->st_main, &d, layer,
+        cudaError_t e = fkv_launch_append(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                           (const char *)k + at,
                                           (const char *)v + at, cb->stream);
         if (e != cudaSuccess) {
@@ -850,7 +915,7 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                            const int32_t *pages, const int32_t *counts)
 {
     cuda_backend *cb = backend_of(c);
-    const fkv_dev_geometry *dg = &cb->geo;
+    const fkv_dev_geometry *dg = &cb->lgeo[layer];
     const int32_t H = c->geo.kv_heads, K = c->geo.select_pages;
     device_guard guard;
     if (enter(c, &guard) != FKV_OK)
@@ -874,7 +939,7 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                     to[x] = -1;
             }
             unsigned char *base = cb->seq_base_host[b->slot[i]] +
-                                  (uint64_t)layer * dg->layer_bytes;
+                                  dg->region_off;
             if (K > 0)
                 e = cudaMemcpyAsync(base + dg->off_fix_pages, cb->ext_pages,
                                     (size_t)H * K * sizeof(int32_t),
@@ -888,7 +953,7 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+        e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                               FKV_RECALL_FIX, cb->gather_blocks_main,
                               cb->stream);
     }
@@ -918,7 +983,7 @@ static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
         /* The kernel counts rows from the chunk's first one. */
         const char *kc = (const char *)k + (size_t)b->offset[first] * (size_t)k_token * eb;
         const char *vc = (const char *)v + (size_t)b->offset[first] * (size_t)v_token * eb;
-        cudaError_t e = fkv_launch_append_strided(&cb->geo, &cb->st_main, &d,
+        cudaError_t e = fkv_launch_append_strided(&cb->lgeo[layer], &cb->st_main, &d,
                                                   layer, kc, k_token, k_head,
                                                   vc, v_token, v_head,
                                                   cb->stream);
@@ -934,10 +999,10 @@ static fkv_status cuda_append_strided(fkv_cache *c, int32_t layer,
 static int32_t bound_pages(fkv_cache *c, const fkvi_batch *b, int32_t layer)
 {
     cuda_backend *cb = backend_of(c);
-    if (c->opts.policy != FKV_POLICY_DENSE)
+    if (fkvi_layer_policy(c, layer) != FKV_POLICY_DENSE)
         return cb->max_bound_pages;
     if (capturing(cb->stream)) /* replays will see longer sequences */
-        return cb->max_bound_pages;
+        return c->geo.max_pages;
     int64_t most = 1;
     for (int32_t i = 0; i < b->n; i++)
         if (c->seqs[b->slot[i]].length[layer] > most)
@@ -981,7 +1046,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     device_guard guard;
     if ((st = enter(c, &guard)) != FKV_OK)
         return st;
-    const fkv_policy policy = c->opts.policy;
+    const fkv_policy policy = fkvi_layer_policy(c, layer);
     const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
                         c->geo.elem_bytes;
     cudaError_t e = cudaSuccess;
@@ -1000,21 +1065,21 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         const void *qc = (const char *)q + first * qrow;
         void *oc = (char *)out + first * qrow;
         if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc,
+            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
                                   attend_select_mode(cb, policy), cb->stream);
             if (e == cudaSuccess && cb->bounded)
-                e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
+                e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                        cb->stream);
             if (e == cudaSuccess)
-                e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
                                       cb->stream);
         } else if (policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc,
+            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
                                   FKV_SELECT_ACTIVE, cb->stream);
         }
         if (e == cudaSuccess)
-            e = fkv_launch_attend(&cb->geo, &cb->lim, &cb->st_main, &d, layer, qc, oc,
+            e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->stream);
     }
     if (cb->bounded) /* even after an error: some of it may have run */
@@ -1042,7 +1107,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
     device_guard guard;
     if ((st = enter(c, &guard)) != FKV_OK)
         return st;
-    const fkv_policy policy = c->opts.policy;
+    const fkv_policy policy = fkvi_layer_policy(c, layer);
     const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
                         c->geo.elem_bytes;
     cudaError_t e = cudaSuccess;
@@ -1068,18 +1133,18 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
         }
         if (e == cudaSuccess &&
             (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
-            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer,
+            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
                                   cb->q_last, attend_select_mode(cb, policy),
                                   cb->stream);
             if (e == cudaSuccess && cb->bounded)
                 e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
                                        cb->stream);
             if (e == cudaSuccess)
-                e = fkv_launch_recall(&cb->geo, &cb->st_main, &d, layer,
+                e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
                                       cb->stream);
         } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_main, &d, layer,
+            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
                                   cb->q_last, FKV_SELECT_ACTIVE, cb->stream);
         }
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
@@ -1097,7 +1162,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             }
             a.max_tokens = 1;
             /* Rows are absolute: q and out are not moved per chunk. */
-            e = fkv_launch_attend(&cb->geo, &cb->lim, &cb->st_main, &a, layer, q, out,
+            e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &a, layer, q, out,
                                   bound, cb->stream);
         }
     }
@@ -1127,7 +1192,7 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     FOR_EACH_CHUNK(b, first, count) {
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        e = fkv_launch_snapshot(&cb->geo, &cb->st_main, &d, layer,
+        e = fkv_launch_snapshot(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                 (const char *)q + first * qrow, cb->stream);
         if (e != cudaSuccess)
             break;
@@ -1141,7 +1206,7 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        e = fkv_launch_select(&cb->geo, &cb->lim, &cb->st_side, &d, layer, NULL,
+        e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_side, &d, layer, NULL,
                               FKV_SELECT_PENDING, cb->side);
     }
     if (cb->bounded) {
@@ -1182,7 +1247,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        e = fkv_launch_recall(&cb->geo, &cb->st_side, &d, layer,
+        e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_side, &d, layer,
                               FKV_RECALL_PENDING, cb->gather_blocks_side,
                               cb->side);
         if (e != cudaSuccess)
@@ -1194,7 +1259,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         cb->select_unjoined[layer] = false;
     /* A captured step must join the side stream back before capture ends:
      * the last layer's recall is the step's last side-stream work. */
-    if (e == cudaSuccess && layer == c->geo.layers - 1 && capturing(cb->stream))
+    if (e == cudaSuccess && layer == cb->last_sparse && capturing(cb->stream))
         e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
     leave(&guard);
     if (e != cudaSuccess)
@@ -1218,8 +1283,8 @@ static fkv_status cuda_selected_pages(fkv_cache *c, int32_t layer,
                                       int32_t *count)
 {
     cuda_backend *cb = backend_of(c);
-    const fkv_dev_geometry *g = &cb->geo;
-    if (c->opts.policy == FKV_POLICY_DENSE) {
+    const fkv_dev_geometry *g = &cb->lgeo[layer];
+    if (fkvi_layer_policy(c, layer) == FKV_POLICY_DENSE) {
         *count = 0;
         return FKV_OK;
     }
@@ -1232,8 +1297,7 @@ static fkv_status cuda_selected_pages(fkv_cache *c, int32_t layer,
         return st;
     }
     const bool resident = c->opts.policy == FKV_POLICY_RESIDENT;
-    const unsigned char *base =
-        cb->seq_base_host[slot] + (uint64_t)layer * g->layer_bytes;
+    const unsigned char *base = cb->seq_base_host[slot] + g->region_off;
     const unsigned char *counts =
         base + (resident ? g->off_active_count : g->off_used_count);
     const unsigned char *list =
@@ -1384,8 +1448,10 @@ static fkv_status cuda_audit(fkv_cache *c)
         if (!c->seqs[slot].open)
             continue;
         for (int32_t layer = 0; st == FKV_OK && layer < g->layers; layer++) {
+            if (cb->lgeo[layer].store)
+                continue; /* a dense layer: no host pool to compare with */
             cudaError_t e = cudaMemcpy(
-                buf, cb->seq_base_host[slot] + (uint64_t)layer * d->layer_bytes,
+                buf, cb->seq_base_host[slot] + cb->lgeo[layer].region_off,
                 d->layer_bytes, cudaMemcpyDeviceToHost);
             if (e != cudaSuccess) {
                 st = cuda_fail(c, e, "fkvi_debug_audit");

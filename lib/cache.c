@@ -102,6 +102,21 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
                                  sizeof *c->batch_tokens +
                                  sizeof *c->batch_offset +
                                  sizeof *c->batch_mapped + 1);
+    if (o.dense_layers) {
+        /* The caller may free its array once fkv_create returns. */
+        c->dense = fkvi_alloc(&c->mem, (size_t)o.num_layers, 1);
+        if (!c->dense) {
+            fkv_destroy(c);
+            return fkvi_fail(NULL, FKV_ERR_OUT_OF_MEMORY,
+                             "fkv_create: no memory");
+        }
+        for (int32_t l = 0; l < o.num_layers; l++) {
+            c->dense[l] = o.dense_layers[l] != 0;
+            c->any_dense |= c->dense[l] != 0;
+        }
+        c->opts.dense_layers = c->dense;
+        c->host_bytes_other += (size_t)o.num_layers;
+    }
 
 #ifdef FKV_WITH_CUDA
     c->ops = o.backend == FKV_BACKEND_CUDA ? &fkvi_cuda_backend
@@ -147,6 +162,8 @@ void fkv_destroy(fkv_cache *c)
     fkvi_free(&mem, c->batch_offset);
     fkvi_free(&mem, c->batch_mapped);
     fkvi_free(&mem, c->batch_seen);
+    fkvi_free(&mem, c->dense);
+    fkvi_free(&mem, c->layer_pool_unused);
     fkvi_free(&mem, c);
 }
 

@@ -24,6 +24,9 @@ fkv_status fkv_set_pages(fkv_cache *c, int32_t layer, const fkv_batch *batch,
     if (!counts)
         return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                          "fkv_set_pages: counts is NULL");
+    /* A dense layer attends every page: the engine's choice is moot. */
+    if (fkvi_layer_dense(c, layer))
+        return FKV_OK;
     if (!c->ops->set_pages)
         return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
                          "fkv_set_pages: not implemented on the %s backend "

@@ -70,7 +70,7 @@ fkv_status fkv_seq_fork(fkv_cache *c, fkv_seq_id parent, fkv_seq_id *child)
      * the share counts, the child's own tables. */
     uint32_t partial = 0;
     for (int32_t l = 0; l < g->layers; l++)
-        partial += p->length[l] % g->page != 0;
+        partial += !fkvi_pool_unused(c, l) && p->length[l] % g->page != 0;
     if (!c->pool_unused) {
         st = fkv_pool_reserve(&c->pool, partial);
         if (st != FKV_OK)
@@ -98,7 +98,7 @@ fkv_status fkv_seq_fork(fkv_cache *c, fkv_seq_id parent, fkv_seq_id *child)
     for (int32_t l = 0; l < g->layers; l++) {
         int64_t n = p->length[l];
         s->length[l] = n;
-        if (c->pool_unused)
+        if (fkvi_pool_unused(c, l))
             continue;
         const uint32_t *from = p->blocks + (size_t)l * g->max_pages;
         uint32_t *to = s->blocks + (size_t)l * g->max_pages;

@@ -87,6 +87,8 @@ typedef struct fkvi_counters {
 /* Sizes of the first published fkv_options and fkv_stats (0.1): the
  * offsets of the first fields added after them. */
 #define FKVI_OPTIONS_SIZE_V0 offsetof(fkv_options, host_alloc)
+/* Size of 0.2's fkv_options: where dense_layers begins. */
+#define FKVI_OPTIONS_SIZE_V0_2 offsetof(fkv_options, dense_layers)
 #define FKVI_STATS_SIZE_V0 offsetof(fkv_stats, pages_recalled_critical)
 
 typedef struct fkv_cache fkv_cache;
@@ -184,9 +186,35 @@ struct fkv_cache {
     /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA paths not yet validated
      * on a GPU may run (otherwise they return FKV_ERR_UNSUPPORTED). */
     bool cuda_experimental;
+    /* opts.dense_layers' copy, 0/1 per layer (opts.dense_layers points at
+     * it); NULL when the caller gave none. any_dense: some flag is 1. */
+    uint8_t *dense;
+    bool any_dense;
+    /* [layers] or NULL: layers whose pages the backend keeps on the device
+     * only, so that they get no host pool blocks (CUDA's dense layers in a
+     * cache whose policy recalls from the host). */
+    uint8_t *layer_pool_unused;
 
     char error[FKV_ERROR_LEN];
 };
+
+/* The policy layer `layer` follows: FKV_POLICY_DENSE on a dense layer. */
+static inline fkv_policy fkvi_layer_policy(const fkv_cache *c, int32_t layer)
+{
+    return c->dense && c->dense[layer] ? FKV_POLICY_DENSE : c->opts.policy;
+}
+
+static inline bool fkvi_layer_dense(const fkv_cache *c, int32_t layer)
+{
+    return c->dense && c->dense[layer];
+}
+
+/* Whether (any sequence's) layer `layer` has no host pool blocks. */
+static inline bool fkvi_pool_unused(const fkv_cache *c, int32_t layer)
+{
+    return c->pool_unused ||
+           (c->layer_pool_unused && c->layer_pool_unused[layer]);
+}
 
 /* errors.c */
 fkv_status fkvi_fail(fkv_cache *c, fkv_status st, const char *fmt, ...)

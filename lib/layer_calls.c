@@ -159,7 +159,8 @@ fkv_status fkv_select(fkv_cache *c, int32_t layer, const fkv_batch *batch,
     st = need_tokens(c, "fkv_select", layer, batch, &b);
     if (st != FKV_OK)
         return st;
-    if (c->opts.policy != FKV_POLICY_FREEKV)
+    /* A dense layer selects nothing, whatever the policy. */
+    if (fkvi_layer_policy(c, layer) != FKV_POLICY_FREEKV)
         return FKV_OK;
     return c->ops->select(c, layer, &b, q);
 }
@@ -172,7 +173,7 @@ fkv_status fkv_recall(fkv_cache *c, int32_t layer, const fkv_batch *batch)
         fkvi_resolve_batch(c, "fkv_recall", layer, batch, false, &b);
     if (st != FKV_OK)
         return st;
-    if (c->opts.policy != FKV_POLICY_FREEKV)
+    if (fkvi_layer_policy(c, layer) != FKV_POLICY_FREEKV)
         return FKV_OK;
     return c->ops->recall(c, layer, &b);
 }
@@ -242,7 +243,7 @@ fkv_status fkv_attend_tokens(fkv_cache *c, int32_t layer,
         fkvi_pages r;
         fkvi_page_ranges(g, n, &r);
         int32_t first_page = (int32_t)((n - T) / g->page);
-        if (T > 1 && c->opts.policy != FKV_POLICY_DENSE &&
+        if (T > 1 && fkvi_layer_policy(c, layer) != FKV_POLICY_DENSE &&
             r.cand_count > 0 && first_page < r.window_first)
             return fkvi_fail(c, FKV_ERR_INVALID_ARGUMENT,
                              "fkv_attend_tokens: the %d query tokens of "

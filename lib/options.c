@@ -150,6 +150,8 @@ fkv_status fkvi_options_load(const fkv_options *user, fkv_options *o)
             FKV_ERR_INVALID_ARGUMENT,
             "opts.host_alloc and opts.host_free must be set together (both "
             "NULL: the C library's allocator)");
+    /* dense_layers is read (num_layers flags) and copied by fkv_create;
+     * any flag values are allowed, every layer dense included. */
     st = fkvi_correction_validate(o);
     if (st != FKV_OK)
         return st;

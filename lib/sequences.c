@@ -275,7 +275,7 @@ static int32_t pages_for(const fkv_cache *c, int64_t tokens)
 fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
                               const fkvi_batch *b)
 {
-    if (c->pool_unused)
+    if (fkvi_pool_unused(c, layer))
         return FKV_OK;
     uint64_t needed = 0;
     for (int32_t i = 0; i < b->n; i++) {
@@ -305,7 +305,7 @@ fkv_status fkvi_reserve_pages(fkv_cache *c, const char *fn, int32_t layer,
 
 void fkvi_release_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b)
 {
-    if (c->pool_unused)
+    if (fkvi_pool_unused(c, layer))
         return;
     for (int32_t i = 0; i < b->n; i++)
         fkvi_unmap_pages(c, b->slot[i], layer, c->batch_mapped[i]);
@@ -335,7 +335,7 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
     int32_t want = pages_for(c, tokens);
     uint64_t needed = 0;
     for (int32_t l = 0; l < c->geo.layers; l++)
-        if (want > s->mapped[l])
+        if (!fkvi_pool_unused(c, l) && want > s->mapped[l])
             needed += (uint64_t)(want - s->mapped[l]);
     if (needed == 0)
         return FKV_OK;
@@ -354,7 +354,8 @@ fkv_status fkv_seq_reserve(fkv_cache *c, fkv_seq_id id, int64_t tokens)
         return pool_failure(c, "fkv_seq_reserve", st, needed);
     }
     for (int32_t l = 0; l < c->geo.layers && st == FKV_OK; l++)
-        st = map_pages(c, slot, l, want);
+        if (!fkvi_pool_unused(c, l))
+            st = map_pages(c, slot, l, want);
     if (st != FKV_OK) { /* all or nothing, the pool's chunks included */
         for (int32_t l = 0; l < c->geo.layers; l++)
             fkvi_unmap_pages(c, slot, l, before[l]);

@@ -11,7 +11,7 @@
 static uint32_t shared_partial(const fkv_cache *c, const fkvi_sequence *s,
                                int32_t l, int64_t length)
 {
-    if (c->pool_unused || length % c->geo.page == 0 ||
+    if (fkvi_pool_unused(c, l) || length % c->geo.page == 0 ||
         s->length[l] <= length)
         return FKV_POOL_NO_BLOCK;
     uint32_t id = s->blocks[(size_t)l * c->geo.max_pages +
@@ -73,7 +73,7 @@ fkv_status fkv_seq_truncate(fkv_cache *c, fkv_seq_id id, int64_t length)
             fkvi_block_release(c, shared);
         }
         c->ops->truncate(c, slot, l, length);
-        if (!c->pool_unused && s->mapped[l] > keep)
+        if (!fkvi_pool_unused(c, l) && s->mapped[l] > keep)
             fkvi_unmap_pages(c, slot, l, keep);
         s->length[l] = length;
     }

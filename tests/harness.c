@@ -649,10 +649,21 @@ void tst_ref_output_mask(tst_model *m, int layer, int slot,
                       out + (size_t)h * m->D);
 }
 
+/* The policy (layer) follows: FKV_POLICY_DENSE on a dense layer
+ * (docs/api.md, fkv_options.dense_layers). */
+static fkv_policy layer_policy(const tst_model *m, int layer)
+{
+    if (m->o.struct_size > offsetof(fkv_options, dense_layers) &&
+        m->o.dense_layers && m->o.dense_layers[layer])
+        return FKV_POLICY_DENSE;
+    return m->o.policy;
+}
+
 void tst_sim_attend(tst_model *m, int layer, int nseq, const int *slots,
                     const float *q, double *ref_out)
 {
     size_t qs = (size_t)m->QH * m->D;
+    const fkv_policy policy = layer_policy(m, layer);
     int i, g;
     for (i = 0; i < nseq; ++i) {
         tst_seq *s = &m->seq[slots[i]];
@@ -666,7 +677,7 @@ void tst_sim_attend(tst_model *m, int layer, int nseq, const int *slots,
         for (g = 0; g < m->KVH; ++g) {
             tst_sel *used = &s->used[layer][g];
             tst_sel *act = &s->active[layer][g];
-            switch (m->o.policy) {
+            switch (policy) {
             case FKV_POLICY_DENSE:
                 used->valid = 0;
                 used->count = 0;
@@ -684,7 +695,7 @@ void tst_sim_attend(tst_model *m, int layer, int nseq, const int *slots,
                 prev.count = old_count;
                 prev.pages = old_pages;
                 missing = count_missing(used, &prev);
-                if (m->o.policy == FKV_POLICY_SYNC)
+                if (policy == FKV_POLICY_SYNC)
                     m->sim_recalled += (uint64_t)missing;
                 break;
             }
@@ -721,7 +732,7 @@ void tst_sim_attend(tst_model *m, int layer, int nseq, const int *slots,
             counts[g] = used->count;
         }
         tst_ref_output(m, layer, slots[i], qq,
-                       m->o.policy == FKV_POLICY_DENSE ? NULL : pages, counts,
+                       policy == FKV_POLICY_DENSE ? NULL : pages, counts,
                        ref_out + i * qs);
     }
 }
@@ -782,10 +793,11 @@ void tst_check_selected(tst_model *m, int layer, int slot)
         tst_sel *u = &s->used[layer][g];
         int cnt = tst_selected(m, layer, slot, g, got, cap);
         ck_assert(cnt <= cap);
-        if (m->o.policy == FKV_POLICY_DENSE) {
+        if (layer_policy(m, layer) == FKV_POLICY_DENSE) {
             ck_assert_msg(cnt == 0,
                           "layer %d seq slot %d kv head %d: %d selected "
-                          "pages reported under FKV_POLICY_DENSE",
+                          "pages reported under FKV_POLICY_DENSE (or on a "
+                          "dense layer)",
                           layer, slot, g, cnt);
             continue;
         }
@@ -854,7 +866,7 @@ void tst_select(tst_model *m, int layer, int nseq, const int *slots,
     tst_dev_free(dq);
     ck_assert_msg(st == FKV_OK, "fkv_select returned %d (%s)", (int)st,
                   fkv_status_string(st));
-    if (m->o.policy != FKV_POLICY_FREEKV)
+    if (layer_policy(m, layer) != FKV_POLICY_FREEKV)
         return;
     for (i = 0; i < nseq; ++i)
         for (g = 0; g < m->KVH; ++g)
@@ -876,7 +888,7 @@ void tst_recall(tst_model *m, int layer, int nseq, const int *slots)
     st = fkv_recall(m->c, layer, &b);
     ck_assert_msg(st == FKV_OK, "fkv_recall returned %d (%s)", (int)st,
                   fkv_status_string(st));
-    if (m->o.policy != FKV_POLICY_FREEKV)
+    if (layer_policy(m, layer) != FKV_POLICY_FREEKV)
         return;
     for (i = 0; i < nseq; ++i)
         for (g = 0; g < m->KVH; ++g) {
@@ -969,7 +981,7 @@ void tst_next_query(tst_model *m, int layer, int nseq, const int *slots,
                                 q + i * qs + g * gs, gs,
                                 alphas[ref_rng_below(&m->rng, 4)]);
         }
-        if (m->o.policy == FKV_POLICY_FREEKV)
+        if (layer_policy(m, layer) == FKV_POLICY_FREEKV)
             for (i = 0; i < nseq; ++i)
                 for (g = 0; g < m->KVH; ++g) {
                     tst_sel *a = &m->seq[slots[i]].active[layer][g];

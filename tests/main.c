@@ -23,7 +23,7 @@ static const suite_fn k_suites[] = {
     suite_faults,    suite_defects,   suite_truncate,  suite_multitoken,
     suite_fork,      suite_external,  suite_critical,  suite_strided,
     suite_llama,     suite_llama_spec,
-    suite_correction,
+    suite_correction, suite_dense_layers,
     suite_llama,
 };
 

@@ -1188,17 +1188,25 @@ static void gc_same_state(gcache *a, gcache *b, const char *what)
 /* 2. cuda_graph_capture                                                  */
 /* ====================================================================== */
 
-/* The fifth, FREEKV with FKV_CRITERION_BOUNDED (select at attend), only
- * with FKV_CUDA_EXPERIMENTAL=1. */
-static const fkv_policy k_graph_policies[5] = {
+/* 4 (FKV_CUDA_EXPERIMENTAL=1 only): FREEKV with FKV_CRITERION_BOUNDED
+ * (select at attend). 5..7 (the same): a dense layer (dense_layers) in
+ * FREEKV and SYNC caches; a dense last layer moves the capture's join of
+ * the side stream to the last layer that is not dense. */
+static const fkv_policy k_graph_policies[8] = {
     FKV_POLICY_FREEKV, FKV_POLICY_SYNC, FKV_POLICY_RESIDENT,
-    FKV_POLICY_DENSE, FKV_POLICY_FREEKV};
+    FKV_POLICY_DENSE, FKV_POLICY_FREEKV, FKV_POLICY_FREEKV,
+    FKV_POLICY_FREEKV, FKV_POLICY_SYNC};
+static const uint8_t k_graph_dense[8][3] = {
+    {0, 0, 0}, {0, 0, 0}, {0, 0, 0}, {0, 0, 0},
+    {0, 0, 0}, {0, 0, 1}, {1, 0, 0}, {0, 0, 1}};
 
-/* _i: the policy. Cache A captures one decode step of its 3 layers on its
- * stream and replays it; its twin B runs the same steps eagerly. */
+/* _i: the policy (and dense layers). Cache A captures one decode step of
+ * its 3 layers on its stream and replays it; its twin B runs the same
+ * steps eagerly. */
 START_TEST(cuda_graph_capture)
 {
     const fkv_policy policy = k_graph_policies[_i];
+    const int dense_layers = _i >= 5;
     const fkv_dtype dt = FKV_DTYPE_BF16;
     const int32_t prompt[GC_BATCH] = {1500, 2103};
     fkv_options o;
@@ -1221,7 +1229,7 @@ START_TEST(cuda_graph_capture)
     /* DENSE sizes its split-K grid from the host's lengths eagerly and from
      * the capacity under capture (replays see longer sequences): the float
      * summation order differs, so only the dtype tolerance holds. */
-    const int exact = policy != FKV_POLICY_DENSE;
+    const int exact = policy != FKV_POLICY_DENSE && !dense_layers;
 
     ref_rng_seed(&qr, 0x6A1000ull + (uint64_t)_i);
     cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, GC_BATCH,
@@ -1231,6 +1239,8 @@ START_TEST(cuda_graph_capture)
         o.correction_min_mass = 0.002f;
         o.correction_max_pages = 4;
     }
+    if (dense_layers)
+        o.dense_layers = k_graph_dense[_i];
     gc_open(&A, &o);
     gc_open(&B, &o);
     gc_prefill_all(both, 2, prompt, dt, &rng);
@@ -1345,10 +1355,13 @@ START_TEST(cuda_graph_capture)
     sa.struct_size = sb.struct_size = sizeof sa;
     CU_OK(A.c, fkv_get_stats(A.c, &sa));
     CU_OK(B.c, fkv_get_stats(B.c, &sb));
-    printf("  graph %s: %d replays; %d output elements differ from eager "
+    printf("  graph %s%s: %d replays; %d output elements differ from eager "
            "(max rel err %.2e); host length right after capture %lld "
            "(before %lld); steps counted %llu, eager twin %llu\n",
-           cu_policy_name(policy), CU_REPLAYS, diff, max_err,
+           cu_policy_name(policy),
+           !dense_layers ? "" : k_graph_dense[_i][0] ? " (layer 0 dense)"
+                                                     : " (last layer dense)",
+           CU_REPLAYS, diff, max_err,
            (long long)after_capture[0], (long long)len0[0],
            (unsigned long long)sa.steps, (unsigned long long)sb.steps);
     fflush(stdout);
@@ -1892,7 +1905,7 @@ Suite *suite_cuda(const char *prefix)
                         cuda_vs_cpu_agreement, 0, AGREE_CONFIGS);
     tcase_add_loop_test(tst_tcase(s, "cuda_graph_capture"),
                         cuda_graph_capture, 0,
-                        tst_cuda_experimental() ? 5 : 4);
+                        tst_cuda_experimental() ? 8 : 4);
     tcase_add_test(tst_tcase(s, "cuda_device_errors"), cuda_device_errors);
     tcase_add_test(tst_tcase(s, "cuda_long_context_memory"),
                    cuda_long_context_memory);

@@ -107,9 +107,16 @@ typedef struct ft_run {
     int64_t len_a, len_b;
 } ft_run;
 
+/* 1: the last layer is dense (fkv_options.dense_layers), so that the
+ * copy of the flags and, on CUDA, the per-layer layouts are failed too. */
+static int g_ft_dense_layer;
+static const uint8_t k_ft_dense[FT_L] = {0, 1};
+
 static void ft_options(fkv_options *o, fkv_policy policy)
 {
     tst_options(o, FT_L, FT_QH, FT_KVH, FT_D, FKV_DTYPE_F32);
+    if (g_ft_dense_layer)
+        o->dense_layers = k_ft_dense;
     tst_geometry(o, FT_P, 16, 32, 96); /* K = 3 */
     o->policy = policy;
     o->max_sequences = 2;
@@ -376,6 +383,13 @@ START_TEST(ft_faults_resident) { ft_policy(FKV_POLICY_RESIDENT); }
 END_TEST
 START_TEST(ft_faults_dense) { ft_policy(FKV_POLICY_DENSE); }
 END_TEST
+START_TEST(ft_faults_dense_layer)
+{
+    g_ft_dense_layer = 1;
+    ft_policy(FKV_POLICY_FREEKV);
+    g_ft_dense_layer = 0;
+}
+END_TEST
 
 /* Every host allocation goes through the allocator: with it, the live
  * bytes are 0 after destroy and positive while the cache lives; with
@@ -543,5 +557,7 @@ Suite *suite_faults(const char *prefix)
     tcase_add_test(tc, ft_faults_sync);
     tcase_add_test(tc, ft_faults_resident);
     tcase_add_test(tc, ft_faults_dense);
+    if (g_test_backend == FKV_BACKEND_CPU || tst_cuda_experimental())
+        tcase_add_test(tc, ft_faults_dense_layer);
     return s;
 }

@@ -289,6 +289,8 @@ Suite *suite_fork(const char *prefix);
 Suite *suite_external(const char *prefix);
 Suite *suite_critical(const char *prefix);
 Suite *suite_strided(const char *prefix);
+/* Per-layer dense attention (fkv_options.dense_layers). */
+Suite *suite_dense_layers(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);

@@ -53,6 +53,8 @@ static void usage(FILE *f)
         "  --policy dense|resident|sync|freekv  --budget N  --page N  --sink N\n"
         "  --window N  --threshold X|off  --dtype f32|f16|bf16 (default f32)\n"
         "  --criterion cosine|bounded  --min-mass X  --max-pages N (BOUNDED)\n"
+        "  --dense-layers LIST  layers attending every token whatever the policy:\n"
+        "           comma-separated indices, 'last' = the last layer (e.g. 0,last)\n"
         "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
         "       --graph (CUDA: replay decode steps from a captured CUDA graph;\n"
         "       the CUDA path's --dtype defaults to bf16)\n"
@@ -67,6 +69,7 @@ static void usage(FILE *f)
 typedef struct args {
     const char *mode, *model, *prompt, *prompt_file, *text, *shape;
     const char *policies, *budgets, *backend, *weights;
+    const char *dense_layers; /* --dense-layers LIST, resolved per model */
     int64_t tokens, offset, prefill, steps, batch, context, warmup, seed, draft;
     double temperature;
     int json, no_dense, threads;
@@ -158,6 +161,7 @@ static int parse_args(int argc, char **argv, args *a)
         else if (!strcmp(f, "--shape")) a->shape = val;
         else if (!strcmp(f, "--policies")) a->policies = val;
         else if (!strcmp(f, "--budgets")) a->budgets = val;
+        else if (!strcmp(f, "--dense-layers")) a->dense_layers = val;
         else if (!strcmp(f, "--backend")) a->backend = val;
         else if (!strcmp(f, "--weights")) a->weights = val;
         else if (!strcmp(f, "--tokens")) { if (parse_int(f, val, 1, INT32_MAX, &a->tokens)) return -1; }
@@ -227,6 +231,52 @@ static int parse_args(int argc, char **argv, args *a)
 #undef NEEDVAL
     }
     return 0;
+}
+
+/* --dense-layers for a model of `layers` layers: sets o->dense_layers
+ * (flags kept here: the cache copies them at fkv_create) or leaves it NULL
+ * without the option. */
+#define LLAMA_MAX_DENSE_LAYERS 4096
+static uint8_t g_dense_flags[LLAMA_MAX_DENSE_LAYERS];
+
+static int apply_dense_layers(const args *a, int32_t layers, fkv_options *o)
+{
+    char buf[1024], *tok, *save = NULL;
+    if (!a->dense_layers)
+        return 0;
+    if (layers < 1 || layers > LLAMA_MAX_DENSE_LAYERS) {
+        fprintf(stderr, "llama: --dense-layers: the model has %d layers (at most %d here)\n",
+                layers, LLAMA_MAX_DENSE_LAYERS);
+        return -1;
+    }
+    if (strlen(a->dense_layers) >= sizeof buf) {
+        fprintf(stderr, "llama: --dense-layers: the list is too long\n");
+        return -1;
+    }
+    memset(g_dense_flags, 0, (size_t)layers);
+    snprintf(buf, sizeof buf, "%s", a->dense_layers);
+    for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+        int64_t l;
+        if (!strcmp(tok, "last"))
+            l = layers - 1;
+        else if (parse_int("--dense-layers", tok, 0, layers - 1, &l))
+            return -1;
+        g_dense_flags[l] = 1;
+    }
+    o->dense_layers = g_dense_flags;
+    return 0;
+}
+
+/* The dense layers of o (layers of them) as a JSON array of indices ([]
+ * without any). */
+static void print_dense_layers(FILE *f, const fkv_options *o, int32_t layers)
+{
+    int32_t l, n = 0;
+    fputc('[', f);
+    for (l = 0; o->dense_layers && l < layers; l++)
+        if (o->dense_layers[l])
+            fprintf(f, "%s%d", n++ ? "," : "", l);
+    fputc(']', f);
 }
 
 static const llama_backend_ops *pick_backend(const char *name)
@@ -444,6 +494,7 @@ static int cmd_generate(const args *a)
     int rc = 1, bytes;
     uint64_t rng = (uint64_t)a->seed * 2654435761u + 88172645463325252ull;
     double t0, t_prefill, t_decode = 0;
+    fkv_options o = a->opts;
     if ((!a->prompt) == (!a->prompt_file)) {
         fprintf(stderr, "llama: generate needs exactly one of --prompt and --prompt-file\n");
         return 2;
@@ -487,7 +538,9 @@ static int cmd_generate(const args *a)
     if (n == 0) { fprintf(stderr, "llama: empty prompt\n"); goto out; }
     if (make_backend(a, &m, n + a->tokens, 1, 0, &ops, &b))
         goto out;
-    if (ops->cache_open(b, &a->opts, err, sizeof err)) {
+    if (apply_dense_layers(a, m.cfg.layers, &o))
+        goto out;
+    if (ops->cache_open(b, &o, err, sizeof err)) {
         fprintf(stderr, "llama: %s\n", err);
         goto out;
     }
@@ -606,6 +659,7 @@ static int cmd_speculate(const args *a)
     int rc = 1;
     llama_spec_stats st;
     double t0, t_spec, t_plain;
+    fkv_options o = a->opts;
     if ((!a->prompt) == (!a->prompt_file)) {
         fprintf(stderr, "llama: speculate needs exactly one of --prompt and --prompt-file\n");
         return 2;
@@ -625,7 +679,9 @@ static int cmd_speculate(const args *a)
         fprintf(stderr, "llama: speculate runs on the CPU backend only for now (--backend cpu)\n");
         goto out;
     }
-    if (ops->cache_open(b, &a->opts, err, sizeof err)) {
+    if (apply_dense_layers(a, m.cfg.layers, &o))
+        goto out;
+    if (ops->cache_open(b, &o, err, sizeof err)) {
         fprintf(stderr, "llama: %s\n", err);
         goto out;
     }
@@ -731,6 +787,8 @@ static int cmd_eval(const args *a)
         double t0, nll = 0, ms = 0, ppl, replay_ms = 0;
         o.policy = cfgs[c].policy;
         o.budget_tokens = cfgs[c].budget;
+        if (apply_dense_layers(a, m.cfg.layers, &o))
+            goto out;
         if (ops->cache_open(b, &o, err, sizeof err)) {
             fprintf(stderr, "llama: %s budget %d: %s\n", policy_name(o.policy), o.budget_tokens, err);
             goto out;
@@ -774,6 +832,8 @@ static int cmd_eval(const args *a)
                    ops->name, policy_name(o.policy), o.budget_tokens, o.page_tokens,
                    o.sink_tokens, o.window_tokens);
             print_threshold(stdout, o.correction_threshold);
+            printf(",\"dense_layers\":");
+            print_dense_layers(stdout, &o, m.cfg.layers);
             printf(",\"dtype\":\"%s\",\"offset\":%lld,\"prefill\":%lld,\"steps\":%lld,"
                    "\"nll\":%.6f,\"ppl\":%.6f,\"ratio\":",
                    dtype_name(o.dtype), (long long)a->offset, (long long)N, (long long)M,
@@ -791,6 +851,10 @@ static int cmd_eval(const args *a)
             printf("%-8s budget %6d page %d sink %d window %d threshold ", policy_name(o.policy),
                    o.budget_tokens, o.page_tokens, o.sink_tokens, o.window_tokens);
             print_threshold(stdout, o.correction_threshold);
+            if (o.dense_layers) {
+                printf(" dense layers ");
+                print_dense_layers(stdout, &o, m.cfg.layers);
+            }
             printf(" %s: ppl %.4f", dtype_name(o.dtype), ppl);
             if (dense_ppl > 0) printf(" (x%.4f dense)", ppl / dense_ppl);
             printf(", corrections %llu/%llu, %.1f pages recalled/step, %.2f ms/step, prefill %.0f ms\n",
@@ -886,6 +950,8 @@ static int cmd_bench(const args *a)
         double t0, fill_ms, med;
         o.policy = cfgs[c].policy;
         o.budget_tokens = cfgs[c].budget;
+        if (apply_dense_layers(a, cfg.layers, &o))
+            goto out;
         if (ops->cache_open(b, &o, err, sizeof err)) {
             fprintf(stderr, "llama: %s budget %d: %s\n", policy_name(o.policy), o.budget_tokens, err);
             goto out;
