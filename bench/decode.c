@@ -169,10 +169,8 @@ static void usage(FILE *f)
         "  --thresholds LIST     FREEKV once per threshold, e.g. 0.8,0.9,off\n"
         "                        (the other policies run once)\n"
         "  --criterion cosine|bounded   FREEKV's correction criterion (default\n"
-        "                        cosine); where the backend refuses bounded\n"
-        "                        (CUDA, until its code lands behind\n"
-        "                        FKV_CUDA_EXPERIMENTAL=1) the rows say\n"
-        "                        \"unsupported\"\n"
+        "                        cosine); where a backend refuses an option\n"
+        "                        the rows say \"unsupported\"\n"
         "  --min-mass X --max-pages N   bounded's correction_min_mass (default\n"
         "                        0.002) and correction_max_pages (default 32)\n"
         "  --graph               (CUDA) capture one whole decode step (every\n"
@@ -1681,8 +1679,7 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
 
 /* A set-up call (create, open, prefill append): out of memory means the
  * configuration does not fit after all (the estimate missed), and
- * FKV_ERR_UNSUPPORTED that the backend lacks the options (BOUNDED on CUDA
- * without FKV_CUDA_EXPERIMENTAL): recorded in res and returned as true; any
+ * FKV_ERR_UNSUPPORTED that the backend lacks the options: recorded in res and returned as true; any
  * other failure ends the program. */
 static bool setup_call(fkv_status st, const fkv_cache *cache,
                        const char *what, result *res)

@@ -194,9 +194,7 @@ typedef struct fkv_options {
      * fkv_destroy). Cost: a dense layer's whole KV is attended at every step
      * and, on the CUDA backend, stays on the device: 2 * num_kv_heads *
      * head_dim * elem_size bytes per token of capacity
-     * (max_tokens_per_sequence) per sequence and dense layer. On CUDA it
-     * needs FKV_CUDA_EXPERIMENTAL=1 at fkv_create (else
-     * FKV_ERR_UNSUPPORTED). */
+     * (max_tokens_per_sequence) per sequence and dense layer. */
     const uint8_t *dense_layers;
 } fkv_options;
 
@@ -272,9 +270,7 @@ FKV_API fkv_status fkv_sync(fkv_cache *cache);
  * rejected draft tokens) and frees the pages past it. length == the current
  * length is a no-op; a larger one is FKV_ERR_OUT_OF_RANGE. Selections that
  * the dropped tokens could affect are forgotten: the next fkv_attend of a
- * FREEKV sequence re-selects every KV head (docs/design.md section 11).
- * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
- * fkv_create (docs/design.md section 11). */
+ * FREEKV sequence re-selects every KV head (docs/design.md section 11). */
 FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
                                     int64_t length);
 
@@ -282,9 +278,7 @@ FKV_API fkv_status fkv_seq_truncate(fkv_cache *cache, fkv_seq_id seq,
  * shares the parent's sealed host pages: they are reference counted and
  * counted once in host_bytes; partial pages are copied. The child has its
  * own device slots and selections (FREEKV: it re-selects at its first
- * attend). Closing either leaves the other intact.
- * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
- * fkv_create (docs/design.md section 11). */
+ * attend). Closing either leaves the other intact. */
 FKV_API fkv_status fkv_seq_fork(fkv_cache *cache, fkv_seq_id parent,
                                 fkv_seq_id *child);
 
@@ -329,9 +323,8 @@ typedef struct fkv_tensor {
 } fkv_tensor;
 
 /* fkv_append with strided k and v. Contiguous strides (token_stride =
- * num_kv_heads * head_dim, head_stride = head_dim) work on every backend;
- * others on the CPU backend, and on CUDA with FKV_CUDA_EXPERIMENTAL=1 set
- * at fkv_create (else FKV_ERR_UNSUPPORTED there). */
+ * num_kv_heads * head_dim, head_stride = head_dim) are fkv_append; any
+ * other non-negative strides work on both backends. */
 FKV_API fkv_status fkv_append_strided(fkv_cache *cache, int32_t layer,
                                       const fkv_batch *batch,
                                       const fkv_tensor *k,
@@ -368,9 +361,7 @@ FKV_API fkv_status fkv_recall(fkv_cache *cache, int32_t layer,
  * and including itself. The page selection is shared by a sequence's tokens
  * and made (or checked for correction) with its last token's query. The
  * query tokens must lie in the window and partial page (or every page must
- * be attended), else FKV_ERR_INVALID_ARGUMENT.
- * CUDA backend: FKV_ERR_UNSUPPORTED unless FKV_CUDA_EXPERIMENTAL=1 was set at
- * fkv_create (docs/design.md section 11). */
+ * be attended), else FKV_ERR_INVALID_ARGUMENT. */
 FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
                                      const fkv_batch *batch, const void *q,
                                      void *out);
@@ -384,8 +375,7 @@ FKV_API fkv_status fkv_attend_tokens(fkv_cache *cache, int32_t layer,
  * candidate page (sealed, past the sink, before the window) and none twice.
  * Host arrays read during the call. Starts recalling the pages not yet in
  * the device slots, like fkv_recall. Invalid pages: FKV_ERR_OUT_OF_RANGE or
- * FKV_ERR_INVALID_ARGUMENT, and nothing changes. On CUDA the policy needs
- * FKV_CUDA_EXPERIMENTAL=1 at fkv_create (else fkv_create fails).
+ * FKV_ERR_INVALID_ARGUMENT, and nothing changes.
  * flags: 0 (reserved). */
 FKV_API fkv_status fkv_set_pages(fkv_cache *cache, int32_t layer,
                                  const fkv_batch *batch,

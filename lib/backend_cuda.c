@@ -400,18 +400,12 @@ static fkv_status layer_layouts(fkv_cache *c, cuda_backend *cb)
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    if (c->any_dense && !c->cuda_experimental)
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_create: opts.dense_layers on the CUDA backend "
-                         "is experimental (set FKV_CUDA_EXPERIMENTAL=1 "
-                         "before fkv_create to use it)");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     cb->device = c->opts.device;
     cb->experimental = c->cuda_experimental; /* read once, at fkv_create */
-    /* fkv_create refused BOUNDED on CUDA without the switch. */
     cb->bounded = c->opts.policy == FKV_POLICY_FREEKV &&
                   c->opts.correction_criterion == FKV_CRITERION_BOUNDED;
     device_guard guard;

@@ -72,9 +72,6 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
     /* Read once, here: it decides what the cache may run. */
     const char *x = getenv("FKV_CUDA_EXPERIMENTAL");
     const bool experimental = x && strcmp(x, "1") == 0;
-    st = fkvi_correction_backend_check(&o, experimental);
-    if (st != FKV_OK)
-        return st;
 
     fkvi_mem mem;
     fkvi_mem_init(&mem, &o);

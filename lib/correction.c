@@ -33,24 +33,6 @@ fkv_status fkvi_correction_validate(const fkv_options *o)
     return FKV_OK;
 }
 
-fkv_status fkvi_correction_backend_check(const fkv_options *o,
-                                         bool cuda_experimental)
-{
-    /* The CUDA code (kernels/bounded.cu and select at attend) has not run
-     * on a GPU yet: refuse it without the switch rather than silently use
-     * COSINE. */
-    if (o->policy == FKV_POLICY_FREEKV &&
-        o->correction_criterion == FKV_CRITERION_BOUNDED &&
-        o->backend == FKV_BACKEND_CUDA && !cuda_experimental)
-        return fkvi_fail(NULL, FKV_ERR_UNSUPPORTED,
-                         "correction_criterion FKV_CRITERION_BOUNDED on the "
-                         "CUDA backend is experimental (set "
-                         "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to use "
-                         "it, or use FKV_BACKEND_CPU or "
-                         "FKV_CRITERION_COSINE)");
-    return FKV_OK;
-}
-
 fkv_status fkvi_correction_scratch_init(fkvi_correction_scratch *s,
                                         const fkvi_geometry *g)
 {

@@ -310,10 +310,6 @@ typedef struct fkvi_correction_scratch {
 
 /* The correction options of resolved options o (criterion, mass, M). */
 fkv_status fkvi_correction_validate(const fkv_options *o);
-/* FKV_ERR_UNSUPPORTED (with the handle-less message) where the backend
- * lacks the criterion (CUDA's BOUNDED needs FKV_CUDA_EXPERIMENTAL=1). */
-fkv_status fkvi_correction_backend_check(const fkv_options *o,
-                                         bool cuda_experimental);
 fkv_status fkvi_correction_scratch_init(fkvi_correction_scratch *s,
                                         const fkvi_geometry *g);
 void fkvi_correction_scratch_free(fkvi_correction_scratch *s);

@@ -13,8 +13,8 @@
  *                            CUDA graph and replayed; an identical cache runs
  *                            the same steps eagerly: same outputs, lengths
  *                            (after fkv_sync), selections and counters
- *                            (four policies; with FKV_CUDA_EXPERIMENTAL=1
- *                            also FREEKV under the BOUNDED criterion).
+ *                            (four policies, FREEKV under the BOUNDED
+ *                            criterion, dense layers in FREEKV and SYNC).
  *  cuda_device_errors        CUDA errors come back as FKV_ERR_DEVICE with
  *                            CUDA's message; host pointers are
  *                            FKV_ERR_INVALID_ARGUMENT; the cache stays
@@ -1188,8 +1188,8 @@ static void gc_same_state(gcache *a, gcache *b, const char *what)
 /* 2. cuda_graph_capture                                                  */
 /* ====================================================================== */
 
-/* 4 (FKV_CUDA_EXPERIMENTAL=1 only): FREEKV with FKV_CRITERION_BOUNDED
- * (select at attend). 5..7 (the same): a dense layer (dense_layers) in
+/* 4: FREEKV with FKV_CRITERION_BOUNDED (select at attend). 5..7: a dense
+ * layer (dense_layers) in
  * FREEKV and SYNC caches; a dense last layer moves the capture's join of
  * the side stream to the last layer that is not dense. */
 static const fkv_policy k_graph_policies[8] = {
@@ -1904,8 +1904,7 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_vs_cpu_agreement"),
                         cuda_vs_cpu_agreement, 0, AGREE_CONFIGS);
     tcase_add_loop_test(tst_tcase(s, "cuda_graph_capture"),
-                        cuda_graph_capture, 0,
-                        tst_cuda_experimental() ? 8 : 4);
+                        cuda_graph_capture, 0, 8);
     tcase_add_test(tst_tcase(s, "cuda_device_errors"), cuda_device_errors);
     tcase_add_test(tst_tcase(s, "cuda_long_context_memory"),
                    cuda_long_context_memory);

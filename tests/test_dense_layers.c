@@ -469,37 +469,10 @@ START_TEST(dense_layer_fork_truncate)
 }
 END_TEST
 
-/* CUDA without FKV_CUDA_EXPERIMENTAL=1: a dense layer is refused at
- * fkv_create, naming the switch; all-zero flags are accepted. */
-START_TEST(dense_layers_cuda_needs_experimental)
-{
-    fkv_options o;
-    fkv_cache *c = NULL;
-    static const uint8_t none[DL_LAYERS] = {0, 0, 0};
-    char msg[512];
-    fkv_status st;
-    dl_options(&o, FKV_POLICY_FREEKV);
-    o.dense_layers = one_dense(1);
-    st = fkv_create(&o, &c);
-    ck_assert_int_eq(st, FKV_ERR_UNSUPPORTED);
-    ck_assert_ptr_null(c);
-    fkv_last_error(NULL, msg, sizeof msg);
-    ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL, "%s", msg);
-    o.dense_layers = none;
-    tst_ok(fkv_create(&o, &c));
-    fkv_destroy(c);
-}
-END_TEST
-
 Suite *suite_dense_layers(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "dense_layers"));
     TCase *tc = tst_tcase(s, "dense_layers");
-    if (g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        tcase_add_test(tc, dense_layers_cuda_needs_experimental);
-        tcase_add_loop_test(tc, dense_layers_old_struct_size, 0, 2);
-        return s;
-    }
     tcase_add_loop_test(tc, dense_layer_outputs, 0, 8);
     tcase_add_loop_test(tc, dense_layers_all, 0, 2);
     tcase_add_test(tc, dense_layers_copied);

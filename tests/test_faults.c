@@ -557,7 +557,6 @@ Suite *suite_faults(const char *prefix)
     tcase_add_test(tc, ft_faults_sync);
     tcase_add_test(tc, ft_faults_resident);
     tcase_add_test(tc, ft_faults_dense);
-    if (g_test_backend == FKV_BACKEND_CPU || tst_cuda_experimental())
-        tcase_add_test(tc, ft_faults_dense_layer);
+    tcase_add_test(tc, ft_faults_dense_layer);
     return s;
 }
