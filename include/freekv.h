@@ -35,7 +35,7 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define FKV_VERSION_MAJOR 0
-#define FKV_VERSION_MINOR 2
+#define FKV_VERSION_MINOR 3
 #define FKV_VERSION_PATCH 0
 #define FKV_VERSION_NUMBER \
     (FKV_VERSION_MAJOR * 10000 + FKV_VERSION_MINOR * 100 + FKV_VERSION_PATCH)
