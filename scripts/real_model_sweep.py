@@ -58,7 +58,7 @@ def label(r):
         if r.get("criterion", "cosine") != "cosine":
             p += " " + r["criterion"]
     if r.get("dense_layers"):
-        p += " dense-layers " + str(r["dense_layers"])
+        p += ", dense layers " + ",".join(str(x) for x in r["dense_layers"])
     return p
 
 
