@@ -1103,3 +1103,40 @@ int tst_fork(tst_model *m, int parent)
     }
     return m->nslots++;
 }
+
+void tst_decode_steps(tst_model *m, int nseq, const int *slots, int n)
+{
+    size_t pl = (size_t)nseq * m->QH * m->D;
+    float *q = (float *)calloc(pl * m->L, sizeof(float));
+    float *prev = (float *)calloc(pl * m->L, sizeof(float));
+    int t, l;
+    ck_assert_msg(q && prev, "tst_decode_steps: out of memory");
+    for (t = 0; t < n; ++t) {
+        for (l = 0; l < m->L; ++l) {
+            tst_append_rand(m, l, nseq, slots, NULL);
+            tst_next_query(m, l, nseq, slots, t ? prev + l * pl : NULL,
+                           q + l * pl);
+            tst_attend_check(m, l, nseq, slots, q + l * pl, tst_tol(m->dt));
+            tst_select(m, l, nseq, slots, q + l * pl);
+            tst_recall(m, l, nseq, slots);
+        }
+        memcpy(prev, q, sizeof(float) * pl * m->L);
+    }
+    free(q);
+    free(prev);
+}
+
+void tst_model_truncate(tst_model *m, int slot, int64_t length)
+{
+    tst_seq *s = &m->seq[slot];
+    int l, g;
+    for (l = 0; l < m->L; ++l) {
+        s->len[l] = length;
+        for (g = 0; g < m->KVH; ++g) {
+            s->active[l][g].valid = 0;
+            s->pending[l][g].valid = 0;
+            s->used[l][g].valid = 0;
+            s->used[l][g].count = 0;
+        }
+    }
+}

@@ -401,44 +401,6 @@ START_TEST(dense_layer_external)
 }
 END_TEST
 
-/* The model forgets the dropped tokens and every selection of the
- * sequence (docs/design.md section 9). */
-static void model_truncate(tst_model *m, int slot, int64_t length)
-{
-    tst_seq *s = &m->seq[slot];
-    int l, g;
-    for (l = 0; l < m->L; ++l) {
-        s->len[l] = length;
-        for (g = 0; g < m->KVH; ++g) {
-            s->active[l][g].valid = 0;
-            s->pending[l][g].valid = 0;
-            s->used[l][g].valid = 0;
-            s->used[l][g].count = 0;
-        }
-    }
-}
-
-static void decode_steps(tst_model *m, int nseq, const int *slots, int n)
-{
-    size_t pl = (size_t)nseq * m->QH * m->D;
-    float *q = (float *)calloc(pl * m->L, sizeof(float));
-    float *prev = (float *)calloc(pl * m->L, sizeof(float));
-    int t, l;
-    for (t = 0; t < n; ++t) {
-        for (l = 0; l < m->L; ++l) {
-            tst_append_rand(m, l, nseq, slots, NULL);
-            tst_next_query(m, l, nseq, slots, t ? prev + l * pl : NULL,
-                           q + l * pl);
-            tst_attend_check(m, l, nseq, slots, q + l * pl, tst_tol(m->dt));
-            tst_select(m, l, nseq, slots, q + l * pl);
-            tst_recall(m, l, nseq, slots);
-        }
-        memcpy(prev, q, sizeof(float) * pl * m->L);
-    }
-    free(q);
-    free(prev);
-}
-
 /* Fork and truncate with a dense layer (its pages: on the CUDA backend it
  * has no host pool blocks): parent and child decode as the reference
  * says, then the parent drops back over a page boundary and decodes
@@ -454,17 +416,17 @@ START_TEST(dense_layer_fork_truncate)
     tst_model_init(&m, &o, 4600 + (uint64_t)_i);
     slots[0] = tst_open(&m);
     tst_prefill(&m, 1, &slots[0], &ntok);
-    decode_steps(&m, 1, &slots[0], 3);
+    tst_decode_steps(&m, 1, &slots[0], 3);
     slots[1] = tst_fork(&m, slots[0]);
-    decode_steps(&m, 2, slots, 4);
+    tst_decode_steps(&m, 2, slots, 4);
     tst_stats(&m, &before);
     tst_ok(fkv_seq_truncate(m.c, m.seq[slots[0]].id, 690));
-    model_truncate(&m, slots[0], 690);
+    tst_model_truncate(&m, slots[0], 690);
     tst_stats(&m, &after);
     ck_assert_uint_le(after.host_bytes, before.host_bytes);
-    decode_steps(&m, 2, slots, 4);
+    tst_decode_steps(&m, 2, slots, 4);
     tst_close(&m, slots[1]);
-    decode_steps(&m, 1, &slots[0], 2);
+    tst_decode_steps(&m, 1, &slots[0], 2);
     tst_model_free(&m);
 }
 END_TEST

@@ -12,42 +12,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void steps(tst_model *m, int nseq, const int *slots, int n)
-{
-    size_t pl = (size_t)nseq * m->QH * m->D;
-    float *q = (float *)malloc(sizeof(float) * pl * m->L);
-    float *prev = (float *)malloc(sizeof(float) * pl * m->L);
-    int t, l;
-    for (t = 0; t < n; ++t) {
-        for (l = 0; l < m->L; ++l) {
-            tst_append_rand(m, l, nseq, slots, NULL);
-            tst_next_query(m, l, nseq, slots, t ? prev + l * pl : NULL,
-                           q + l * pl);
-            tst_attend_check(m, l, nseq, slots, q + l * pl, tst_tol(m->dt));
-            tst_select(m, l, nseq, slots, q + l * pl);
-            tst_recall(m, l, nseq, slots);
-        }
-        memcpy(prev, q, sizeof(float) * pl * m->L);
-    }
-    free(q);
-    free(prev);
-}
-
-static void model_truncate(tst_model *m, int slot, int64_t length)
-{
-    tst_seq *s = &m->seq[slot];
-    int l, g;
-    for (l = 0; l < m->L; ++l) {
-        s->len[l] = length;
-        for (g = 0; g < m->KVH; ++g) {
-            s->active[l][g].valid = 0;
-            s->pending[l][g].valid = 0;
-            s->used[l][g].valid = 0;
-            s->used[l][g].count = 0;
-        }
-    }
-}
-
 static const fkv_policy k_policies[] = {FKV_POLICY_FREEKV, FKV_POLICY_SYNC,
                                         FKV_POLICY_RESIDENT,
                                         FKV_POLICY_DENSE};
@@ -65,19 +29,19 @@ START_TEST(fork_decodes_independently)
     tst_model_init(&m, &o, 15000 + _i);
     p = tst_open(&m);
     tst_prefill(&m, 1, &p, &n);
-    steps(&m, 1, &p, 3);
+    tst_decode_steps(&m, 1, &p, 3);
     c = tst_fork(&m, p);
     both[0] = p;
     both[1] = c;
-    steps(&m, 2, both, 20); /* past a page boundary */
-    steps(&m, 1, &c, 2);
-    steps(&m, 1, &p, 2);
+    tst_decode_steps(&m, 2, both, 20); /* past a page boundary */
+    tst_decode_steps(&m, 1, &c, 2);
+    tst_decode_steps(&m, 1, &p, 2);
     tst_close(&m, p);
-    steps(&m, 1, &c, 20);
+    tst_decode_steps(&m, 1, &c, 20);
     /* A grandchild of the child, then the child closes. */
     p = tst_fork(&m, c);
     tst_close(&m, c);
-    steps(&m, 1, &p, 3);
+    tst_decode_steps(&m, 1, &p, 3);
     tst_model_free(&m);
 }
 END_TEST
@@ -98,7 +62,7 @@ START_TEST(fork_shares_pages)
     tst_model_init(&m, &o, 15100);
     p = tst_open(&m);
     tst_prefill(&m, 1, &p, &n);
-    steps(&m, 1, &p, 1);
+    tst_decode_steps(&m, 1, &p, 1);
     tst_stats(&m, &a);
     c = tst_fork(&m, p);
     tst_stats(&m, &b);
@@ -106,10 +70,10 @@ START_TEST(fork_shares_pages)
     ck_assert_uint_lt(b.host_bytes - a.host_bytes, (uint64_t)block * 2 * 41);
     {
         int both[2] = {p, c};
-        steps(&m, 2, both, 2);
+        tst_decode_steps(&m, 2, both, 2);
     }
     tst_close(&m, p);
-    steps(&m, 1, &c, 2);
+    tst_decode_steps(&m, 1, &c, 2);
     tst_model_free(&m);
 }
 END_TEST
@@ -127,18 +91,18 @@ START_TEST(fork_truncate_copy_on_write)
     tst_model_init(&m, &o, 15200 + _i);
     p = tst_open(&m);
     tst_prefill(&m, 1, &p, &n);
-    steps(&m, 1, &p, 1);
+    tst_decode_steps(&m, 1, &p, 1);
     c = tst_fork(&m, p);
     tst_ok(fkv_seq_truncate(m.c, m.seq[c].id, 250)); /* mid-page 15 */
-    model_truncate(&m, c, 250);
+    tst_model_truncate(&m, c, 250);
     both[0] = p;
     both[1] = c;
-    steps(&m, 2, both, 40); /* the child rewrites 250..289 */
+    tst_decode_steps(&m, 2, both, 40); /* the child rewrites 250..289 */
     tst_ok(fkv_seq_truncate(m.c, m.seq[p].id, 200)); /* and the parent */
-    model_truncate(&m, p, 200);
-    steps(&m, 2, both, 3);
+    tst_model_truncate(&m, p, 200);
+    tst_decode_steps(&m, 2, both, 3);
     tst_close(&m, c);
-    steps(&m, 1, &p, 2);
+    tst_decode_steps(&m, 1, &p, 2);
     tst_model_free(&m);
 }
 END_TEST
@@ -158,7 +122,7 @@ START_TEST(fork_bad_input)
     p = tst_open(&m);
     q = tst_open(&m);
     tst_prefill(&m, 1, &p, &n);
-    steps(&m, 1, &p, 1);
+    tst_decode_steps(&m, 1, &p, 1);
     tst_snapshot_take(&m, &snap);
     tst_expect_error(m.c, fkv_seq_fork(m.c, m.seq[p].id, &child),
                      FKV_ERR_CAPACITY, "fork beyond max_sequences");
@@ -181,7 +145,7 @@ START_TEST(fork_bad_input)
     tst_snapshot_free(&snap);
     /* The slot is free again: a fork works. */
     q = tst_fork(&m, p);
-    steps(&m, 1, &q, 1);
+    tst_decode_steps(&m, 1, &q, 1);
     tst_model_free(&m);
 }
 END_TEST

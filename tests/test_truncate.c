@@ -11,44 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* The model forgets the dropped tokens and, as docs/design.md section 9
- * says, every selection of the sequence. */
-static void model_truncate(tst_model *m, int slot, int64_t length)
-{
-    tst_seq *s = &m->seq[slot];
-    int l, g;
-    for (l = 0; l < m->L; ++l) {
-        s->len[l] = length;
-        for (g = 0; g < m->KVH; ++g) {
-            s->active[l][g].valid = 0;
-            s->pending[l][g].valid = 0;
-            s->used[l][g].valid = 0;
-            s->used[l][g].count = 0;
-        }
-    }
-}
-
-static void steps(tst_model *m, int nseq, const int *slots, int n)
-{
-    size_t pl = (size_t)nseq * m->QH * m->D;
-    float *q = (float *)malloc(sizeof(float) * pl * m->L);
-    float *prev = (float *)malloc(sizeof(float) * pl * m->L);
-    int t, l;
-    for (t = 0; t < n; ++t) {
-        for (l = 0; l < m->L; ++l) {
-            tst_append_rand(m, l, nseq, slots, NULL);
-            tst_next_query(m, l, nseq, slots, t ? prev + l * pl : NULL,
-                           q + l * pl);
-            tst_attend_check(m, l, nseq, slots, q + l * pl, tst_tol(m->dt));
-            tst_select(m, l, nseq, slots, q + l * pl);
-            tst_recall(m, l, nseq, slots);
-        }
-        memcpy(prev, q, sizeof(float) * pl * m->L);
-    }
-    free(q);
-    free(prev);
-}
-
 static const fkv_policy k_policies[] = {FKV_POLICY_FREEKV, FKV_POLICY_SYNC,
                                         FKV_POLICY_RESIDENT,
                                         FKV_POLICY_DENSE};
@@ -70,16 +32,16 @@ START_TEST(truncate_then_decode)
     slots[0] = tst_open(&m);
     slots[1] = tst_open(&m);
     tst_prefill(&m, 2, slots, n);
-    steps(&m, 2, slots, 3);
+    tst_decode_steps(&m, 2, slots, 3);
     for (i = 0; i < sizeof cuts / sizeof cuts[0]; ++i) {
         /* Decode 40 tokens (2.5 pages), then cut sequence 0 back. */
-        steps(&m, 2, slots, i == 0 ? 1 : 40);
+        tst_decode_steps(&m, 2, slots, i == 0 ? 1 : 40);
         ck_assert_int_le(cuts[i], m.seq[slots[0]].len[0]);
         tst_ok(fkv_seq_truncate(m.c, m.seq[slots[0]].id, cuts[i]));
-        model_truncate(&m, slots[0], cuts[i]);
+        tst_model_truncate(&m, slots[0], cuts[i]);
         tst_ok(fkv_seq_length(m.c, m.seq[slots[0]].id, &len));
         ck_assert_int_eq(len, cuts[i]);
-        steps(&m, 2, slots, 2);
+        tst_decode_steps(&m, 2, slots, 2);
     }
     tst_model_free(&m);
 }
@@ -107,11 +69,11 @@ START_TEST(truncate_frees_pages)
                      FKV_ERR_CAPACITY, "append into a full pool");
     tst_stats(&m, &before);
     tst_ok(fkv_seq_truncate(m.c, m.seq[s].id, 256));
-    model_truncate(&m, s, 256);
+    tst_model_truncate(&m, s, 256);
     tst_stats(&m, &after);
     ck_assert_uint_eq(after.host_bytes, before.host_bytes); /* pool kept */
     tst_prefill(&m, 1, &s, &more);
-    steps(&m, 1, &s, 1); /* fits only if the 256 tokens' pages were freed */
+    tst_decode_steps(&m, 1, &s, 1); /* fits only if the 256 tokens' pages were freed */
     ck_assert_int_eq(m.seq[s].len[0], 512);
     tst_model_free(&m);
 }
@@ -130,18 +92,18 @@ START_TEST(truncate_noop_and_zero)
     tst_model_init(&m, &o, 13200);
     s = tst_open(&m);
     tst_prefill(&m, 1, &s, &n);
-    steps(&m, 1, &s, 2);
+    tst_decode_steps(&m, 1, &s, 2);
     tst_snapshot_take(&m, &snap);
     tst_ok(fkv_seq_truncate(m.c, m.seq[s].id, 302));
     tst_snapshot_check(&m, &snap);
     tst_snapshot_free(&snap);
     tst_ok(fkv_seq_truncate(m.c, m.seq[s].id, 0));
-    model_truncate(&m, s, 0);
+    tst_model_truncate(&m, s, 0);
     tst_ok(fkv_seq_length(m.c, m.seq[s].id, &len));
     ck_assert_int_eq(len, 0);
     n = 200;
     tst_prefill(&m, 1, &s, &n);
-    steps(&m, 1, &s, 2);
+    tst_decode_steps(&m, 1, &s, 2);
     tst_model_free(&m);
 }
 END_TEST
@@ -162,7 +124,7 @@ START_TEST(truncate_bad_input)
     tst_prefill(&m, 1, &s, &n);
     closed = m.seq[t].id;
     tst_close(&m, t);
-    steps(&m, 1, &s, 1);
+    tst_decode_steps(&m, 1, &s, 1);
     tst_snapshot_take(&m, &snap);
     tst_expect_error(m.c, fkv_seq_truncate(m.c, closed, 0),
                      FKV_ERR_UNKNOWN_SEQUENCE, "truncate a closed sequence");
@@ -178,7 +140,7 @@ START_TEST(truncate_bad_input)
                      FKV_ERR_INVALID_ARGUMENT, "truncate a NULL cache");
     tst_snapshot_check(&m, &snap);
     tst_snapshot_free(&snap);
-    steps(&m, 1, &s, 1);
+    tst_decode_steps(&m, 1, &s, 1);
     tst_model_free(&m);
 }
 END_TEST

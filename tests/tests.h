@@ -184,6 +184,13 @@ void tst_recall(tst_model *m, int layer, int nseq, const int *slots);
  * attend_check with q[layer] (q: [L][nseq][QH][D]), select, recall. */
 void tst_decode_step(tst_model *m, int nseq, const int *slots, const float *q,
                      double tol);
+/* n decode steps on every layer with queries of tst_next_query (each layer
+ * drifting from its previous step's query), checked as tst_attend_check
+ * does at the dtype's tolerance. */
+void tst_decode_steps(tst_model *m, int nseq, const int *slots, int n);
+/* The simulation of fkv_seq_truncate: the sequence holds `length` tokens on
+ * every layer and forgets every selection (docs/design.md section 11). */
+void tst_model_truncate(tst_model *m, int slot, int64_t length);
 
 /* ------------------------------------------------------------------ */
 /* Queries and reference helpers.                                     */
