@@ -56,7 +56,11 @@ def label(r):
         p += " off" if t is None or t == "off" or (isinstance(t, float) and t < -0.5) \
             else " %.2g" % t
         if r.get("criterion", "cosine") != "cosine":
-            p += " " + r["criterion"]
+            m = r.get("min_mass")
+            if m is None:  # older engines: the flag in the run's arguments
+                a = r.get("args", "").split()
+                m = float(a[a.index("--min-mass") + 1]) if "--min-mass" in a else 0.002
+            p = "FREEKV %s m %g" % (r["criterion"], m)
     if r.get("dense_layers"):
         p += ", dense layers " + ",".join(str(x) for x in r["dense_layers"])
     return p

@@ -841,11 +841,13 @@ static int cmd_eval(const args *a)
             if (dense_ppl > 0) printf("%.6f", ppl / dense_ppl); else printf("null");
             printf(",\"corrections\":%llu,\"heads_checked\":%llu,\"pages_recalled_per_step\":%.3f,"
                    "\"pages_recalled_critical_per_step\":%.3f,\"criterion\":\"%s\","
+                   "\"min_mass\":%g,\"max_pages\":%d,"
                    "\"ms_per_step\":%.3f,\"prefill_ms\":%.1f,\"replay_ms\":%.1f}\n",
                    (unsigned long long)st.corrections, (unsigned long long)st.heads_checked,
                    (double)st.pages_recalled / (double)M,
                    (double)st.pages_recalled_critical / (double)M,
                    o.correction_criterion == FKV_CRITERION_BOUNDED ? "bounded" : "cosine",
+                   (double)o.correction_min_mass, (int)o.correction_max_pages,
                    ms / (double)M, prefill_ms, replay_ms);
         } else {
             printf("%-8s budget %6d page %d sink %d window %d threshold ", policy_name(o.policy),
