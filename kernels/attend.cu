@@ -12,7 +12,8 @@
 // launch. Each split block writes its partials, then takes a ticket from
 // the counter of its (sequence, KV head, group chunk); the block that
 // draws the last ticket merges all splits' partials into out and puts the
-// counter back to 0 (docs/design.md s.6, "Fused combine").
+// counter back to 0 (docs/design.md s.6, "Fused combine"). Its splits are
+// ranges of rows (parts of pages allowed), not of whole pages.
 //
 // Memory is the bound, so the split kernel reads each K/V byte once and
 // keeps many bytes in flight:
@@ -630,14 +631,25 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     const int32_t has_partial = r.partial > 0;
     const int32_t n_virtual = dense ? r.sealed + has_partial
                                     : r.sink_end + nsel + (r.sealed - r.window_first) + has_partial;
-    const int32_t v_begin = split * pps;
-    // The last split takes whatever lies beyond the others, so that a bound
-    // that is too small costs speed, never tokens.
-    const int32_t v_end = split == splits - 1 ? n_virtual : min(v_begin + pps, n_virtual);
     // Virtual rows attended: all but the partial page's empty tail and the
     // b.cut[i] last tokens (fkv_attend_tokens' causal limit; those lie in
     // the window and partial page, in token order, at the virtual end).
     const int32_t total_rows = n_virtual * g.page - (has_partial ? g.page - r.partial : 0) - b.cut[i];
+    // Unfused: pps whole pages per split. Fused: pps rows per split, so that
+    // a short list still fills the GPU; rows [row_begin, row_end), in the
+    // pages [v_begin, v_end). The last split takes whatever lies beyond the
+    // others, so that a bound that is too small costs speed, never tokens.
+    int32_t v_begin, v_end, row_begin = 0, row_end = 0;
+    if constexpr (Fused) {
+        const int32_t all = max(total_rows, 0);
+        row_begin = min(split * pps, all);
+        row_end = split == splits - 1 ? all : min(row_begin + pps, all);
+        v_begin = row_begin / g.page;
+        v_end = row_end > row_begin ? (row_end + g.page - 1) / g.page : v_begin;
+    } else {
+        v_begin = split * pps;
+        v_end = split == splits - 1 ? n_virtual : min(v_begin + pps, n_virtual);
+    }
 
     E e(lane);
     e.load_q(q + ((uint64_t)b.row[i] * g.q_heads + qh0) * D, nq, g.scale * kLog2e);
@@ -655,11 +667,17 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             table[threadIdx.x] = virtual_unit(g, lv, r, h, nsel, cb + threadIdx.x);
         __syncthreads();
         int32_t rows = min((ce - cb) * P, total_rows - cb * P);
+        int32_t lo = 0;  // first row of the chunk this split attends
+        if constexpr (Fused) {
+            rows = min(rows, row_end - cb * P);
+            if (cb == v_begin) lo = row_begin - cb * P;
+        }
         if (rows < 0) rows = 0;
         // Warp w takes steps w, w + kWarps, ...: nk of them.
-        const int32_t steps = (rows + E::kStep - 1) / E::kStep;
+        int32_t steps = (rows + E::kStep - 1) / E::kStep;
+        if constexpr (Fused) steps = rows > lo ? (rows - lo + E::kStep - 1) / E::kStep : 0;
         const int32_t nk = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;
-        auto base_of = [&](int32_t k) { return (warp + k * kWarps) * E::kStep; };
+        auto base_of = [&](int32_t k) { return lo + (warp + k * kWarps) * E::kStep; };
 
 #pragma unroll
         for (int k = 0; k < kStages - 1; k++) {
@@ -859,6 +877,29 @@ extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_li
     return (int32_t)splits;
 }
 
+// The fused path's split count: the same grid target, but splits of
+// kMinSplitRows rows or more instead of whole pages (a short list still
+// fills the GPU), and at most kMaxCombineRows partial rows for the block
+// that combines (it reads heads x splits of them alone). Both limits are
+// guesses to measure on a GPU.
+constexpr int32_t kMinSplitRows = 16;
+constexpr int32_t kMaxCombineRows = 512;
+
+extern "C" int32_t fkv_attend_splits_fused(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                                           int32_t n, int32_t bound_pages) {
+    const int32_t P = g->page > 0 ? g->page : 1;
+    const int64_t rows = (int64_t)(bound_pages > 1 ? bound_pages : 1) * P;
+    const int32_t chunks = group_chunks(g->group, g->dtype);
+    const int32_t heads = g->group > 0 ? (g->group + chunks - 1) / chunks : 1;
+    // Without the page cap: the target over (sequence, head, chunk) blocks.
+    int64_t splits = fkv_attend_splits(g, lim, n, 1 << 30);
+    const int64_t by_rows = (rows + kMinSplitRows - 1) / kMinSplitRows;
+    if (splits > by_rows) splits = by_rows;
+    if (splits > kMaxCombineRows / heads) splits = kMaxCombineRows / heads;
+    if (splits < 1) splits = 1;
+    return (int32_t)splits;
+}
+
 extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
@@ -876,9 +917,23 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
             // The device's figures come from fkv_create (no query here);
             // max_splits was sized with the same ones.
             const int32_t bound = bound_pages > 1 ? bound_pages : 1;
-            int32_t splits = fkv_attend_splits(g, lim, b->n, bound);
-            if (splits > st->max_splits) splits = st->max_splits;
-            const int32_t pps = (bound + splits - 1) / splits;
+            int32_t splits, pps;
+            if (st->fused_combine) {
+                // Rows per split, a multiple of kMinSplitRows; no split empty
+                // at the bound.
+                const int64_t rows = (int64_t)bound * g->page;
+                splits = fkv_attend_splits_fused(g, lim, b->n, bound);
+                if (splits > st->max_splits) splits = st->max_splits;
+                int64_t rps = (rows + splits - 1) / splits;
+                rps = (rps + kMinSplitRows - 1) / kMinSplitRows * kMinSplitRows;
+                if (rps > INT32_MAX) return cudaErrorInvalidValue;
+                splits = (int32_t)((rows + rps - 1) / rps);
+                pps = (int32_t)rps;
+            } else {
+                splits = fkv_attend_splits(g, lim, b->n, bound);
+                if (splits > st->max_splits) splits = st->max_splits;
+                pps = (bound + splits - 1) / splits;
+            }
             const int32_t chunks = group_chunks(g->group, g->dtype);
             region_table regions = {};
             if (st->fused_combine) {

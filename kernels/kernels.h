@@ -295,7 +295,8 @@ cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
  * DENSE). q, out: [n][q_heads][D] cache dtype. bound_pages: the most pages
  * any sequence of the batch can attend now (sets the split grid).
  * With st->fused_combine the last split block of each (sequence, KV head,
- * group chunk) combines (one launch), and seq_base_host (the host's copy
+ * group chunk) combines (one launch), splits are ranges of rows
+ * (fkv_attend_splits_fused), and seq_base_host (the host's copy
  * of st->seq_base, indexed by slot; a slot's value never changes once
  * set) gives the kernel each entry's region by value; otherwise a split
  * launch, then a combine launch, and seq_base_host is unused (may be
@@ -312,6 +313,12 @@ cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
  * arithmetic on the geometry and lim only, no device query. */
 int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                           int32_t n, int32_t bound_pages);
+/* The most splits the fused path (st->fused_combine) uses for bound_pages:
+ * splits of whole steps of rows rather than pages, and a cap on what the
+ * combining block reads (for sizing max_splits as well). */
+int32_t fkv_attend_splits_fused(const fkv_dev_geometry *g,
+                                const fkv_dev_limits *lim, int32_t n,
+                                int32_t bound_pages);
 
 #ifdef __cplusplus
 }

@@ -519,6 +519,13 @@ static fkv_status cuda_create(fkv_cache *c)
     m->max_splits = fkv_attend_splits(
         &cb->geo, &cb->lim, 1,
         c->any_dense ? g->max_pages : cb->max_bound_pages);
+    if (cb->experimental) { /* the fused path splits inside pages too */
+        int32_t f = fkv_attend_splits_fused(
+            &cb->geo, &cb->lim, 1,
+            c->any_dense ? g->max_pages : cb->max_bound_pages);
+        if (f > m->max_splits)
+            m->max_splits = f;
+    }
     {
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;

@@ -34,7 +34,8 @@
  *                            against the two-launch path (a cache created
  *                            with the switch at 0), eager and in 3 graph
  *                            replays (the ticket counters reset), bf16,
- *                            f16, f32, head_dim 64 and 128, batch 1-8.
+ *                            f16, f32, head_dim 64 and 128, batch 1-8,
+ *                            splits of whole and of parts of pages.
  *
  * TST_CUDA_PEER (default FKV_BACKEND_CUDA) is the backend the agreement case
  * holds against the CPU; a dry run of that case's logic can build this file
@@ -1914,8 +1915,9 @@ END_TEST
 /* ====================================================================== */
 
 /* Configurations: split counts > 1 everywhere (batch 1 at long contexts
- * splits most); every dtype, head_dim 64 and 128, GQA groups 1-4, f32's
- * CUDA-core engine with 1, 3 and 4 heads per block. */
+ * splits most); every dtype, head_dim 64 and 128, GQA groups 1-8, f32's
+ * CUDA-core engine with 1, 3 and 4 heads per block; the last two attend
+ * few pages, so the fused path's splits are parts of pages (16 rows). */
 typedef struct fused_cfg {
     fkv_dtype dt;
     fkv_policy policy;
@@ -1930,6 +1932,9 @@ static const fused_cfg k_fused[] = {
     {FKV_DTYPE_F32, FKV_POLICY_FREEKV, 128, 8, 2, 2, 5000},
     {FKV_DTYPE_F32, FKV_POLICY_DENSE, 64, 12, 4, 1, 9000},
     {FKV_DTYPE_F32, FKV_POLICY_DENSE, 128, 4, 4, 3, 2500},
+    /* short lists: the fused path splits inside pages */
+    {FKV_DTYPE_BF16, FKV_POLICY_DENSE, 128, 8, 2, 1, 300},
+    {FKV_DTYPE_F16, FKV_POLICY_FREEKV, 64, 16, 2, 1, 1000},
 };
 #define FUSED_CONFIGS ((int)(sizeof k_fused / sizeof k_fused[0]))
 #define FUSED_REPLAYS 3
