@@ -1145,8 +1145,10 @@ static int gc_compare(const gcache *gc, fkv_dtype dt, unsigned char **a,
     return diff;
 }
 
-/* Lengths, selected pages and counters of two caches that must agree. */
-static void gc_same_state(gcache *a, gcache *b, const char *what)
+/* Lengths, selected pages and counters of two caches that must agree;
+ * device_bytes too if same_bytes. */
+static void gc_same_state_x(gcache *a, gcache *b, const char *what,
+                            int same_bytes)
 {
     fkv_stats sa, sb;
     int32_t pa[1024], pb[1024];
@@ -1193,10 +1195,15 @@ static void gc_same_state(gcache *a, gcache *b, const char *what)
                   "%s: heads_checked %llu, twin %llu", what,
                   (unsigned long long)sa.heads_checked,
                   (unsigned long long)sb.heads_checked);
-    ck_assert_msg(sa.device_bytes == sb.device_bytes,
+    ck_assert_msg(!same_bytes || sa.device_bytes == sb.device_bytes,
                   "%s: device_bytes %llu, twin %llu", what,
                   (unsigned long long)sa.device_bytes,
                   (unsigned long long)sb.device_bytes);
+}
+
+static void gc_same_state(gcache *a, gcache *b, const char *what)
+{
+    gc_same_state_x(a, b, what, 1);
 }
 
 /* ====================================================================== */
@@ -2061,8 +2068,10 @@ START_TEST(cuda_fused_combine)
     }
     CU_OK(F.c, fkv_sync(F.c));
     if (sparse) {
+        /* device_bytes may differ: the fused path sizes its partials for
+         * more splits. */
         snprintf(what, sizeof what, "config %d after the replays", _i);
-        gc_same_state(&F, &U, what);
+        gc_same_state_x(&F, &U, what, 0);
     }
     gstep_fill(&in, &F, dt, &rng, &qr, 0);
     gc_eager(&F, &in, outF);
