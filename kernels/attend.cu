@@ -8,6 +8,12 @@
 //  combine  grid (q_heads, n), D threads: merges the partials into out.
 // With one split the split kernel normalises and writes out itself, and the
 // combine launch is skipped.
+// Fused (fkv_dev_state.fused_combine, behind FKV_CUDA_EXPERIMENTAL): one
+// launch. Each split block writes its partials, then takes a ticket from
+// the counter of its (sequence, KV head, group chunk); the block that
+// draws the last ticket merges all splits' partials into out and puts the
+// counter back to 0 (docs/design.md s.6, "Fused combine"). Its splits are
+// ranges of rows (parts of pages allowed), not of whole pages.
 //
 // Memory is the bound, so the split kernel reads each K/V byte once and
 // keeps many bytes in flight:
@@ -501,11 +507,98 @@ virtual_unit(const fkv_dev_geometry &g, const fkv::layer_view &lv,
     return lv.resident_unit(h, r.window_first + (v - nsel));
 }
 
-template <typename T, int D, class E>
+// Each batch entry's (sequence, layer) region, by value (fused path).
+struct region_table {
+    unsigned char *base[FKV_DEV_MAX_BATCH];
+};
+
+// The fused kernel's ending, in the block that drew the last ticket: merges
+// the nq heads' partials of all splits (including its own, read back) into
+// out. smem: the ring's space, free again. Partials are read with ld.cg
+// (L2, never a stale L1 line); the ticket's fences order them.
+template <typename T, int D, int H>
+__device__ __forceinline__ void combine_in_block(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                                                 int32_t slot, int32_t row, int32_t qh0,
+                                                 int32_t nq, int32_t splits, float *smem,
+                                                 T *__restrict__ out) {
+    constexpr int kC = D / kWarp;  // channels per lane, contiguous
+    static_assert(kC % 2 == 0 && (kC == 2 || kC % 4 == 0), "channel split");
+    float *c_acc = smem;                     // [kWarps][H][D]
+    float *c_m = c_acc + kWarps * H * D;     // [H] reference maxima
+    float *c_l = c_m + H;                    // [H] sums
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const uint64_t part0 = ((uint64_t)slot * g.q_heads + qh0) * st.max_splits;
+    const float2 *ml = reinterpret_cast<const float2 *>(st.part_ml);
+
+    // Per head: the largest max, then the sum of the rescaled sums.
+    for (int k = warp; k < nq; k += kWarps) {
+        const float2 *mk = ml + part0 + (uint64_t)k * st.max_splits;
+        float mx = -CUDART_INF_F;
+        for (int32_t s = lane; s < splits; s += kWarp) mx = fmaxf(mx, __ldcg(mk + s).x);
+        const float mr = ref_max(fkv::warp_max(mx));
+        float sum = 0.f;
+        for (int32_t s = lane; s < splits; s += kWarp) {
+            const float2 p = __ldcg(mk + s);
+            sum = fmaf(exp2f(p.x - mr), p.y, sum);
+        }
+        sum = fkv::warp_sum(sum);
+        if (lane == 0) {
+            c_m[k] = mr;
+            c_l[k] = sum;
+        }
+    }
+    __syncthreads();
+
+    // Accumulators: warp w takes splits w, w + kWarps, ...; a lane holds kC
+    // channels of each head, so the loads of all heads are in flight at once.
+    float a[H][kC];
+#pragma unroll
+    for (int k = 0; k < H; k++)
+#pragma unroll
+        for (int c = 0; c < kC; c++) a[k][c] = 0.f;
+    for (int32_t s = warp; s < splits; s += kWarps) {
+#pragma unroll
+        for (int k = 0; k < H; k++) {
+            if (k >= nq) continue;
+            const uint64_t part = part0 + (uint64_t)k * st.max_splits + s;
+            const float w = exp2f(__ldcg(ml + part).x - c_m[k]);
+            const float *src = st.part_acc + part * D + lane * kC;
+            float v[kC];
+            if constexpr (kC == 2) {
+                const float2 x = __ldcg(reinterpret_cast<const float2 *>(src));
+                v[0] = x.x; v[1] = x.y;
+            } else {
+#pragma unroll
+                for (int c = 0; c < kC; c += 4) {
+                    const float4 x = __ldcg(reinterpret_cast<const float4 *>(src + c));
+                    v[c] = x.x; v[c + 1] = x.y; v[c + 2] = x.z; v[c + 3] = x.w;
+                }
+            }
+#pragma unroll
+            for (int c = 0; c < kC; c++) a[k][c] = fmaf(w, v[c], a[k][c]);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < H; k++)
+#pragma unroll
+        for (int c = 0; c < kC; c++) c_acc[(warp * H + k) * D + lane * kC + c] = a[k][c];
+    __syncthreads();
+    for (int x = threadIdx.x; x < nq * D; x += kThreads) {
+        const int k = x / D, d = x % D;
+        float v = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; w++) v += c_acc[(w * H + k) * D + d];
+        out[((uint64_t)row * g.q_heads + qh0 + k) * D + d] = fkv::from_f<T>(v / c_l[k]);
+    }
+}
+
+// Fused: partials, then the ticket, then (last block only) the combine.
+// Unfused (the split launch of the two-launch path): partials only.
+template <typename T, int D, class E, bool Fused>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm<E>())
 split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_batch b,
              int32_t layer, const T *__restrict__ q, T *__restrict__ out,
-             int32_t pps, int32_t splits, int32_t chunks) {
+             int32_t pps, int32_t splits, int32_t chunks, const region_table regions) {
     constexpr int H = E::kHeads;
     // Ring [stage][slot][thread] of 16-byte pieces (consecutive lanes,
     // consecutive banks), then the page table. After the rows, the ring's
@@ -516,6 +609,7 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     float *w_acc = reinterpret_cast<float *>(smem);  // [kWarps][H][D]
     float *w_ml = w_acc + kWarps * H * D;            // [kWarps][H][2]
     static_assert((kWarps * H * D + kWarps * H * 2) * sizeof(float) <= ring_bytes<E>(), "merge space");
+    static_assert(kTablePages * sizeof(void *) >= sizeof(unsigned int), "ticket flag space");
 
     const int32_t split = blockIdx.x, i = blockIdx.z;
     const int32_t h = blockIdx.y / chunks;
@@ -525,7 +619,8 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     const int32_t slot = b.slot[i];
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
 
-    const fkv::layer_view lv(g, st, slot, layer);
+    const fkv::layer_view lv = Fused ? fkv::layer_view(g, regions.base[i])
+                                     : fkv::layer_view(g, st, slot, layer);
     const fkv::page_ranges r(g, fkv::seq_len(g, st, slot, layer));
     const bool dense = g.policy == FKV_POLICY_DENSE;
     int32_t nsel = 0;
@@ -536,14 +631,25 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     const int32_t has_partial = r.partial > 0;
     const int32_t n_virtual = dense ? r.sealed + has_partial
                                     : r.sink_end + nsel + (r.sealed - r.window_first) + has_partial;
-    const int32_t v_begin = split * pps;
-    // The last split takes whatever lies beyond the others, so that a bound
-    // that is too small costs speed, never tokens.
-    const int32_t v_end = split == splits - 1 ? n_virtual : min(v_begin + pps, n_virtual);
     // Virtual rows attended: all but the partial page's empty tail and the
     // b.cut[i] last tokens (fkv_attend_tokens' causal limit; those lie in
     // the window and partial page, in token order, at the virtual end).
     const int32_t total_rows = n_virtual * g.page - (has_partial ? g.page - r.partial : 0) - b.cut[i];
+    // Unfused: pps whole pages per split. Fused: pps rows per split, so that
+    // a short list still fills the GPU; rows [row_begin, row_end), in the
+    // pages [v_begin, v_end). The last split takes whatever lies beyond the
+    // others, so that a bound that is too small costs speed, never tokens.
+    int32_t v_begin, v_end, row_begin = 0, row_end = 0;
+    if constexpr (Fused) {
+        const int32_t all = max(total_rows, 0);
+        row_begin = min(split * pps, all);
+        row_end = split == splits - 1 ? all : min(row_begin + pps, all);
+        v_begin = row_begin / g.page;
+        v_end = row_end > row_begin ? (row_end + g.page - 1) / g.page : v_begin;
+    } else {
+        v_begin = split * pps;
+        v_end = split == splits - 1 ? n_virtual : min(v_begin + pps, n_virtual);
+    }
 
     E e(lane);
     e.load_q(q + ((uint64_t)b.row[i] * g.q_heads + qh0) * D, nq, g.scale * kLog2e);
@@ -561,11 +667,17 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             table[threadIdx.x] = virtual_unit(g, lv, r, h, nsel, cb + threadIdx.x);
         __syncthreads();
         int32_t rows = min((ce - cb) * P, total_rows - cb * P);
+        int32_t lo = 0;  // first row of the chunk this split attends
+        if constexpr (Fused) {
+            rows = min(rows, row_end - cb * P);
+            if (cb == v_begin) lo = row_begin - cb * P;
+        }
         if (rows < 0) rows = 0;
         // Warp w takes steps w, w + kWarps, ...: nk of them.
-        const int32_t steps = (rows + E::kStep - 1) / E::kStep;
+        int32_t steps = (rows + E::kStep - 1) / E::kStep;
+        if constexpr (Fused) steps = rows > lo ? (rows - lo + E::kStep - 1) / E::kStep : 0;
         const int32_t nk = steps > warp ? (steps - warp + kWarps - 1) / kWarps : 0;
-        auto base_of = [&](int32_t k) { return (warp + k * kWarps) * E::kStep; };
+        auto base_of = [&](int32_t k) { return lo + (warp + k * kWarps) * E::kStep; };
 
 #pragma unroll
         for (int k = 0; k < kStages - 1; k++) {
@@ -613,6 +725,32 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             }
         }
     }
+    if constexpr (Fused) {
+        if (splits == 1) return;
+        // Release: every thread's partial stores are made visible at device
+        // scope before the ticket; thread 0's own fence after the barrier
+        // also covers the stores the barrier ordered before it.
+        __threadfence();
+        __syncthreads();
+        // The page table's space (the merge above no longer needs it).
+        volatile unsigned int *is_last = reinterpret_cast<volatile unsigned int *>(table);
+        if (threadIdx.x == 0) {
+            unsigned int *ticket = st.part_ticket + (uint64_t)slot * g.q_heads + blockIdx.y;
+            __threadfence();
+            const unsigned int t = atomicAdd(ticket, 1u);
+            const bool last = t == (unsigned int)splits - 1;
+            // Every split has arrived: no block of this launch touches the
+            // counter again, and the next launch (stream order) sees 0.
+            if (last) atomicExch(ticket, 0u);
+            // Acquire: the other splits' partials before this block's loads.
+            __threadfence();
+            *is_last = last;
+        }
+        __syncthreads();
+        if (!*is_last) return;
+        combine_in_block<T, D, H>(g, st, slot, b.row[i], qh0, nq, splits,
+                                  reinterpret_cast<float *>(smem), out);
+    }
 }
 
 template <typename T, int D>
@@ -643,11 +781,19 @@ combine_kernel(const fkv_dev_state st, const fkv_dev_batch b, int32_t q_heads,
 template <typename T, int D, class E>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv_dev_batch &b,
                    int32_t layer, const void *q, void *out, int32_t pps, int32_t splits,
-                   int32_t chunks, cudaStream_t stream) {
+                   int32_t chunks, const region_table &regions, cudaStream_t stream) {
     // Above 48 KiB: the opt-in was set once for this kernel (fkv_attend_init).
     constexpr size_t smem = smem_bytes<E>();
-    split_kernel<T, D, E><<<dim3(splits, g.kv_heads * chunks, b.n), kThreads, smem, stream>>>(
-        g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits, chunks);
+    const dim3 grid(splits, g.kv_heads * chunks, b.n);
+    if (st.fused_combine) {
+        split_kernel<T, D, E, true><<<grid, kThreads, smem, stream>>>(
+            g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits,
+            chunks, regions);
+        return cudaGetLastError();
+    }
+    split_kernel<T, D, E, false><<<grid, kThreads, smem, stream>>>(
+        g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits, chunks,
+        regions);
     if (splits > 1)
         combine_kernel<T, D><<<dim3(g.q_heads, b.n), D, 0, stream>>>(st, b, g.q_heads, splits,
                                                                      static_cast<T *>(out));
@@ -661,8 +807,12 @@ template <typename T, int D, class E> cudaError_t init_engine(const fkv_dev_limi
     constexpr size_t smem = smem_bytes<E>();
     if (lim.smem_per_block_optin > 0 && smem > (size_t)lim.smem_per_block_optin)
         return cudaErrorInvalidValue;
-    return cudaFuncSetAttribute(split_kernel<T, D, E>,
-                                cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t e = cudaFuncSetAttribute(split_kernel<T, D, E, false>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e == cudaSuccess)
+        e = cudaFuncSetAttribute(split_kernel<T, D, E, true>,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    return e;
 }
 
 // Calls f(engine tag) with the engine the geometry's launches use: the
@@ -727,10 +877,34 @@ extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_li
     return (int32_t)splits;
 }
 
+// The fused path's split count: the same grid target, but splits of
+// kMinSplitRows rows or more instead of whole pages (a short list still
+// fills the GPU), and at most kMaxCombineRows partial rows for the block
+// that combines (it reads heads x splits of them alone). Both limits are
+// guesses to measure on a GPU.
+constexpr int32_t kMinSplitRows = 16;
+constexpr int32_t kMaxCombineRows = 512;
+
+extern "C" int32_t fkv_attend_splits_fused(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                                           int32_t n, int32_t bound_pages) {
+    const int32_t P = g->page > 0 ? g->page : 1;
+    const int64_t rows = (int64_t)(bound_pages > 1 ? bound_pages : 1) * P;
+    const int32_t chunks = group_chunks(g->group, g->dtype);
+    const int32_t heads = g->group > 0 ? (g->group + chunks - 1) / chunks : 1;
+    // Without the page cap: the target over (sequence, head, chunk) blocks.
+    int64_t splits = fkv_attend_splits(g, lim, n, 1 << 30);
+    const int64_t by_rows = (rows + kMinSplitRows - 1) / kMinSplitRows;
+    if (splits > by_rows) splits = by_rows;
+    if (splits > kMaxCombineRows / heads) splits = kMaxCombineRows / heads;
+    if (splits < 1) splits = 1;
+    return (int32_t)splits;
+}
+
 extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, void *out, int32_t bound_pages,
+                                         unsigned char *const *seq_base_host,
                                          cudaStream_t stream) {
     return fkv::dispatch_dtype(g->dtype, [&](auto dtype_tag) {
         using T = decltype(dtype_tag);
@@ -743,13 +917,38 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
             // The device's figures come from fkv_create (no query here);
             // max_splits was sized with the same ones.
             const int32_t bound = bound_pages > 1 ? bound_pages : 1;
-            int32_t splits = fkv_attend_splits(g, lim, b->n, bound);
-            if (splits > st->max_splits) splits = st->max_splits;
-            const int32_t pps = (bound + splits - 1) / splits;
+            int32_t splits, pps;
+            if (st->fused_combine) {
+                // Rows per split, a multiple of kMinSplitRows; no split empty
+                // at the bound.
+                const int64_t rows = (int64_t)bound * g->page;
+                splits = fkv_attend_splits_fused(g, lim, b->n, bound);
+                if (splits > st->max_splits) splits = st->max_splits;
+                int64_t rps = (rows + splits - 1) / splits;
+                rps = (rps + kMinSplitRows - 1) / kMinSplitRows * kMinSplitRows;
+                if (rps > INT32_MAX) return cudaErrorInvalidValue;
+                splits = (int32_t)((rows + rps - 1) / rps);
+                pps = (int32_t)rps;
+            } else {
+                splits = fkv_attend_splits(g, lim, b->n, bound);
+                if (splits > st->max_splits) splits = st->max_splits;
+                pps = (bound + splits - 1) / splits;
+            }
             const int32_t chunks = group_chunks(g->group, g->dtype);
+            region_table regions = {};
+            if (st->fused_combine) {
+                if (!seq_base_host || !st->part_ticket || g->kv_heads * chunks > g->q_heads)
+                    return cudaErrorInvalidValue;
+                for (int32_t j = 0; j < b->n; j++) {
+                    if (b->slot[j] < 0 || b->slot[j] >= st->max_seqs || !seq_base_host[b->slot[j]])
+                        return cudaErrorInvalidValue;
+                    regions.base[j] = seq_base_host[b->slot[j]] + g->region_off;
+                }
+            }
             return with_engine<T, D>(*g, [&](auto e_tag) {
                 return launch<T, D, typename decltype(e_tag)::type>(*g, *st, *b, layer, q, out,
-                                                                     pps, splits, chunks, stream);
+                                                                     pps, splits, chunks, regions,
+                                                                     stream);
             });
         });
     });

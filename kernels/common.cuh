@@ -69,6 +69,10 @@ struct layer_view {
                                           const fkv_dev_state &st,
                                           int32_t slot, int32_t layer)
         : base(st.seq_base[slot] + geo.region_off), g(&geo) { (void)layer; }
+    // The region given by value (the host knows it: a slot's region never
+    // moves), saving the dependent load of seq_base.
+    __device__ __forceinline__ layer_view(const fkv_dev_geometry &geo, unsigned char *region)
+        : base(region), g(&geo) {}
 
     template <typename T> __device__ __forceinline__ T *at(uint64_t off) const {
         return reinterpret_cast<T *>(base + off);

@@ -116,6 +116,13 @@ typedef struct fkv_dev_state {
     float *part_acc;                 /* [max_seqs][q_heads][max_splits][D] */
     int32_t max_splits;
     int32_t max_seqs;
+    /* Fused combine (FKV_CUDA_EXPERIMENTAL): the split blocks of one
+     * (sequence, KV head, group chunk) take a ticket here when their
+     * partial is written; the last one combines and puts the counter back
+     * to 0, so it is 0 between launches (zeroed once at fkv_create).
+     * [max_seqs][q_heads] (kv_heads * group chunks <= q_heads). */
+    unsigned int *part_ticket;
+    int32_t fused_combine;           /* 1: one launch per attend */
 } fkv_dev_state;
 
 typedef struct fkv_dev_batch {
@@ -286,18 +293,32 @@ cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
 /* Decode attention (split along the keys, then combined) over the sink,
  * the active selection, the window and the partial page (every page for
  * DENSE). q, out: [n][q_heads][D] cache dtype. bound_pages: the most pages
- * any sequence of the batch can attend now (sets the split grid). */
+ * any sequence of the batch can attend now (sets the split grid).
+ * With st->fused_combine the last split block of each (sequence, KV head,
+ * group chunk) combines (one launch), splits are ranges of rows
+ * (fkv_attend_splits_fused), and seq_base_host (the host's copy
+ * of st->seq_base, indexed by slot; a slot's value never changes once
+ * set) gives the kernel each entry's region by value; otherwise a split
+ * launch, then a combine launch, and seq_base_host is unused (may be
+ * NULL). */
 cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, void *out, int32_t bound_pages,
+                              unsigned char *const *seq_base_host,
                               cudaStream_t stream);
 
 /* The split count fkv_launch_attend uses for bound_pages (for sizing):
  * arithmetic on the geometry and lim only, no device query. */
 int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                           int32_t n, int32_t bound_pages);
+/* The most splits the fused path (st->fused_combine) uses for bound_pages:
+ * splits of whole steps of rows rather than pages, and a cap on what the
+ * combining block reads (for sizing max_splits as well). */
+int32_t fkv_attend_splits_fused(const fkv_dev_geometry *g,
+                                const fkv_dev_limits *lim, int32_t n,
+                                int32_t bound_pages);
 
 #ifdef __cplusplus
 }

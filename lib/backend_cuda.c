@@ -519,14 +519,30 @@ static fkv_status cuda_create(fkv_cache *c)
     m->max_splits = fkv_attend_splits(
         &cb->geo, &cb->lim, 1,
         c->any_dense ? g->max_pages : cb->max_bound_pages);
+    if (cb->experimental) { /* the fused path splits inside pages too */
+        int32_t f = fkv_attend_splits_fused(
+            &cb->geo, &cb->lim, 1,
+            c->any_dense ? g->max_pages : cb->max_bound_pages);
+        if (f > m->max_splits)
+            m->max_splits = f;
+    }
     {
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
         uint64_t ml = fkvi_cuda_place(&off, n * 2, 4);
-        uint64_t acc = fkvi_cuda_place(&off, n * g->head_dim, 4);
+        /* 16-byte aligned rows: the fused combine reads them as float4 */
+        uint64_t acc = fkvi_cuda_place(&off, n * g->head_dim / 4, 16);
+        uint64_t ticket = fkvi_cuda_place(&off, S * g->q_heads, 4);
         TRY_ST(dev_alloc(c, &cb->partials, off, "attention partials"));
         m->part_ml = (float *)((unsigned char *)cb->partials + ml);
         m->part_acc = (float *)((unsigned char *)cb->partials + acc);
+        /* The fused combine's counters are 0 between launches (each
+         * launch's combining blocks put them back): zeroed once, here. */
+        m->part_ticket = (unsigned int *)((unsigned char *)cb->partials +
+                                          ticket);
+        TRY(cudaMemset(m->part_ticket, 0, S * g->q_heads * sizeof(unsigned)),
+            "cudaMemset");
+        m->fused_combine = cb->experimental;
     }
 
     cb->st_side = *m;
@@ -1074,7 +1090,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         }
         if (e == cudaSuccess)
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
-                                  bound, cb->stream);
+                                  bound, cb->seq_base_host, cb->stream);
     }
     if (cb->bounded) /* even after an error: some of it may have run */
         cb->attend_unjoined[layer] = true;
@@ -1157,7 +1173,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             a.max_tokens = 1;
             /* Rows are absolute: q and out are not moved per chunk. */
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &a, layer, q, out,
-                                  bound, cb->stream);
+                                  bound, cb->seq_base_host, cb->stream);
         }
     }
     if (cb->bounded) /* even after an error: some of it may have run */

@@ -29,6 +29,13 @@
  *  cuda_pointer_checks       tensors are checked once per allocation
  *                            (none on a repeated step or for rows inside
  *                            one; again after fkv_sync).
+ *  cuda_fused_combine        with FKV_CUDA_EXPERIMENTAL=1 only ("skipped"
+ *                            otherwise): the fused split+combine attention
+ *                            against the two-launch path (a cache created
+ *                            with the switch at 0), eager and in 3 graph
+ *                            replays (the ticket counters reset), bf16,
+ *                            f16, f32, head_dim 64 and 128, batch 1-8,
+ *                            splits of whole and of parts of pages.
  *
  * TST_CUDA_PEER (default FKV_BACKEND_CUDA) is the backend the agreement case
  * holds against the CPU; a dry run of that case's logic can build this file
@@ -36,6 +43,7 @@
  *
  * SPDX-License-Identifier: MIT
  */
+#define _POSIX_C_SOURCE 200809L /* setenv, unsetenv */
 #include "tests.h"
 
 #include <math.h>
@@ -850,7 +858,7 @@ END_TEST
 typedef struct gcache {
     fkv_cache *c;
     cudaStream_t s;
-    fkv_seq_id id[GC_BATCH];
+    fkv_seq_id id[CU_MAX_BATCH];
     int L, H, QH, D, B;
     size_t esize, kv_bytes, q_bytes; /* one decode step of one layer */
     void *dk[TST_MAX_LAYERS], *dv[TST_MAX_LAYERS];
@@ -864,16 +872,18 @@ typedef struct gstep {
     float *qf[TST_MAX_LAYERS];
 } gstep;
 
-static void gc_open(gcache *gc, const fkv_options *o)
+/* A cache of `nseq` open sequences (at most CU_MAX_BATCH). */
+static void gc_open_n(gcache *gc, const fkv_options *o, int nseq)
 {
     int l, i;
     memset(gc, 0, sizeof *gc);
     ck_assert(o->num_layers <= TST_MAX_LAYERS);
+    ck_assert(nseq >= 1 && nseq <= CU_MAX_BATCH);
     gc->L = o->num_layers;
     gc->H = o->num_kv_heads;
     gc->QH = o->num_q_heads;
     gc->D = o->head_dim;
-    gc->B = GC_BATCH;
+    gc->B = nseq;
     gc->esize = ref_dtype_bytes((int)o->dtype);
     gc->kv_bytes = (size_t)gc->B * gc->H * gc->D * gc->esize;
     gc->q_bytes = (size_t)gc->B * gc->QH * gc->D * gc->esize;
@@ -889,6 +899,11 @@ static void gc_open(gcache *gc, const fkv_options *o)
         CK_CUDA(cudaMalloc(&gc->dq[l], gc->q_bytes));
         CK_CUDA(cudaMalloc(&gc->dout[l], gc->q_bytes));
     }
+}
+
+static void gc_open(gcache *gc, const fkv_options *o)
+{
+    gc_open_n(gc, o, GC_BATCH);
 }
 
 static void gc_close(gcache *gc)
@@ -1130,8 +1145,10 @@ static int gc_compare(const gcache *gc, fkv_dtype dt, unsigned char **a,
     return diff;
 }
 
-/* Lengths, selected pages and counters of two caches that must agree. */
-static void gc_same_state(gcache *a, gcache *b, const char *what)
+/* Lengths, selected pages and counters of two caches that must agree;
+ * device_bytes too if same_bytes. */
+static void gc_same_state_x(gcache *a, gcache *b, const char *what,
+                            int same_bytes)
 {
     fkv_stats sa, sb;
     int32_t pa[1024], pb[1024];
@@ -1178,10 +1195,15 @@ static void gc_same_state(gcache *a, gcache *b, const char *what)
                   "%s: heads_checked %llu, twin %llu", what,
                   (unsigned long long)sa.heads_checked,
                   (unsigned long long)sb.heads_checked);
-    ck_assert_msg(sa.device_bytes == sb.device_bytes,
+    ck_assert_msg(!same_bytes || sa.device_bytes == sb.device_bytes,
                   "%s: device_bytes %llu, twin %llu", what,
                   (unsigned long long)sa.device_bytes,
                   (unsigned long long)sb.device_bytes);
+}
+
+static void gc_same_state(gcache *a, gcache *b, const char *what)
+{
+    gc_same_state_x(a, b, what, 1);
 }
 
 /* ====================================================================== */
@@ -1895,6 +1917,186 @@ START_TEST(cuda_pointer_checks)
 }
 END_TEST
 
+/* ====================================================================== */
+/* 7. cuda_fused_combine                                                  */
+/* ====================================================================== */
+
+/* Configurations: split counts > 1 everywhere (batch 1 at long contexts
+ * splits most); every dtype, head_dim 64 and 128, GQA groups 1-8, f32's
+ * CUDA-core engine with 1, 3 and 4 heads per block; the last two attend
+ * few pages, so the fused path's splits are parts of pages (16 rows). */
+typedef struct fused_cfg {
+    fkv_dtype dt;
+    fkv_policy policy;
+    int d, qh, kvh, batch;
+    int32_t ctx;
+} fused_cfg;
+static const fused_cfg k_fused[] = {
+    {FKV_DTYPE_BF16, FKV_POLICY_FREEKV, 128, 32, 8, 1, 8192},
+    {FKV_DTYPE_BF16, FKV_POLICY_DENSE, 64, 8, 2, 4, 3000},
+    {FKV_DTYPE_F16, FKV_POLICY_SYNC, 128, 16, 4, 2, 6000},
+    {FKV_DTYPE_F16, FKV_POLICY_RESIDENT, 64, 8, 8, 8, 1200},
+    {FKV_DTYPE_F32, FKV_POLICY_FREEKV, 128, 8, 2, 2, 5000},
+    {FKV_DTYPE_F32, FKV_POLICY_DENSE, 64, 12, 4, 1, 9000},
+    {FKV_DTYPE_F32, FKV_POLICY_DENSE, 128, 4, 4, 3, 2500},
+    /* short lists: the fused path splits inside pages */
+    {FKV_DTYPE_BF16, FKV_POLICY_DENSE, 128, 8, 2, 1, 300},
+    {FKV_DTYPE_F16, FKV_POLICY_FREEKV, 64, 16, 2, 1, 1000},
+};
+#define FUSED_CONFIGS ((int)(sizeof k_fused / sizeof k_fused[0]))
+#define FUSED_REPLAYS 3
+
+/* A cache created with FKV_CUDA_EXPERIMENTAL set to `value` (the switch is
+ * read at fkv_create only), the caller's setting restored after. */
+static void fused_open(gcache *gc, const fkv_options *o, int nseq,
+                       const char *value)
+{
+    const char *was = getenv("FKV_CUDA_EXPERIMENTAL");
+    char keep[16];
+    snprintf(keep, sizeof keep, "%s", was ? was : "");
+    ck_assert(setenv("FKV_CUDA_EXPERIMENTAL", value, 1) == 0);
+    gc_open_n(gc, o, nseq);
+    if (was)
+        ck_assert(setenv("FKV_CUDA_EXPERIMENTAL", keep, 1) == 0);
+    else
+        ck_assert(unsetenv("FKV_CUDA_EXPERIMENTAL") == 0);
+}
+
+/* _i: k_fused. Cache F (switch on: one fused launch per attend) against
+ * cache U (switch off: split and combine launches), same inputs: eager
+ * steps, then one step captured in a CUDA graph (node priorities) and
+ * replayed FUSED_REPLAYS times with fresh inputs, each replay against U's
+ * eager step. A ticket counter that was not put back to 0 leaves the next
+ * launch without a combining block: its outputs would stay those of the
+ * step before, which fresh inputs tell apart. Then eager again after
+ * fkv_sync. Outputs agree within the dtype's tolerance (the combine sums
+ * the splits in another order); the counts of bit-identical elements are
+ * printed. */
+START_TEST(cuda_fused_combine)
+{
+    const fused_cfg *cf = &k_fused[_i];
+    const fkv_dtype dt = cf->dt;
+    const int sparse = cf->policy != FKV_POLICY_DENSE;
+    int32_t prompt[CU_MAX_BATCH];
+    fkv_options o;
+    gcache F, U;
+    gcache *both[2] = {&F, &U};
+    gstep in;
+    unsigned char **outF, **outU;
+    uint64_t rng = 0x7C0000ull + (uint64_t)_i;
+    ref_rng qr;
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    cudaError_t ce;
+    fkv_status cst = FKV_OK;
+    char cmsg[768], what[128];
+    fkv_batch b;
+    int l, i, r, step, diff = 0, total = 0;
+    double max_err = 0.0;
+
+    if (!tst_cuda_experimental()) {
+        printf("  cuda_fused_combine: skipped (FKV_CUDA_EXPERIMENTAL is not "
+               "1: the fused combine is off)\n");
+        fflush(stdout);
+        return;
+    }
+    for (i = 0; i < cf->batch; ++i)
+        prompt[i] = cf->ctx - 97 * i;
+    ref_rng_seed(&qr, 0x7C1000ull + (uint64_t)_i);
+    cu_options(&o, FKV_BACKEND_CUDA, cf->policy, dt, 2, cf->qh, cf->kvh,
+               cf->d, 512, cf->batch, cf->ctx + 64);
+    fused_open(&F, &o, cf->batch, "1");
+    fused_open(&U, &o, cf->batch, "0");
+    gc_prefill_all(both, 2, prompt, dt, &rng);
+    outF = gc_outs(&F);
+    outU = gc_outs(&U);
+    gstep_alloc(&in, &F);
+
+    for (step = 0; step < 2; ++step) {
+        gstep_fill(&in, &F, dt, &rng, &qr, step == 0);
+        gc_eager(&F, &in, outF);
+        gc_eager(&U, &in, outU);
+        snprintf(what, sizeof what, "config %d eager step %d", _i, step);
+        diff += gc_compare(&F, dt, outF, outU, 0, tst_tol(dt), &max_err,
+                           what);
+        total += F.L * F.B * F.QH * F.D;
+    }
+
+    for (i = 0; i < cf->batch; ++i) {
+        int64_t n = -1;
+        CU_OK(F.c, fkv_seq_length(F.c, F.id[i], &n));
+        CU_OK(F.c, fkv_seq_reserve(F.c, F.id[i], n + FUSED_REPLAYS));
+        CU_OK(U.c, fkv_seq_reserve(U.c, U.id[i], n + FUSED_REPLAYS));
+    }
+    CU_OK(F.c, fkv_sync(F.c));
+    CK_CUDA(cudaStreamSynchronize(F.s));
+    gc_batch(&F, &b, NULL);
+    cmsg[0] = '\0';
+    CK_CUDA(cudaStreamBeginCapture(F.s, cudaStreamCaptureModeGlobal));
+    for (l = 0; l < F.L && cst == FKV_OK; ++l) {
+        cst = fkv_append(F.c, l, &b, F.dk[l], F.dv[l]);
+        if (cst == FKV_OK)
+            cst = fkv_attend(F.c, l, &b, F.dq[l], F.dout[l]);
+        if (cst == FKV_OK)
+            cst = fkv_select(F.c, l, &b, F.dq[l]);
+        if (cst == FKV_OK)
+            cst = fkv_recall(F.c, l, &b);
+    }
+    if (cst != FKV_OK)
+        fkv_last_error(F.c, cmsg, sizeof cmsg);
+    ce = cudaStreamEndCapture(F.s, &graph);
+    if (ce != cudaSuccess)
+        (void)cudaGetLastError();
+    ck_assert_msg(cst == FKV_OK, "a call under capture returned %d (%s): %s",
+                  (int)cst, fkv_status_string(cst), cmsg);
+    ck_assert_msg(ce == cudaSuccess && graph != NULL,
+                  "cudaStreamEndCapture: %s (%s)", cudaGetErrorString(ce),
+                  cudaGetErrorName(ce));
+    CK_CUDA(cudaGraphInstantiateWithFlags(
+        &exec, graph, cudaGraphInstantiateFlagUseNodePriority));
+    for (r = 0; r < FUSED_REPLAYS; ++r) {
+        gstep_fill(&in, &F, dt, &rng, &qr, 0);
+        gc_put(&F, &in);
+        CK_CUDA(cudaGraphLaunch(exec, F.s));
+        gc_get(&F, outF);
+        gc_eager(&U, &in, outU);
+        snprintf(what, sizeof what, "config %d replay %d vs unfused eager",
+                 _i, r);
+        diff += gc_compare(&F, dt, outF, outU, 0, tst_tol(dt), &max_err,
+                           what);
+        total += F.L * F.B * F.QH * F.D;
+    }
+    CU_OK(F.c, fkv_sync(F.c));
+    if (sparse) {
+        /* device_bytes may differ: the fused path sizes its partials for
+         * more splits. */
+        snprintf(what, sizeof what, "config %d after the replays", _i);
+        gc_same_state_x(&F, &U, what, 0);
+    }
+    gstep_fill(&in, &F, dt, &rng, &qr, 0);
+    gc_eager(&F, &in, outF);
+    gc_eager(&U, &in, outU);
+    snprintf(what, sizeof what, "config %d eager step after the replays", _i);
+    diff += gc_compare(&F, dt, outF, outU, 0, tst_tol(dt), &max_err, what);
+    total += F.L * F.B * F.QH * F.D;
+
+    printf("  fused combine %s %s D=%d %d/%d heads batch %d ctx %d: %d of %d "
+           "output elements differ in some bit from the two-launch path "
+           "(max rel err %.2e)\n",
+           cu_policy_name(cf->policy), cu_dtype_name(dt), cf->d, cf->qh,
+           cf->kvh, cf->batch, (int)cf->ctx, diff, total, max_err);
+    fflush(stdout);
+
+    CK_CUDA(cudaGraphExecDestroy(exec));
+    CK_CUDA(cudaGraphDestroy(graph));
+    gstep_free(&in);
+    gc_outs_free(outF);
+    gc_outs_free(outU);
+    gc_close(&F);
+    gc_close(&U);
+}
+END_TEST
+
 #endif /* FKV_WITH_CUDA */
 
 Suite *suite_cuda(const char *prefix)
@@ -1911,6 +2113,8 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_slot_reuse"), cuda_slot_reuse, 0,
                         4);
     tcase_add_test(tst_tcase(s, "cuda_pointer_checks"), cuda_pointer_checks);
+    tcase_add_loop_test(tst_tcase(s, "cuda_fused_combine"), cuda_fused_combine,
+                        0, FUSED_CONFIGS);
 #else
     /* Without CUDA the suite has no cases (main.c never adds it then). */
     (void)cuda_vs_cpu_agreement;
