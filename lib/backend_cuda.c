@@ -1157,7 +1157,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                   cb->q_last, attend_select_mode(cb, policy),
                                   attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
             if (e == cudaSuccess && cb->bounded)
-                e = fkv_launch_bounded(&cb->geo, &cb->st_main, &d, layer,
+                e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                        cb->stream);
             if (e == cudaSuccess)
                 e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
