@@ -8,6 +8,8 @@
 //  - select_kernel, one block per (sequence, KV head): the correction
 //    decision, the group aggregate of those scores and the exact top-K, and
 //    every output and counter. Stream order makes the scores visible to it.
+//    With fuse_plan (FKV_CUDA_EXPERIMENTAL) the block then makes the
+//    correction recall's plan (plan.cuh).
 // Both kernels take the same decisions (scores needed or not) from the same
 // inputs; every decision of a block is uniform across it, so the whole block
 // returns together.
