@@ -157,13 +157,14 @@ cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
  * function attributes (shared memory opt-in) of every kernel instantiation
  * the geometry launches, so that no launch sets one. A geometry that needs
  * more shared memory than a block may have gives cudaErrorInvalidValue.
- * The parts, one per kernel file, follow. */
+ * The parts, one per kernel file, follow. fuse_plan: the selections will
+ * be launched with fuse_plan too (FKV_CUDA_EXPERIMENTAL). */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
-                             const fkv_dev_limits *lim);
+                             const fkv_dev_limits *lim, int32_t fuse_plan);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
-                            const fkv_dev_limits *lim);
+                            const fkv_dev_limits *lim, int32_t fuse_plan);
 
 /* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
  * zeroes its length; g is the layer's geometry. */
@@ -254,13 +255,18 @@ typedef enum fkv_select_mode {
     FKV_SELECT_BOUNDED = 4
 } fkv_select_mode;
 
-/* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING). */
+/* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING).
+ * fuse_plan (FKV_SELECT_CORRECT and FKV_SELECT_FIX_ALL only, and only after
+ * fkv_select_init with fuse_plan): each block then also makes the
+ * correction recall's plan (FKV_PLAN_PREFIX's, as fkv_launch_recall's
+ * FKV_RECALL_FIX would next), so that the recall follows with
+ * FKV_PLAN_DONE. */
 cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, fkv_select_mode mode,
-                              cudaStream_t stream);
+                              int32_t fuse_plan, cudaStream_t stream);
 
 /* BOUNDED's cumulative rule (docs/design.md section 4, step 4) for the
  * heads FKV_SELECT_BOUNDED left to it (more than K candidates, an active
@@ -281,6 +287,19 @@ typedef enum fkv_recall_mode {
     FKV_RECALL_FIX = 1
 } fkv_recall_mode;
 
+/* How fkv_launch_recall plans (kernels/plan.cuh). The three give the same
+ * slots, work lists and counters. */
+typedef enum fkv_plan_kind {
+    /* A thread walks the missing pages (prefix sums under BOUNDED). */
+    FKV_PLAN_WALK = 0,
+    /* The r-th missing page takes the r-th free slot, from block prefix
+     * sums, under every criterion (FKV_CUDA_EXPERIMENTAL). */
+    FKV_PLAN_PREFIX = 1,
+    /* FKV_RECALL_FIX after a selection launched with fuse_plan: its tail
+     * made the plan (FKV_PLAN_PREFIX's), only the gather runs. */
+    FKV_PLAN_DONE = 2
+} fkv_plan_kind;
+
 /* Incremental recall: pages of the new set already in a slot stay; the
  * others are copied from the host pool into slots whose pages left the set.
  * gather_blocks: blocks of the copy kernel (the PCIe/SM trade-off). */
@@ -288,7 +307,7 @@ cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               fkv_recall_mode mode, int32_t gather_blocks,
-                              cudaStream_t stream);
+                              fkv_plan_kind plan, cudaStream_t stream);
 
 /* Decode attention (split along the keys, then combined) over the sink,
  * the active selection, the window and the partial page (every page for

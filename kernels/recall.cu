@@ -1,215 +1,30 @@
 // Incremental recall, in two launches:
-//  plan   one block per (sequence, KV head): matches the new page set
-//         against the pages already in slots, gives each missing page a
-//         slot whose page left the set, writes the copy list and makes the
-//         set active;
+//  plan   one block per (sequence, KV head), plan.cuh's recall_plan: matches
+//         the new page set against the pages already in slots, gives each
+//         missing page a slot whose page left the set, writes the copy list
+//         and makes the set active (skipped when the selection kernel's
+//         tail made the plan: FKV_PLAN_DONE);
 //  gather a fixed grid of warps copies each listed unit (one page of one KV
 //         head, K and V: 16 KiB for bf16, P 32, D 128) from the host pool
 //         (mapped pinned memory, read over PCIe) into its slot.
 // A fixed grid keeps the launch graph-capturable; gather_blocks sets how
 // many SMs recall takes from the engine (DESIGN section 3's trade-off).
 #include "common.cuh"
+#include "plan.cuh"
 
 namespace {
 
 constexpr int kPlanThreads = 128;
 constexpr int kGatherThreads = 256;
 
-// Exclusive prefix sum over the block in thread order; `total` gets the sum
-// of all. Every thread must call it; ends with a barrier.
-__device__ __forceinline__ uint32_t block_scan(uint32_t v, uint32_t &total,
-                                               uint32_t *warp_total)
-{
-    const int lane = threadIdx.x % fkv::kWarp, warp = threadIdx.x / fkv::kWarp;
-    uint32_t x = v;
-#pragma unroll
-    for (int o = 1; o < fkv::kWarp; o <<= 1) {
-        const uint32_t y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == fkv::kWarp - 1) warp_total[warp] = x;
-    __syncthreads();
-    uint32_t before = 0, all = 0;
-    for (int w = 0; w < kPlanThreads / fkv::kWarp; w++) {
-        const uint32_t t = warp_total[w];
-        before += w < warp ? t : 0u;
-        all += t;
-    }
-    __syncthreads();
-    total = all;
-    return before + x - v;
-}
-
 __global__ void __launch_bounds__(kPlanThreads)
 plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer,
-            int32_t mode)
+            int32_t mode, int32_t parallel)
 {
     extern __shared__ int32_t smem[];
     __shared__ uint32_t warp_total[kPlanThreads / fkv::kWarp];
-    const int32_t K = g.select_pages;
-    int32_t *slot_page = smem;      // [K]
-    int32_t *new_slot = smem + K;   // [K]
-    int32_t *keep = smem + 2 * K;   // [K]
-    int32_t *free_list = smem + 3 * K;  // [K] (BOUNDED's parallel plan)
-
-    const int32_t h = blockIdx.x, i = blockIdx.y, slot = b.slot[i];
-    fkv::layer_view lv(g, st, slot, layer);
-    int32_t *work_count = st.work_count + (uint64_t)slot * g.kv_heads + h;
-    int32_t *active_pages = lv.k_array(g.off_active_pages, h);
-    int32_t *active_count = lv.h_array(g.off_active_count) + h;
-
-    const int32_t *pages;
-    int32_t count;
-    if (mode == FKV_RECALL_PENDING) {
-        if (!lv.h_array(g.off_pending_valid)[h]) {
-            if (threadIdx.x == 0) *work_count = 0;
-            return;
-        }
-        pages = lv.k_array(g.off_pending_pages, h);
-        count = lv.h_array(g.off_pending_count)[h];
-    } else {
-        count = lv.h_array(g.off_fix_count)[h];
-        if (count < 0) {
-            // No correction: attention uses the active set as it is.
-            int32_t n = *active_count < 0 ? 0 : *active_count;
-            int32_t *used = lv.k_array(g.off_used_pages, h);
-            for (int32_t j = threadIdx.x; j < n; j += blockDim.x) used[j] = active_pages[j];
-            if (threadIdx.x == 0) {
-                lv.h_array(g.off_used_count)[h] = n;
-                *work_count = 0;
-            }
-            return;
-        }
-        pages = lv.k_array(g.off_fix_pages, h);
-    }
-
-    int32_t *slots_of = lv.k_array(g.off_slot_page, h);
-    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) {
-        slot_page[s] = slots_of[s];
-        keep[s] = 0;
-    }
-    __syncthreads();
-    // Pages of the set that are resident keep their slot. Pages are
-    // distinct, and so are the pages in slots: no two threads mark one slot.
-    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
-        int32_t found = -1;
-        for (int32_t s = 0; s < K; s++)
-            if (slot_page[s] == pages[j]) { found = s; break; }
-        new_slot[j] = found;
-        if (found >= 0) keep[found] = 1;
-    }
-    __syncthreads();
-    const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
-    const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
-    if (g.criterion == FKV_CRITERION_BOUNDED) {
-        // The same assignment as the walk below (missing pages in set order
-        // take the free slots in slot order; the copy list skips pages
-        // without a block), from prefix sums: the r-th missing page takes
-        // the r-th free slot. Behind FKV_CUDA_EXPERIMENTAL with BOUNDED.
-        uint32_t nfree = 0;
-        for (int32_t base = 0; base < K; base += kPlanThreads) {
-            const int32_t s = base + (int32_t)threadIdx.x;
-            const uint32_t f = s < K && !keep[s];
-            uint32_t total;
-            const uint32_t before = block_scan(f, total, warp_total);
-            if (f) free_list[nfree + before] = s;
-            nfree += total;
-        }
-        __syncthreads();  // free_list complete
-        uint32_t nmiss = 0, w = 0;
-        for (int32_t base = 0; base < count; base += kPlanThreads) {
-            const int32_t j = base + (int32_t)threadIdx.x;
-            const bool miss = j < count && new_slot[j] < 0;
-            const uint64_t block = miss ? blocks[pages[j]] : 0;
-            // (listed << 16 | missing): each under K < 2^16 per round.
-            const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
-            uint32_t total;
-            const uint32_t before = block_scan(v, total, warp_total);
-            if (miss) {
-                const int32_t s = free_list[nmiss + (before & 0xffffu)];
-                new_slot[j] = s;
-                slot_page[s] = pages[j];
-                if (!block) {
-                    atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
-                } else {
-                    const uint32_t at = w + (before >> 16);
-                    st.work_src[list + at] = block + (uint64_t)h * g.unit_bytes;
-                    st.work_dst[list + at] = reinterpret_cast<uint64_t>(lv.slot_unit(h, s));
-                }
-            }
-            nmiss += total & 0xffffu;
-            w += total >> 16;
-        }
-        if (threadIdx.x == 0) {
-            *work_count = (int32_t)w;
-            if (w) {
-                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
-                atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED],
-                          (unsigned long long)w * g.unit_bytes);
-                if (mode == FKV_RECALL_FIX)  // BOUNDED is FREEKV: critical
-                    atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL],
-                              (unsigned long long)w);
-            }
-        }
-    } else if (threadIdx.x == 0) {
-        // Missing pages take the slots whose pages left the set (the lowest
-        // scored), in slot order.
-        int32_t free_slot = 0, w = 0;
-        for (int32_t j = 0; j < count; j++) {
-            if (new_slot[j] >= 0) continue;
-            while (keep[free_slot]) free_slot++;
-            keep[free_slot] = 1;
-            new_slot[j] = free_slot;
-            slot_page[free_slot] = pages[j];
-            const uint64_t block = blocks[pages[j]];
-            if (!block) {
-                atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
-                continue;
-            }
-            st.work_src[list + w] = block + (uint64_t)h * g.unit_bytes;
-            st.work_dst[list + w] = reinterpret_cast<uint64_t>(lv.slot_unit(h, free_slot));
-            w++;
-        }
-        *work_count = w;
-        if (w) {
-            atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
-            atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED], (unsigned long long)w * g.unit_bytes);
-            // FIX recalls run inside fkv_attend, except fkv_set_pages'.
-            if (mode == FKV_RECALL_FIX && g.policy != FKV_POLICY_EXTERNAL)
-                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL], (unsigned long long)w);
-        }
-    }
-    __syncthreads();
-    int32_t *active_slot = lv.k_array(g.off_active_slot, h);
-    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) slots_of[s] = slot_page[s];
-    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
-        active_pages[j] = pages[j];
-        active_slot[j] = new_slot[j];
-    }
-    if (mode == FKV_RECALL_FIX) {
-        int32_t *used = lv.k_array(g.off_used_pages, h);
-        for (int32_t j = threadIdx.x; j < count; j += blockDim.x) used[j] = pages[j];
-    } else {
-        // The query that chose the set is the one correction compares with.
-        const int32_t n = g.group * g.head_dim;
-        const float *src = lv.at<float>(g.off_pending_q) + (uint64_t)h * n;
-        float *dst = lv.at<float>(g.off_active_q) + (uint64_t)h * n;
-        for (int32_t e = threadIdx.x; e < n; e += blockDim.x) dst[e] = src[e];
-    }
-    __syncthreads(); // every read of the mode's source arrays is done
-    if (threadIdx.x == 0) {
-        *active_count = count;
-        if (mode == FKV_RECALL_FIX) {
-            lv.h_array(g.off_used_count)[h] = count;
-            lv.h_array(g.off_fix_count)[h] = -1;
-        } else {
-            lv.h_array(g.off_pending_valid)[h] = 0;
-            // BOUNDED: the selection made at attend is active now; the next
-            // fkv_select selects afresh (nothing reads this meanwhile).
-            if (g.criterion == FKV_CRITERION_BOUNDED && h == 0)
-                *lv.at<int32_t>(g.off_pending_attend) = 0;
-        }
-    }
+    fkv::recall_plan<kPlanThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer, mode,
+                                   parallel, smem, warp_total);
 }
 
 __global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads,
@@ -239,16 +54,18 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          fkv_recall_mode mode, int32_t gather_blocks,
-                                         cudaStream_t stream)
+                                         fkv_plan_kind plan, cudaStream_t stream)
 {
     if (b->n == 0)
         return cudaSuccess;
-    const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);
-    plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(*g, *st, *b, layer,
-                                                                         (int32_t)mode);
-    cudaError_t e = cudaGetLastError();
-    if (e != cudaSuccess)
-        return e;
+    if (plan != FKV_PLAN_DONE) {
+        const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);
+        plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(
+            *g, *st, *b, layer, (int32_t)mode, plan == FKV_PLAN_PREFIX ? 1 : 0);
+        cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess)
+            return e;
+    }
     gather_kernel<<<gather_blocks, kGatherThreads, 0, stream>>>(*st, *b, g->kv_heads,
                                                                 g->select_pages, g->unit_bytes);
     return cudaGetLastError();

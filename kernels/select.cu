@@ -8,6 +8,8 @@
 //  - select_kernel, one block per (sequence, KV head): the correction
 //    decision, the group aggregate of those scores and the exact top-K, and
 //    every output and counter. Stream order makes the scores visible to it.
+//    With fuse_plan (FKV_CUDA_EXPERIMENTAL) the block then makes the
+//    correction recall's plan (plan.cuh).
 // Both kernels take the same decisions (scores needed or not) from the same
 // inputs; every decision of a block is uniform across it, so the whole block
 // returns together.
@@ -16,6 +18,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "plan.cuh"
 
 namespace fkv {
 namespace {
@@ -617,19 +620,19 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
     score_pages<T, D>(L, h, first + lo, count, G, q_s, scores, g.max_pages, nullptr);
 }
 
-// One block per (KV head, sequence): the correction decision, the selection
-// from the scores and every output and counter.
+// One (KV head, sequence) of select_kernel: the correction decision, the
+// selection from the scores and every output and counter. Returns together
+// across the block.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads, 2)
-select_kernel(const __grid_constant__ fkv_dev_geometry g,
-              const __grid_constant__ fkv_dev_state st,
-              const __grid_constant__ fkv_dev_batch b, int32_t layer,
-              const T *__restrict__ q, int32_t mode, int32_t key_cap) {
+__device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
+                                            const fkv_dev_state &st,
+                                            const fkv_dev_batch &b, int32_t layer,
+                                            const T *__restrict__ q, int32_t mode,
+                                            int32_t key_cap, float4 *dyn_smem,
+                                            block_shared &sh) {
     // Dynamic: q_s [G][D] floats, head_max [G] keys, head_sum [G] floats
     // (the cosines in FKV_SELECT_CORRECT), keys_s [key_cap]. float4: 16-byte
     // aligned rows.
-    extern __shared__ float4 dyn_smem[];
-    __shared__ block_shared sh;
     const int G = g.group, tid = threadIdx.x;
     float *q_s = reinterpret_cast<float *>(dyn_smem);
     uint32_t *head_max = reinterpret_cast<uint32_t *>(q_s + (size_t)G * D);
@@ -722,6 +725,30 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 }
 
+// One block per (KV head, sequence). kPlan (FKV_SELECT_CORRECT and
+// FKV_SELECT_FIX_ALL under FKV_CUDA_EXPERIMENTAL): the block goes on to the
+// correction recall's plan (plan.cuh, prefix sums), which the separate plan
+// launch made from the same arrays, so that only the gather follows. Its
+// shared memory reuses the selection's (dynamic: at least 4 K int32).
+template <typename T, int D, bool kPlan>
+__global__ void __launch_bounds__(kThreads, 2)
+select_kernel(const __grid_constant__ fkv_dev_geometry g,
+              const __grid_constant__ fkv_dev_state st,
+              const __grid_constant__ fkv_dev_batch b, int32_t layer,
+              const T *__restrict__ q, int32_t mode, int32_t key_cap) {
+    extern __shared__ float4 dyn_smem[];
+    __shared__ block_shared sh;
+    select_head<T, D>(g, st, b, layer, q, mode, key_cap, dyn_smem, sh);
+    if constexpr (kPlan) {
+        // fix_pages / fix_count written by the block are visible to it past
+        // the barrier, and the selection's shared memory is free.
+        __syncthreads();
+        recall_plan<kThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer,
+                              FKV_RECALL_FIX, 1, reinterpret_cast<int32_t *>(dyn_smem),
+                              sh.warp_u);
+    }
+}
+
 // Pages per score_kernel block. The grid may depend only on the geometry,
 // the device and the batch size, never on lengths: launches are captured in
 // CUDA graphs and replayed at longer lengths, so the chunks cover max_pages
@@ -764,6 +791,12 @@ template <int D> size_t select_smem(const fkv_dev_geometry &g) {
     const int32_t key_cap = select_key_cap<D>(g);
     return select_base_smem<D>(g) + (key_cap > 0 ? (size_t)key_cap * sizeof(uint32_t) : 0);
 }
+// select_kernel<.., true>: the plan's 4 K int32 reuse the same bytes.
+template <int D> size_t select_plan_smem(const fkv_dev_geometry &g) {
+    const size_t plan = 4 * (size_t)(g.select_pages > 0 ? g.select_pages : 0) * sizeof(int32_t);
+    const size_t sel = select_smem<D>(g);
+    return plan > sel ? plan : sel;
+}
 inline bool needs_scores(const fkv_dev_geometry &g) {
     return g.select_pages > 0 && g.max_pages > g.select_pages;
 }
@@ -783,18 +816,23 @@ template <typename K> cudaError_t allow_smem(K kernel, size_t need, const fkv_de
 }
 
 template <typename T, int D>
-cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim) {
+cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim, bool fuse_plan) {
     if (needs_scores(g)) {
         cudaError_t e = allow_smem(score_kernel<T, D>, score_smem<D>(g), lim);
         if (e != cudaSuccess) return e;
     }
-    return allow_smem(select_kernel<T, D>, select_smem<D>(g), lim);
+    if (fuse_plan) {
+        cudaError_t e = allow_smem(select_kernel<T, D, true>, select_plan_smem<D>(g), lim);
+        if (e != cudaSuccess) return e;
+    }
+    return allow_smem(select_kernel<T, D, false>, select_smem<D>(g), lim);
 }
 
 template <typename T, int D>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
                    const fkv_dev_state &st, const fkv_dev_batch &b, int32_t layer,
-                   const void *q, fkv_select_mode mode, cudaStream_t stream) {
+                   const void *q, fkv_select_mode mode, bool fuse_plan,
+                   cudaStream_t stream) {
     const T *qt = static_cast<const T *>(q);
     // 1. Scores. None when every sequence's candidates fit in K (a sequence
     // has at most max_pages) or K <= 0; then select_kernel scores nothing.
@@ -809,21 +847,27 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
         if (e != cudaSuccess) return e;
     }
 
-    // 2. Selection.
-    select_kernel<T, D><<<dim3((unsigned)g.kv_heads, (unsigned)b.n), kThreads, select_smem<D>(g),
-                          stream>>>(g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
+    // 2. Selection (and with fuse_plan the correction recall's plan).
+    const dim3 grid((unsigned)g.kv_heads, (unsigned)b.n);
+    if (fuse_plan)
+        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g), stream>>>(
+            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
+    else
+        select_kernel<T, D, false><<<grid, kThreads, select_smem<D>(g), stream>>>(
+            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
     return cudaGetLastError();
 }
 
 } // namespace
 } // namespace fkv
 
-extern "C" cudaError_t fkv_select_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim) {
+extern "C" cudaError_t fkv_select_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                                       int32_t fuse_plan) {
     if (!g || !lim) return cudaErrorInvalidValue;
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
-            return fkv::init<T, decltype(htag)::value>(*g, *lim);
+            return fkv::init<T, decltype(htag)::value>(*g, *lim, fuse_plan != 0);
         });
     });
 }
@@ -833,7 +877,7 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, fkv_select_mode mode,
-                                         cudaStream_t stream) {
+                                         int32_t fuse_plan, cudaStream_t stream) {
     if (!g || !lim || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
         return cudaErrorInvalidValue;
     if (b->n == 0) return cudaSuccess;
@@ -844,11 +888,15 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
         mode != FKV_SELECT_BOUNDED)
         return cudaErrorInvalidValue;
     if (mode != FKV_SELECT_PENDING && !q) return cudaErrorInvalidValue;
+    // Only the attend's correction recall (FKV_RECALL_FIX) follows these.
+    if (fuse_plan && mode != FKV_SELECT_CORRECT && mode != FKV_SELECT_FIX_ALL)
+        return cudaErrorInvalidValue;
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
             constexpr int D = decltype(htag)::value;
-            return fkv::launch<T, D>(*g, *lim, *st, *b, layer, q, mode, stream);
+            return fkv::launch<T, D>(*g, *lim, *st, *b, layer, q, mode, fuse_plan != 0,
+                                     stream);
         });
     });
 }

@@ -100,6 +100,20 @@ static cuda_backend *backend_of(fkv_cache *c)
     return (cuda_backend *)c->backend;
 }
 
+/* Whether the attend's selection launches make the correction recall's
+ * plan (attend_plan below): FKV_CUDA_EXPERIMENTAL, except under BOUNDED.
+ * Fixed at fkv_create, which sets up the kernels for it. */
+static int32_t fuse_plan(const cuda_backend *cb)
+{
+    return cb->experimental && !cb->bounded;
+}
+
+/* The plan of the speculative and fkv_set_pages recalls. */
+static fkv_plan_kind recall_plan_kind(const cuda_backend *cb)
+{
+    return cb->experimental ? FKV_PLAN_PREFIX : FKV_PLAN_WALK;
+}
+
 /* ---- errors and the current device ------------------------------------ */
 
 static fkv_status cuda_fail(fkv_cache *c, cudaError_t e, const char *what)
@@ -437,7 +451,7 @@ static fkv_status cuda_create(fkv_cache *c)
      * here: the decode path queries and sets nothing. */
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
-    TRY(fkv_kernels_init(&cb->geo, &cb->lim),
+    TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb)),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -965,7 +979,7 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         dev_batch(b, first, count, &d);
         e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                               FKV_RECALL_FIX, cb->gather_blocks_main,
-                              cb->stream);
+                              recall_plan_kind(cb), cb->stream);
     }
     (void)e;
     leave(&guard);
@@ -1029,6 +1043,17 @@ static fkv_select_mode attend_select_mode(const cuda_backend *cb,
     return cb->bounded ? FKV_SELECT_BOUNDED : FKV_SELECT_CORRECT;
 }
 
+/* How the attend's correction recall plans (FKV_CUDA_EXPERIMENTAL): the
+ * selection kernel's tail makes the plan for COSINE and SYNC (their
+ * selection is the last launch before the recall), with prefix sums;
+ * BOUNDED's rule kernel comes between, so its plan stays a launch. */
+static fkv_plan_kind attend_plan(const cuda_backend *cb)
+{
+    if (!cb->experimental)
+        return FKV_PLAN_WALK;
+    return cb->bounded ? FKV_PLAN_PREFIX : FKV_PLAN_DONE;
+}
+
 /* BOUNDED: an attend writes the pending selection, which a side-stream
  * fkv_select not yet followed by its fkv_recall (whose recall_done the
  * attend waits for) may still be writing: the engine waits for it. */
@@ -1076,17 +1101,18 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         void *oc = (char *)out + first * qrow;
         if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
             e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
-                                  attend_select_mode(cb, policy), cb->stream);
+                                  attend_select_mode(cb, policy),
+                                  attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
             if (e == cudaSuccess && cb->bounded)
                 e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                        cb->stream);
             if (e == cudaSuccess)
                 e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
-                                      cb->stream);
+                                      attend_plan(cb), cb->stream);
         } else if (policy == FKV_POLICY_RESIDENT) {
             e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
-                                  FKV_SELECT_ACTIVE, cb->stream);
+                                  FKV_SELECT_ACTIVE, 0, cb->stream);
         }
         if (e == cudaSuccess)
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
@@ -1145,17 +1171,17 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
             e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
                                   cb->q_last, attend_select_mode(cb, policy),
-                                  cb->stream);
+                                  attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
             if (e == cudaSuccess && cb->bounded)
                 e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                        cb->stream);
             if (e == cudaSuccess)
                 e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                                       FKV_RECALL_FIX, cb->gather_blocks_main,
-                                      cb->stream);
+                                      attend_plan(cb), cb->stream);
         } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
             e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
-                                  cb->q_last, FKV_SELECT_ACTIVE, cb->stream);
+                                  cb->q_last, FKV_SELECT_ACTIVE, 0, cb->stream);
         }
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
             fkv_dev_batch a;
@@ -1217,7 +1243,7 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
         e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_side, &d, layer, NULL,
-                              FKV_SELECT_PENDING, cb->side);
+                              FKV_SELECT_PENDING, 0, cb->side);
     }
     if (cb->bounded) {
         /* The side stream waited for select_ready, recorded after the
@@ -1259,7 +1285,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         dev_batch(b, first, count, &d);
         e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_side, &d, layer,
                               FKV_RECALL_PENDING, cb->gather_blocks_side,
-                              cb->side);
+                              recall_plan_kind(cb), cb->side);
         if (e != cudaSuccess)
             break;
     }

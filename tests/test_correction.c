@@ -31,6 +31,7 @@ typedef struct cr_sim {
     uint64_t checks, corrections, recalled, recalled_attend;
     /* Heads where the cap M or the threshold left a missing page out. */
     uint64_t capped, target_met;
+    int via_tokens; /* attend through fkv_attend_tokens, one token each */
 } cr_sim;
 
 static int has(const int *list, int n, int p)
@@ -243,6 +244,37 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
 
 /* fkv_attend of q [nseq][QH][D] on layer, checked against the simulation:
  * outputs and fkv_get_selected_pages. */
+/* fkv_attend_tokens with one query token per sequence: what fkv_attend
+ * does (out as floats). */
+static fkv_status cr_attend_tokens_raw(tst_model *m, int layer, int nseq,
+                                       const int *slots, const float *q,
+                                       float *out)
+{
+    fkv_seq_id ids[TST_MAX_SEQS];
+    int32_t nt[TST_MAX_SEQS];
+    fkv_batch b;
+    size_t n = (size_t)nseq * m->QH * m->D;
+    void *dq, *dout;
+    fkv_status st;
+    int i;
+    for (i = 0; i < nseq; ++i) {
+        ids[i] = m->seq[slots[i]].id;
+        nt[i] = 1;
+    }
+    dq = tst_dev_from_floats(m->dt, q, n);
+    dout = tst_dev_alloc(n * ref_dtype_bytes((int)m->dt));
+    b.num_seqs = nseq;
+    b.reserved = 0;
+    b.seq_ids = ids;
+    b.num_tokens = nt;
+    st = fkv_attend_tokens(m->c, layer, &b, dq, dout);
+    if (st == FKV_OK)
+        tst_dev_to_floats(m->dt, dout, out, n);
+    tst_dev_free(dq);
+    tst_dev_free(dout);
+    return st;
+}
+
 static void cr_attend(cr_sim *s, int layer, const float *q)
 {
     tst_model *m = &s->m;
@@ -250,7 +282,9 @@ static void cr_attend(cr_sim *s, int layer, const float *q)
     float *out = (float *)malloc(sizeof(float) * qs * s->nseq);
     double *ref = (double *)malloc(sizeof(double) * qs);
     int i, g, j;
-    tst_ok(tst_attend_raw(m, layer, s->nseq, s->slots, q, out));
+    tst_ok(s->via_tokens
+               ? cr_attend_tokens_raw(m, layer, s->nseq, s->slots, q, out)
+               : tst_attend_raw(m, layer, s->nseq, s->slots, q, out));
     for (i = 0; i < s->nseq; ++i) {
         int *pages[TST_MAX_KVH], counts[TST_MAX_KVH];
         char what[96];
@@ -381,17 +415,18 @@ static const struct {
  * every layer); every third step selects with another query than the one
  * attended with. Outputs, attended pages and counters follow the
  * simulation. */
-START_TEST(cr_drift)
+static void cr_drift_run(int pi, int layers, int via_tokens)
 {
     cr_sim s;
     fkv_options o;
     size_t qs;
     float *q, *prev, *other;
     int step, l;
-    cr_options(&o, 2, k_params[_i].min_mass, k_params[_i].M);
-    o.dtype = k_params[_i].dt;
-    if (!cr_init(&s, &o, 0xc0 + (uint64_t)_i))
+    cr_options(&o, layers, k_params[pi].min_mass, k_params[pi].M);
+    o.dtype = k_params[pi].dt;
+    if (!cr_init(&s, &o, 0xc0 + (uint64_t)pi + 0x100 * (uint64_t)via_tokens))
         return;
+    s.via_tokens = via_tokens;
     qs = (size_t)s.m.QH * s.m.D;
     q = (float *)malloc(sizeof(float) * qs * 2 * s.m.L);
     prev = (float *)malloc(sizeof(float) * qs * 2 * s.m.L);
@@ -415,11 +450,11 @@ START_TEST(cr_drift)
         cr_expect_stats(&s, "after a step");
     }
     /* The cases exercise what they are named for. */
-    if (k_params[_i].M == 1)
+    if (k_params[pi].M == 1)
         ck_assert_msg(s.capped > 0, "the cap M never bound");
-    if (k_params[_i].min_mass > 0.0f && k_params[_i].M >= 4)
+    if (k_params[pi].min_mass > 0.0f && k_params[pi].M >= 4)
         ck_assert_msg(s.target_met > 0, "the mass target never stopped the fetches early");
-    if (k_params[_i].M > 0)
+    if (k_params[pi].M > 0)
         ck_assert_msg(s.recalled_attend > (uint64_t)10 * 2 * 2 * s.m.L,
                       "no page was fetched inside fkv_attend after the "
                       "first step");
@@ -427,6 +462,19 @@ START_TEST(cr_drift)
     free(prev);
     free(other);
     cr_free(&s);
+}
+
+START_TEST(cr_drift)
+{
+    cr_drift_run(_i, 2, 0);
+}
+END_TEST
+
+/* The same through fkv_attend_tokens (one token per sequence), 3 layers:
+ * every layer's own state (the CUDA rule kernel once got layer 0's). */
+START_TEST(cr_drift_attend_tokens)
+{
+    cr_drift_run(_i, 3, 1);
 }
 END_TEST
 
@@ -782,6 +830,7 @@ Suite *suite_correction(const char *prefix)
     TCase *tc = tst_tcase(s, "bounded");
     tcase_add_loop_test(tc, cr_drift, 0,
                         (int)(sizeof k_params / sizeof k_params[0]));
+    tcase_add_loop_test(tc, cr_drift_attend_tokens, 0, 2);
     tcase_add_test(tc, cr_unbounded_is_current_topk);
     tcase_add_test(tc, cr_candidates_grow_past_k);
     tcase_add_test(tc, cr_select_bookkeeping);

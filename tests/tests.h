@@ -301,6 +301,8 @@ Suite *suite_dense_layers(const char *prefix);
 
 /* GPU-only cases (test_cuda.c): added to the "gpu:" run only. */
 Suite *suite_cuda(const char *prefix);
+/* Its cuda_recall_plan case (test_recall_plan.c; CUDA build only). */
+void tst_add_recall_plan(Suite *s);
 /* GPU-only, added when two CUDA devices exist (test_multidevice.c). */
 Suite *suite_multidevice(const char *prefix);
 /* CUDA devices visible (0 without CUDA or on error). */

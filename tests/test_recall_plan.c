@@ -1,0 +1,455 @@
+/*
+ * cuda_recall_plan (gpu:cuda, only with FKV_CUDA_EXPERIMENTAL=1): the
+ * recall plan's parallel slot assignment (prefix sums, every criterion)
+ * against the one-thread walk it replaces. Both are launched directly
+ * (fkv_launch_recall, as bench/recall does) on byte-identical inputs: random
+ * slot states (distinct pages, some slots empty), random selections (any
+ * count in [0, K], overlapping the slots at random), FIX and PENDING, with
+ * and without a correction or a pending selection, pages without a pool
+ * block, FREEKV and EXTERNAL (the critical counter), K below, at and above
+ * the plan's 128 threads. The two must leave the same bytes in the layer
+ * regions (metadata and slot units after the gather), the same work lists,
+ * counters and error bits; and the result must be a valid plan: every
+ * selected page in the slot active_slot names, the resident pages kept.
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include "tests.h"
+
+#ifdef FKV_WITH_CUDA
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cuda_runtime_api.h>
+
+#include "internal.h"
+#include "kernels.h"
+
+#define RP_SEQS 3
+#define RP_HEADS 4
+#define RP_TRIALS 24
+
+#define RP_CUDA(call)                                                        \
+    do {                                                                     \
+        cudaError_t rp_e_ = (call);                                          \
+        ck_assert_msg(rp_e_ == cudaSuccess, "%s:%d: %s: %s (%s)", __FILE__,  \
+                      __LINE__, #call, cudaGetErrorString(rp_e_),            \
+                      cudaGetErrorName(rp_e_));                              \
+    } while (0)
+
+static void *rp_xmalloc(size_t n)
+{
+    void *p = malloc(n ? n : 1);
+    ck_assert_msg(p != NULL, "out of host memory");
+    return p;
+}
+
+/* One-layer FREEKV geometry with K selected pages of 16 tokens, D 64,
+ * bf16 (4 KiB units), max_pages pages per sequence. */
+static void rp_layout(fkv_dev_geometry *d, int K, int max_pages)
+{
+    fkv_options o, opts;
+    fkvi_geometry g;
+    ck_assert_int_eq(fkv_options_init(&o, sizeof o), FKV_OK);
+    o.backend = FKV_BACKEND_CUDA;
+    o.num_layers = 1;
+    o.num_q_heads = 2 * RP_HEADS;
+    o.num_kv_heads = RP_HEADS;
+    o.head_dim = 64;
+    o.dtype = FKV_DTYPE_BF16;
+    o.page_tokens = 16;
+    o.sink_tokens = 0;
+    o.window_tokens = 0;
+    o.budget_tokens = K * 16;
+    o.policy = FKV_POLICY_FREEKV;
+    o.max_sequences = RP_SEQS;
+    o.max_tokens_per_sequence = (int64_t)max_pages * 16;
+    ck_assert_int_eq(fkvi_options_load(&o, &opts), FKV_OK);
+    fkvi_geometry_init(&opts, &g);
+    fkvi_cuda_layout(&opts, &g, d);
+    ck_assert_int_eq(d->select_pages, K);
+    ck_assert_int_eq(d->max_pages, max_pages);
+}
+
+/* n distinct pages of [0, P) into out, ascending when `sorted`. */
+static void rp_draw(ref_rng *r, int32_t *pick, int P, int32_t *out, int n,
+                    int sorted)
+{
+    for (int i = 0; i < P; i++)
+        pick[i] = i;
+    for (int i = 0; i < n; i++) {
+        int j = i + ref_rng_below(r, P - i);
+        int32_t t = pick[i];
+        pick[i] = pick[j];
+        pick[j] = t;
+        out[i] = pick[i];
+    }
+    if (sorted)
+        for (int i = 1; i < n; i++)
+            for (int j = i; j > 0 && out[j - 1] > out[j]; j--) {
+                int32_t t = out[j];
+                out[j] = out[j - 1];
+                out[j - 1] = t;
+            }
+}
+
+/* Whether pages[0, n) holds page. */
+static int rp_holds(const int32_t *pages, int n, int32_t page)
+{
+    for (int j = 0; j < n; j++)
+        if (pages[j] == page)
+            return 1;
+    return 0;
+}
+
+static int32_t *rp_i32(unsigned char *region, uint64_t off)
+{
+    return (int32_t *)(void *)(region + off);
+}
+
+/* The outputs of one launch. */
+typedef struct rp_out {
+    unsigned char *regions;   /* RP_SEQS regions */
+    unsigned char *work;      /* work_src, work_dst, work_count */
+    unsigned long long counters[FKV_DEV_COUNTERS];
+    unsigned int error;
+} rp_out;
+
+START_TEST(cuda_recall_plan)
+{
+    static const int Ks[] = {1, 7, 56, 128, 129, 300};
+    const int K = Ks[_i];
+    const int P = 2 * K + 37; /* pages per sequence */
+    const int H = RP_HEADS, n = RP_SEQS;
+    fkv_dev_geometry g;
+    ref_rng r;
+    int trial, par, i, h, j, s;
+
+    if (!tst_cuda_experimental()) {
+        printf("cuda_recall_plan (K %d): skipped (FKV_CUDA_EXPERIMENTAL is "
+               "not 1)\n", K);
+        return;
+    }
+    rp_layout(&g, K, P);
+    ref_rng_seed(&r, 0x9A11E1ull + (uint64_t)K);
+
+    const uint64_t region = g.layer_bytes;
+    const size_t all = (size_t)region * n;
+    const size_t units = (size_t)n * H * K;
+    unsigned char *dregions, *dwork, *dsmall, *dpool;
+    unsigned char **dbases;
+    uint64_t *dblocks;
+    RP_CUDA(cudaMalloc((void **)&dregions, all));
+    RP_CUDA(cudaMalloc((void **)&dbases, n * sizeof *dbases));
+    RP_CUDA(cudaMalloc((void **)&dblocks, (size_t)n * P * sizeof *dblocks));
+    /* A pool block holds every KV head's unit of one page. */
+    const size_t block_bytes = (size_t)H * g.unit_bytes;
+    RP_CUDA(cudaMalloc((void **)&dpool, (size_t)n * P * block_bytes));
+    {
+        unsigned char *pat = rp_xmalloc((size_t)n * P * block_bytes);
+        for (size_t x = 0; x < (size_t)n * P * block_bytes; x++)
+            pat[x] = (unsigned char)(x * 131u + (x >> 12) * 7u);
+        RP_CUDA(cudaMemcpy(dpool, pat, (size_t)n * P * block_bytes,
+                           cudaMemcpyHostToDevice));
+        free(pat);
+    }
+    unsigned char *bases[RP_SEQS];
+    for (i = 0; i < n; i++)
+        bases[i] = dregions + region * i;
+    RP_CUDA(cudaMemcpy(dbases, bases, sizeof bases, cudaMemcpyHostToDevice));
+
+    uint64_t off = 0;
+    const uint64_t o_counters = fkvi_cuda_place(&off, FKV_DEV_COUNTERS, 8);
+    const uint64_t o_error = fkvi_cuda_place(&off, 1, 4);
+    const uint64_t o_len = fkvi_cuda_place(&off, (uint64_t)n, 4);
+    const size_t small_bytes = (size_t)off;
+    RP_CUDA(cudaMalloc((void **)&dsmall, small_bytes));
+    off = 0;
+    const uint64_t o_src = fkvi_cuda_place(&off, units, 8);
+    const uint64_t o_dst = fkvi_cuda_place(&off, units, 8);
+    const uint64_t o_count = fkvi_cuda_place(&off, (uint64_t)n * H, 4);
+    const size_t work_bytes = (size_t)off;
+    RP_CUDA(cudaMalloc((void **)&dwork, work_bytes));
+
+    fkv_dev_state st;
+    memset(&st, 0, sizeof st);
+    st.seq_base = dbases;
+    st.len = (int32_t *)(void *)(dsmall + o_len);
+    st.block_ptr = dblocks;
+    st.counters = (unsigned long long *)(void *)(dsmall + o_counters);
+    st.error = (unsigned int *)(void *)(dsmall + o_error);
+    st.work_src = (uint64_t *)(void *)(dwork + o_src);
+    st.work_dst = (uint64_t *)(void *)(dwork + o_dst);
+    st.work_count = (int32_t *)(void *)(dwork + o_count);
+    st.max_seqs = n;
+
+    unsigned char *image = rp_xmalloc(all);
+    unsigned char *work_image = rp_xmalloc(work_bytes);
+    uint64_t *blocks = rp_xmalloc((size_t)n * P * sizeof *blocks);
+    int32_t *pick = rp_xmalloc((size_t)P * sizeof *pick);
+    int32_t *tmp = rp_xmalloc((size_t)K * sizeof *tmp);
+    rp_out out[2];
+    for (par = 0; par < 2; par++) {
+        out[par].regions = rp_xmalloc(all);
+        out[par].work = rp_xmalloc(work_bytes);
+    }
+    for (size_t x = 0; x < work_bytes; x++)
+        work_image[x] = 0xCD; /* stale entries must stay as they were */
+
+    for (trial = 0; trial < RP_TRIALS; trial++) {
+        const fkv_recall_mode mode = trial % 2 ? FKV_RECALL_FIX
+                                               : FKV_RECALL_PENDING;
+        fkv_dev_geometry gt = g;
+        gt.policy = trial % 4 == 3 ? FKV_POLICY_EXTERNAL : FKV_POLICY_FREEKV;
+        /* Page table: a few pages without a block in some trials. */
+        for (i = 0; i < n; i++)
+            for (j = 0; j < P; j++)
+                blocks[(size_t)i * P + j] =
+                    trial % 3 == 2 && ref_rng_below(&r, 16) == 0
+                        ? 0
+                        : (uint64_t)(uintptr_t)(dpool +
+                                                ((size_t)i * P + j) * block_bytes);
+        /* Region images: metadata at random except the arrays the plan
+         * reads, which hold a valid state; units a pattern. */
+        for (i = 0; i < n; i++) {
+            unsigned char *R = image + region * i;
+            for (uint64_t x = 0; x < g.meta_bytes; x++)
+                R[x] = (unsigned char)ref_rng_u64(&r);
+            memset(R + g.meta_bytes, 0x30 + trial, region - g.meta_bytes);
+        }
+        for (i = 0; i < n; i++) {
+            unsigned char *R = image + region * i;
+            for (h = 0; h < H; h++) {
+                int32_t *slot_page = rp_i32(R, g.off_slot_page) + (size_t)h * K;
+                int32_t *sel = rp_i32(R, mode == FKV_RECALL_FIX
+                                             ? g.off_fix_pages
+                                             : g.off_pending_pages) +
+                               (size_t)h * K;
+                int32_t *sel_count = rp_i32(R, mode == FKV_RECALL_FIX
+                                                   ? g.off_fix_count
+                                                   : g.off_pending_count) + h;
+                int32_t *active = rp_i32(R, g.off_active_pages) + (size_t)h * K;
+                int32_t *active_count = rp_i32(R, g.off_active_count) + h;
+                /* Slots: `filled` distinct pages, the rest empty, shuffled. */
+                const int filled = ref_rng_below(&r, 4) == 0
+                                       ? K : ref_rng_below(&r, K + 1);
+                rp_draw(&r, pick, P, tmp, filled, 0);
+                for (s = 0; s < K; s++)
+                    slot_page[s] = s < filled ? tmp[s] : -1;
+                for (s = K - 1; s > 0; s--) {
+                    int t = ref_rng_below(&r, s + 1);
+                    int32_t x = slot_page[s];
+                    slot_page[s] = slot_page[t];
+                    slot_page[t] = x;
+                }
+                /* Selection: `count` pages, each resident with chance
+                 * `keep`/4 (when there is one left), else a fresh page. */
+                const int count = ref_rng_below(&r, 3) == 0
+                                      ? K : ref_rng_below(&r, K + 1);
+                const int keep = ref_rng_below(&r, 5);
+                int32_t *mark = pick; /* 1: page used */
+                for (j = 0; j < P; j++)
+                    mark[j] = 0;
+                int nsel = 0, next_res = 0;
+                while (nsel < count) {
+                    int32_t p = -1;
+                    if (next_res < filled && ref_rng_below(&r, 4) < keep)
+                        p = tmp[next_res++];
+                    else
+                        do
+                            p = ref_rng_below(&r, P);
+                        while (mark[p]);
+                    if (mark[p])
+                        continue;
+                    mark[p] = 1;
+                    sel[nsel++] = p;
+                }
+                for (int a = 1; a < nsel; a++)
+                    for (int b = a; b > 0 && sel[b - 1] > sel[b]; b--) {
+                        int32_t x = sel[b];
+                        sel[b] = sel[b - 1];
+                        sel[b - 1] = x;
+                    }
+                *sel_count = count;
+                /* The active set (read when FIX has nothing to correct). */
+                const int na = ref_rng_below(&r, 5) == 0
+                                   ? -1 : ref_rng_below(&r, K + 1);
+                rp_draw(&r, pick, P, active, na < 0 ? 0 : na, 1);
+                *active_count = na;
+                if (mode == FKV_RECALL_FIX) {
+                    if (ref_rng_below(&r, 4) == 0)
+                        *sel_count = -1; /* no correction */
+                } else {
+                    rp_i32(R, g.off_pending_valid)[h] =
+                        ref_rng_below(&r, 5) != 0;
+                }
+            }
+            *rp_i32(R, g.off_pending_attend) = 0;
+        }
+        fkv_dev_batch b;
+        memset(&b, 0, sizeof b);
+        b.n = n;
+        for (i = 0; i < n; i++) {
+            b.slot[i] = (i + 1 + trial) % n; /* entry order != slot order */
+            b.tokens[i] = 1;
+        }
+
+        for (par = 0; par < 2; par++) {
+            RP_CUDA(cudaMemcpy(dregions, image, all, cudaMemcpyHostToDevice));
+            RP_CUDA(cudaMemcpy(dblocks, blocks, (size_t)n * P * sizeof *blocks,
+                               cudaMemcpyHostToDevice));
+            RP_CUDA(cudaMemcpy(dwork, work_image, work_bytes,
+                               cudaMemcpyHostToDevice));
+            RP_CUDA(cudaMemset(dsmall, 0, small_bytes));
+            RP_CUDA(fkv_launch_recall(&gt, &st, &b, 0, mode, 8,
+                                      par ? FKV_PLAN_PREFIX : FKV_PLAN_WALK, 0));
+            RP_CUDA(cudaDeviceSynchronize());
+            RP_CUDA(cudaMemcpy(out[par].regions, dregions, all,
+                               cudaMemcpyDeviceToHost));
+            RP_CUDA(cudaMemcpy(out[par].work, dwork, work_bytes,
+                               cudaMemcpyDeviceToHost));
+            RP_CUDA(cudaMemcpy(out[par].counters, dsmall + o_counters,
+                               sizeof out[par].counters, cudaMemcpyDeviceToHost));
+            RP_CUDA(cudaMemcpy(&out[par].error, dsmall + o_error,
+                               sizeof out[par].error, cudaMemcpyDeviceToHost));
+        }
+
+        /* The same result, byte for byte. */
+        for (i = 0; i < n; i++) {
+            const unsigned char *a = out[0].regions + region * i;
+            const unsigned char *c = out[1].regions + region * i;
+            const int same = memcmp(a, c, region) == 0;
+            uint64_t x = 0;
+            while (!same && a[x] == c[x])
+                x++;
+            ck_assert_msg(same,
+                              "K %d trial %d (%s): sequence %d: region byte "
+                              "%llu differs (meta_bytes %llu)", K, trial,
+                              mode == FKV_RECALL_FIX ? "FIX" : "PENDING", i,
+                              (unsigned long long)x,
+                              (unsigned long long)g.meta_bytes);
+        }
+        ck_assert_msg(memcmp(out[0].work, out[1].work, work_bytes) == 0,
+                      "K %d trial %d: the work lists differ", K, trial);
+        for (int k = 0; k < FKV_DEV_COUNTERS; k++)
+            ck_assert_msg(out[0].counters[k] == out[1].counters[k],
+                          "K %d trial %d: counter %d: %llu (walk) vs %llu "
+                          "(prefix sums)", K, trial, k, out[0].counters[k],
+                          out[1].counters[k]);
+        ck_assert_msg(out[0].error == out[1].error,
+                      "K %d trial %d: error bits %u vs %u", K, trial,
+                      out[0].error, out[1].error);
+
+        /* And a valid plan (checked on the parallel result, from the
+         * inputs): each selected page sits in the slot active_slot names,
+         * a resident page keeps its slot, the list holds one entry per
+         * missing page with a block, in set order, and the counters
+         * match. */
+        unsigned long long listed = 0, missing_no_block = 0;
+        for (i = 0; i < n; i++) {
+            const int slot = b.slot[i]; /* region and work-list row */
+            const unsigned char *R0 = image + region * slot;
+            const unsigned char *R1 = out[1].regions + region * slot;
+            for (h = 0; h < H; h++) {
+                const int32_t *in_slots = (const int32_t *)(const void *)(R0 + g.off_slot_page) + (size_t)h * K;
+                const int32_t *slots = (const int32_t *)(const void *)(R1 + g.off_slot_page) + (size_t)h * K;
+                const int32_t *apages = (const int32_t *)(const void *)(R1 + g.off_active_pages) + (size_t)h * K;
+                const int32_t *aslot = (const int32_t *)(const void *)(R1 + g.off_active_slot) + (size_t)h * K;
+                const int32_t wc = ((const int32_t *)(const void *)(out[1].work + o_count))[(size_t)slot * H + h];
+                const uint64_t *wsrc = (const uint64_t *)(const void *)(out[1].work + o_src) + ((size_t)slot * H + h) * K;
+                const uint64_t *wdst = (const uint64_t *)(const void *)(out[1].work + o_dst) + ((size_t)slot * H + h) * K;
+                int32_t count;
+                const int32_t *sel;
+                if (mode == FKV_RECALL_FIX) {
+                    count = ((const int32_t *)(const void *)(R0 + g.off_fix_count))[h];
+                    sel = (const int32_t *)(const void *)(R0 + g.off_fix_pages) + (size_t)h * K;
+                } else {
+                    count = ((const int32_t *)(const void *)(R0 + g.off_pending_valid))[h]
+                                ? ((const int32_t *)(const void *)(R0 + g.off_pending_count))[h]
+                                : -1;
+                    sel = (const int32_t *)(const void *)(R0 + g.off_pending_pages) + (size_t)h * K;
+                }
+                if (count < 0) {
+                    ck_assert_msg(wc == 0, "K %d trial %d: work listed "
+                                  "without a set to recall", K, trial);
+                    continue;
+                }
+                ck_assert_int_eq(((const int32_t *)(const void *)(R1 + g.off_active_count))[h], count);
+                int w = 0;
+                for (j = 0; j < count; j++) {
+                    const int32_t p = sel[j];
+                    int32_t was = -1;
+                    for (s = 0; s < K; s++)
+                        if (in_slots[s] == p)
+                            was = s;
+                    ck_assert_int_eq(apages[j], p);
+                    ck_assert_msg(aslot[j] >= 0 && aslot[j] < K &&
+                                      slots[aslot[j]] == p,
+                                  "K %d trial %d: page %d is not in its slot",
+                                  K, trial, p);
+                    if (was >= 0) {
+                        ck_assert_int_eq(aslot[j], was);
+                        continue;
+                    }
+                    ck_assert_msg(in_slots[aslot[j]] < 0 ||
+                                      !rp_holds(sel, count, in_slots[aslot[j]]),
+                                  "K %d trial %d: page %d took the slot of a "
+                                  "page of the set", K, trial, p);
+                    const uint64_t blk = blocks[(size_t)slot * P + p];
+                    if (!blk) {
+                        missing_no_block++;
+                        continue;
+                    }
+                    ck_assert_msg(w < wc, "K %d trial %d: short work list",
+                                  K, trial);
+                    ck_assert_msg(wsrc[w] == blk + (uint64_t)h * g.unit_bytes &&
+                                      wdst[w] == (uint64_t)(uintptr_t)(
+                                          dregions + region * slot + g.off_slots +
+                                          ((uint64_t)h * K + aslot[j]) * g.unit_bytes),
+                                  "K %d trial %d: work entry %d is wrong", K,
+                                  trial, w);
+                    w++;
+                }
+                ck_assert_int_eq(w, wc);
+                listed += (unsigned long long)w;
+            }
+        }
+        ck_assert_msg(out[1].counters[FKV_DEV_PAGES_RECALLED] == listed,
+                      "K %d trial %d: pages_recalled %llu, listed %llu", K,
+                      trial, out[1].counters[FKV_DEV_PAGES_RECALLED], listed);
+        ck_assert(out[1].counters[FKV_DEV_PAGES_RECALLED_CRITICAL] ==
+                  (mode == FKV_RECALL_FIX && gt.policy != FKV_POLICY_EXTERNAL
+                       ? listed : 0ull));
+        ck_assert_msg((out[1].error != 0) == (missing_no_block != 0),
+                      "K %d trial %d: error bits %u with %llu missing pages "
+                      "without a block", K, trial, out[1].error,
+                      missing_no_block);
+    }
+
+    for (par = 0; par < 2; par++) {
+        free(out[par].regions);
+        free(out[par].work);
+    }
+    free(tmp);
+    free(pick);
+    free(blocks);
+    free(work_image);
+    free(image);
+    RP_CUDA(cudaFree(dwork));
+    RP_CUDA(cudaFree(dsmall));
+    RP_CUDA(cudaFree(dpool));
+    RP_CUDA(cudaFree(dblocks));
+    RP_CUDA(cudaFree(dbases));
+    RP_CUDA(cudaFree(dregions));
+}
+END_TEST
+
+void tst_add_recall_plan(Suite *s)
+{
+    tcase_add_loop_test(tst_tcase(s, "cuda_recall_plan"), cuda_recall_plan,
+                        0, 6);
+}
+
+#endif /* FKV_WITH_CUDA */
