@@ -544,19 +544,27 @@ static fkv_status cuda_create(fkv_cache *c)
         uint64_t off = 0;
         uint64_t n = S * g->q_heads * (uint64_t)m->max_splits;
         uint64_t ml = fkvi_cuda_place(&off, n * 2, 4);
-        /* 16-byte aligned rows: the fused combine reads them as float4 */
-        uint64_t acc = fkvi_cuda_place(&off, n * g->head_dim / 4, 16);
-        uint64_t ticket = fkvi_cuda_place(&off, S * g->q_heads, 4);
+        /* Without the switch: the partials of the two-launch path, as run
+         * on the H200. With it, 16-byte aligned rows (the fused combine
+         * reads them as float4) and the fused combine's counters. */
+        const bool fused = cb->experimental;
+        uint64_t acc = fused ? fkvi_cuda_place(&off, n * g->head_dim / 4, 16)
+                             : fkvi_cuda_place(&off, n * g->head_dim, 4);
+        uint64_t ticket = fused ? fkvi_cuda_place(&off, S * g->q_heads, 4) : 0;
         TRY_ST(dev_alloc(c, &cb->partials, off, "attention partials"));
         m->part_ml = (float *)((unsigned char *)cb->partials + ml);
         m->part_acc = (float *)((unsigned char *)cb->partials + acc);
-        /* The fused combine's counters are 0 between launches (each
-         * launch's combining blocks put them back): zeroed once, here. */
-        m->part_ticket = (unsigned int *)((unsigned char *)cb->partials +
-                                          ticket);
-        TRY(cudaMemset(m->part_ticket, 0, S * g->q_heads * sizeof(unsigned)),
-            "cudaMemset");
-        m->fused_combine = cb->experimental;
+        m->part_ticket = NULL;
+        if (fused) {
+            /* 0 between launches (each launch's combining blocks put them
+             * back): zeroed once, here. */
+            m->part_ticket = (unsigned int *)((unsigned char *)cb->partials +
+                                              ticket);
+            TRY(cudaMemset(m->part_ticket, 0,
+                           S * g->q_heads * sizeof(unsigned)),
+                "cudaMemset");
+        }
+        m->fused_combine = fused;
     }
 
     cb->st_side = *m;
@@ -1135,6 +1143,15 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                      void *out)
 {
     cuda_backend *cb = backend_of(c);
+    /* Under BOUNDED this path ran on the H200 with layer 0's geometry in
+     * its rule kernel; the fix has not run on a GPU yet (design §11). */
+    if (cb->bounded && !cb->experimental &&
+        fkvi_layer_policy(c, layer) == FKV_POLICY_FREEKV)
+        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
+                         "fkv_attend_tokens: under FKV_CRITERION_BOUNDED on "
+                         "the CUDA backend it is experimental (set "
+                         "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to use "
+                         "it)");
     fkv_status st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
     if (st == FKV_OK)
         st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
