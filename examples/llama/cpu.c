@@ -495,11 +495,59 @@ static int cpu_fill_random(llama_backend *b, int32_t slot, int64_t n, uint64_t s
             return -1;                                                        \
     } while (0)
 
+/* A layer's work before the cache, for n rows of b->x at b->batch_pos:
+ * norm, Q/K/V, RoPE, and the cache dtype's copies; *qp.. point at what
+ * fkv_append and fkv_attend take, *op where fkv_attend writes. */
+static void cpu_layer_qkv(llama_backend *b, const cpu_layer *L, int32_t n, const void **qp,
+                          const void **kp, const void **vp, void **op)
+{
+    const llama_config *c = &b->c;
+    int64_t H = c->hidden, qd = b->qd, kvd = b->kvd;
+    float eps = (float)c->rms_norm_eps;
+    cpu_rmsnorm(b->xn, b->x, L->attn_norm, n, H, eps);
+    cpu_matmul(b->q, b->xn, L->wq, n, H, qd, 0);
+    cpu_matmul(b->k, b->xn, L->wk, n, H, kvd, 0);
+    cpu_matmul(b->v, b->xn, L->wv, n, H, kvd, 0);
+    cpu_rope(b->q, n, c->q_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
+    cpu_rope(b->k, n, c->kv_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
+    *qp = b->q;
+    *kp = b->k;
+    *vp = b->v;
+    *op = b->att;
+    if (b->dtype != FKV_DTYPE_F32) {
+        llama_convert_from_f32(b->dtype, b->q, b->qb, (size_t)n * qd);
+        llama_convert_from_f32(b->dtype, b->k, b->kb, (size_t)n * kvd);
+        llama_convert_from_f32(b->dtype, b->v, b->vb, (size_t)n * kvd);
+        *qp = b->qb;
+        *kp = b->kb;
+        *vp = b->vb;
+        *op = b->ob;
+    }
+}
+
+/* A layer's work after the cache: the attention output (in the cache
+ * dtype's copy if not f32) through o_proj into the residual, then the
+ * MLP. */
+static void cpu_layer_out(llama_backend *b, const cpu_layer *L, int32_t n)
+{
+    const llama_config *c = &b->c;
+    int64_t H = c->hidden, I = c->intermediate, qd = b->qd;
+    float eps = (float)c->rms_norm_eps;
+    if (b->dtype != FKV_DTYPE_F32)
+        llama_convert_to_f32(b->dtype, b->ob, b->att, (size_t)n * qd);
+    cpu_matmul(b->x, b->att, L->wo, n, qd, H, 1);
+    cpu_rmsnorm(b->xn, b->x, L->ffn_norm, n, H, eps);
+    cpu_matmul(b->gate, b->xn, L->w_gate, n, H, I, 0);
+    cpu_matmul(b->up, b->xn, L->w_up, n, H, I, 0);
+    cpu_swiglu(b->gate, b->gate, b->up, (int64_t)n * I);
+    cpu_matmul(b->x, b->gate, L->w_down, n, I, H, 1);
+}
+
 static int cpu_decode(llama_backend *b, int32_t n, const int32_t *slots,
                       const int32_t *tokens, float *logits, char *err, size_t errlen)
 {
     const llama_config *c = &b->c;
-    int64_t H = c->hidden, I = c->intermediate, qd = b->qd, kvd = b->kvd;
+    int64_t H = c->hidden;
     float eps = (float)c->rms_norm_eps;
     fkv_batch bt;
     int32_t i, j, l;
@@ -540,37 +588,16 @@ static int cpu_decode(llama_backend *b, int32_t n, const int32_t *slots,
     bt.num_tokens = NULL;
     for (l = 0; l < c->layers; l++) {
         const cpu_layer *L = &b->layer[l];
-        const void *qp = b->q, *kp = b->k, *vp = b->v;
-        void *op = b->att;
-        cpu_rmsnorm(b->xn, b->x, L->attn_norm, n, H, eps);
-        cpu_matmul(b->q, b->xn, L->wq, n, H, qd, 0);
-        cpu_matmul(b->k, b->xn, L->wk, n, H, kvd, 0);
-        cpu_matmul(b->v, b->xn, L->wv, n, H, kvd, 0);
-        cpu_rope(b->q, n, c->q_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
-        cpu_rope(b->k, n, c->kv_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
-        if (b->dtype != FKV_DTYPE_F32) {
-            llama_convert_from_f32(b->dtype, b->q, b->qb, (size_t)n * qd);
-            llama_convert_from_f32(b->dtype, b->k, b->kb, (size_t)n * kvd);
-            llama_convert_from_f32(b->dtype, b->v, b->vb, (size_t)n * kvd);
-            qp = b->qb;
-            kp = b->kb;
-            vp = b->vb;
-            op = b->ob;
-        }
+        const void *qp, *kp, *vp;
+        void *op;
+        cpu_layer_qkv(b, L, n, &qp, &kp, &vp, &op);
         /* A failure here leaves earlier layers one token ahead; the caller
          * resets the slots (the engine treats it as fatal for them). */
         FKV(fkv_append(b->cache, l, &bt, kp, vp), "fkv_append");
         FKV(fkv_attend(b->cache, l, &bt, qp, op), "fkv_attend");
         FKV(fkv_select(b->cache, l, &bt, qp), "fkv_select");
         FKV(fkv_recall(b->cache, l, &bt), "fkv_recall");
-        if (b->dtype != FKV_DTYPE_F32)
-            llama_convert_to_f32(b->dtype, b->ob, b->att, (size_t)n * qd);
-        cpu_matmul(b->x, b->att, L->wo, n, qd, H, 1);
-        cpu_rmsnorm(b->xn, b->x, L->ffn_norm, n, H, eps);
-        cpu_matmul(b->gate, b->xn, L->w_gate, n, H, I, 0);
-        cpu_matmul(b->up, b->xn, L->w_up, n, H, I, 0);
-        cpu_swiglu(b->gate, b->gate, b->up, (int64_t)n * I);
-        cpu_matmul(b->x, b->gate, L->w_down, n, I, H, 1);
+        cpu_layer_out(b, L, n);
     }
     cpu_rmsnorm(b->xn, b->x, b->norm, n, H, eps);
     cpu_matmul(logits, b->xn, b->lm_head, n, H, c->vocab, 0);
@@ -588,7 +615,7 @@ static int cpu_verify(llama_backend *b, int32_t slot, const int32_t *tokens, int
                       float *logits, char *err, size_t errlen)
 {
     const llama_config *c = &b->c;
-    int64_t H = c->hidden, I = c->intermediate, qd = b->qd, kvd = b->kvd, pos0;
+    int64_t H = c->hidden, qd = b->qd, pos0;
     float eps = (float)c->rms_norm_eps;
     size_t es;
     fkv_batch bt, b1;
@@ -622,25 +649,11 @@ static int cpu_verify(llama_backend *b, int32_t slot, const int32_t *tokens, int
     b1.num_tokens = NULL;
     for (l = 0; l < c->layers; l++) {
         const cpu_layer *L = &b->layer[l];
-        const void *qp = b->q, *kp = b->k, *vp = b->v;
-        void *op = b->att;
+        const void *qp, *kp, *vp;
+        void *op;
         fkv_status st;
         const char *what;
-        cpu_rmsnorm(b->xn, b->x, L->attn_norm, n, H, eps);
-        cpu_matmul(b->q, b->xn, L->wq, n, H, qd, 0);
-        cpu_matmul(b->k, b->xn, L->wk, n, H, kvd, 0);
-        cpu_matmul(b->v, b->xn, L->wv, n, H, kvd, 0);
-        cpu_rope(b->q, n, c->q_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
-        cpu_rope(b->k, n, c->kv_heads, c->head_dim, b->batch_pos, 0, b->inv_freq);
-        if (b->dtype != FKV_DTYPE_F32) {
-            llama_convert_from_f32(b->dtype, b->q, b->qb, (size_t)n * qd);
-            llama_convert_from_f32(b->dtype, b->k, b->kb, (size_t)n * kvd);
-            llama_convert_from_f32(b->dtype, b->v, b->vb, (size_t)n * kvd);
-            qp = b->qb;
-            kp = b->kb;
-            vp = b->vb;
-            op = b->ob;
-        }
+        cpu_layer_qkv(b, L, n, &qp, &kp, &vp, &op);
         /* The selection is made with the last token's query, as
          * fkv_attend_tokens shares it among the tokens. */
         what = "fkv_append";
@@ -656,14 +669,7 @@ static int cpu_verify(llama_backend *b, int32_t slot, const int32_t *tokens, int
             fkv_seq_truncate(b->cache, b->seq[slot], pos0);
             return -1;
         }
-        if (b->dtype != FKV_DTYPE_F32)
-            llama_convert_to_f32(b->dtype, b->ob, b->att, (size_t)n * qd);
-        cpu_matmul(b->x, b->att, L->wo, n, qd, H, 1);
-        cpu_rmsnorm(b->xn, b->x, L->ffn_norm, n, H, eps);
-        cpu_matmul(b->gate, b->xn, L->w_gate, n, H, I, 0);
-        cpu_matmul(b->up, b->xn, L->w_up, n, H, I, 0);
-        cpu_swiglu(b->gate, b->gate, b->up, (int64_t)n * I);
-        cpu_matmul(b->x, b->gate, L->w_down, n, I, H, 1);
+        cpu_layer_out(b, L, n);
     }
     cpu_rmsnorm(b->xn, b->x, b->norm, n, H, eps);
     cpu_matmul(logits, b->xn, b->lm_head, n, H, c->vocab, 0);
