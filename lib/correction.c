@@ -110,13 +110,7 @@ static void score_candidates(const fkvi_geometry *g, fkv_group_score mode,
         if (mode == FKV_GROUP_MEAN_SCORE)
             for (int32_t i = 0; i < count; i++)
                 s->rank[i] = (h == 0 ? 0.0 : s->rank[i]) + sh[i];
-        double sum = 0.0;
-        for (int32_t i = 0; i < count; i++) {
-            sh[i] = exp(g->scale * (sh[i] - top));
-            sum += sh[i];
-        }
-        for (int32_t i = 0; i < count; i++)
-            sh[i] /= sum;
+        fkvi_softmax(sh, count, g->scale, top);
     }
     for (int32_t i = 0; i < count; i++) {
         double a = 0.0;

@@ -283,6 +283,9 @@ typedef struct fkvi_select_scratch {
 double fkvi_quest_scores(int32_t dim, const float *smax, const float *smin,
                          const float *qh, int32_t first, int32_t count,
                          double *sh);
+/* x[i] = exp(scale * (x[i] - top)) / sum over the n: the per-head page
+ * probabilities of selection (MEAN_SOFTMAX) and of BOUNDED's mass. */
+void fkvi_softmax(double *x, int32_t n, double scale, double top);
 
 fkv_status fkvi_select_scratch_init(fkvi_select_scratch *s,
                                     const fkvi_geometry *g,

@@ -81,6 +81,17 @@ double fkvi_quest_scores(int32_t dim, const float *smax, const float *smin,
     return top;
 }
 
+void fkvi_softmax(double *x, int32_t n, double scale, double top)
+{
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; i++) {
+        x[i] = exp(scale * (x[i] - top));
+        sum += x[i];
+    }
+    for (int32_t i = 0; i < n; i++)
+        x[i] /= sum;
+}
+
 int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
                           const float *smax, const float *smin,
                           const float *q, int32_t first, int32_t count,
@@ -98,15 +109,8 @@ int32_t fkvi_select_pages(const fkvi_geometry *g, fkv_group_score mode,
         const float *qh = q + (size_t)h * dim;
         double *sh = s->scores + (size_t)h * count;
         double top = fkvi_quest_scores(dim, smax, smin, qh, first, count, sh);
-        if (mode == FKV_GROUP_MEAN_SOFTMAX) {
-            double sum = 0.0;
-            for (int32_t i = 0; i < count; i++) {
-                sh[i] = exp(g->scale * (sh[i] - top));
-                sum += sh[i];
-            }
-            for (int32_t i = 0; i < count; i++)
-                sh[i] /= sum;
-        }
+        if (mode == FKV_GROUP_MEAN_SOFTMAX)
+            fkvi_softmax(sh, count, g->scale, top);
     }
 
     ranked_page *order = s->order;
