@@ -76,7 +76,6 @@ typedef struct config {
     int pool_pages;                /* pages per sequence in the host pool */
     int kv_heads, group, head_dim, page;
     bool gemm;
-    bool parallel_plan;            /* the plan's prefix-sum slot assignment */
     int gemm_batches[MAX_LIST], ngemm_batches;
     int gemm_layers, gemm_reps;
     int conc_pages;                /* pages per (seq, KV head) per recall */
@@ -91,10 +90,8 @@ static const char k_usage[] =
     "              [--kv-heads N] [--group N] [--head-dim N] [--page N]\n"
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
     "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
-    "              [--small-units 8,16,32,64|none] [--parallel-plan]\n"
+    "              [--small-units 8,16,32,64|none]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
-    "  --parallel-plan: the plan assigns slots from prefix sums (what\n"
-    "               FKV_CUDA_EXPERIMENTAL=1 runs) instead of one thread's walk\n"
     "  --pages: K, missing pages per (sequence, KV head) per recall\n"
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
     "               beside the GEMMs (one layer's worth)\n"
@@ -159,8 +156,6 @@ static int parse_args(int argc, char **argv, config *c)
     } while (0)
         if (!strcmp(a, "--smoke")) {
             continue;
-        } else if (!strcmp(a, "--parallel-plan")) {
-            c->parallel_plan = true;
         } else if (!strcmp(a, "--no-gemm")) {
             c->gemm = false;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -419,7 +414,6 @@ typedef struct rctx {
     size_t arm_ints;
     int32_t *set[2];               /* host [n][H][K], ascending pages */
     int parity;                    /* the set the next recall brings in */
-    int parallel_plan;             /* config.parallel_plan */
     int64_t runs;                  /* recalls since the counters' reset */
     /* per-unit copies of each set, for the memcpy variants */
     unsigned char *unit_dst;       /* device [n][H][K] units */
@@ -468,7 +462,6 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
     x->n = n;
     x->K = K;
     x->H = c->kv_heads;
-    x->parallel_plan = c->parallel_plan;
     rctx_layout(&x->g, c, K, p->pages);
     x->unit_bytes = x->g.unit_bytes;
     if (x->unit_bytes != p->unit_bytes)
@@ -651,8 +644,7 @@ static cudaError_t rctx_enqueue(rctx *x, int blocks, cudaStream_t s,
         e = cudaEventRecord(before, s);
     if (e == cudaSuccess)
         e = fkv_launch_recall(&x->g, &x->st, &x->b, 0, FKV_RECALL_PENDING,
-                              blocks,
-                              x->parallel_plan ? FKV_PLAN_PREFIX : FKV_PLAN_WALK, s);
+                              blocks, FKV_PLAN_PREFIX, s);
     if (e == cudaSuccess && after)
         e = cudaEventRecord(after, s);
     if (e == cudaSuccess) {

@@ -158,7 +158,7 @@ cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
  * the geometry launches, so that no launch sets one. A geometry that needs
  * more shared memory than a block may have gives cudaErrorInvalidValue.
  * The parts, one per kernel file, follow. fuse_plan: the selections will
- * be launched with fuse_plan too (FKV_CUDA_EXPERIMENTAL). */
+ * be launched with fuse_plan too (every policy but FREEKV under BOUNDED). */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
                              const fkv_dev_limits *lim, int32_t fuse_plan);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
@@ -258,8 +258,8 @@ typedef enum fkv_select_mode {
 /* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING).
  * fuse_plan (FKV_SELECT_CORRECT and FKV_SELECT_FIX_ALL only, and only after
  * fkv_select_init with fuse_plan): each block then also makes the
- * correction recall's plan (FKV_PLAN_PREFIX's, as fkv_launch_recall's
- * FKV_RECALL_FIX would next), so that the recall follows with
+ * correction recall's plan (the one fkv_launch_recall's FKV_RECALL_FIX
+ * would make next), so that the recall follows with
  * FKV_PLAN_DONE. */
 cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
@@ -287,17 +287,13 @@ typedef enum fkv_recall_mode {
     FKV_RECALL_FIX = 1
 } fkv_recall_mode;
 
-/* How fkv_launch_recall plans (kernels/plan.cuh). The three give the same
- * slots, work lists and counters. */
+/* Whether fkv_launch_recall launches the plan (kernels/plan.cuh: the r-th
+ * missing page takes the r-th free slot, from block prefix sums). */
 typedef enum fkv_plan_kind {
-    /* A thread walks the missing pages (prefix sums under BOUNDED). */
-    FKV_PLAN_WALK = 0,
-    /* The r-th missing page takes the r-th free slot, from block prefix
-     * sums, under every criterion (FKV_CUDA_EXPERIMENTAL). */
-    FKV_PLAN_PREFIX = 1,
+    FKV_PLAN_PREFIX = 0,
     /* FKV_RECALL_FIX after a selection launched with fuse_plan: its tail
-     * made the plan (FKV_PLAN_PREFIX's), only the gather runs. */
-    FKV_PLAN_DONE = 2
+     * made the same plan, only the gather runs. */
+    FKV_PLAN_DONE = 1
 } fkv_plan_kind;
 
 /* Incremental recall: pages of the new set already in a slot stay; the

@@ -2,9 +2,9 @@
 // threads (blockDim.x == NT): matches the new page set against the pages
 // already in slots, gives each missing page a slot whose page left the set,
 // writes the copy list (work_src / work_dst / work_count) for the gather
-// and makes the set active. Called by recall.cu's plan kernel (NT 128) and,
-// under FKV_CUDA_EXPERIMENTAL, by the selection kernel's tail for the
-// correction recall (NT 256; select.cu), so that both run the same code.
+// and makes the set active. Called by recall.cu's plan kernel (NT 128) and
+// by the selection kernel's tail for the correction recall of COSINE and
+// SYNC (NT 256; select.cu), so that both run the same code.
 #pragma once
 
 #include "common.cuh"
@@ -39,14 +39,12 @@ __device__ __forceinline__ uint32_t plan_scan(uint32_t v, uint32_t &total,
 
 // smem: 4 * K int32 of shared memory; warp_total: NT / 32 uint32 of shared
 // memory. Every thread of the block must call it, with the same arguments;
-// returns together. parallel: the prefix-sum slot assignment under every
-// criterion (FKV_CUDA_EXPERIMENTAL), else the one-thread walk except under
-// FKV_CRITERION_BOUNDED. The two give the same slots, lists and counters.
+// returns together.
 template <int NT>
 __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
                                             const fkv_dev_state &st, int32_t slot,
                                             int32_t h, int32_t layer, int32_t mode,
-                                            int32_t parallel, int32_t *smem,
+                                            int32_t *smem,
                                             uint32_t *warp_total)
 {
     const int32_t K = g.select_pages;
@@ -103,85 +101,55 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
     __syncthreads();
     const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
     const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
-    if (parallel || g.criterion == FKV_CRITERION_BOUNDED) {
-        // The same assignment as the walk below (missing pages in set order
-        // take the free slots in slot order; the copy list skips pages
-        // without a block), from prefix sums: the r-th missing page takes
-        // the r-th free slot. Always under BOUNDED; under COSINE (and for
-        // SYNC and EXTERNAL) when `parallel` (FKV_CUDA_EXPERIMENTAL).
-        uint32_t nfree = 0;
-        for (int32_t base = 0; base < K; base += NT) {
-            const int32_t s = base + (int32_t)threadIdx.x;
-            const uint32_t f = s < K && !keep[s];
-            uint32_t total;
-            const uint32_t before = plan_scan<NT>(f, total, warp_total);
-            if (f) free_list[nfree + before] = s;
-            nfree += total;
-        }
-        __syncthreads();  // free_list complete
-        uint32_t nmiss = 0, w = 0;
-        for (int32_t base = 0; base < count; base += NT) {
-            const int32_t j = base + (int32_t)threadIdx.x;
-            const bool miss = j < count && new_slot[j] < 0;
-            const uint64_t block = miss ? blocks[pages[j]] : 0;
-            // (listed << 16 | missing): each under K < 2^16 per round.
-            const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
-            uint32_t total;
-            const uint32_t before = plan_scan<NT>(v, total, warp_total);
-            if (miss) {
-                const int32_t s = free_list[nmiss + (before & 0xffffu)];
-                new_slot[j] = s;
-                slot_page[s] = pages[j];
-                if (!block) {
-                    atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
-                } else {
-                    const uint32_t at = w + (before >> 16);
-                    st.work_src[list + at] = block + (uint64_t)h * g.unit_bytes;
-                    st.work_dst[list + at] = reinterpret_cast<uint64_t>(lv.slot_unit(h, s));
-                }
-            }
-            nmiss += total & 0xffffu;
-            w += total >> 16;
-        }
-        if (threadIdx.x == 0) {
-            *work_count = (int32_t)w;
-            if (w) {
-                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
-                atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED],
-                          (unsigned long long)w * g.unit_bytes);
-                // As the walk: FIX recalls run inside fkv_attend, except
-                // fkv_set_pages' (BOUNDED is always FREEKV).
-                if (mode == FKV_RECALL_FIX && g.policy != FKV_POLICY_EXTERNAL)
-                    atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL],
-                              (unsigned long long)w);
-            }
-        }
-    } else if (threadIdx.x == 0) {
-        // Missing pages take the slots whose pages left the set (the lowest
-        // scored), in slot order.
-        int32_t free_slot = 0, w = 0;
-        for (int32_t j = 0; j < count; j++) {
-            if (new_slot[j] >= 0) continue;
-            while (keep[free_slot]) free_slot++;
-            keep[free_slot] = 1;
-            new_slot[j] = free_slot;
-            slot_page[free_slot] = pages[j];
-            const uint64_t block = blocks[pages[j]];
+    // Missing pages in set order take the free slots (those whose pages
+    // left the set: the lowest scored) in slot order, from prefix sums:
+    // the r-th missing page takes the r-th free slot. The copy list
+    // skips pages without a block (an internal error).
+    uint32_t nfree = 0;
+    for (int32_t base = 0; base < K; base += NT) {
+        const int32_t s = base + (int32_t)threadIdx.x;
+        const uint32_t f = s < K && !keep[s];
+        uint32_t total;
+        const uint32_t before = plan_scan<NT>(f, total, warp_total);
+        if (f) free_list[nfree + before] = s;
+        nfree += total;
+    }
+    __syncthreads();  // free_list complete
+    uint32_t nmiss = 0, w = 0;
+    for (int32_t base = 0; base < count; base += NT) {
+        const int32_t j = base + (int32_t)threadIdx.x;
+        const bool miss = j < count && new_slot[j] < 0;
+        const uint64_t block = miss ? blocks[pages[j]] : 0;
+        // (listed << 16 | missing): each under K < 2^16 per round.
+        const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
+        uint32_t total;
+        const uint32_t before = plan_scan<NT>(v, total, warp_total);
+        if (miss) {
+            const int32_t s = free_list[nmiss + (before & 0xffffu)];
+            new_slot[j] = s;
+            slot_page[s] = pages[j];
             if (!block) {
                 atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
-                continue;
+            } else {
+                const uint32_t at = w + (before >> 16);
+                st.work_src[list + at] = block + (uint64_t)h * g.unit_bytes;
+                st.work_dst[list + at] = reinterpret_cast<uint64_t>(lv.slot_unit(h, s));
             }
-            st.work_src[list + w] = block + (uint64_t)h * g.unit_bytes;
-            st.work_dst[list + w] = reinterpret_cast<uint64_t>(lv.slot_unit(h, free_slot));
-            w++;
         }
-        *work_count = w;
+        nmiss += total & 0xffffu;
+        w += total >> 16;
+    }
+    if (threadIdx.x == 0) {
+        *work_count = (int32_t)w;
         if (w) {
             atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED], (unsigned long long)w);
-            atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED], (unsigned long long)w * g.unit_bytes);
-            // FIX recalls run inside fkv_attend, except fkv_set_pages'.
+            atomicAdd(&st.counters[FKV_DEV_BYTES_RECALLED],
+                      (unsigned long long)w * g.unit_bytes);
+            // FIX recalls run inside fkv_attend, except fkv_set_pages'
+            // (BOUNDED is always FREEKV).
             if (mode == FKV_RECALL_FIX && g.policy != FKV_POLICY_EXTERNAL)
-                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL], (unsigned long long)w);
+                atomicAdd(&st.counters[FKV_DEV_PAGES_RECALLED_CRITICAL],
+                          (unsigned long long)w);
         }
     }
     __syncthreads();

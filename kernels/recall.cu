@@ -19,12 +19,12 @@ constexpr int kGatherThreads = 256;
 
 __global__ void __launch_bounds__(kPlanThreads)
 plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer,
-            int32_t mode, int32_t parallel)
+            int32_t mode)
 {
     extern __shared__ int32_t smem[];
     __shared__ uint32_t warp_total[kPlanThreads / fkv::kWarp];
     fkv::recall_plan<kPlanThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer, mode,
-                                   parallel, smem, warp_total);
+                                   smem, warp_total);
 }
 
 __global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads,
@@ -61,7 +61,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
     if (plan != FKV_PLAN_DONE) {
         const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);
         plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(
-            *g, *st, *b, layer, (int32_t)mode, plan == FKV_PLAN_PREFIX ? 1 : 0);
+            *g, *st, *b, layer, (int32_t)mode);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess)
             return e;

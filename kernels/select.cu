@@ -8,8 +8,9 @@
 //  - select_kernel, one block per (sequence, KV head): the correction
 //    decision, the group aggregate of those scores and the exact top-K, and
 //    every output and counter. Stream order makes the scores visible to it.
-//    With fuse_plan (FKV_CUDA_EXPERIMENTAL) the block then makes the
-//    correction recall's plan (plan.cuh).
+//    With fuse_plan (the attend's correction under COSINE and SYNC's fix)
+//    the block then makes the correction recall's plan (plan.cuh), which
+//    saves the plan launch on the critical path.
 // Both kernels take the same decisions (scores needed or not) from the same
 // inputs; every decision of a block is uniform across it, so the whole block
 // returns together.
@@ -744,7 +745,7 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
         // the barrier, and the selection's shared memory is free.
         __syncthreads();
         recall_plan<kThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer,
-                              FKV_RECALL_FIX, 1, reinterpret_cast<int32_t *>(dyn_smem),
+                              FKV_RECALL_FIX, reinterpret_cast<int32_t *>(dyn_smem),
                               sh.warp_u);
     }
 }

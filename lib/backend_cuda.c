@@ -63,7 +63,7 @@ typedef struct cuda_backend {
     /* Set by the first fkv_seq_fork or fkv_seq_truncate: pool blocks were
      * copied on the host, so fkv_seq_close waits for the streams. */
     bool host_block_copies;
-    /* FREEKV with FKV_CRITERION_BOUNDED (experimental): select at attend.
+    /* FREEKV with FKV_CRITERION_BOUNDED: select at attend.
      * Per layer, whether work of one stream that the other must follow
      * has not been joined yet: the attend's pending selection (engine),
      * which the side stream's recall reads, and the side stream's
@@ -101,17 +101,12 @@ static cuda_backend *backend_of(fkv_cache *c)
 }
 
 /* Whether the attend's selection launches make the correction recall's
- * plan (attend_plan below): FKV_CUDA_EXPERIMENTAL, except under BOUNDED.
- * Fixed at fkv_create, which sets up the kernels for it. */
+ * plan (attend_plan below): except under BOUNDED, whose rule kernel comes
+ * between the selection and the recall. Fixed at fkv_create, which sets up
+ * the kernels for it. */
 static int32_t fuse_plan(const cuda_backend *cb)
 {
-    return cb->experimental && !cb->bounded;
-}
-
-/* The plan of the speculative and fkv_set_pages recalls. */
-static fkv_plan_kind recall_plan_kind(const cuda_backend *cb)
-{
-    return cb->experimental ? FKV_PLAN_PREFIX : FKV_PLAN_WALK;
+    return !cb->bounded;
 }
 
 /* ---- errors and the current device ------------------------------------ */
@@ -987,7 +982,7 @@ static void cuda_set_pages(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         dev_batch(b, first, count, &d);
         e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
                               FKV_RECALL_FIX, cb->gather_blocks_main,
-                              recall_plan_kind(cb), cb->stream);
+                              FKV_PLAN_PREFIX, cb->stream);
     }
     (void)e;
     leave(&guard);
@@ -1051,15 +1046,13 @@ static fkv_select_mode attend_select_mode(const cuda_backend *cb,
     return cb->bounded ? FKV_SELECT_BOUNDED : FKV_SELECT_CORRECT;
 }
 
-/* How the attend's correction recall plans (FKV_CUDA_EXPERIMENTAL): the
- * selection kernel's tail makes the plan for COSINE and SYNC (their
- * selection is the last launch before the recall), with prefix sums;
- * BOUNDED's rule kernel comes between, so its plan stays a launch. */
+/* How the attend's correction recall plans: the selection kernel's tail
+ * makes the plan for COSINE and SYNC (their selection is the last launch
+ * before the recall); BOUNDED's rule kernel comes between, so its plan
+ * stays a launch. */
 static fkv_plan_kind attend_plan(const cuda_backend *cb)
 {
-    if (!cb->experimental)
-        return FKV_PLAN_WALK;
-    return cb->bounded ? FKV_PLAN_PREFIX : FKV_PLAN_DONE;
+    return fuse_plan(cb) ? FKV_PLAN_DONE : FKV_PLAN_PREFIX;
 }
 
 /* BOUNDED: an attend writes the pending selection, which a side-stream
@@ -1143,15 +1136,6 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                      void *out)
 {
     cuda_backend *cb = backend_of(c);
-    /* Under BOUNDED this path ran on the H200 with layer 0's geometry in
-     * its rule kernel; the fix has not run on a GPU yet (design §11). */
-    if (cb->bounded && !cb->experimental &&
-        fkvi_layer_policy(c, layer) == FKV_POLICY_FREEKV)
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_attend_tokens: under FKV_CRITERION_BOUNDED on "
-                         "the CUDA backend it is experimental (set "
-                         "FKV_CUDA_EXPERIMENTAL=1 before fkv_create to use "
-                         "it)");
     fkv_status st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
     if (st == FKV_OK)
         st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
@@ -1302,7 +1286,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         dev_batch(b, first, count, &d);
         e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_side, &d, layer,
                               FKV_RECALL_PENDING, cb->gather_blocks_side,
-                              recall_plan_kind(cb), cb->side);
+                              FKV_PLAN_PREFIX, cb->side);
         if (e != cudaSuccess)
             break;
     }

@@ -428,25 +428,6 @@ static void cr_drift_run(int pi, int layers, int via_tokens)
         return;
     s.via_tokens = via_tokens;
     qs = (size_t)s.m.QH * s.m.D;
-    if (via_tokens && g_test_backend == FKV_BACKEND_CUDA &&
-        !tst_cuda_experimental()) {
-        /* CUDA's BOUNDED attend_tokens fix has not run on a GPU: refused
-         * without the switch, naming it. */
-        char msg[512];
-        q = (float *)malloc(sizeof(float) * qs * 2);
-        prev = (float *)malloc(sizeof(float) * qs * 2);
-        tst_good_query(&s.m, 0, s.nseq, s.slots, q);
-        tst_expect_error(s.m.c, cr_attend_tokens_raw(&s.m, 0, s.nseq, s.slots,
-                                                     q, prev),
-                         FKV_ERR_UNSUPPORTED, "BOUNDED attend_tokens on CUDA");
-        fkv_last_error(s.m.c, msg, sizeof msg);
-        ck_assert_msg(strstr(msg, "FKV_CUDA_EXPERIMENTAL") != NULL,
-                      "the message names the switch: %s", msg);
-        free(q);
-        free(prev);
-        cr_free(&s);
-        return;
-    }
     q = (float *)malloc(sizeof(float) * qs * 2 * s.m.L);
     prev = (float *)malloc(sizeof(float) * qs * 2 * s.m.L);
     other = (float *)malloc(sizeof(float) * qs * 2);

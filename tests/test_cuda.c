@@ -36,13 +36,9 @@
  *                            replays (the ticket counters reset), bf16,
  *                            f16, f32, head_dim 64 and 128, batch 1-8,
  *                            splits of whole and of parts of pages.
- *  cuda_plan_twin            (FKV_CUDA_EXPERIMENTAL=1 only) decode steps
- *                            of a cache whose correction plan runs in the
- *                            selection kernel's tail against a twin
- *                            created without the switch: byte-identical.
- *  cuda_recall_plan          (test_recall_plan.c; FKV_CUDA_EXPERIMENTAL=1
- *                            only) the recall plan's prefix-sum slot
- *                            assignment against the one-thread walk.
+ *  cuda_recall_plan          (test_recall_plan.c) the recall plan's
+ *                            prefix-sum slot assignment and the gather
+ *                            against the rule, from random slot states.
  *
  * TST_CUDA_PEER (default FKV_BACKEND_CUDA) is the backend the agreement case
  * holds against the CPU; a dry run of that case's logic can build this file
@@ -1851,85 +1847,6 @@ START_TEST(cuda_slot_reuse)
 END_TEST
 
 /* ====================================================================== */
-/* 5b. cuda_plan_twin (FKV_CUDA_EXPERIMENTAL=1 only)                      */
-/* ====================================================================== */
-
-fkv_status fkvi_debug_audit(fkv_cache *c); /* libfreekv.a */
-
-/* _i: FREEKV (K 10), FREEKV (K 144: past one 128-thread round of the
- * plan), SYNC (K 144), FREEKV under BOUNDED (K 144). */
-static const fkv_policy k_twin_policies[4] = {
-    FKV_POLICY_FREEKV, FKV_POLICY_FREEKV, FKV_POLICY_SYNC, FKV_POLICY_FREEKV};
-static const int k_twin_budget[4] = {512, 4800, 4800, 4800};
-
-/* A cache created with FKV_CUDA_EXPERIMENTAL=1 (the correction recall
- * planned in the selection kernel's tail, every plan from prefix sums) and
- * its twin created with it 0 (the plan launch, the one-thread walk) run the
- * same decode steps: outputs byte for byte, selections, lengths and
- * counters agree, and both pass the slot audit. */
-START_TEST(cuda_plan_twin)
-{
-    const fkv_policy policy = k_twin_policies[_i];
-    const fkv_dtype dt = FKV_DTYPE_BF16;
-    const int32_t prompt[GC_BATCH] = {6000, 7503};
-    fkv_options o;
-    gcache X, T;
-    gcache *both[2] = {&X, &T};
-    gstep in;
-    unsigned char **outX, **outT;
-    uint64_t rng = 0x7A0000ull + (uint64_t)_i;
-    ref_rng qr;
-    int step;
-    double max_err = 0.0;
-    fkv_status st;
-    char msg[512];
-
-    if (!tst_cuda_experimental()) {
-        printf("cuda_plan_twin (%d): skipped (FKV_CUDA_EXPERIMENTAL is not "
-               "1)\n", _i);
-        return;
-    }
-    ref_rng_seed(&qr, 0x7A1000ull + (uint64_t)_i);
-    cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128,
-               k_twin_budget[_i], GC_BATCH, 8192);
-    if (_i == 3)
-        o.correction_criterion = FKV_CRITERION_BOUNDED;
-    gc_open(&X, &o);
-    /* The switch is read at fkv_create: the twin without it. */
-    ck_assert(setenv("FKV_CUDA_EXPERIMENTAL", "0", 1) == 0);
-    gc_open(&T, &o);
-    ck_assert(setenv("FKV_CUDA_EXPERIMENTAL", "1", 1) == 0);
-    outX = gc_outs(&X);
-    outT = gc_outs(&T);
-    gstep_alloc(&in, &X);
-
-    gc_prefill_all(both, 2, prompt, dt, &rng);
-    for (step = 0; step < 6; ++step) {
-        gstep_fill(&in, &X, dt, &rng, &qr, step == 0);
-        gc_eager(&X, &in, outX);
-        gc_eager(&T, &in, outT);
-        gc_compare(&X, dt, outX, outT, 1, 0.0, &max_err,
-                   "parallel plan against the walk");
-    }
-    CU_OK(X.c, fkv_sync(X.c));
-    CU_OK(T.c, fkv_sync(T.c));
-    gc_same_state(&X, &T, "parallel plan against the walk");
-    st = fkvi_debug_audit(X.c);
-    fkv_last_error(X.c, msg, sizeof msg);
-    ck_assert_msg(st == FKV_OK, "audit of the parallel plan's cache: %s", msg);
-    st = fkvi_debug_audit(T.c);
-    fkv_last_error(T.c, msg, sizeof msg);
-    ck_assert_msg(st == FKV_OK, "audit of the walk's cache: %s", msg);
-
-    gstep_free(&in);
-    gc_outs_free(outX);
-    gc_outs_free(outT);
-    gc_close(&X);
-    gc_close(&T);
-}
-END_TEST
-
-/* ====================================================================== */
 /* 6. cuda_pointer_checks                                                 */
 /* ====================================================================== */
 
@@ -2202,7 +2119,6 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_fused_combine"), cuda_fused_combine,
                         0, FUSED_CONFIGS);
     /* These two run only with FKV_CUDA_EXPERIMENTAL=1. */
-    tcase_add_loop_test(tst_tcase(s, "cuda_plan_twin"), cuda_plan_twin, 0, 4);
     tst_add_recall_plan(s);
 #else
     /* Without CUDA the suite has no cases (main.c never adds it then). */
