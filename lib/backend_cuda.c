@@ -57,9 +57,6 @@ typedef struct cuda_backend {
     fkv_dev_state st_side; /* the same with the side stream's own scratch */
     int32_t gather_blocks_main, gather_blocks_side;
     int32_t max_bound_pages; /* of the policy's layers */
-    /* FKV_CUDA_EXPERIMENTAL=1 at fkv_create: CUDA code not yet validated
-     * on a GPU is enabled (docs/design.md, "Behind FKV_CUDA_EXPERIMENTAL"). */
-    bool experimental;
     /* Set by the first fkv_seq_fork or fkv_seq_truncate: pool blocks were
      * copied on the host, so fkv_seq_close waits for the streams. */
     bool host_block_copies;
@@ -414,7 +411,6 @@ static fkv_status cuda_create(fkv_cache *c)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
     c->backend = cb;
     cb->device = c->opts.device;
-    cb->experimental = c->cuda_experimental; /* read once, at fkv_create */
     cb->bounded = c->opts.policy == FKV_POLICY_FREEKV &&
                   c->opts.correction_criterion == FKV_CRITERION_BOUNDED;
     device_guard guard;
@@ -528,7 +524,9 @@ static fkv_status cuda_create(fkv_cache *c)
     m->max_splits = fkv_attend_splits(
         &cb->geo, &cb->lim, 1,
         c->any_dense ? g->max_pages : cb->max_bound_pages);
-    if (cb->experimental) { /* the fused path splits inside pages too */
+    /* FKV_CUDA_EXPERIMENTAL (c->cuda_experimental, read at fkv_create):
+     * the fused combine, whose path splits inside pages too. */
+    if (c->cuda_experimental) {
         int32_t f = fkv_attend_splits_fused(
             &cb->geo, &cb->lim, 1,
             c->any_dense ? g->max_pages : cb->max_bound_pages);
@@ -542,7 +540,7 @@ static fkv_status cuda_create(fkv_cache *c)
         /* Without the switch: the partials of the two-launch path, as run
          * on the H200. With it, 16-byte aligned rows (the fused combine
          * reads them as float4) and the fused combine's counters. */
-        const bool fused = cb->experimental;
+        const bool fused = c->cuda_experimental;
         uint64_t acc = fused ? fkvi_cuda_place(&off, n * g->head_dim / 4, 16)
                              : fkvi_cuda_place(&off, n * g->head_dim, 4);
         uint64_t ticket = fused ? fkvi_cuda_place(&off, S * g->q_heads, 4) : 0;
@@ -1070,6 +1068,47 @@ static cudaError_t bounded_join_side(cuda_backend *cb, int32_t layer)
     return e;
 }
 
+/* What every attend waits for before its launches: the previous step's
+ * speculative recall of this layer (FREEKV; under capture the previous
+ * replay has finished before this one starts), and under BOUNDED the side
+ * stream's selection. */
+static cudaError_t attend_join(cuda_backend *cb, int32_t layer,
+                               fkv_policy policy)
+{
+    cudaError_t e = cudaSuccess;
+    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
+        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
+    if (e == cudaSuccess)
+        e = bounded_join_side(cb, layer);
+    return e;
+}
+
+/* The page set of one chunk's attention, chosen with the queries q (row j
+ * for entry j): FREEKV's and SYNC's selection, correction and correction
+ * recall, or RESIDENT's selection; DENSE and EXTERNAL choose nothing here. */
+static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
+                                 fkv_policy policy, const fkv_dev_batch *d,
+                                 const void *q)
+{
+    const fkv_dev_geometry *g = &cb->lgeo[layer];
+    cudaError_t e = cudaSuccess;
+    if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
+        e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
+                              attend_select_mode(cb, policy),
+                              attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
+        if (e == cudaSuccess && cb->bounded)
+            e = fkv_launch_bounded(g, &cb->st_main, d, layer, cb->stream);
+        if (e == cudaSuccess)
+            e = fkv_launch_recall(g, &cb->st_main, d, layer, FKV_RECALL_FIX,
+                                  cb->gather_blocks_main, attend_plan(cb),
+                                  cb->stream);
+    } else if (policy == FKV_POLICY_RESIDENT) {
+        e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
+                              FKV_SELECT_ACTIVE, 0, cb->stream);
+    }
+    return e;
+}
+
 static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *q, void *out)
 {
@@ -1085,13 +1124,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     const fkv_policy policy = fkvi_layer_policy(c, layer);
     const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
                         c->geo.elem_bytes;
-    cudaError_t e = cudaSuccess;
-    /* The previous step's speculative recall of this layer. Under capture
-     * the previous replay has finished before this one starts. */
-    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
-        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
-    if (e == cudaSuccess)
-        e = bounded_join_side(cb, layer);
+    cudaError_t e = attend_join(cb, layer, policy);
     const int32_t bound = bound_pages(c, b, layer);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
@@ -1100,21 +1133,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         dev_batch(b, first, count, &d);
         const void *qc = (const char *)q + first * qrow;
         void *oc = (char *)out + first * qrow;
-        if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
-                                  attend_select_mode(cb, policy),
-                                  attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
-            if (e == cudaSuccess && cb->bounded)
-                e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
-                                       cb->stream);
-            if (e == cudaSuccess)
-                e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
-                                      FKV_RECALL_FIX, cb->gather_blocks_main,
-                                      attend_plan(cb), cb->stream);
-        } else if (policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc,
-                                  FKV_SELECT_ACTIVE, 0, cb->stream);
-        }
+        e = attend_choose(cb, layer, policy, &d, qc);
         if (e == cudaSuccess)
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->seq_base_host, cb->stream);
@@ -1147,11 +1166,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
     const fkv_policy policy = fkvi_layer_policy(c, layer);
     const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
                         c->geo.elem_bytes;
-    cudaError_t e = cudaSuccess;
-    if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
-        e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
-    if (e == cudaSuccess)
-        e = bounded_join_side(cb, layer);
+    cudaError_t e = attend_join(cb, layer, policy);
     const int32_t bound = bound_pages(c, b, layer);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
@@ -1168,22 +1183,8 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                     qrow, cudaMemcpyDefault, cb->stream);
             }
         }
-        if (e == cudaSuccess &&
-            (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC)) {
-            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
-                                  cb->q_last, attend_select_mode(cb, policy),
-                                  attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
-            if (e == cudaSuccess && cb->bounded)
-                e = fkv_launch_bounded(&cb->lgeo[layer], &cb->st_main, &d, layer,
-                                       cb->stream);
-            if (e == cudaSuccess)
-                e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_main, &d, layer,
-                                      FKV_RECALL_FIX, cb->gather_blocks_main,
-                                      attend_plan(cb), cb->stream);
-        } else if (e == cudaSuccess && policy == FKV_POLICY_RESIDENT) {
-            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer,
-                                  cb->q_last, FKV_SELECT_ACTIVE, 0, cb->stream);
-        }
+        if (e == cudaSuccess)
+            e = attend_choose(cb, layer, policy, &d, cb->q_last);
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
             fkv_dev_batch a;
             memset(&a, 0, sizeof a);
