@@ -76,6 +76,7 @@
 /* bench.h's C headers are included above, outside the C linkage block */
 extern "C" {
 #include "bench.h" /* C declarations; bench.c is compiled as C */
+#include "bulk_copy.cuh" /* the library's TMA bulk-copy wrappers */
 }
 
 #define CHUNK 16384                /* bytes: one page unit of the recall */
@@ -249,32 +250,11 @@ __device__ __forceinline__ uint64_t globaltimer_ns()
     return t;
 }
 
-/* One non-blocking probe of the mbarrier's phase of parity `parity`. */
-__device__ __forceinline__ bool mbar_try_wait(uint32_t bar, uint32_t parity)
-{
-    uint32_t done;
-    asm volatile("{\n\t.reg .pred p;\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-                 "selp.b32 %0, 1, 0, p;\n\t}"
-                 : "=r"(done)
-                 : "r"(bar), "r"(parity)
-                 : "memory");
-    return done != 0;
-}
-
-/* Arms the stage's mbarrier for one chunk (its one arrival plus CHUNK bytes
- * to come) and starts the TMA read of the chunk at src into the stage. */
+/* Arms the stage's mbarrier and starts the TMA read of the chunk at src. */
 __device__ __forceinline__ void bulk_load(uint32_t stage, uint32_t bar,
                                           const unsigned char *src)
 {
-    asm volatile("{\n\t.reg .b64 st;\n\t"
-                 "mbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n\t}"
-                 ::"r"(bar), "r"(CHUNK)
-                 : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx"
-                 "::bytes [%0], [%1], %2, [%3];" ::"r"(stage),
-                 "l"(gaddr(src)), "r"(CHUNK), "r"(bar)
-                 : "memory");
+    fkv::bulk::load(stage, src, CHUNK, bar);
 }
 #endif
 
@@ -298,12 +278,8 @@ __global__ void __launch_bounds__(32)
     const uint32_t stage0 = saddr(smem);
     const uint32_t bar0 = stage0 + NS * CHUNK;
     for (int s = 0; s < NS; s++)
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(
-                         bar0 + 8 * s)
-                     : "memory");
-    /* the initialised barriers must be visible to the async proxy (TMA)
-     * before its first complete_tx */
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        fkv::bulk::barrier_init(bar0 + 8 * s);
+    fkv::bulk::fence_barrier_init();
     const int64_t b = blockIdx.x, G = gridDim.x;
     const int64_t n = b < total ? (total - 1 - b) / G + 1 : 0;
 #define BULK_PERM(i) ((i) < n ? src_chunk(perm, b + (i) * G, nchunks) : 0)
@@ -317,34 +293,30 @@ __global__ void __launch_bounds__(32)
         pnext = BULK_PERM(i + NS + 1); /* latency hidden behind the wait */
         const int s = (int)(i % NS);
         const uint32_t stage = stage0 + s * CHUNK, bar = bar0 + 8 * s;
-        if (!mbar_try_wait(bar, (phase >> s) & 1u)) {
+        if (!fkv::bulk::barrier_try_wait(bar, (phase >> s) & 1u)) {
             /* Should TMA never complete a read of host memory, give up
              * after 2 s instead of hanging: the host reports it. */
             const uint64_t t0 = globaltimer_ns();
-            while (!mbar_try_wait(bar, (phase >> s) & 1u))
+            while (!fkv::bulk::barrier_try_wait(bar, (phase >> s) & 1u))
                 if (globaltimer_ns() - t0 > 2000000000ull) {
                     atomicExch(&g_bulk_timeout, 1);
-                    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+                    fkv::bulk::wait_stores_done();
                     return;
                 }
         }
         phase ^= 1u << s;
         const int64_t j = b + i * G;
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], "
-                     "%2;" ::"l"(gaddr(dst + (j % nchunks) * CHUNK)),
-                     "r"(stage), "r"(CHUNK)
-                     : "memory");
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        fkv::bulk::store(dst + (j % nchunks) * CHUNK, stage, CHUNK);
         if (i + NS < n) {
             /* the stage is free once the store has read it */
-            asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+            fkv::bulk::wait_stores_read();
             bulk_load(stage, bar, src + (int64_t)p * CHUNK);
         }
     }
 #undef BULK_PERM
     /* the stores' writes complete before the block (and its shared memory)
      * goes */
-    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    fkv::bulk::wait_stores_done();
 #else
     (void)src;
     (void)dst;

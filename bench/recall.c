@@ -76,6 +76,7 @@ typedef struct config {
     int pool_pages;                /* pages per sequence in the host pool */
     int kv_heads, group, head_dim, page;
     bool gemm;
+    bool bulk_gather;              /* TMA bulk copies (st.gather_bulk) */
     int gemm_batches[MAX_LIST], ngemm_batches;
     int gemm_layers, gemm_reps;
     int conc_pages;                /* pages per (seq, KV head) per recall */
@@ -90,8 +91,10 @@ static const char k_usage[] =
     "              [--kv-heads N] [--group N] [--head-dim N] [--page N]\n"
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
     "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
-    "              [--small-units 8,16,32,64|none]\n"
+    "              [--small-units 8,16,32,64|none] [--bulk-gather]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
+    "  --bulk-gather: the gather by TMA bulk copies from one-warp blocks\n"
+    "               (sm_90; what FKV_CUDA_EXPERIMENTAL=1 runs)\n"
     "  --pages: K, missing pages per (sequence, KV head) per recall\n"
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
     "               beside the GEMMs (one layer's worth)\n"
@@ -158,6 +161,8 @@ static int parse_args(int argc, char **argv, config *c)
             continue;
         } else if (!strcmp(a, "--no-gemm")) {
             c->gemm = false;
+        } else if (!strcmp(a, "--bulk-gather")) {
+            c->bulk_gather = true;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(k_usage, stdout);
             exit(0);
@@ -530,6 +535,17 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
     x->st.work_count = (int32_t *)(x->work + o_count);
     x->st.max_splits = 0;
     x->st.max_seqs = n;
+    x->st.gather_bulk = c->bulk_gather;
+    if (c->bulk_gather) {
+        int dev = 0, major = 0;
+        BENCH_CUDA_CHECK(cudaGetDevice(&dev));
+        BENCH_CUDA_CHECK(cudaDeviceGetAttribute(
+            &major, cudaDevAttrComputeCapabilityMajor, dev));
+        if (major < 9)
+            bench_die("--bulk-gather needs an sm_90 device (this one is "
+                      "sm_%d0)", major);
+        BENCH_CUDA_CHECK(fkv_recall_init(&x->g, 1));
+    }
 
     memset(&x->b, 0, sizeof x->b);
     x->b.n = n;
@@ -936,7 +952,10 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
             ms[r] = bench_event_ms(e0[warm + r], e1[warm + r]);
         rctx_verify(x, p, what);
         const double t = bench_median(ms, (size_t)reps);
-        row *rw = add_row(g_h2d_section, "recall fkv_launch_recall", x->n,
+        row *rw = add_row(g_h2d_section,
+                          x->st.gather_bulk ? "recall bulk gather"
+                                            : "recall fkv_launch_recall",
+                          x->n,
                           x->K, blocks);
         rw->mib = bytes / (1 << 20);
         rw->us = t * 1e3;
@@ -1291,7 +1310,9 @@ static void bench_gemm(const config *c, const pool *p, int device,
             char name[48];
             if (kind == FEED_RECALL) {
                 blocks = c->conc_blocks[vi] > 0 ? c->conc_blocks[vi] : sm_count;
-                snprintf(name, sizeof name, "recall gather_blocks %d", blocks);
+                snprintf(name, sizeof name, "recall %s %d",
+                         c->bulk_gather ? "bulk blocks" : "gather_blocks",
+                         blocks);
             } else {
                 snprintf(name, sizeof name, "%s",
                          kind == FEED_MEMCPY ? "per-unit cudaMemcpyAsync"

@@ -6,7 +6,7 @@
 
 extern "C" cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim) {
     if (!lim) return cudaErrorInvalidValue;
-    int sms = 0, per_sm = 0, reserved = 0, optin = 0;
+    int sms = 0, per_sm = 0, reserved = 0, optin = 0, major = 0;
     cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (e == cudaSuccess)
         e = cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
@@ -14,21 +14,25 @@ extern "C" cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim) {
         e = cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device);
     if (e == cudaSuccess)
         e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (e == cudaSuccess)
+        e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     if (e != cudaSuccess) return e;
     lim->sm_count = sms;
     lim->smem_per_sm = per_sm;
     lim->smem_reserved_per_block = reserved;
     lim->smem_per_block_optin = optin;
+    lim->cc_major = major;
     return cudaSuccess;
 }
 
 extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
-                                        int32_t fuse_plan) {
+                                        int32_t fuse_plan, int32_t gather_bulk) {
     if (!g || !lim) return cudaErrorInvalidValue;
     cudaError_t e = fkv_attend_init(g, lim);
     // Only these policies select on the device (EXTERNAL's engine selects).
     const bool selects = g->policy == FKV_POLICY_FREEKV || g->policy == FKV_POLICY_SYNC ||
                          g->policy == FKV_POLICY_RESIDENT;
     if (e == cudaSuccess && selects) e = fkv_select_init(g, lim, fuse_plan);
+    if (e == cudaSuccess) e = fkv_recall_init(g, gather_bulk);
     return e;
 }

@@ -123,6 +123,9 @@ typedef struct fkv_dev_state {
      * [max_seqs][q_heads] (kv_heads * group chunks <= q_heads). */
     unsigned int *part_ticket;
     int32_t fused_combine;           /* 1: one launch per attend */
+    /* 1: fkv_launch_recall's gather is TMA bulk copies by one-warp blocks
+     * (FKV_CUDA_EXPERIMENTAL, sm_90; fkv_recall_init must have run). */
+    int32_t gather_bulk;
 } fkv_dev_state;
 
 typedef struct fkv_dev_batch {
@@ -148,6 +151,7 @@ typedef struct fkv_dev_limits {
     int32_t smem_reserved_per_block; /* bytes the system keeps per block */
     int32_t smem_per_block_optin;    /* most static + dynamic bytes a block
                                         may opt in to */
+    int32_t cc_major;                /* compute capability (9: TMA bulk) */
 } fkv_dev_limits;
 
 /* Reads `device`'s limits (attribute queries: call off the decode path). */
@@ -160,11 +164,16 @@ cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
  * The parts, one per kernel file, follow. fuse_plan: the selections will
  * be launched with fuse_plan too (every policy but FREEKV under BOUNDED). */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
-                             const fkv_dev_limits *lim, int32_t fuse_plan);
+                             const fkv_dev_limits *lim, int32_t fuse_plan,
+                             int32_t gather_bulk);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim, int32_t fuse_plan);
+/* gather_bulk: allows the bulk gather its shared memory. */
+cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk);
+/* The bulk gather's dynamic shared memory at the largest batch. */
+size_t fkv_recall_bulk_smem(const fkv_dev_geometry *g);
 
 /* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
  * zeroes its length; g is the layer's geometry. */
@@ -298,7 +307,8 @@ typedef enum fkv_plan_kind {
 
 /* Incremental recall: pages of the new set already in a slot stay; the
  * others are copied from the host pool into slots whose pages left the set.
- * gather_blocks: blocks of the copy kernel (the PCIe/SM trade-off). */
+ * gather_blocks: blocks of the copy kernel (the PCIe/SM trade-off): of 256
+ * threads, or one warp each with st->gather_bulk. */
 cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,

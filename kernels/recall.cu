@@ -6,9 +6,12 @@
 //         tail made the plan: FKV_PLAN_DONE);
 //  gather a fixed grid of warps copies each listed unit (one page of one KV
 //         head, K and V: 16 KiB for bf16, P 32, D 128) from the host pool
-//         (mapped pinned memory, read over PCIe) into its slot.
+//         (mapped pinned memory, read over PCIe) into its slot. With
+//         st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) a few one-warp
+//         blocks do it with TMA bulk copies instead (gather_bulk_kernel).
 // A fixed grid keeps the launch graph-capturable; gather_blocks sets how
 // many SMs recall takes from the engine (DESIGN section 3's trade-off).
+#include "bulk_copy.cuh"
 #include "common.cuh"
 #include "plan.cuh"
 
@@ -48,7 +51,135 @@ __global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_head
     }
 }
 
+// The bulk gather's pieces: units are cut into pieces of at most
+// kBulkPiece bytes, each read into one of kBulkStages shared-memory stages
+// and written from there to the slot (bench/mapped_probe: 4 stages of 16
+// KiB per block, two blocks, reach the PCIe limit).
+constexpr uint32_t kBulkPiece = 16384;
+constexpr int kBulkStages = 4;
+
+__host__ __device__ constexpr size_t bulk_smem(int32_t heads) {
+    return (size_t)kBulkStages * kBulkPiece + 8u * kBulkStages +
+           4u * ((size_t)heads + 1);
+}
+
+// One warp per block. The warp first reads every (sequence, KV head)'s
+// work_count, 32 at a time, into exclusive prefix sums in shared memory
+// (unit_base), so that the listed units have one global order; piece q of
+// that order (unit q / ppu, part q % ppu) belongs to block q mod gridDim.x.
+// Then lane 0 runs a kBulkStages-deep pipeline over the block's pieces:
+// piece j lands in stage j % kBulkStages (its mbarrier completes with the
+// bytes; a parity bit per stage says which completion is next), is
+// bulk-stored into the slot, and once that store has read the stage the
+// stage takes piece j + kBulkStages. The next piece's addresses are read
+// one piece ahead, so their latency hides behind the wait.
+__global__ void __launch_bounds__(fkv::kWarp)
+gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t K,
+                   uint64_t unit_bytes)
+{
+#if FKV_HAS_BULK_COPY
+    namespace bulk = fkv::bulk;
+    extern __shared__ __align__(128) unsigned char stages[];
+    const int32_t heads = b.n * kv_heads;
+    int32_t *unit_base = reinterpret_cast<int32_t *>(stages + (size_t)kBulkStages * kBulkPiece +
+                                                     8u * kBulkStages);
+    const int lane = threadIdx.x;
+    int32_t before = 0;
+    for (int32_t h0 = 0; h0 < heads; h0 += fkv::kWarp) {
+        const int32_t head = h0 + lane;
+        int32_t c = 0;
+        if (head < heads) {
+            const int32_t i = head / kv_heads, h = head % kv_heads;
+            c = st.work_count[(uint64_t)b.slot[i] * kv_heads + h];
+        }
+        int32_t x = c;
+#pragma unroll
+        for (int o = 1; o < fkv::kWarp; o <<= 1) {
+            const int32_t y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (head < heads) unit_base[head] = before + x - c;
+        before += __shfl_sync(0xffffffffu, x, fkv::kWarp - 1);
+    }
+    if (lane == 0) unit_base[heads] = before;
+    __syncwarp();
+    if (lane != 0) return;  // one issuing thread is all TMA needs
+
+    const uint32_t ppu = (uint32_t)((unit_bytes + kBulkPiece - 1) / kBulkPiece);
+    const int64_t pieces = (int64_t)before * ppu;
+    const int64_t first = blockIdx.x, stride = gridDim.x;
+    const int64_t n = first < pieces ? (pieces - 1 - first) / stride + 1 : 0;
+    if (n == 0) return;
+    const uint32_t stage0 = bulk::shared_addr(stages);
+    const uint32_t bar0 = stage0 + kBulkStages * kBulkPiece;
+    for (int s = 0; s < kBulkStages; s++) bulk::barrier_init(bar0 + 8 * s);
+    bulk::fence_barrier_init();
+
+    // Piece j of this block: its source, destination and size. Units are
+    // visited in increasing order, so the head only moves forward.
+    int32_t head = 0;
+    auto piece = [&](int64_t j, const unsigned char *&src, unsigned char *&dst,
+                     uint32_t &bytes) {
+        const int64_t q = first + j * stride;
+        const int64_t u = q / ppu;
+        const uint64_t part = (uint64_t)(q % ppu) * kBulkPiece;
+        while (unit_base[head + 1] <= u) head++;
+        const int32_t i = head / kv_heads, h = head % kv_heads;
+        const uint64_t at = ((uint64_t)b.slot[i] * kv_heads + h) * K + (u - unit_base[head]);
+        src = reinterpret_cast<const unsigned char *>(st.work_src[at]) + part;
+        dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + part;
+        bytes = (uint32_t)(unit_bytes - part < kBulkPiece ? unit_bytes - part : kBulkPiece);
+    };
+    // Destinations and sizes of the pieces in the stages (a ring).
+    unsigned char *dst_of[kBulkStages];
+    uint32_t bytes_of[kBulkStages];
+    for (int64_t j = 0; j < kBulkStages && j < n; j++) {
+        const unsigned char *src;
+        piece(j, src, dst_of[j], bytes_of[j]);
+        bulk::load(stage0 + (uint32_t)j * kBulkPiece, src, bytes_of[j], bar0 + 8 * (uint32_t)j);
+    }
+    uint32_t parity = 0;  // bit s: parity of stage s's next completion
+    const unsigned char *next_src = nullptr;
+    unsigned char *next_dst = nullptr;
+    uint32_t next_bytes = 0;
+    if (kBulkStages < n) piece(kBulkStages, next_src, next_dst, next_bytes);
+    for (int64_t j = 0; j < n; j++) {
+        const int s = (int)(j % kBulkStages);
+        const uint32_t stage = stage0 + (uint32_t)s * kBulkPiece, bar = bar0 + 8 * (uint32_t)s;
+        bulk::barrier_wait(bar, (parity >> s) & 1u);
+        parity ^= 1u << s;
+        bulk::store(dst_of[s], stage, bytes_of[s]);
+        if (j + kBulkStages < n) {
+            const unsigned char *ls = next_src;
+            dst_of[s] = next_dst;
+            bytes_of[s] = next_bytes;
+            if (j + kBulkStages + 1 < n) piece(j + kBulkStages + 1, next_src, next_dst, next_bytes);
+            bulk::wait_stores_read();  // the stage is free once its store read it
+            bulk::load(stage, ls, bytes_of[s], bar);
+        }
+    }
+    // The writes complete before the block (and its shared memory) goes.
+    bulk::wait_stores_done();
+#else
+    (void)st;
+    (void)b;
+    (void)kv_heads;
+    (void)K;
+    (void)unit_bytes;
+#endif
+}
+
 } // namespace
+
+extern "C" size_t fkv_recall_bulk_smem(const fkv_dev_geometry *g) {
+    return bulk_smem(FKV_DEV_MAX_BATCH * g->kv_heads);
+}
+
+extern "C" cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk) {
+    if (!gather_bulk) return cudaSuccess;
+    return cudaFuncSetAttribute(gather_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)fkv_recall_bulk_smem(g));
+}
 
 extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                                          const fkv_dev_state *st,
@@ -66,7 +197,12 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
         if (e != cudaSuccess)
             return e;
     }
-    gather_kernel<<<gather_blocks, kGatherThreads, 0, stream>>>(*st, *b, g->kv_heads,
-                                                                g->select_pages, g->unit_bytes);
+    if (st->gather_bulk) {
+        gather_bulk_kernel<<<gather_blocks, fkv::kWarp, bulk_smem(b->n * g->kv_heads), stream>>>(
+            *st, *b, g->kv_heads, g->select_pages, g->unit_bytes);
+    } else {
+        gather_kernel<<<gather_blocks, kGatherThreads, 0, stream>>>(*st, *b, g->kv_heads,
+                                                                    g->select_pages, g->unit_bytes);
+    }
     return cudaGetLastError();
 }

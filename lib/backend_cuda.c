@@ -106,6 +106,19 @@ static int32_t fuse_plan(const cuda_backend *cb)
     return !cb->bounded;
 }
 
+/* FKV_CUDA_EXPERIMENTAL: the recall's gather by TMA bulk copies from
+ * one-warp blocks (sm_90; docs/design.md section 11), for the policies
+ * that recall, where its shared memory fits a block. */
+static bool bulk_gather(const fkv_cache *c, const cuda_backend *cb)
+{
+    const fkv_policy p = c->opts.policy;
+    return c->cuda_experimental && cb->lim.cc_major >= 9 &&
+           (p == FKV_POLICY_FREEKV || p == FKV_POLICY_SYNC ||
+            p == FKV_POLICY_EXTERNAL) &&
+           fkv_recall_bulk_smem(&cb->geo) <=
+               (size_t)cb->lim.smem_per_block_optin;
+}
+
 /* ---- errors and the current device ------------------------------------ */
 
 static fkv_status cuda_fail(fkv_cache *c, cudaError_t e, const char *what)
@@ -442,7 +455,8 @@ static fkv_status cuda_create(fkv_cache *c)
      * here: the decode path queries and sets nothing. */
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
-    TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb)),
+    TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb),
+                         bulk_gather(c, cb)),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -559,6 +573,7 @@ static fkv_status cuda_create(fkv_cache *c)
         }
         m->fused_combine = fused;
     }
+    m->gather_bulk = bulk_gather(c, cb);
 
     cb->st_side = *m;
     uint64_t scratch = scratch_layout(c, m, NULL);
@@ -574,6 +589,13 @@ static fkv_status cuda_create(fkv_cache *c)
      * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
     cb->gather_blocks_main = cb->lim.sm_count;
     cb->gather_blocks_side = 32;
+    if (m->gather_bulk) {
+        /* bench/mapped_probe: two one-warp blocks of bulk copies reach the
+         * PCIe limit; the correction's gather gets a few more for its
+         * start-up latency. Not yet tuned in the decode step. */
+        cb->gather_blocks_main = 8;
+        cb->gather_blocks_side = 2;
+    }
     /* attend_tokens gathers each sequence's last query here (sized now:
      * no allocation on the decode path). */
     TRY_ST(dev_alloc(c, &cb->q_last,
