@@ -278,7 +278,22 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 }
 
+// Dynamic shared memory of one block: the group's and the K pages' masses
+// and ranks.
+size_t bounded_smem(const fkv_dev_geometry &g) {
+    const size_t K = (size_t)g.select_pages, G = (size_t)g.group;
+    return (G + 4 * K) * sizeof(double) + G * sizeof(float) + 7 * K * sizeof(int32_t);
+}
+
 } // namespace
+
+extern "C" cudaError_t fkv_bounded_init(const fkv_dev_geometry *g) {
+    if (!g) return cudaErrorInvalidValue;
+    const size_t smem = bounded_smem(*g);
+    if (smem <= 48 * 1024) return cudaSuccess;  // large K needs the opt-in limit
+    return cudaFuncSetAttribute(bounded_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)smem);
+}
 
 extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
                                           const fkv_dev_state *st,
@@ -290,15 +305,8 @@ extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
         return cudaSuccess;  // no head has more than K candidates
     if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
         return cudaErrorInvalidValue;
-    const size_t K = (size_t)g->select_pages, G = (size_t)g->group;
-    const size_t smem = (G + 4 * K) * sizeof(double) + G * sizeof(float) +
-                        7 * K * sizeof(int32_t);
-    if (smem > 48 * 1024) {  // large K needs the opt-in limit
-        cudaError_t e = cudaFuncSetAttribute(
-            bounded_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess) return e;
-    }
-    bounded_kernel<<<dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads, smem,
+    // fkv_bounded_init allowed the shared memory at fkv_create.
+    bounded_kernel<<<dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads, bounded_smem(*g),
                      stream>>>(*g, *st, *b, layer);
     return cudaGetLastError();
 }

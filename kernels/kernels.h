@@ -170,6 +170,8 @@ cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim, int32_t fuse_plan);
+/* FREEKV under BOUNDED: allows the rule kernel its shared memory. */
+cudaError_t fkv_bounded_init(const fkv_dev_geometry *g);
 /* gather_bulk: allows the bulk gather its shared memory. */
 cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk);
 /* The bulk gather's dynamic shared memory at the largest batch. */
