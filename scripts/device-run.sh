@@ -11,7 +11,10 @@
 #        llama-selfcheck llama-eval llama-bench (the engine example:
 #        LLAMA_BIN, LLAMA_MODEL, LLAMA_TEXT; LLAMA_BENCH_ARGS);
 #        suites-san (racecheck and synccheck of each suite in SAN_SUITES,
-#        all at once, FKV_CUDA_EXPERIMENTAL as set by the caller; SAN_LIMIT).
+#        all at once, FKV_CUDA_EXPERIMENTAL as set by the caller; SAN_LIMIT;
+#        logs named TOOL-gpu_SUITE.log: the device tool returns no file
+#        whose name holds a colon); probe (bench/mapped_probe);
+#        recall-bulk (bench/recall with --bulk-gather, 2-8 blocks).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -62,14 +65,17 @@ for s in "$@"; do
         for t in racecheck synccheck; do for su in ${SAN_SUITES:?}; do
             FKV_TEST_GPU_ONLY=1 CK_RUN_SUITE=$su timeout "${SAN_LIMIT:-480}" \
                 compute-sanitizer --tool $t --error-exitcode 9 build/tests/freekv_tests \
-                >"$logs/$t-$su.log" 2>&1 &
+                >"$logs/$t-${su//:/_}.log" 2>&1 &
         done; done
         wait
-        for f in "$logs"/racecheck-gpu:*.log "$logs"/synccheck-gpu:*.log; do
+        for f in "$logs"/racecheck-gpu_*.log "$logs"/synccheck-gpu_*.log; do
             [ -e "$f" ] && summary+=("$(basename "$f" .log): $(grep -E '^[0-9]+%: Checks|SUMMARY' "$f" | tr '\n' ' ')")
         done ;;
     attend) step attend "${ATTEND_LIMIT:-150}" build/bench/attend --csv "$logs/attend.csv" ;;
     recall) step recall "${RECALL_LIMIT:-150}" build/bench/recall --csv "$logs/recall.csv" ;;
+    recall-bulk) step recall-bulk "${RECALL_LIMIT:-150}" build/bench/recall --bulk-gather \
+            --blocks 2,4,8 --conc-blocks 2,4,8 --csv "$logs/recall-bulk.csv" ;;
+    probe) step probe "${PROBE_LIMIT:-90}" build/bench/mapped_probe --csv "$logs/probe.csv" ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
         step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
             --csv "$logs/$DECODE_NAME.csv" ${DECODE_ARGS:-} ;;
