@@ -145,10 +145,14 @@ EXAMPLE_BINS := $(EXAMPLE_SRCS:examples/%.c=$(BUILD)/examples/%)
 BENCH_SUPPORT_C := bench/bench.c bench/bench_data.c bench/workload_gen.c \
                    bench/workload_session.c bench/workload_measure.c
 BENCH_SUPPORT_OBJS := $(BENCH_SUPPORT_C:%.c=$(BUILD)/%.o)
-BENCH_C    := $(filter-out $(BENCH_SUPPORT_C),$(wildcard bench/*.c))
+# The GEMM stand-ins need cuBLAS: the bench programs link them, the unit
+# tests do not.
+BENCH_GEMM_C   := bench/gemm_model.c
+BENCH_GEMM_OBJ := $(BENCH_GEMM_C:%.c=$(BUILD)/%.o)
+BENCH_C    := $(filter-out $(BENCH_SUPPORT_C) $(BENCH_GEMM_C),$(wildcard bench/*.c))
 BENCH_CU   := $(if $(filter 1,$(CUDA)),$(wildcard bench/*.cu))
 BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o) \
-              $(BENCH_SUPPORT_OBJS)
+              $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ)
 BENCH_C_BINS  := $(BENCH_C:bench/%.c=$(BUILD)/bench/%)
 BENCH_CU_BINS := $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 # cuBLAS for the benchmarks' model stand-in. Static when the toolkit has the
@@ -383,7 +387,8 @@ demo: $(BUILD)/examples/demo
 # --- benchmarks (nothing to do when bench/ has no sources) ------------------
 # Each bench/*.c (and bench/*.cu with CUDA=1) is one program, but for
 # BENCH_SUPPORT_C (bench.c, bench_data.c, workload_*.c: the definitions of
-# bench/bench.h and bench/workload.h), which each program links; scripts
+# bench/bench.h and bench/workload.h) and BENCH_GEMM_C (gemm_model.c: the
+# GEMM stand-ins of bench/gemm_model.h), which each program links; scripts
 # (bench/*.py) are not built.
 #   make bench         build them
 #   make bench-smoke   build them and run each with --smoke (tiny sizes, CPU
@@ -392,12 +397,12 @@ demo: $(BUILD)/examples/demo
 
 BENCH_BINS := $(BENCH_C_BINS) $(BENCH_CU_BINS)
 
-$(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BENCH_SUPPORT_OBJS) $(STATIC_LIB)
-	$(CC) $(ALL_LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(STATIC_LIB) \
+$(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB)
+	$(CC) $(ALL_LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB) \
 	  $(BENCH_LIBS) $(SYS_LIBS)
 
-$(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(BENCH_SUPPORT_OBJS) $(STATIC_LIB)
-	$(CC) $(LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(STATIC_LIB) \
+$(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB)
+	$(CC) $(LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB) \
 	  $(BENCH_LIBS) $(SYS_LIBS)
 
 bench: $(BENCH_BINS)

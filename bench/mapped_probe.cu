@@ -76,8 +76,9 @@
 /* bench.h's C headers are included above, outside the C linkage block */
 extern "C" {
 #include "bench.h" /* C declarations; bench.c is compiled as C */
-#include "bulk_copy.cuh" /* the library's TMA bulk-copy wrappers */
 }
+#include "bulk_copy.cuh"  /* the library's TMA bulk-copy wrappers */
+#include "gemm_model.h"   /* the GEMM stand-ins bench/recall uses too */
 
 #define CHUNK 16384                /* bytes: one page unit of the recall */
 #define CHUNK_U4 (CHUNK / 16)      /* uint4 per chunk */
@@ -658,93 +659,6 @@ static int check(probe *p, int v, int blocks, cudaStream_t s)
 }
 
 /* ------------------------------------------------------------------------ */
-/* GEMMs of Llama-3.1-8B layers (bench/recall (d)'s model, smaller copy)     */
-/* ------------------------------------------------------------------------ */
-
-/* {in (k), out (n)} of QKV, O, gate+up, down. */
-static const int k_gemm_shape[4][2] = {
-    {4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}};
-
-typedef struct model {
-    cublasHandle_t h;
-    cudaStream_t s;
-    int layers;
-    unsigned char *w; /* layers x 4 weight matrices, bf16 */
-    uint64_t layer_bytes, off[4];
-    void *x, *y;      /* activations [max_batch][28672] */
-} model;
-
-static void model_create(model *m, int layers, int max_batch, cudaStream_t s)
-{
-    memset(m, 0, sizeof *m);
-    m->layers = layers;
-    m->s = s;
-    uint64_t off = 0;
-    for (int j = 0; j < 4; j++) {
-        m->off[j] = off;
-        off += (uint64_t)k_gemm_shape[j][0] * k_gemm_shape[j][1] * 2;
-    }
-    m->layer_bytes = (off + 255) / 256 * 256;
-    const uint64_t total = m->layer_bytes * (uint64_t)layers;
-    BENCH_CUDA_CHECK(cudaMalloc((void **)&m->w, total));
-    /* small random bf16 values (|v| in [2^-6, 2^-5)) in a 16 MiB chunk,
-     * replicated on the device: the GEMMs' speed does not depend on them */
-    const size_t chunk = (size_t)16 << 20;
-    uint16_t *hw = (uint16_t *)bench_xmalloc(chunk);
-    bench_rng r = bench_rng_seed(0x6E33ull);
-    for (size_t i = 0; i < chunk / 2; i++) {
-        const uint64_t x = bench_rng_next(&r);
-        hw[i] = (uint16_t)(((x & 1) << 15) | (0x3C80u + ((x >> 1) & 0x7F)));
-    }
-    BENCH_CUDA_CHECK(cudaMemcpy(m->w, hw, chunk < total ? chunk : total,
-                                cudaMemcpyHostToDevice));
-    for (uint64_t at = chunk; at < total; at += chunk) {
-        const uint64_t n = total - at < chunk ? total - at : chunk;
-        BENCH_CUDA_CHECK(
-            cudaMemcpy(m->w + at, m->w, n, cudaMemcpyDeviceToDevice));
-    }
-    const size_t xbytes = (size_t)max_batch * 28672 * 2;
-    BENCH_CUDA_CHECK(cudaMalloc(&m->x, xbytes));
-    BENCH_CUDA_CHECK(cudaMalloc(&m->y, xbytes));
-    BENCH_CUDA_CHECK(cudaMemcpy(m->x, hw, xbytes < chunk ? xbytes : chunk,
-                                cudaMemcpyHostToDevice));
-    BENCH_CUDA_CHECK(cudaMemset(m->y, 0, xbytes));
-    free(hw);
-    BENCH_CUBLAS_CHECK(cublasCreate(&m->h));
-    BENCH_CUBLAS_CHECK(cublasSetStream(m->h, s));
-    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
-}
-
-static void model_destroy(model *m)
-{
-    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
-    BENCH_CUBLAS_CHECK(cublasDestroy(m->h));
-    BENCH_CUDA_CHECK(cudaFree(m->w));
-    BENCH_CUDA_CHECK(cudaFree(m->x));
-    BENCH_CUDA_CHECK(cudaFree(m->y));
-    memset(m, 0, sizeof *m);
-}
-
-/* Enqueues one pass, y[batch][n] = x[batch][k] . W^T (W [n][k] row-major,
- * nn.Linear) for every layer's four matrices, between events g0 and g1 on
- * the model's stream. */
-static void model_pass(model *m, int batch, cudaEvent_t g0, cudaEvent_t g1)
-{
-    const float one = 1.0f, zero = 0.0f;
-    BENCH_CUDA_CHECK(cudaEventRecord(g0, m->s));
-    for (int l = 0; l < m->layers; l++)
-        for (int j = 0; j < 4; j++) {
-            const int k = k_gemm_shape[j][0], n = k_gemm_shape[j][1];
-            const unsigned char *w = m->w + m->layer_bytes * l + m->off[j];
-            BENCH_CUBLAS_CHECK(cublasGemmEx(
-                m->h, CUBLAS_OP_T, CUBLAS_OP_N, n, batch, k, &one, w,
-                CUDA_R_16BF, k, m->x, CUDA_R_16BF, k, &zero, m->y, CUDA_R_16BF,
-                n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        }
-    BENCH_CUDA_CHECK(cudaEventRecord(g1, m->s));
-}
-
-/* ------------------------------------------------------------------------ */
 /* Results                                                                  */
 /* ------------------------------------------------------------------------ */
 
@@ -878,8 +792,8 @@ static bool run_alone(const config *c, probe *p, cudaStream_t s,
 static void run_gemm(const config *c, probe *p, cudaStream_t gs,
                      cudaStream_t rs, result (*res)[MAX_BLOCKS])
 {
-    model m;
-    model_create(&m, c->layers, k_batches[NBATCH - 1], gs);
+    bench_gemm_model m;
+    bench_gemm_create(&m, c->layers, k_batches[NBATCH - 1], gs);
     cudaEvent_t g0, g1, r0, r1;
     BENCH_CUDA_CHECK(cudaEventCreate(&g0));
     BENCH_CUDA_CHECK(cudaEventCreate(&g1));
@@ -896,10 +810,10 @@ static void run_gemm(const config *c, probe *p, cudaStream_t gs,
     for (int bt = 0; bt < NBATCH; bt++) {
         const int batch = k_batches[bt];
         for (int r = 0; r < 2; r++) /* warm-up (cuBLAS picks its kernels) */
-            model_pass(&m, batch, g0, g1);
+            bench_gemm_enqueue(&m, batch, g0, g1);
         BENCH_CUDA_CHECK(cudaStreamSynchronize(gs));
         for (int r = 0; r < c->gemm_reps; r++) {
-            model_pass(&m, batch, g0, g1);
+            bench_gemm_enqueue(&m, batch, g0, g1);
             BENCH_CUDA_CHECK(cudaEventSynchronize(g1));
             ms[r] = bench_event_ms(g0, g1);
         }
@@ -924,7 +838,7 @@ static void run_gemm(const config *c, probe *p, cudaStream_t gs,
                     BENCH_CUDA_CHECK(cudaEventRecord(r0, rs));
                     gather(p, v, blocks, passes, rs);
                     BENCH_CUDA_CHECK(cudaEventRecord(r1, rs));
-                    model_pass(&m, batch, g0, g1);
+                    bench_gemm_enqueue(&m, batch, g0, g1);
                     BENCH_CUDA_CHECK(cudaStreamSynchronize(rs));
                     BENCH_CUDA_CHECK(cudaStreamSynchronize(gs));
                     if (q > 0) {
@@ -955,7 +869,7 @@ static void run_gemm(const config *c, probe *p, cudaStream_t gs,
     BENCH_CUDA_CHECK(cudaEventDestroy(r1));
     free(ms);
     free(oms);
-    model_destroy(&m);
+    bench_gemm_destroy(&m);
 }
 
 static void summary(const config *c, const probe *p,

@@ -57,6 +57,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 
+#include "gemm_model.h"
 #include "internal.h" /* fkvi_cuda_layout: the backend's own layout */
 #include "kernels.h"
 #endif
@@ -979,92 +980,15 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
 /* (d) GEMMs of a Llama-3.1-8B decode step, with recall beside them          */
 /* ------------------------------------------------------------------------ */
 
-/* {in (k), out (n)} of QKV, O, gate+up, down. */
-static const int k_gemm_shape[4][2] = {
-    {4096, 6144}, {4096, 4096}, {4096, 28672}, {14336, 4096}};
-
-typedef struct model {
-    cublasHandle_t h;
-    cudaStream_t s;
-    int layers, max_batch;
-    unsigned char *w;          /* layers x (4 weight matrices), bf16 */
-    uint64_t layer_bytes;
-    uint64_t off[4];
-    void *x, *y;               /* activations [max_batch][14336 / 28672] */
-} model;
-
-static void model_create(model *m, int layers, int max_batch, cudaStream_t s)
+/* One pass of the GEMM stand-ins (bench/gemm_model.h); GPU time in ms
+ * between events on the model's stream, which first waits for `wait` when
+ * given. */
+static double model_step(bench_gemm_model *m, int batch, cudaEvent_t wait,
+                         cudaEvent_t g0, cudaEvent_t g1)
 {
-    memset(m, 0, sizeof *m);
-    m->layers = layers;
-    m->max_batch = max_batch;
-    m->s = s;
-    uint64_t off = 0;
-    for (int j = 0; j < 4; j++) {
-        m->off[j] = off;
-        off += (uint64_t)k_gemm_shape[j][0] * k_gemm_shape[j][1] * 2;
-    }
-    m->layer_bytes = fkvi_cuda_align_up(off, 256);
-    const uint64_t total = m->layer_bytes * (uint64_t)layers;
-    BENCH_CUDA_CHECK(cudaMalloc((void **)&m->w, total));
-    /* Small random bf16 weights: a 16 MiB random chunk, replicated. */
-    const size_t chunk = (size_t)16 << 20;
-    uint16_t *hw = bench_xmalloc(chunk);
-    bench_rng seed = {0x6E33ull};
-    for (size_t i = 0; i < chunk / 2; i++) {
-        /* bf16 of a value in [-1/32, 1/32): sign, exponent 2^-6..2^-5 */
-        uint64_t r = bench_rng_next(&seed);
-        hw[i] = (uint16_t)(((r & 1) << 15) | (0x3C80u + (uint16_t)((r >> 1) & 0x7F)));
-    }
-    BENCH_CUDA_CHECK(cudaMemcpy(m->w, hw, chunk < total ? chunk : total,
-                                cudaMemcpyHostToDevice));
-    for (uint64_t at = chunk; at < total; at += chunk) {
-        uint64_t n = total - at < chunk ? total - at : chunk;
-        BENCH_CUDA_CHECK(
-            cudaMemcpy(m->w + at, m->w, n, cudaMemcpyDeviceToDevice));
-    }
-    const size_t xbytes = (size_t)max_batch * 28672 * 2;
-    BENCH_CUDA_CHECK(cudaMalloc(&m->x, xbytes));
-    BENCH_CUDA_CHECK(cudaMalloc(&m->y, xbytes));
-    BENCH_CUDA_CHECK(cudaMemcpy(m->x, hw, xbytes < chunk ? xbytes : chunk,
-                                cudaMemcpyHostToDevice));
-    BENCH_CUDA_CHECK(cudaMemset(m->y, 0, xbytes));
-    free(hw);
-    BENCH_CUBLAS_CHECK(cublasCreate(&m->h));
-    BENCH_CUBLAS_CHECK(cublasSetStream(m->h, s));
-    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
-}
-
-static void model_destroy(model *m)
-{
-    BENCH_CUDA_CHECK(cudaDeviceSynchronize());
-    BENCH_CUBLAS_CHECK(cublasDestroy(m->h));
-    BENCH_CUDA_CHECK(cudaFree(m->w));
-    BENCH_CUDA_CHECK(cudaFree(m->x));
-    BENCH_CUDA_CHECK(cudaFree(m->y));
-    memset(m, 0, sizeof *m);
-}
-
-/* y[batch][n] = x[batch][k] . W^T, W [n][k] row-major (nn.Linear), for every
- * layer's four matrices; GPU time in ms between events on the model's
- * stream, which first waits for `wait` when given. */
-static double model_step(model *m, int batch, cudaEvent_t wait, cudaEvent_t g0,
-                         cudaEvent_t g1)
-{
-    const float one = 1.0f, zero = 0.0f;
     if (wait)
         BENCH_CUDA_CHECK(cudaStreamWaitEvent(m->s, wait, 0));
-    BENCH_CUDA_CHECK(cudaEventRecord(g0, m->s));
-    for (int l = 0; l < m->layers; l++)
-        for (int j = 0; j < 4; j++) {
-            const int k = k_gemm_shape[j][0], n = k_gemm_shape[j][1];
-            const unsigned char *w = m->w + m->layer_bytes * l + m->off[j];
-            BENCH_CUBLAS_CHECK(cublasGemmEx(
-                m->h, CUBLAS_OP_T, CUBLAS_OP_N, n, batch, k, &one, w,
-                CUDA_R_16BF, k, m->x, CUDA_R_16BF, k, &zero, m->y, CUDA_R_16BF,
-                n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-        }
-    BENCH_CUDA_CHECK(cudaEventRecord(g1, m->s));
+    bench_gemm_enqueue(m, batch, g0, g1);
     BENCH_CUDA_CHECK(cudaEventSynchronize(g1));
     return bench_event_ms(g0, g1);
 }
@@ -1272,8 +1196,8 @@ static void bench_gemm(const config *c, const pool *p, int device,
     for (int i = 0; i < c->ngemm_batches; i++)
         if (c->gemm_batches[i] > max_batch)
             max_batch = c->gemm_batches[i];
-    model m;
-    model_create(&m, c->gemm_layers, max_batch, gs);
+    bench_gemm_model m;
+    bench_gemm_create(&m, c->gemm_layers, max_batch, gs);
     printf("(d) %d layers of Llama-3.1-8B GEMMs (bf16 cuBLAS, %.2f GB of "
            "weights) on a stream of priority %d; recall beside them on a "
            "stream of priority %d (lower)\n",
@@ -1370,7 +1294,7 @@ static void bench_gemm(const config *c, const pool *p, int device,
     free(bw);
     BENCH_CUDA_CHECK(cudaEventDestroy(g0));
     BENCH_CUDA_CHECK(cudaEventDestroy(g1));
-    model_destroy(&m);
+    bench_gemm_destroy(&m);
     BENCH_CUDA_CHECK(cudaStreamDestroy(gs));
     BENCH_CUDA_CHECK(cudaStreamDestroy(rs));
 }
