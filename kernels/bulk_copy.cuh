@@ -21,6 +21,15 @@
 namespace fkv {
 namespace bulk {
 
+// The recall's bulk gathers (kernels/recall.cu, and the selection kernel's
+// tail in kernels/select.cu): units are cut into pieces of at most
+// kGatherPiece bytes, kGatherStages of them in flight per issuing thread
+// (bench/mapped_probe: 4 stages of 16 KiB per block, two blocks, reach the
+// PCIe limit). kGatherStageBytes: the stages and their barriers.
+constexpr uint32_t kGatherPiece = 16384;
+constexpr int kGatherStages = 4;
+constexpr size_t kGatherStageBytes = (size_t)kGatherStages * kGatherPiece + 8u * kGatherStages;
+
 #if FKV_HAS_BULK_COPY
 
 // The .global address of a generic pointer (the bulk copies take .global
@@ -97,6 +106,54 @@ __device__ __forceinline__ void wait_stores_read() {
 }
 __device__ __forceinline__ void wait_stores_done() {
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// One thread copies n pieces from global memory (mapped host memory too)
+// to global memory through `Stages` shared-memory stages of `Piece` bytes
+// at shared address stage0, with their mbarriers at bar0 (8 bytes each; the
+// stages' memory must be free for the async proxy: see fence_barrier_init).
+// piece(j, src, dst, bytes) names piece j (bytes <= Piece, multiples of
+// 16); it is called once per piece, in increasing j, one piece ahead of
+// its load so that the loads it makes hide behind the wait. Piece j lands
+// in stage j % Stages (its barrier completes with the bytes; a parity bit
+// per stage says which completion is next), is bulk-stored to its
+// destination, and once that store has read the stage the stage takes
+// piece j + Stages. Returns when every write has completed.
+template <int Stages, uint32_t Piece, class PieceFn>
+__device__ __forceinline__ void copy_pieces(uint32_t stage0, uint32_t bar0, int64_t n,
+                                            PieceFn piece) {
+    static_assert(Stages >= 1 && Stages <= 32, "a parity bit per stage");
+    if (n <= 0) return;
+    for (int s = 0; s < Stages; s++) barrier_init(bar0 + 8 * s);
+    fence_barrier_init();
+    unsigned char *dst_of[Stages];  // the pieces in the stages (a ring)
+    uint32_t bytes_of[Stages];
+    for (int64_t j = 0; j < Stages && j < n; j++) {
+        const unsigned char *src;
+        piece(j, src, dst_of[j], bytes_of[j]);
+        load(stage0 + (uint32_t)j * Piece, src, bytes_of[j], bar0 + 8 * (uint32_t)j);
+    }
+    const unsigned char *next_src = nullptr;
+    unsigned char *next_dst = nullptr;
+    uint32_t next_bytes = 0;
+    if (Stages < n) piece(Stages, next_src, next_dst, next_bytes);
+    uint32_t parity = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const int s = (int)(j % Stages);
+        const uint32_t stage = stage0 + (uint32_t)s * Piece, bar = bar0 + 8 * (uint32_t)s;
+        barrier_wait(bar, (parity >> s) & 1u);
+        parity ^= 1u << s;
+        store(dst_of[s], stage, bytes_of[s]);
+        if (j + Stages < n) {
+            const unsigned char *src = next_src;
+            dst_of[s] = next_dst;
+            bytes_of[s] = next_bytes;
+            if (j + Stages + 1 < n) piece(j + Stages + 1, next_src, next_dst, next_bytes);
+            wait_stores_read();  // the stage is free once its store has read it
+            load(stage, src, bytes_of[s], bar);
+        }
+    }
+    wait_stores_done();
 }
 
 #endif  // FKV_HAS_BULK_COPY

@@ -32,7 +32,7 @@ extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev
     // Only these policies select on the device (EXTERNAL's engine selects).
     const bool selects = g->policy == FKV_POLICY_FREEKV || g->policy == FKV_POLICY_SYNC ||
                          g->policy == FKV_POLICY_RESIDENT;
-    if (e == cudaSuccess && selects) e = fkv_select_init(g, lim, fuse_plan);
+    if (e == cudaSuccess && selects) e = fkv_select_init(g, lim, fuse_plan, gather_bulk);
     if (e == cudaSuccess && g->policy == FKV_POLICY_FREEKV &&
         g->criterion == FKV_CRITERION_BOUNDED)
         e = fkv_bounded_init(g);

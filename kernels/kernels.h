@@ -169,7 +169,8 @@ cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
-                            const fkv_dev_limits *lim, int32_t fuse_plan);
+                            const fkv_dev_limits *lim, int32_t fuse_plan,
+                            int32_t gather_bulk);
 /* FREEKV under BOUNDED: allows the rule kernel its shared memory. */
 cudaError_t fkv_bounded_init(const fkv_dev_geometry *g);
 /* gather_bulk: allows the bulk gather its shared memory. */
@@ -270,8 +271,8 @@ typedef enum fkv_select_mode {
  * fuse_plan (FKV_SELECT_CORRECT and FKV_SELECT_FIX_ALL only, and only after
  * fkv_select_init with fuse_plan): each block then also makes the
  * correction recall's plan (the one fkv_launch_recall's FKV_RECALL_FIX
- * would make next), so that the recall follows with
- * FKV_PLAN_DONE. */
+ * would make next), so that the recall follows with FKV_PLAN_DONE; with
+ * st->gather_bulk the gather too (FKV_PLAN_GATHERED). */
 cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
@@ -304,7 +305,9 @@ typedef enum fkv_plan_kind {
     FKV_PLAN_PREFIX = 0,
     /* FKV_RECALL_FIX after a selection launched with fuse_plan: its tail
      * made the same plan, only the gather runs. */
-    FKV_PLAN_DONE = 1
+    FKV_PLAN_DONE = 1,
+    /* The same with st->gather_bulk: the tail gathered too; nothing runs. */
+    FKV_PLAN_GATHERED = 2
 } fkv_plan_kind;
 
 /* Incremental recall: pages of the new set already in a slot stay; the

@@ -7,6 +7,7 @@
 // SYNC (NT 256; select.cu), so that both run the same code.
 #pragma once
 
+#include "bulk_copy.cuh"
 #include "common.cuh"
 
 namespace fkv {
@@ -184,5 +185,33 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
         }
     }
 }
+
+#if FKV_HAS_BULK_COPY
+// One thread copies the units on (sequence slot, KV head h)'s work list
+// (the plan's, above) into their slots with TMA bulk copies through the
+// stages at shared address stage0 (bulk::kGatherStageBytes, free for the
+// async proxy). The selection kernel's tail uses it, with st.gather_bulk,
+// so that the correction's gather needs no launch of its own.
+__device__ __forceinline__ void recall_gather_head(const fkv_dev_geometry &g,
+                                                   const fkv_dev_state &st, int32_t slot,
+                                                   int32_t h, uint32_t stage0)
+{
+    const uint64_t head = (uint64_t)slot * g.kv_heads + h;
+    const uint64_t list = head * g.select_pages;
+    const uint64_t unit = g.unit_bytes;
+    const uint32_t ppu = (uint32_t)((unit + bulk::kGatherPiece - 1) / bulk::kGatherPiece);
+    const int64_t n = (int64_t)st.work_count[head] * ppu;
+    auto piece = [&](int64_t j, const unsigned char *&src, unsigned char *&dst,
+                     uint32_t &bytes) {
+        const uint64_t at = list + (uint64_t)(j / ppu);
+        const uint64_t part = (uint64_t)(j % ppu) * bulk::kGatherPiece;
+        src = reinterpret_cast<const unsigned char *>(st.work_src[at]) + part;
+        dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + part;
+        bytes = (uint32_t)(unit - part < bulk::kGatherPiece ? unit - part : bulk::kGatherPiece);
+    };
+    bulk::copy_pieces<bulk::kGatherStages, bulk::kGatherPiece>(
+        stage0, stage0 + (uint32_t)bulk::kGatherStages * bulk::kGatherPiece, n, piece);
+}
+#endif
 
 } // namespace fkv

@@ -51,28 +51,21 @@ __global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_head
     }
 }
 
-// The bulk gather's pieces: units are cut into pieces of at most
-// kBulkPiece bytes, each read into one of kBulkStages shared-memory stages
-// and written from there to the slot (bench/mapped_probe: 4 stages of 16
-// KiB per block, two blocks, reach the PCIe limit).
-constexpr uint32_t kBulkPiece = 16384;
-constexpr int kBulkStages = 4;
 
+constexpr uint32_t kBulkPiece = fkv::bulk::kGatherPiece;
+constexpr int kBulkStages = fkv::bulk::kGatherStages;
+
+// The stages, then unit_base [heads + 1].
 __host__ __device__ constexpr size_t bulk_smem(int32_t heads) {
-    return (size_t)kBulkStages * kBulkPiece + 8u * kBulkStages +
-           4u * ((size_t)heads + 1);
+    return fkv::bulk::kGatherStageBytes + 4u * ((size_t)heads + 1);
 }
 
 // One warp per block. The warp first reads every (sequence, KV head)'s
 // work_count, 32 at a time, into exclusive prefix sums in shared memory
 // (unit_base), so that the listed units have one global order; piece q of
 // that order (unit q / ppu, part q % ppu) belongs to block q mod gridDim.x.
-// Then lane 0 runs a kBulkStages-deep pipeline over the block's pieces:
-// piece j lands in stage j % kBulkStages (its mbarrier completes with the
-// bytes; a parity bit per stage says which completion is next), is
-// bulk-stored into the slot, and once that store has read the stage the
-// stage takes piece j + kBulkStages. The next piece's addresses are read
-// one piece ahead, so their latency hides behind the wait.
+// Then lane 0 copies the block's pieces through kBulkStages stages
+// (bulk_copy.cuh's copy_pieces).
 __global__ void __launch_bounds__(fkv::kWarp)
 gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t K,
                    uint64_t unit_bytes)
@@ -81,8 +74,7 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
     namespace bulk = fkv::bulk;
     extern __shared__ __align__(128) unsigned char stages[];
     const int32_t heads = b.n * kv_heads;
-    int32_t *unit_base = reinterpret_cast<int32_t *>(stages + (size_t)kBulkStages * kBulkPiece +
-                                                     8u * kBulkStages);
+    int32_t *unit_base = reinterpret_cast<int32_t *>(stages + fkv::bulk::kGatherStageBytes);
     const int lane = threadIdx.x;
     int32_t before = 0;
     for (int32_t h0 = 0; h0 < heads; h0 += fkv::kWarp) {
@@ -110,11 +102,6 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
     const int64_t first = blockIdx.x, stride = gridDim.x;
     const int64_t n = first < pieces ? (pieces - 1 - first) / stride + 1 : 0;
     if (n == 0) return;
-    const uint32_t stage0 = bulk::shared_addr(stages);
-    const uint32_t bar0 = stage0 + kBulkStages * kBulkPiece;
-    for (int s = 0; s < kBulkStages; s++) bulk::barrier_init(bar0 + 8 * s);
-    bulk::fence_barrier_init();
-
     // Piece j of this block: its source, destination and size. Units are
     // visited in increasing order, so the head only moves forward.
     int32_t head = 0;
@@ -130,36 +117,9 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
         dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + part;
         bytes = (uint32_t)(unit_bytes - part < kBulkPiece ? unit_bytes - part : kBulkPiece);
     };
-    // Destinations and sizes of the pieces in the stages (a ring).
-    unsigned char *dst_of[kBulkStages];
-    uint32_t bytes_of[kBulkStages];
-    for (int64_t j = 0; j < kBulkStages && j < n; j++) {
-        const unsigned char *src;
-        piece(j, src, dst_of[j], bytes_of[j]);
-        bulk::load(stage0 + (uint32_t)j * kBulkPiece, src, bytes_of[j], bar0 + 8 * (uint32_t)j);
-    }
-    uint32_t parity = 0;  // bit s: parity of stage s's next completion
-    const unsigned char *next_src = nullptr;
-    unsigned char *next_dst = nullptr;
-    uint32_t next_bytes = 0;
-    if (kBulkStages < n) piece(kBulkStages, next_src, next_dst, next_bytes);
-    for (int64_t j = 0; j < n; j++) {
-        const int s = (int)(j % kBulkStages);
-        const uint32_t stage = stage0 + (uint32_t)s * kBulkPiece, bar = bar0 + 8 * (uint32_t)s;
-        bulk::barrier_wait(bar, (parity >> s) & 1u);
-        parity ^= 1u << s;
-        bulk::store(dst_of[s], stage, bytes_of[s]);
-        if (j + kBulkStages < n) {
-            const unsigned char *ls = next_src;
-            dst_of[s] = next_dst;
-            bytes_of[s] = next_bytes;
-            if (j + kBulkStages + 1 < n) piece(j + kBulkStages + 1, next_src, next_dst, next_bytes);
-            bulk::wait_stores_read();  // the stage is free once its store read it
-            bulk::load(stage, ls, bytes_of[s], bar);
-        }
-    }
-    // The writes complete before the block (and its shared memory) goes.
-    bulk::wait_stores_done();
+    const uint32_t stage0 = bulk::shared_addr(stages);
+    bulk::copy_pieces<kBulkStages, kBulkPiece>(stage0, stage0 + kBulkStages * kBulkPiece, n,
+                                               piece);
 #else
     (void)st;
     (void)b;
@@ -187,7 +147,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                                          fkv_recall_mode mode, int32_t gather_blocks,
                                          fkv_plan_kind plan, cudaStream_t stream)
 {
-    if (b->n == 0)
+    if (b->n == 0 || plan == FKV_PLAN_GATHERED)
         return cudaSuccess;
     if (plan != FKV_PLAN_DONE) {
         const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);

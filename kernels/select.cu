@@ -726,11 +726,14 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
     }
 }
 
-// One block per (KV head, sequence). kPlan (FKV_SELECT_CORRECT and
-// FKV_SELECT_FIX_ALL under FKV_CUDA_EXPERIMENTAL): the block goes on to the
+// One block per (KV head, sequence). kPlan (the attend's FKV_SELECT_CORRECT
+// and FKV_SELECT_FIX_ALL with fuse_plan): the block goes on to the
 // correction recall's plan (plan.cuh, prefix sums), which the separate plan
-// launch made from the same arrays, so that only the gather follows. Its
-// shared memory reuses the selection's (dynamic: at least 4 K int32).
+// launch would make from the same arrays, so that only the gather follows;
+// with st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) its thread 0 then
+// gathers the head's units itself with TMA bulk copies and nothing
+// follows. Its shared memory reuses the selection's (dynamic: at least 4 K
+// int32, and the bulk stages with st.gather_bulk).
 template <typename T, int D, bool kPlan>
 __global__ void __launch_bounds__(kThreads, 2)
 select_kernel(const __grid_constant__ fkv_dev_geometry g,
@@ -747,6 +750,19 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
         recall_plan<kThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer,
                               FKV_RECALL_FIX, reinterpret_cast<int32_t *>(dyn_smem),
                               sh.warp_u);
+#if FKV_HAS_BULK_COPY
+        if (st.gather_bulk) {
+            // The plan's work list and count are visible past the barrier;
+            // every thread orders its generic accesses to the shared memory
+            // before the async proxy's writes into it.
+            __syncthreads();
+            bulk::fence_barrier_init();
+            __syncthreads();
+            if (threadIdx.x == 0)
+                recall_gather_head(g, st, b.slot[blockIdx.y], blockIdx.x,
+                                   bulk::shared_addr(dyn_smem));
+        }
+#endif
     }
 }
 
@@ -793,10 +809,12 @@ template <int D> size_t select_smem(const fkv_dev_geometry &g) {
     return select_base_smem<D>(g) + (key_cap > 0 ? (size_t)key_cap * sizeof(uint32_t) : 0);
 }
 // select_kernel<.., true>: the plan's 4 K int32 reuse the same bytes.
-template <int D> size_t select_plan_smem(const fkv_dev_geometry &g) {
+template <int D> size_t select_plan_smem(const fkv_dev_geometry &g, bool gather_bulk) {
     const size_t plan = 4 * (size_t)(g.select_pages > 0 ? g.select_pages : 0) * sizeof(int32_t);
     const size_t sel = select_smem<D>(g);
-    return plan > sel ? plan : sel;
+    size_t most = plan > sel ? plan : sel;
+    if (gather_bulk && most < bulk::kGatherStageBytes) most = bulk::kGatherStageBytes;
+    return most;
 }
 inline bool needs_scores(const fkv_dev_geometry &g) {
     return g.select_pages > 0 && g.max_pages > g.select_pages;
@@ -817,13 +835,15 @@ template <typename K> cudaError_t allow_smem(K kernel, size_t need, const fkv_de
 }
 
 template <typename T, int D>
-cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim, bool fuse_plan) {
+cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim, bool fuse_plan,
+                 bool gather_bulk) {
     if (needs_scores(g)) {
         cudaError_t e = allow_smem(score_kernel<T, D>, score_smem<D>(g), lim);
         if (e != cudaSuccess) return e;
     }
     if (fuse_plan) {
-        cudaError_t e = allow_smem(select_kernel<T, D, true>, select_plan_smem<D>(g), lim);
+        cudaError_t e =
+            allow_smem(select_kernel<T, D, true>, select_plan_smem<D>(g, gather_bulk), lim);
         if (e != cudaSuccess) return e;
     }
     return allow_smem(select_kernel<T, D, false>, select_smem<D>(g), lim);
@@ -851,7 +871,8 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
     // 2. Selection (and with fuse_plan the correction recall's plan).
     const dim3 grid((unsigned)g.kv_heads, (unsigned)b.n);
     if (fuse_plan)
-        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g), stream>>>(
+        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g, st.gather_bulk != 0),
+                                    stream>>>(
             g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
     else
         select_kernel<T, D, false><<<grid, kThreads, select_smem<D>(g), stream>>>(
@@ -863,12 +884,13 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
 } // namespace fkv
 
 extern "C" cudaError_t fkv_select_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
-                                       int32_t fuse_plan) {
+                                       int32_t fuse_plan, int32_t gather_bulk) {
     if (!g || !lim) return cudaErrorInvalidValue;
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
-            return fkv::init<T, decltype(htag)::value>(*g, *lim, fuse_plan != 0);
+            return fkv::init<T, decltype(htag)::value>(*g, *lim, fuse_plan != 0,
+                                                       gather_bulk != 0);
         });
     });
 }

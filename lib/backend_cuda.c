@@ -1072,7 +1072,10 @@ static fkv_select_mode attend_select_mode(const cuda_backend *cb,
  * stays a launch. */
 static fkv_plan_kind attend_plan(const cuda_backend *cb)
 {
-    return fuse_plan(cb) ? FKV_PLAN_DONE : FKV_PLAN_PREFIX;
+    if (!fuse_plan(cb))
+        return FKV_PLAN_PREFIX;
+    /* With the bulk gather (FKV_CUDA_EXPERIMENTAL) the tail gathers too. */
+    return cb->st_main.gather_bulk ? FKV_PLAN_GATHERED : FKV_PLAN_DONE;
 }
 
 /* BOUNDED: an attend writes the pending selection, which a side-stream
@@ -1117,7 +1120,7 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
     if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
         e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
                               attend_select_mode(cb, policy),
-                              attend_plan(cb) == FKV_PLAN_DONE, cb->stream);
+                              attend_plan(cb) != FKV_PLAN_PREFIX, cb->stream);
         if (e == cudaSuccess && cb->bounded)
             e = fkv_launch_bounded(g, &cb->st_main, d, layer, cb->stream);
         if (e == cudaSuccess)
