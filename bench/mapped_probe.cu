@@ -280,7 +280,7 @@ __global__ void __launch_bounds__(32)
     const uint32_t bar0 = stage0 + NS * CHUNK;
     for (int s = 0; s < NS; s++)
         fkv::bulk::barrier_init(bar0 + 8 * s);
-    fkv::bulk::fence_barrier_init();
+    fkv::bulk::fence_proxy_async();
     const int64_t b = blockIdx.x, G = gridDim.x;
     const int64_t n = b < total ? (total - 1 - b) / G + 1 : 0;
 #define BULK_PERM(i) ((i) < n ? src_chunk(perm, b + (i) * G, nchunks) : 0)

@@ -49,9 +49,9 @@ __device__ __forceinline__ void barrier_init(uint32_t bar) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
 }
 
-// Makes initialised barriers visible to the async proxy (TMA) before its
-// first complete_tx.
-__device__ __forceinline__ void fence_barrier_init() {
+// Orders the executing thread's generic-proxy accesses to shared memory
+// (mbarrier.init included) before later async-proxy (TMA) accesses to it.
+__device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
@@ -111,7 +111,7 @@ __device__ __forceinline__ void wait_stores_done() {
 // One thread copies n pieces from global memory (mapped host memory too)
 // to global memory through `Stages` shared-memory stages of `Piece` bytes
 // at shared address stage0, with their mbarriers at bar0 (8 bytes each; the
-// stages' memory must be free for the async proxy: see fence_barrier_init).
+// stages' memory must be free for the async proxy: see fence_proxy_async).
 // piece(j, src, dst, bytes) names piece j (bytes <= Piece, multiples of
 // 16); it is called once per piece, in increasing j, one piece ahead of
 // its load so that the loads it makes hide behind the wait. Piece j lands
@@ -125,7 +125,7 @@ __device__ __forceinline__ void copy_pieces(uint32_t stage0, uint32_t bar0, int6
     static_assert(Stages >= 1 && Stages <= 32, "a parity bit per stage");
     if (n <= 0) return;
     for (int s = 0; s < Stages; s++) barrier_init(bar0 + 8 * s);
-    fence_barrier_init();
+    fence_proxy_async();
     unsigned char *dst_of[Stages];  // the pieces in the stages (a ring)
     uint32_t bytes_of[Stages];
     for (int64_t j = 0; j < Stages && j < n; j++) {

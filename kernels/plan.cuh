@@ -187,30 +187,60 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
 }
 
 #if FKV_HAS_BULK_COPY
+// Piece `part` (of bulk::kGatherPiece bytes, the last one shorter) of the
+// unit at position `at` of the recall work lists: where the bulk gathers
+// (recall.cu's kernel, recall_gather_head below) read and write it.
+__device__ __forceinline__ void recall_piece(const fkv_dev_state &st, uint64_t unit_bytes,
+                                             uint64_t at, uint32_t part,
+                                             const unsigned char *&src, unsigned char *&dst,
+                                             uint32_t &bytes)
+{
+    const uint64_t off = (uint64_t)part * bulk::kGatherPiece;
+    src = reinterpret_cast<const unsigned char *>(st.work_src[at]) + off;
+    dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + off;
+    bytes = (uint32_t)(unit_bytes - off < bulk::kGatherPiece ? unit_bytes - off
+                                                             : bulk::kGatherPiece);
+}
+
+// Pieces per unit.
+__device__ __forceinline__ uint32_t recall_pieces(uint64_t unit_bytes)
+{
+    return (uint32_t)((unit_bytes + bulk::kGatherPiece - 1) / bulk::kGatherPiece);
+}
+
+// Gathers with the stages at shared address stage0 (bulk::kGatherStageBytes,
+// free for the async proxy), n pieces, piece j at piece_at(j) (in increasing
+// j: see bulk::copy_pieces).
+template <class PieceAt>
+__device__ __forceinline__ void recall_gather(const fkv_dev_state &st, uint64_t unit_bytes,
+                                              uint32_t stage0, int64_t n, PieceAt piece_at)
+{
+    auto piece = [&](int64_t j, const unsigned char *&src, unsigned char *&dst,
+                     uint32_t &bytes) {
+        uint64_t at;
+        uint32_t part;
+        piece_at(j, at, part);
+        recall_piece(st, unit_bytes, at, part, src, dst, bytes);
+    };
+    bulk::copy_pieces<bulk::kGatherStages, bulk::kGatherPiece>(
+        stage0, stage0 + (uint32_t)bulk::kGatherStages * bulk::kGatherPiece, n, piece);
+}
+
 // One thread copies the units on (sequence slot, KV head h)'s work list
-// (the plan's, above) into their slots with TMA bulk copies through the
-// stages at shared address stage0 (bulk::kGatherStageBytes, free for the
-// async proxy). The selection kernel's tail uses it, with st.gather_bulk,
-// so that the correction's gather needs no launch of its own.
+// (the plan's, above) into their slots. The selection kernel's tail uses
+// it, with st.gather_bulk, so that the correction's gather needs no launch
+// of its own.
 __device__ __forceinline__ void recall_gather_head(const fkv_dev_geometry &g,
                                                    const fkv_dev_state &st, int32_t slot,
                                                    int32_t h, uint32_t stage0)
 {
-    const uint64_t head = (uint64_t)slot * g.kv_heads + h;
-    const uint64_t list = head * g.select_pages;
-    const uint64_t unit = g.unit_bytes;
-    const uint32_t ppu = (uint32_t)((unit + bulk::kGatherPiece - 1) / bulk::kGatherPiece);
-    const int64_t n = (int64_t)st.work_count[head] * ppu;
-    auto piece = [&](int64_t j, const unsigned char *&src, unsigned char *&dst,
-                     uint32_t &bytes) {
-        const uint64_t at = list + (uint64_t)(j / ppu);
-        const uint64_t part = (uint64_t)(j % ppu) * bulk::kGatherPiece;
-        src = reinterpret_cast<const unsigned char *>(st.work_src[at]) + part;
-        dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + part;
-        bytes = (uint32_t)(unit - part < bulk::kGatherPiece ? unit - part : bulk::kGatherPiece);
-    };
-    bulk::copy_pieces<bulk::kGatherStages, bulk::kGatherPiece>(
-        stage0, stage0 + (uint32_t)bulk::kGatherStages * bulk::kGatherPiece, n, piece);
+    const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * g.select_pages;
+    const uint32_t ppu = recall_pieces(g.unit_bytes);
+    const int64_t n = (int64_t)st.work_count[(uint64_t)slot * g.kv_heads + h] * ppu;
+    recall_gather(st, g.unit_bytes, stage0, n, [&](int64_t j, uint64_t &at, uint32_t &part) {
+        at = list + (uint64_t)(j / ppu);
+        part = (uint32_t)(j % ppu);
+    });
 }
 #endif
 

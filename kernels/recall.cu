@@ -51,10 +51,6 @@ __global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_head
     }
 }
 
-
-constexpr uint32_t kBulkPiece = fkv::bulk::kGatherPiece;
-constexpr int kBulkStages = fkv::bulk::kGatherStages;
-
 // The stages, then unit_base [heads + 1].
 __host__ __device__ constexpr size_t bulk_smem(int32_t heads) {
     return fkv::bulk::kGatherStageBytes + 4u * ((size_t)heads + 1);
@@ -64,8 +60,7 @@ __host__ __device__ constexpr size_t bulk_smem(int32_t heads) {
 // work_count, 32 at a time, into exclusive prefix sums in shared memory
 // (unit_base), so that the listed units have one global order; piece q of
 // that order (unit q / ppu, part q % ppu) belongs to block q mod gridDim.x.
-// Then lane 0 copies the block's pieces through kBulkStages stages
-// (bulk_copy.cuh's copy_pieces).
+// Then lane 0 copies the block's pieces (plan.cuh's recall_gather).
 __global__ void __launch_bounds__(fkv::kWarp)
 gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t K,
                    uint64_t unit_bytes)
@@ -74,7 +69,7 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
     namespace bulk = fkv::bulk;
     extern __shared__ __align__(128) unsigned char stages[];
     const int32_t heads = b.n * kv_heads;
-    int32_t *unit_base = reinterpret_cast<int32_t *>(stages + fkv::bulk::kGatherStageBytes);
+    int32_t *unit_base = reinterpret_cast<int32_t *>(stages + bulk::kGatherStageBytes);
     const int lane = threadIdx.x;
     int32_t before = 0;
     for (int32_t h0 = 0; h0 < heads; h0 += fkv::kWarp) {
@@ -97,29 +92,24 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
     __syncwarp();
     if (lane != 0) return;  // one issuing thread is all TMA needs
 
-    const uint32_t ppu = (uint32_t)((unit_bytes + kBulkPiece - 1) / kBulkPiece);
+    const uint32_t ppu = fkv::recall_pieces(unit_bytes);
     const int64_t pieces = (int64_t)before * ppu;
     const int64_t first = blockIdx.x, stride = gridDim.x;
     const int64_t n = first < pieces ? (pieces - 1 - first) / stride + 1 : 0;
-    if (n == 0) return;
-    // Piece j of this block: its source, destination and size. Units are
-    // visited in increasing order, so the head only moves forward.
+    // Piece j of this block is piece q = first + j * stride of the global
+    // order. Units are visited in increasing order, so the head only moves
+    // forward.
     int32_t head = 0;
-    auto piece = [&](int64_t j, const unsigned char *&src, unsigned char *&dst,
-                     uint32_t &bytes) {
-        const int64_t q = first + j * stride;
-        const int64_t u = q / ppu;
-        const uint64_t part = (uint64_t)(q % ppu) * kBulkPiece;
-        while (unit_base[head + 1] <= u) head++;
-        const int32_t i = head / kv_heads, h = head % kv_heads;
-        const uint64_t at = ((uint64_t)b.slot[i] * kv_heads + h) * K + (u - unit_base[head]);
-        src = reinterpret_cast<const unsigned char *>(st.work_src[at]) + part;
-        dst = reinterpret_cast<unsigned char *>(st.work_dst[at]) + part;
-        bytes = (uint32_t)(unit_bytes - part < kBulkPiece ? unit_bytes - part : kBulkPiece);
-    };
-    const uint32_t stage0 = bulk::shared_addr(stages);
-    bulk::copy_pieces<kBulkStages, kBulkPiece>(stage0, stage0 + kBulkStages * kBulkPiece, n,
-                                               piece);
+    fkv::recall_gather(st, unit_bytes, bulk::shared_addr(stages), n,
+                       [&](int64_t j, uint64_t &at, uint32_t &part) {
+                           const int64_t q = first + j * stride;
+                           const int64_t u = q / ppu;
+                           while (unit_base[head + 1] <= u) head++;
+                           const int32_t i = head / kv_heads, h = head % kv_heads;
+                           at = ((uint64_t)b.slot[i] * kv_heads + h) * K +
+                                (uint64_t)(u - unit_base[head]);
+                           part = (uint32_t)(q % ppu);
+                       });
 #else
     (void)st;
     (void)b;

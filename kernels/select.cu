@@ -756,7 +756,7 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
             // every thread orders its generic accesses to the shared memory
             // before the async proxy's writes into it.
             __syncthreads();
-            bulk::fence_barrier_init();
+            bulk::fence_proxy_async();
             __syncthreads();
             if (threadIdx.x == 0)
                 recall_gather_head(g, st, b.slot[blockIdx.y], blockIdx.x,
