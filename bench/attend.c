@@ -1011,16 +1011,10 @@ int main(int argc, char **argv)
     memset(&di, 0, sizeof di);
     double copy_gbps = NAN;
     if (!g_cpu) {
-#ifndef FKV_WITH_CUDA
-        printf("attend: skipped (no CUDA device: built without CUDA, "
-               "CUDA=0)\n");
-        return c.smoke ? 0 : 1;
-#else
-        const char *why = bench_cuda_unusable(c.device);
-        if (why) {
-            printf("attend: skipped (no CUDA device: %s)\n", why);
-            return c.smoke ? 0 : 1;
-        }
+        int rc;
+        if (bench_skip_without_cuda("attend", c.device, c.smoke, &rc))
+            return rc;
+#ifdef FKV_WITH_CUDA
         bench_device_open(c.device, &di);
         BENCH_CUDA_CHECK(
             cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));

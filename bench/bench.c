@@ -144,6 +144,21 @@ void bench_dev_copy(int host, void *dst, const void *src,
 /* Devices                                                                  */
 /* ------------------------------------------------------------------------ */
 
+int bench_skip_without_cuda(const char *prog, int device, int smoke, int *rc)
+{
+#ifdef FKV_WITH_CUDA
+    const char *why = bench_cuda_unusable(device);
+#else
+    const char *why = "built without CUDA, CUDA=0";
+    (void)device;
+#endif
+    if (!why)
+        return 0;
+    printf("%s: skipped (no CUDA device: %s)\n", prog, why);
+    *rc = smoke ? 0 : 1;
+    return 1;
+}
+
 #ifdef FKV_WITH_CUDA
 const char *bench_cuda_unusable(int device)
 {

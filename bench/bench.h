@@ -13,7 +13,8 @@
  *   memory      bench_xmalloc, bench_xcalloc, bench_grow; bench_dev_alloc /
  *               _free, bench_to_dev, bench_to_host (device memory, or host
  *               memory for the CPU backend)
- *   devices     bench_cuda_unusable, bench_device_open (FKV_WITH_CUDA)
+ *   devices     bench_skip_without_cuda; bench_cuda_unusable,
+ *               bench_device_open (FKV_WITH_CUDA)
  *   time        bench_now_ms / bench_now_s (monotonic host clock),
  *               bench_timer (CUDA events on a stream, or the host clock),
  *               bench_event_ms
@@ -152,6 +153,12 @@ typedef struct bench_device {
     int sms;       /* streaming multiprocessors */
     double l2_mib; /* L2 cache */
 } bench_device;
+
+/* Whether program `prog` cannot run on CUDA `device` (no device, too old,
+ * or built with CUDA=0): then prints "PROG: skipped (no CUDA device:
+ * why)", sets *rc to the exit code (0 with --smoke, which CI runs without
+ * a GPU, else 1) and returns 1; else returns 0. */
+int bench_skip_without_cuda(const char *prog, int device, int smoke, int *rc);
 
 #ifdef FKV_WITH_CUDA
 /* Why `device` cannot run the CUDA benchmarks (no device, no such device,

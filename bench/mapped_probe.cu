@@ -921,11 +921,9 @@ int main(int argc, char **argv)
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
-    const char *why = bench_cuda_unusable(c.device);
-    if (why) {
-        printf("mapped_probe: skipped (no CUDA device: %s)\n", why);
-        return c.smoke ? 0 : 1;
-    }
+    int rc;
+    if (bench_skip_without_cuda("mapped_probe", c.device, c.smoke, &rc))
+        return rc;
     bench_device d;
     bench_device_open(c.device, &d);
     int can_map = 0;

@@ -283,8 +283,9 @@ int main(int argc, char **argv)
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
-    printf("recall: skipped (no CUDA device: built without CUDA, CUDA=0)\n");
-    return c.smoke ? 0 : 1;
+    int rc = 1;
+    (void)bench_skip_without_cuda("recall", c.device, c.smoke, &rc);
+    return rc;
 }
 
 #else /* FKV_WITH_CUDA */
@@ -1435,11 +1436,9 @@ int main(int argc, char **argv)
     config c;
     if (parse_args(argc, argv, &c) != 0)
         return 2;
-    const char *why = bench_cuda_unusable(c.device);
-    if (why) {
-        printf("recall: skipped (no CUDA device: %s)\n", why);
-        return c.smoke ? 0 : 1;
-    }
+    int rc;
+    if (bench_skip_without_cuda("recall", c.device, c.smoke, &rc))
+        return rc;
     const double t_start = bench_now_s();
     bench_device dev;
     bench_device_open(c.device, &dev);
