@@ -4,9 +4,26 @@
 
 #include "internal.h"
 
-/* Chunk size of the host pool: large enough that growth is rare, small
- * enough that an idle cache holds little. */
-#define FKV_POOL_CHUNK_BYTES ((size_t)32 << 20)
+/* Chunk size of the host pool: a 32nd of the most the cache can hold,
+ * within [32 MiB, 1 GiB]. Large enough that growth is rare (each chunk is
+ * one cudaHostAlloc on CUDA, a fixed cost per call), small enough that a
+ * cache holds at most a 32nd of its capacity (or 32 MiB) beyond its
+ * pages. */
+#define FKV_POOL_CHUNK_MIN ((uint64_t)32 << 20)
+#define FKV_POOL_CHUNK_MAX ((uint64_t)1 << 30)
+
+static size_t pool_chunk_bytes(const fkv_cache *c)
+{
+    const uint64_t most = (uint64_t)c->opts.max_sequences *
+                          (uint64_t)c->geo.layers *
+                          (uint64_t)c->geo.max_pages * c->geo.block_bytes;
+    uint64_t chunk = most / 32;
+    if (chunk < FKV_POOL_CHUNK_MIN)
+        chunk = FKV_POOL_CHUNK_MIN;
+    if (chunk > FKV_POOL_CHUNK_MAX)
+        chunk = FKV_POOL_CHUNK_MAX;
+    return (size_t)chunk;
+}
 
 /* Pool chunks: aligned for the vectorised copies. */
 #define FKV_POOL_ALIGN 64
@@ -123,7 +140,7 @@ fkv_status fkv_create(const fkv_options *opts, fkv_cache **out)
 #endif
     /* The CPU pool; a backend may replace the allocator in create. */
     fkv_pool_init(&c->pool, c->geo.block_bytes, o.host_pool_bytes,
-                  FKV_POOL_CHUNK_BYTES,
+                  pool_chunk_bytes(c),
                   (fkv_pool_allocator){chunk_alloc, chunk_release, &c->mem},
                   (fkv_pool_allocator){meta_alloc, meta_release, &c->mem});
     st = c->ops->create(c);
