@@ -13,8 +13,10 @@
  *              pool does, for each C of --chunks-mib (default 32,256,1024),
  *              then cudaFreeHost; each C twice (the second pass finds the
  *              memory the first one gave back);
- *   register   malloc + memset, then cudaHostRegister(mapped | portable) of
- *              the whole, then unregister and free.
+ *   register   posix_memalign'd chunks of each size, cudaHostRegister(mapped
+ *              | portable) untouched (the registration faults the pages
+ *              in), then touched first (the touch timed apart), then
+ *              unregistered and freed.
  * GB/s is the pass's bytes over its wall time (host clock, one pass each:
  * these are seconds, not microseconds). --smoke: 64 MiB, chunks 4,16 MiB.
  *
@@ -22,6 +24,7 @@
  *
  * SPDX-License-Identifier: MIT
  */
+#define _POSIX_C_SOURCE 200112L /* posix_memalign */
 #include "bench.h"
 
 #include <stdio.h>
@@ -148,17 +151,36 @@ static void pass_alloc(const config *c, int64_t chunk_mib, const char *name)
     report(name, chunk_mib, n * chunk_mib, s);
 }
 
-static void pass_register(const config *c)
+/* cudaHostRegister(mapped | portable) of malloc'd memory in chunks of
+ * chunk_mib: touched first (timed apart, "touch" then "register (touched)"),
+ * or not ("register" alone, which faults the pages in itself). */
+static void pass_register(const config *c, int64_t chunk_mib, int touch)
 {
-    const size_t bytes = (size_t)c->total_mib << 20;
-    void *p = touched(bytes);
-    const double t0 = bench_now_s();
-    BENCH_CUDA_CHECK(cudaHostRegister(p, bytes, cudaHostRegisterMapped |
-                                                    cudaHostRegisterPortable));
+    const size_t chunk = (size_t)chunk_mib << 20;
+    const int64_t n = (c->total_mib + chunk_mib - 1) / chunk_mib;
+    void **chunks = bench_xcalloc((size_t)n, sizeof *chunks);
+    double t0 = bench_now_s();
+    for (int64_t i = 0; i < n; i++) {
+        if (posix_memalign(&chunks[i], 4096, chunk))
+            bench_die("posix_memalign of %zu bytes failed", chunk);
+        if (touch)
+            memset(chunks[i], 1, chunk);
+    }
+    if (touch)
+        report("touch (again)", chunk_mib, n * chunk_mib, bench_now_s() - t0);
+    t0 = bench_now_s();
+    for (int64_t i = 0; i < n; i++)
+        BENCH_CUDA_CHECK(cudaHostRegister(chunks[i], chunk,
+                                          cudaHostRegisterMapped |
+                                              cudaHostRegisterPortable));
     const double s = bench_now_s() - t0;
-    BENCH_CUDA_CHECK(cudaHostUnregister(p));
-    free(p);
-    report("register (touched)", 0, c->total_mib, s);
+    for (int64_t i = 0; i < n; i++) {
+        BENCH_CUDA_CHECK(cudaHostUnregister(chunks[i]));
+        free(chunks[i]);
+    }
+    free(chunks);
+    report(touch ? "register (touched)" : "register (untouched)", chunk_mib,
+           n * chunk_mib, s);
 }
 #endif
 
@@ -192,7 +214,10 @@ int main(int argc, char **argv)
         snprintf(name, sizeof name, "alloc (again)");
         pass_alloc(&c, c.chunks_mib[i], name);
     }
-    pass_register(&c);
+    for (int i = 0; i < c.n_chunks; i++) {
+        pass_register(&c, c.chunks_mib[i], 0);
+        pass_register(&c, c.chunks_mib[i], 1);
+    }
     if (g_csv)
         fclose(g_csv);
 #endif
