@@ -165,9 +165,10 @@ typedef struct fkv_options {
 
     /* Host allocator (added in 0.2; both NULL: the C library's malloc).
      * Every host allocation the library makes goes through it, except the
-     * CUDA backend's pinned memory (cudaHostAlloc). host_alloc returns
-     * memory aligned to `alignment` (a power of two) or NULL; host_free gets
-     * the size that was asked for. Set both or neither. The functions may be
+     * CUDA backend's pinned memory (the host pool: C-library memory
+     * registered with cudaHostRegister; staging: cudaHostAlloc).
+     * host_alloc returns memory aligned to `alignment` (a power of two) or
+     * NULL; host_free gets the size that was asked for. Set both or neither. The functions may be
      * called from any thread that calls into the cache. */
     void *(*host_alloc)(void *user, size_t size, size_t alignment);
     void (*host_free)(void *user, void *ptr, size_t size);
