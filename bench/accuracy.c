@@ -8,13 +8,16 @@
  * --bounded MASS:M[,MASS:M...] (at most 4) compares the BOUNDED correction
  * criterion (correction_min_mass MASS, correction_max_pages M) with the
  * cosine criterion instead: FREEKV at 0.9 and 0.8, RESIDENT, DENSE and one
- * BOUNDED variant per pair.
+ * BOUNDED variant per pair. --dense-layers LIST (layer indices, "last" for
+ * the last layer) adds FREEKV and RESIDENT with those layers dense
+ * (fkv_options.dense_layers) to either list.
  *
  *   accuracy [--backend cpu|cuda] [--seed N] [--csv FILE] [--smoke]
  *            [--workload all|topics|needles|drift[,...]]
  *            [--contexts 8k,16k,32k,64k,128k] [--steps N] [--needles N]
  *            [--layers N] [--budget TOKENS] [--dtype bf16|f16|f32]
  *            [--head-dim D] [--bounded MASS:M[,MASS:M...]]
+ *            [--dense-layers LIST]
  *
  * --steps sets the decode steps of W1 and W3 (W2 runs 2 + 3 x needles:
  * every ask and a plain step between asks). Defaults: 64 steps up to 32K,
@@ -71,6 +74,9 @@ typedef struct options {
     float bounded_mass[4]; /* --bounded pairs */
     int bounded_pages[4];
     int nbounded;
+    uint64_t dense_mask; /* --dense-layers: indices */
+    int dense_last;      /* --dense-layers: "last" */
+    char dense_label[24];
 } options;
 
 static void usage(FILE *f)
@@ -83,7 +89,8 @@ static void usage(FILE *f)
             "[--needles N] [--layers N]\n"
             "                [--budget TOKENS] [--dtype bf16|f16|f32] "
             "[--head-dim D]\n"
-            "                [--bounded MASS:M[,MASS:M...]]\n");
+            "                [--bounded MASS:M[,MASS:M...]] "
+            "[--dense-layers LIST|last]\n");
 }
 
 static int parse_args(int argc, char **argv, options *o)
@@ -113,7 +120,7 @@ static int parse_args(int argc, char **argv, options *o)
             static const char *const known[] = {
                 "--backend", "--seed",   "--csv",    "--workload", "--contexts",
                 "--steps",   "--needles", "--layers", "--budget",  "--head-dim",
-                "--dtype",   "--bounded"};
+                "--dtype",   "--bounded", "--dense-layers"};
             size_t k;
             int found = 0;
             for (k = 0; k < sizeof known / sizeof known[0]; ++k)
@@ -209,6 +216,21 @@ static int parse_args(int argc, char **argv, options *o)
                 o->bounded_mass[o->nbounded] = mass;
                 o->bounded_pages[o->nbounded++] = pages;
             }
+        } else if (!strcmp(a, "--dense-layers")) {
+            char buf[256], *tok, *save = NULL;
+            snprintf(buf, sizeof buf, "%s", val);
+            snprintf(o->dense_label, sizeof o->dense_label, "%s", val);
+            for (tok = strtok_r(buf, ",", &save); tok;
+                 tok = strtok_r(NULL, ",", &save)) {
+                if (!strcmp(tok, "last"))
+                    o->dense_last = 1;
+                else if (bench_parse_int64(tok, &x) || x < 0 || x >= 64)
+                    return fprintf(stderr, "accuracy: bad --dense-layers %s "
+                                           "(indices below 64 or last)\n",
+                                   tok), -1;
+                else
+                    o->dense_mask |= (uint64_t)1 << x;
+            }
         } else if (!strcmp(a, "--dtype")) {
             if (!strcmp(val, "bf16"))
                 o->shape.dtype = FKV_DTYPE_BF16;
@@ -223,6 +245,9 @@ static int parse_args(int argc, char **argv, options *o)
             return -1;
         }
     }
+    if (o->dense_mask >> o->shape.L)
+        return fprintf(stderr, "accuracy: --dense-layers names a layer past "
+                               "the %d of --layers\n", o->shape.L), -1;
     if (o->ncontexts == 0) {
         if (o->smoke) {
             o->contexts[0] = 4096;
@@ -296,6 +321,27 @@ static int bounded_variants(const options *o, wl_variant *v)
     return n;
 }
 
+/* --dense-layers: FREEKV (the library's threshold) and RESIDENT with those
+ * layers dense, after the n variants in v. */
+static int dense_variants(const options *o, wl_variant *v, int n)
+{
+    uint64_t mask = o->dense_mask;
+    if (o->dense_last)
+        mask |= (uint64_t)1 << (o->shape.L - 1);
+    if (!mask)
+        return n;
+    static const fkv_policy pol[2] = {FKV_POLICY_FREEKV, FKV_POLICY_RESIDENT};
+    for (int i = 0; i < 2; ++i) {
+        char name[40];
+        snprintf(name, sizeof name, "%.8s dense %.23s",
+                 bench_policy_name(pol[i]), o->dense_label);
+        v[n] = wl_make_variant(name, pol[i], NAN);
+        v[n].dense_layers = mask;
+        n++;
+    }
+    return n;
+}
+
 /* One (workload, context) run; appends to csv. Returns 0, 1 (a check
  * failed), -1 (error), or 2 (CUDA unavailable: skipped). */
 static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
@@ -304,6 +350,7 @@ static int run_one(const options *o, int kind, int64_t ctx, FILE *csv,
     wl_params pp = wl_default_params();
     wl_variant var[WL_MAX_VARIANTS];
     int nvar = o->nbounded ? bounded_variants(o, var) : wl_default_variants(var);
+    nvar = dense_variants(o, var, nvar);
     wl_gen g;
     wl_session s;
     wl_mem mem = wl_host_mem();

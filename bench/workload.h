@@ -244,6 +244,10 @@ typedef struct wl_variant {
     int32_t criterion;
     float min_mass;
     int32_t max_pages;
+    /* Bit l: layer l attends every token (fkv_options.dense_layers); 0:
+     * none. The oracle (the first RESIDENT) and the SYNC check use
+     * variants without. */
+    uint64_t dense_layers;
 } wl_variant;
 
 wl_variant wl_make_variant(const char *name, fkv_policy policy,
@@ -352,9 +356,14 @@ double wl_cos(const float *a, const float *b, int n);
 double wl_dense_head(wl_session *s, int layer, int h, int64_t n,
                            const float *qh, int64_t probe);
 
-/* The pages KV head kvh of variant v attended at this layer (design §2):
- * sink, selected, window, partial. Returns the count in s->att. */
-int wl_attended(wl_session *s, int v, int kvh, int64_t n);
+/* Whether variant v attends every token at layer l (DENSE, or a dense
+ * layer of its cache). */
+int wl_layer_dense(const wl_session *s, int v, int l);
+
+/* The pages KV head kvh of variant v attended at layer l (design §2):
+ * sink, selected, window, partial; every page at a dense layer. Returns
+ * the count in s->att. */
+int wl_attended(wl_session *s, int v, int l, int kvh, int64_t n);
 
 /* Candidate pages [*first, *first + *count) for n tokens (design §2). */
 void wl_candidates(const wl_session *s, int64_t n, int *first,

@@ -77,12 +77,18 @@ double wl_dense_head(wl_session *s, int layer, int h, int64_t n,
     return probe >= 0 && probe < n ? s->w[probe] : 0.0;
 }
 
-int wl_attended(wl_session *s, int v, int kvh, int64_t n)
+int wl_layer_dense(const wl_session *s, int v, int l)
+{
+    return s->var[v].policy == FKV_POLICY_DENSE ||
+           (l < 64 && ((s->var[v].dense_layers >> l) & 1u));
+}
+
+int wl_attended(wl_session *s, int v, int l, int kvh, int64_t n)
 {
     const int P = s->P;
     int64_t sealed = n / P, p, sink_end, win_first;
     int cnt = 0, j;
-    if (s->var[v].policy == FKV_POLICY_DENSE) {
+    if (wl_layer_dense(s, v, l)) {
         for (p = 0; p < (n + P - 1) / P; ++p)
             s->att[cnt++] = (int32_t)p;
         return cnt;

@@ -161,9 +161,11 @@ int wl_session_open(wl_session *s, wl_gen *g, const wl_variant *var,
         s->var[v] = var[v];
         if (var[v].policy == FKV_POLICY_DENSE && s->idx_dense < 0)
             s->idx_dense = v;
-        if (var[v].policy == FKV_POLICY_RESIDENT && s->idx_oracle < 0)
+        if (var[v].policy == FKV_POLICY_RESIDENT && !var[v].dense_layers &&
+            s->idx_oracle < 0)
             s->idx_oracle = v;
-        if (var[v].policy == FKV_POLICY_SYNC && s->idx_sync < 0)
+        if (var[v].policy == FKV_POLICY_SYNC && !var[v].dense_layers &&
+            s->idx_sync < 0)
             s->idx_sync = v;
         s->met[v].worst_step = INFINITY;
         s->met[v].worst_head = INFINITY;
@@ -224,6 +226,12 @@ int wl_session_open(wl_session *s, wl_gen *g, const wl_variant *var,
         }
         o.max_sequences = 1;
         o.max_tokens_per_sequence = g->cap;
+        uint8_t dense[64] = {0}; /* fkv_create copies it */
+        if (var[v].dense_layers) {
+            for (l = 0; l < sh->L && l < 64; ++l)
+                dense[l] = (uint8_t)((var[v].dense_layers >> l) & 1u);
+            o.dense_layers = dense;
+        }
         st = fkv_create(&o, &s->c[v]);
         if (st != FKV_OK) {
             wl_check(s, -1, st, "fkv_create");
@@ -458,7 +466,7 @@ int wl_session_step(wl_session *s)
                 for (j = 0; j < D; ++j)
                     dn += dout ? (double)dout[j] * dout[j] : dexact[j] * dexact[j];
                 dn = sqrt(dn);
-                cnt_o = wl_attended(s, s->idx_oracle, kvh, n);
+                cnt_o = wl_attended(s, s->idx_oracle, l, kvh, n);
                 oracle_mass = 0.0;
                 for (j = 0; j < cnt_o; ++j)
                     oracle_mass += pm[s->att[j]];
@@ -468,7 +476,7 @@ int wl_session_step(wl_session *s)
                     double mass = 0.0, e = 0.0, se = 0.0, xn = 0.0;
                     int i;
                     double *ex = s->w; /* scratch [D] */
-                    cnt = wl_attended(s, v, kvh, n);
+                    cnt = wl_attended(s, v, l, kvh, n);
                     memset(ex, 0, sizeof(double) * (size_t)D);
                     for (j = 0; j < cnt; ++j) {
                         mass += pm[s->att[j]];
@@ -492,7 +500,7 @@ int wl_session_step(wl_session *s)
                         m->self_err = sqrt(se / xn);
                     if (oracle_mass > 0.0 && mass / oracle_mass < m->worst_head)
                         m->worst_head = mass / oracle_mass;
-                    if (s->var[v].policy != FKV_POLICY_DENSE) {
+                    if (!wl_layer_dense(s, v, l)) {
                         m->sel_mass += mass - fixed;
                         m->sel_oracle += oracle_mass - fixed;
                     }
@@ -512,13 +520,13 @@ int wl_session_step(wl_session *s)
                     const int32_t *a = s->sel + ((size_t)v * KVH + h) * (s->K + 1);
                     int no = s->nsel[s->idx_oracle * KVH + h];
                     int na = s->nsel[v * KVH + h];
-                    if (s->var[v].policy != FKV_POLICY_DENSE) {
+                    if (!wl_layer_dense(s, v, l)) {
                         for (j = 0; j < no; ++j)
                             s->met[v].ovl_hit += wl_in_list(a, na, o[j]);
                         s->met[v].ovl_tot += no;
                     }
                     if (ask >= 0) {
-                        int cnt = wl_attended(s, v, h, n);
+                        int cnt = wl_attended(s, v, l, h, n);
                         s->met[v].asks++;
                         s->met[v].hits += wl_in_list(
                             s->att, cnt, (int32_t)(g->needle_pos[ask] / s->P));

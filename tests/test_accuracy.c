@@ -252,7 +252,7 @@ START_TEST(acc_metric_reference)
                           "%s head %d: output vs reference", s.var[v].name, h);
             /* Mass of the attended set: the metric's page sums against
              * softmax weights summed token by token over the mask. */
-            cnt = wl_attended(&s, v, kvh, n);
+            cnt = wl_attended(&s, v, L - 1, kvh, n);
             for (j = 0; j < cnt; ++j)
                 mass += pm[s.att[j]];
             for (t = 0; t < n; ++t) {
