@@ -14,7 +14,12 @@
 #        all at once, FKV_CUDA_EXPERIMENTAL as set by the caller; SAN_LIMIT;
 #        logs named TOOL-gpu_SUITE.log: the device tool returns no file
 #        whose name holds a colon); probe (bench/mapped_probe);
-#        recall-bulk (bench/recall with --bulk-gather, 2-8 blocks).
+#        recall-bulk (bench/recall with --bulk-gather, 2-8 blocks);
+#        host-pool (bench/host_pool); ncu (per-kernel times of one FREEKV
+#        decode step at 8K, batch 1: ncu --clock-control none over the
+#        library's kernels only, the prefill's 32 appends and 2 warm-up
+#        steps skipped, NCU_ARGS adds flags; summed per kernel by
+#        scripts/ncu_kernels.py).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -76,6 +81,15 @@ for s in "$@"; do
     recall-bulk) step recall-bulk "${RECALL_LIMIT:-150}" build/bench/recall --bulk-gather \
             --blocks 2,4,8 --conc-blocks 2,4,8 --csv "$logs/recall-bulk.csv" ;;
     probe) step probe "${PROBE_LIMIT:-90}" build/bench/mapped_probe --csv "$logs/probe.csv" ;;
+    host-pool) step host-pool "${HOST_POOL_LIMIT:-90}" build/bench/host_pool \
+            --csv "$logs/host_pool.csv" ;;
+    ncu) # --launch-skip counts only the kernels --kernel-name matches
+        step ncu "${NCU_LIMIT:-150}" ncu --clock-control none --metrics gpu__time_duration.sum \
+            --kernel-name "regex:select|score|attend|split|combine|recall|gather|plan|snapshot|bounded|append" \
+            --launch-skip "${NCU_SKIP:-740}" --launch-count "${NCU_COUNT:-400}" --csv \
+            build/bench/decode --contexts 8192 --batches 1 --policies FREEKV --steps 3 \
+            --warmup 2 --churn-steps 0 ${NCU_ARGS:-}
+        python3 scripts/ncu_kernels.py "$logs/ncu.log" >"$logs/ncu-kernels.txt" 2>&1 ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
         step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
             --csv "$logs/$DECODE_NAME.csv" ${DECODE_ARGS:-} ;;
