@@ -44,8 +44,9 @@ typedef struct config {
 static const char k_usage[] =
     "usage: host_pool [--smoke] [--csv FILE] [--device N] [--total-mib N]\n"
     "                 [--chunks-mib 32,256,1024]\n"
-    "  --total-mib: bytes per pass, default 4096\n"
-    "  --chunks-mib: cudaHostAlloc chunk sizes, default 32,256,1024\n"
+    "  --total-mib: MiB per pass, default 4096\n"
+    "  --chunks-mib: chunk sizes of the cudaHostAlloc and cudaHostRegister\n"
+    "                passes, default 32,256,1024\n"
     "  --smoke: 64 MiB, chunks 4,16\n";
 
 static void parse_args(int argc, char **argv, config *c)
