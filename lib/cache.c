@@ -5,10 +5,10 @@
 #include "internal.h"
 
 /* Chunk size of the host pool: a 32nd of the most the cache can hold,
- * within [32 MiB, 1 GiB]. Large enough that growth is rare (each chunk is
- * one cudaHostAlloc on CUDA, a fixed cost per call), small enough that a
- * cache holds at most a 32nd of its capacity (or 32 MiB) beyond its
- * pages. */
+ * within [32 MiB, 1 GiB]. Large enough that growth is rare (on CUDA each
+ * chunk is pinned, and pinning while appends run stalls them), small
+ * enough that a cache holds at most a 32nd of its capacity (or 32 MiB)
+ * beyond its pages. */
 #define FKV_POOL_CHUNK_MIN ((uint64_t)32 << 20)
 #define FKV_POOL_CHUNK_MAX ((uint64_t)1 << 30)
 
