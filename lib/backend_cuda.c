@@ -194,8 +194,8 @@ const char *fkvi_cuda_unavailable(int device)
 
 /* ---- creation ---------------------------------------------------------- */
 
-/* cudaMalloc and cudaHostAlloc, failing where the tests' fault injection
- * says (fkvi_device_fault, memory.c). */
+/* cudaMalloc, cudaHostAlloc and cudaHostRegister, failing where the tests'
+ * fault injection says (fkvi_device_fault, memory.c). */
 static cudaError_t dev_malloc(void **p, size_t bytes)
 {
     if (fkvi_device_fault())
@@ -210,6 +210,13 @@ static cudaError_t host_pinned(void **p, size_t bytes, unsigned int flags)
     return cudaHostAlloc(p, bytes, flags);
 }
 
+static cudaError_t host_register(void *p, size_t bytes, unsigned int flags)
+{
+    if (fkvi_device_fault())
+        return cudaErrorMemoryAllocation;
+    return cudaHostRegister(p, bytes, flags);
+}
+
 /* The host pool's chunks: page-aligned host memory registered with CUDA
  * (mapped, portable), not cudaHostAlloc: on the H200 machine registering
  * pinned 3.9 GB/s where cudaHostAlloc pinned 3.0 in the same run, whatever
@@ -220,16 +227,14 @@ static cudaError_t host_pinned(void **p, size_t bytes, unsigned int flags)
 static void *pinned_alloc(size_t bytes, void *ctx)
 {
     (void)ctx;
-    if (fkvi_device_fault())
-        return NULL;
     size_t rounded = (bytes + PINNED_PAGE - 1) / PINNED_PAGE * PINNED_PAGE;
     if (rounded == 0)
         rounded = PINNED_PAGE;
     void *p = aligned_alloc(PINNED_PAGE, rounded);
     if (!p)
         return NULL;
-    if (cudaHostRegister(p, rounded, cudaHostRegisterMapped |
-                                         cudaHostRegisterPortable) !=
+    if (host_register(p, rounded, cudaHostRegisterMapped |
+                                      cudaHostRegisterPortable) !=
         cudaSuccess) {
         (void)cudaGetLastError();
         free(p);
