@@ -38,7 +38,9 @@
  * GEMM enqueues; the pages moved inside fkv_attend (critical path). FREEKV
  * runs once per --thresholds entry, with --criterion's rule. --graph (CUDA)
  * captures one whole step once per configuration and replays it for the
- * timed steps (docs/benchmarks.md, "Method").
+ * timed steps (docs/benchmarks.md, "Method"). The eager timed steps run
+ * between cudaProfilerStart and cudaProfilerStop (no-ops without a
+ * profiler), so `ncu --profile-from-start off` sees those steps only.
  *
  * Output: progress on stderr, the table (and the FREEKV ratios) on stdout
  * at the end, a CSV with one row per configuration with --csv FILE (written
@@ -50,6 +52,9 @@
 #include "bench.h"
 
 #include <stdbool.h>
+#ifdef FKV_WITH_CUDA
+#include <cuda_profiler_api.h>
+#endif
 
 /* ------------------------------------------------------------------------ */
 /* Data model constants                                                     */
@@ -1493,6 +1498,10 @@ static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
         return false;
     }
     bench_timer_init(&tm, e->backend == FKV_BACKEND_CUDA, stream);
+#ifdef FKV_WITH_CUDA
+    if (e->backend == FKV_BACKEND_CUDA && with_fkv)
+        BENCH_CUDA_CHECK(cudaProfilerStart());
+#endif
     for (int i = 0; i < steps; i++) {
         bench_timer_start(&tm);
         decode_step(rc, t0 + warmup + i, with_fkv);
@@ -1502,6 +1511,10 @@ static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
         /* Waits for the step, as an engine waits for its sampled token. */
         out->ms[i] = bench_timer_elapsed_ms(&tm);
     }
+#ifdef FKV_WITH_CUDA
+    if (e->backend == FKV_BACKEND_CUDA && with_fkv)
+        BENCH_CUDA_CHECK(cudaProfilerStop());
+#endif
     bench_timer_free(&tm);
     return true;
 }

@@ -15,11 +15,10 @@
 #        logs named TOOL-gpu_SUITE.log: the device tool returns no file
 #        whose name holds a colon); probe (bench/mapped_probe);
 #        recall-bulk (bench/recall with --bulk-gather, 2-8 blocks);
-#        host-pool (bench/host_pool); ncu (per-kernel times of one FREEKV
-#        decode step at 8K, batch 1: ncu --clock-control none over the
-#        library's kernels only, the prefill's 32 appends and 2 warm-up
-#        steps skipped, NCU_ARGS adds flags; summed per kernel by
-#        scripts/ncu_kernels.py).
+#        host-pool (bench/host_pool); ncu (per-kernel times of two eager
+#        decode steps, paper trace, for each NCU_SET item: ncu
+#        --clock-control none, NCU_ARGS adds bench/decode flags; summed per
+#        kernel by scripts/ncu_kernels.py into ncu-NAME.txt).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -83,13 +82,18 @@ for s in "$@"; do
     probe) step probe "${PROBE_LIMIT:-90}" build/bench/mapped_probe --csv "$logs/probe.csv" ;;
     host-pool) step host-pool "${HOST_POOL_LIMIT:-90}" build/bench/host_pool \
             --csv "$logs/host_pool.csv" ;;
-    ncu) # --launch-skip counts only the kernels --kernel-name matches
-        step ncu "${NCU_LIMIT:-150}" ncu --clock-control none --metrics gpu__time_duration.sum \
-            --kernel-name "regex:select|score|attend|split|combine|recall|gather|plan|snapshot|bounded|append" \
-            --launch-skip "${NCU_SKIP:-740}" --launch-count "${NCU_COUNT:-400}" --csv \
-            build/bench/decode --contexts 8192 --batches 1 --policies FREEKV --steps 3 \
-            --warmup 2 --churn-steps 0 ${NCU_ARGS:-}
-        python3 scripts/ncu_kernels.py "$logs/ncu.log" >"$logs/ncu-kernels.txt" 2>&1 ;;
+    ncu) # NCU_SET: name=policy:context:batch[:criterion] items; bench/decode
+        # brackets its eager timed steps with cudaProfilerStart/Stop, so
+        # --profile-from-start off sees those steps only (GEMMs included)
+        for item in ${NCU_SET:-freekv-32k-b1=FREEKV:32768:1 resident-32k-b1=RESIDENT:32768:1}; do
+            name=${item%%=*}; IFS=: read -r pol ctx b crit <<<"${item#*=}"
+            step "ncu-$name" "${NCU_LIMIT:-150}" ncu --clock-control none --profile-from-start off \
+                --metrics gpu__time_duration.sum --csv \
+                build/bench/decode --contexts "$ctx" --batches "$b" --policies "$pol" \
+                --criterion "${crit:-cosine}" --trace paper --steps 2 --warmup 3 \
+                --churn-steps 0 ${NCU_ARGS:-}
+            python3 scripts/ncu_kernels.py "$logs/ncu-$name.log" >"$logs/ncu-$name.txt" 2>&1
+        done ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
         step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
             --csv "$logs/$DECODE_NAME.csv" ${DECODE_ARGS:-} ;;
