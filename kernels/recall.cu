@@ -4,9 +4,10 @@
 //         missing page a slot whose page left the set, writes the copy list
 //         and makes the set active (skipped when the selection kernel's
 //         tail made the plan: FKV_PLAN_DONE);
-//  gather a fixed grid of warps copies each listed unit (one page of one KV
-//         head, K and V: 16 KiB for bf16, P 32, D 128) from the host pool
-//         (mapped pinned memory, read over PCIe) into its slot. With
+//  gather a fixed grid copies the listed units (one page of one KV head, K
+//         and V: 16 KiB for bf16, P 32, D 128) from the host pool (mapped
+//         pinned memory, read over PCIe) into their slots, every thread
+//         16-byte pieces of the units' one global order. With
 //         st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) a few one-warp
 //         blocks do it with TMA bulk copies instead (gather_bulk_kernel).
 // A fixed grid keeps the launch graph-capturable; gather_blocks sets how
@@ -30,24 +31,75 @@ plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer
                                    smem, warp_total);
 }
 
-__global__ void gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads,
-                              int32_t K, uint64_t unit_bytes)
+// Exclusive prefix sums of the work counts of the batch's (sequence, KV
+// head)s into unit_base [heads + 1], by one warp (32 heads at a time), so
+// that the listed units have one global order. Returns the total.
+__device__ __forceinline__ int32_t unit_prefix(const fkv_dev_state &st,
+                                               const fkv_dev_batch &b, int32_t kv_heads,
+                                               int32_t *unit_base, int lane) {
+    const int32_t heads = b.n * kv_heads;
+    int32_t before = 0;
+    for (int32_t h0 = 0; h0 < heads; h0 += fkv::kWarp) {
+        const int32_t head = h0 + lane;
+        int32_t c = 0;
+        if (head < heads) {
+            const int32_t i = head / kv_heads, h = head % kv_heads;
+            c = st.work_count[(uint64_t)b.slot[i] * kv_heads + h];
+        }
+        int32_t x = c;
+#pragma unroll
+        for (int o = 1; o < fkv::kWarp; o <<= 1) {
+            const int32_t y = __shfl_up_sync(0xffffffffu, x, o);
+            if (lane >= o) x += y;
+        }
+        if (head < heads) unit_base[head] = before + x - c;
+        before += __shfl_sync(0xffffffffu, x, fkv::kWarp - 1);
+    }
+    if (lane == 0) unit_base[heads] = before;
+    return before;
+}
+
+// The 16-byte pieces of every listed unit in one global order (units in
+// unit_base order, pieces within a unit), thread t of the grid copying
+// pieces t, t + T, ... (T threads in all) four at a time, all four loads
+// before the stores. A small recall (a correction) then has all its bytes
+// in flight at once, about one PCIe round trip, where a warp per unit
+// needed eight (16 KiB / (32 lanes x 16 B x 4 in flight)); a warp's lanes
+// read 512 consecutive bytes of one unit. Dynamic shared memory:
+// unit_base [heads + 1].
+constexpr int kGatherBatch = 4;
+
+__global__ void __launch_bounds__(kGatherThreads)
+gather_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t K,
+              uint64_t unit_bytes)
 {
-    const int32_t lane = threadIdx.x % fkv::kWarp;
-    const int32_t warps = blockDim.x / fkv::kWarp;
-    const int64_t first = (int64_t)blockIdx.x * warps + threadIdx.x / fkv::kWarp;
-    const int64_t stride = (int64_t)gridDim.x * warps;
-    const int64_t items = (int64_t)b.n * kv_heads * K;
-    for (int64_t it = first; it < items; it += stride) {
-        const int32_t i = (int32_t)(it / ((int64_t)kv_heads * K));
-        const int32_t rem = (int32_t)(it % ((int64_t)kv_heads * K));
-        const int32_t h = rem / K, w = rem % K;
-        const uint64_t head = (uint64_t)b.slot[i] * kv_heads + h;
-        if (w >= st.work_count[head]) continue;
-        const uint64_t at = head * K + w;
-        fkv::copy16(reinterpret_cast<void *>(st.work_dst[at]),
-                    reinterpret_cast<const void *>(st.work_src[at]), unit_bytes, lane,
-                    fkv::kWarp);
+    extern __shared__ int32_t unit_base[];
+    if (threadIdx.x < fkv::kWarp) unit_prefix(st, b, kv_heads, unit_base, threadIdx.x);
+    __syncthreads();
+    const uint64_t per_unit = unit_bytes / 16;
+    const uint64_t pieces = (uint64_t)unit_base[b.n * kv_heads] * per_unit;
+    const uint64_t threads = (uint64_t)gridDim.x * blockDim.x;
+    int32_t head = 0;  // a thread's pieces only move forward: so does head
+    for (uint64_t p = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; p < pieces;
+         p += kGatherBatch * threads) {
+        uint4 v[kGatherBatch];
+        uint4 *dst[kGatherBatch];
+#pragma unroll
+        for (int k = 0; k < kGatherBatch; k++) {
+            const uint64_t q = p + k * threads;
+            dst[k] = nullptr;
+            if (q >= pieces) continue;
+            const uint64_t u = q / per_unit, part = q % per_unit;
+            while ((uint64_t)unit_base[head + 1] <= u) head++;
+            const int32_t i = head / kv_heads, h = head % kv_heads;
+            const uint64_t at = ((uint64_t)b.slot[i] * kv_heads + h) * K +
+                                (u - (uint64_t)unit_base[head]);
+            v[k] = reinterpret_cast<const uint4 *>(st.work_src[at])[part];
+            dst[k] = reinterpret_cast<uint4 *>(st.work_dst[at]) + part;
+        }
+#pragma unroll
+        for (int k = 0; k < kGatherBatch; k++)
+            if (dst[k]) *dst[k] = v[k];
     }
 }
 
@@ -68,27 +120,9 @@ gather_bulk_kernel(fkv_dev_state st, fkv_dev_batch b, int32_t kv_heads, int32_t 
 #if FKV_HAS_BULK_COPY
     namespace bulk = fkv::bulk;
     extern __shared__ __align__(128) unsigned char stages[];
-    const int32_t heads = b.n * kv_heads;
     int32_t *unit_base = reinterpret_cast<int32_t *>(stages + bulk::kGatherStageBytes);
     const int lane = threadIdx.x;
-    int32_t before = 0;
-    for (int32_t h0 = 0; h0 < heads; h0 += fkv::kWarp) {
-        const int32_t head = h0 + lane;
-        int32_t c = 0;
-        if (head < heads) {
-            const int32_t i = head / kv_heads, h = head % kv_heads;
-            c = st.work_count[(uint64_t)b.slot[i] * kv_heads + h];
-        }
-        int32_t x = c;
-#pragma unroll
-        for (int o = 1; o < fkv::kWarp; o <<= 1) {
-            const int32_t y = __shfl_up_sync(0xffffffffu, x, o);
-            if (lane >= o) x += y;
-        }
-        if (head < heads) unit_base[head] = before + x - c;
-        before += __shfl_sync(0xffffffffu, x, fkv::kWarp - 1);
-    }
-    if (lane == 0) unit_base[heads] = before;
+    const int32_t before = unit_prefix(st, b, kv_heads, unit_base, lane);
     __syncwarp();
     if (lane != 0) return;  // one issuing thread is all TMA needs
 
@@ -151,8 +185,9 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
         gather_bulk_kernel<<<gather_blocks, fkv::kWarp, bulk_smem(b->n * g->kv_heads), stream>>>(
             *st, *b, g->kv_heads, g->select_pages, g->unit_bytes);
     } else {
-        gather_kernel<<<gather_blocks, kGatherThreads, 0, stream>>>(*st, *b, g->kv_heads,
-                                                                    g->select_pages, g->unit_bytes);
+        const size_t smem = 4u * ((size_t)b->n * g->kv_heads + 1);
+        gather_kernel<<<gather_blocks, kGatherThreads, smem, stream>>>(
+            *st, *b, g->kv_heads, g->select_pages, g->unit_bytes);
     }
     return cudaGetLastError();
 }
