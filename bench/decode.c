@@ -121,6 +121,7 @@ typedef struct args {
     int max_pages;                   /* BOUNDED */
     int graph;                       /* --graph: replay a captured step */
     int reserve;                     /* --reserve: time the pool apart */
+    int select_q;                    /* --select-q: fkv_select(q), not NULL */
     int paper_trace; /* --trace paper (else drift) */
     int64_t contexts[MAX_LIST];
     int n_contexts;
@@ -184,6 +185,9 @@ static void usage(FILE *f)
         "                        after the warm-up, replay it for the timed\n"
         "                        steps; a policy whose step cannot be captured\n"
         "                        gets a \"no-graph\" row, not eager timings\n"
+        "  --select-q            pass the query to fkv_select (the library then\n"
+        "                        compares it with the attend's on the device)\n"
+        "                        instead of NULL, the attend's query (default)\n"
         "  --reserve             fkv_seq_reserve every sequence's tokens\n"
         "                        before the prefill, timed apart from it (the\n"
         "                        host pool's pinned allocations, then the\n"
@@ -330,6 +334,10 @@ static void parse_args(int argc, char **argv, args *a, int smoke_sizes)
         }
         if (!strcmp(flag, "--reserve")) {
             a->reserve = 1;
+            continue;
+        }
+        if (!strcmp(flag, "--select-q")) {
+            a->select_q = 1;
             continue;
         }
         static const char *const with_value[] = {
@@ -1306,7 +1314,8 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
             fkv_cache *c = rc->cache;
             STEP_FKV(rc, fkv_append(c, l, &rc->step, k, v));
             STEP_FKV(rc, fkv_attend(c, l, &rc->step, q, e->out));
-            STEP_FKV(rc, fkv_select(c, l, &rc->step, q));
+            /* NULL: the attend's query (nothing launched). */
+            STEP_FKV(rc, fkv_select(c, l, &rc->step, a->select_q ? q : NULL));
             STEP_FKV(rc, fkv_recall(c, l, &rc->step));
         }
 #ifdef FKV_WITH_CUDA
@@ -2181,8 +2190,9 @@ int main(int argc, char **argv)
     if (a.criterion == FKV_CRITERION_BOUNDED)
         fprintf(stderr, " (min mass %g, max pages %d)", a.min_mass,
                 a.max_pages);
-    fprintf(stderr, "%s\n", a.graph ? "; timed steps replay a CUDA graph"
-                                     : "");
+    fprintf(stderr, "%s%s\n", a.graph ? "; timed steps replay a CUDA graph"
+                                       : "",
+            a.select_q ? "; fkv_select given the query" : "");
     fprintf(stderr, "steps: %d warm-up, %d timed, %d for the churn\n",
             a.warmup, a.steps, a.churn_steps);
     if (cpu_sizes)

@@ -614,7 +614,8 @@ static void run_policy(fkv_policy policy, const inputs *in, float *out,
                 }
 
             t0 = now_ms();
-            CHECK(cache, fkv_select(cache, l, &decode, q));
+            /* NULL: the attend's query (its selection is kept). */
+            CHECK(cache, fkv_select(cache, l, &decode, NULL));
             CHECK(cache, fkv_recall(cache, l, &decode));
             res->decode_ms += now_ms() - t0;
 

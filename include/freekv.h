@@ -35,7 +35,7 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define FKV_VERSION_MAJOR 0
-#define FKV_VERSION_MINOR 3
+#define FKV_VERSION_MINOR 4
 #define FKV_VERSION_PATCH 0
 #define FKV_VERSION_NUMBER \
     (FKV_VERSION_MAJOR * 10000 + FKV_VERSION_MINOR * 100 + FKV_VERSION_PATCH)
@@ -334,13 +334,21 @@ FKV_API fkv_status fkv_append_strided(fkv_cache *cache, int32_t layer,
 /* Attention of q over the layer's cache for each sequence: sink, window,
  * partial page and the selected pages (all tokens for FKV_POLICY_DENSE or
  * when the context fits in the budget). FREEKV: corrects the KV heads whose
- * query drifted (mean cosine < correction_threshold) before attending. */
+ * query drifted (mean cosine < correction_threshold) before attending, and
+ * selects every KV head's pages with q for the next step (select at
+ * attend: fkv_select(q = NULL) then keeps that selection). */
 FKV_API fkv_status fkv_attend(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch, const void *q,
                               void *out);
 
 /* FREEKV: selects each KV head's pages for the next step with q (the query
- * just attended with). A no-op for the other policies. */
+ * just attended with). q NULL (since 0.4): the query of the fkv_attend (or
+ * fkv_attend_tokens) just made on this layer, whose selection is kept at no
+ * cost (the CUDA backend launches nothing); FKV_ERR_INVALID_STATE if a
+ * sequence had an fkv_append, fkv_recall, fkv_select with a query or
+ * truncate on the layer since its attend. A q equal (bitwise) to the
+ * attend's, at the same length, also keeps it. A no-op (q NULL allowed)
+ * for the other policies and on dense layers. */
 FKV_API fkv_status fkv_select(fkv_cache *cache, int32_t layer,
                               const fkv_batch *batch, const void *q);
 

@@ -80,7 +80,7 @@ typedef struct fkv_dev_geometry {
     uint64_t off_pending_valid; /* [kv_heads] 0/1 */
     uint64_t off_fix_pages;     /* [kv_heads][K] */
     uint64_t off_snap_len;      /* [1] length when fkv_select was called */
-    /* [1] BOUNDED: 1 while pending_pages/q and snap_len were made by
+    /* [1] FREEKV: 1 while pending_pages/q and snap_len were made by
      * fkv_attend (select at attend), so fkv_select with the same query at
      * the same length keeps them */
     uint64_t off_pending_attend;
@@ -233,10 +233,10 @@ cudaError_t fkv_launch_append_strided(const fkv_dev_geometry *g,
 
 /* Copies q ([n][q_heads][D], cache dtype) into pending_q as float and len
  * into snap_len, so that a selection on another stream sees this moment.
- * Under FKV_CRITERION_BOUNDED a sequence whose pending selection was made
- * at attend (pending_attend) with the same query, bitwise as float, at the
- * same length keeps it (pending_attend stays 1: the FKV_SELECT_PENDING
- * selection skips it); otherwise pending_attend is cleared. */
+ * A sequence whose pending selection was made at attend (pending_attend)
+ * with the same query, bitwise as float, at the same length keeps it
+ * (pending_attend stays 1: the FKV_SELECT_PENDING selection skips it);
+ * otherwise pending_attend is cleared. */
 cudaError_t fkv_launch_snapshot(const fkv_dev_geometry *g,
                                 const fkv_dev_state *st,
                                 const fkv_dev_batch *b, int32_t layer,
@@ -246,11 +246,14 @@ typedef enum fkv_select_mode {
     /* FREEKV's fkv_select: query pending_q, length snap_len; writes
      * pending_pages/count and sets pending_valid. */
     FKV_SELECT_PENDING = 0,
-    /* FREEKV's attend: per KV head, count a check; if there is no active
-     * selection, or the candidates fit in K but are not all active, or the
-     * mean cosine of q with active_q is under the threshold: count a
-     * correction, select with q into fix_pages/count and set active_q to q.
-     * Otherwise fix_count = -1. */
+    /* FREEKV's attend under FKV_CRITERION_COSINE (select at attend): per KV
+     * head, count a check and select with q into pending_pages/count
+     * (pending_valid set; q into pending_q, the length into snap_len,
+     * pending_attend set). If there is no active selection, or the
+     * candidates fit in K but are not all active, or the mean cosine of q
+     * with active_q is under the threshold: count a correction, copy the
+     * selection into fix_pages/count and set active_q to q. Otherwise
+     * fix_count = -1. */
     FKV_SELECT_CORRECT = 1,
     /* SYNC's attend: select every head with q into fix_pages/count. */
     FKV_SELECT_FIX_ALL = 2,

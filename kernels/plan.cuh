@@ -178,10 +178,9 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
             lv.h_array(g.off_fix_count)[h] = -1;
         } else {
             lv.h_array(g.off_pending_valid)[h] = 0;
-            // BOUNDED: the selection made at attend is active now; the next
+            // The selection made at attend is active now; the next
             // fkv_select selects afresh (nothing reads this meanwhile).
-            if (g.criterion == FKV_CRITERION_BOUNDED && h == 0)
-                *lv.at<int32_t>(g.off_pending_attend) = 0;
+            if (h == 0) *lv.at<int32_t>(g.off_pending_attend) = 0;
         }
     }
 }

@@ -487,11 +487,8 @@ __device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
 // below the threshold. Uniform across the block; all threads must call it,
 // after q_s is complete. cos_s [G] and *need_s are shared scratch; ends with
 // a barrier after the last read of active_q.
-// score_kernel and select_kernel both call this with the same inputs and
-// must agree: __noinline__ makes it one body of machine code for both, so
-// not even floating-point contraction can differ between the two.
 template <int D>
-__device__ __noinline__ bool need_correction(int32_t ac, int cand, int K, int G,
+__device__ __forceinline__ bool need_correction(int32_t ac, int cand, int K, int G,
                                              float threshold, const float *q_s,
                                              const float *active_q, float *cos_s,
                                              int32_t *need_s) {
@@ -529,12 +526,11 @@ __device__ __noinline__ bool need_correction(int32_t ac, int cand, int K, int G,
 // ---- kernels ---------------------------------------------------------------
 
 // FKV_SELECT_PENDING of a sequence whose pending selection fkv_attend made
-// with the query and length fkv_select was given (BOUNDED only; the
-// snapshot kernel cleared pending_attend otherwise): nothing to do.
+// with the query and length fkv_select was given (the snapshot kernel
+// cleared pending_attend otherwise): nothing to do.
 __device__ __forceinline__ bool kept_from_attend(const fkv_dev_geometry &g,
                                                  const layer_view &L, int32_t mode) {
-    return mode == FKV_SELECT_PENDING && g.criterion == FKV_CRITERION_BOUNDED &&
-           *L.at<int32_t>(g.off_pending_attend) != 0;
+    return mode == FKV_SELECT_PENDING && *L.at<int32_t>(g.off_pending_attend) != 0;
 }
 
 // Length of sequence slot's layer for the mode and its candidate range,
@@ -585,12 +581,11 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
              const __grid_constant__ fkv_dev_state st,
              const __grid_constant__ fkv_dev_batch b, int32_t layer,
              const T *__restrict__ q, int32_t mode, int32_t chunk) {
-    // Dynamic: q_s [G][D] floats, cos_s [G] floats (FKV_SELECT_CORRECT).
+    // Dynamic: q_s [G][D] floats. Every mode scores every head: the
+    // attend's modes select at attend (the next step's speculative set).
     extern __shared__ float4 dyn_smem[];
-    __shared__ int32_t need_s;
     const int G = g.group, K = g.select_pages;
     float *q_s = reinterpret_cast<float *>(dyn_smem);
-    float *cos_s = q_s + (size_t)G * D;
 
     const int c = blockIdx.x, h = blockIdx.y, i = blockIdx.z;
     const int slot = b.slot[i];
@@ -607,14 +602,6 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
 
     load_query<T, D>(g, L, q, mode, i, h, q_s);
     __syncthreads();
-    // The decision select_kernel takes next; active_q and active_count are
-    // only written by it (and by recall) after this kernel, in stream order.
-    if (mode == FKV_SELECT_CORRECT &&
-        !need_correction<D>(L.h_array(g.off_active_count)[h], cand, K, G,
-                            g.threshold, q_s,
-                            L.at<float>(g.off_active_q) + (size_t)h * G * D,
-                            cos_s, &need_s))
-        return;
 
     const size_t row = (size_t)slot * g.kv_heads + h;
     float *scores = st.scores + row * G * g.max_pages;  // [G][max_pages]
@@ -659,29 +646,27 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
     __syncthreads();
 
     int32_t *out_pages, *out_count;
-    if (mode == FKV_SELECT_CORRECT) {
-        // 3. Correct this head now, or keep the speculative selection?
+    const bool at_attend = mode == FKV_SELECT_CORRECT || mode == FKV_SELECT_BOUNDED;
+    bool need = false;  // FKV_SELECT_CORRECT: correct this head now
+    if (at_attend) {
+        // Select at attend: every head's top-K with q is the next step's
+        // speculative set (pending), whether or not it is corrected now.
         if (tid == 0) atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
-        float *active_q = L.at<float>(g.off_active_q) + q_first;
-        const bool need = need_correction<D>(L.h_array(g.off_active_count)[h],
-                                             cand, g.select_pages, G, g.threshold,
-                                             q_s, active_q, head_sum, &sh.need);
-        if (!need) {
-            if (tid == 0) L.h_array(g.off_fix_count)[h] = -1;
-            return;
+        if (mode == FKV_SELECT_CORRECT) {
+            float *active_q = L.at<float>(g.off_active_q) + q_first;
+            need = need_correction<D>(L.h_array(g.off_active_count)[h], cand,
+                                      g.select_pages, G, g.threshold, q_s, active_q,
+                                      head_sum, &sh.need);
+            // Every thread has read active_q (the barrier at its end).
+            if (need)
+                for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
         }
-        if (tid == 0) atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
-        // Every thread has read active_q (barrier above) or never will.
-        for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
-        out_pages = L.k_array(g.off_fix_pages, h);
-        out_count = L.h_array(g.off_fix_count) + h;
+        out_pages = L.k_array(g.off_pending_pages, h);
+        out_count = L.h_array(g.off_pending_count) + h;
     } else if (mode == FKV_SELECT_ACTIVE) {
         out_pages = L.k_array(g.off_active_pages, h);
         out_count = L.h_array(g.off_active_count) + h;
-    } else if (mode == FKV_SELECT_PENDING || mode == FKV_SELECT_BOUNDED) {
-        // BOUNDED: select at attend, the next step's speculative set.
-        if (mode == FKV_SELECT_BOUNDED && tid == 0)
-            atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
+    } else if (mode == FKV_SELECT_PENDING) {
         out_pages = L.k_array(g.off_pending_pages, h);
         out_count = L.h_array(g.off_pending_count) + h;
     } else {  // FKV_SELECT_FIX_ALL
@@ -693,7 +678,7 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
     const int count = select_pages(g, st, slot, h, first, cand, head_max,
                                    head_sum, keys_s, key_cap, sh, out_pages);
     if (tid == 0) *out_count = count;
-    if (mode == FKV_SELECT_BOUNDED) {
+    if (at_attend) {
         // The query and length fkv_select compares with (snapshot.cu).
         float *pending_q = L.at<float>(g.off_pending_q) + q_first;
         for (int j = tid; j < G * D; j += kThreads) pending_q[j] = q_s[j];
@@ -702,16 +687,16 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
         const bool full = ac < 0 || (cand <= K && ac < cand);
         __syncthreads();  // every page of out_pages written
         int32_t *fix_count = L.h_array(g.off_fix_count) + h;
-        if (full) {  // as under COSINE: the whole top-K now
+        if (mode == FKV_SELECT_CORRECT ? need : full) {  // the whole top-K now
             int32_t *fix = L.k_array(g.off_fix_pages, h);
             for (int j = tid; j < count; j += kThreads) fix[j] = out_pages[j];
             if (tid == 0) {
                 *fix_count = count;
                 atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
             }
-        } else if (cand <= K || K <= 0) {  // the active set holds them all
-            if (tid == 0) *fix_count = -1;
-        }  // else fkv_launch_bounded decides
+        } else if (mode == FKV_SELECT_CORRECT || cand <= K || K <= 0) {
+            if (tid == 0) *fix_count = -1;  // the speculative set serves
+        }  // else (BOUNDED) fkv_launch_bounded decides
         if (tid == 0) {
             L.h_array(g.off_pending_valid)[h] = 1;
             if (h == 0) {
@@ -793,7 +778,7 @@ template <int D> int score_chunk(const fkv_dev_geometry &g, const fkv_dev_limits
 // Dynamic shared memory of the two kernels for a geometry (the launches and
 // fkv_select_init agree through these).
 template <int D> size_t score_smem(const fkv_dev_geometry &g) {
-    return ((size_t)g.group * D + g.group) * sizeof(float);
+    return (size_t)g.group * D * sizeof(float);
 }
 template <int D> size_t select_base_smem(const fkv_dev_geometry &g) {
     return ((size_t)g.group * D + 2 * (size_t)g.group) * sizeof(float);

@@ -26,8 +26,9 @@ typedef struct cpu_layer {
     bool pending_valid;
     float *active_q;  /* [q_heads][D] query that made each active set */
     float *pending_q; /* [q_heads][D] */
-    /* BOUNDED: pending was made by fkv_attend with pending_q at length
-     * pending_len, so fkv_select with the same query only keeps it. */
+    /* FREEKV: pending was made by fkv_attend with pending_q at length
+     * pending_len (select at attend), so fkv_select with the same query,
+     * or with q NULL, only keeps it. */
     bool pending_at_attend;
     int64_t pending_len;
 } cpu_layer;
@@ -709,10 +710,6 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
             size_t qoff = (size_t)h * g->group * D;
             bool full = L->active_count[h] < 0 ||
                 (r.cand_count <= K && L->active_count[h] < r.cand_count);
-            bool correct = !bounded(c, layer) &&
-                (full || fkvi_group_cosine(cb->query + qoff, L->active_q + qoff,
-                                           g->group, D) <
-                             c->opts.correction_threshold);
             if (bounded(c, layer)) {
                 /* Its fetches are on the critical path: counted as such. */
                 const uint64_t before = c->counters.pages_recalled;
@@ -720,13 +717,21 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
                     c->counters.corrections++;
                 c->counters.pages_recalled_critical +=
                     c->counters.pages_recalled - before;
-            } else if (correct) {
-                c->counters.corrections++;
-                int32_t m = select_head(c, L, &r, cb->query, h,
-                                        cb->selected);
-                recall_head(c, slot, layer, L, h, cb->selected, m, true);
-                memcpy(L->active_q + qoff, cb->query + qoff,
-                       (size_t)g->group * D * sizeof(float));
+            } else {
+                /* Select at attend: the top-K with q is the next step's
+                 * speculative set, and a corrected head's set now. */
+                int32_t *top = L->pending_pages + (size_t)h * K;
+                int32_t m = select_head(c, L, &r, cb->query, h, top);
+                L->pending_count[h] = m;
+                if (full || fkvi_group_cosine(cb->query + qoff,
+                                              L->active_q + qoff, g->group,
+                                              D) <
+                                c->opts.correction_threshold) {
+                    c->counters.corrections++;
+                    recall_head(c, slot, layer, L, h, top, m, true);
+                    memcpy(L->active_q + qoff, cb->query + qoff,
+                           (size_t)g->group * D * sizeof(float));
+                }
             }
         }
         int32_t nsel = policy == FKV_POLICY_DENSE ? 0 : L->active_count[h];
@@ -760,7 +765,7 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
                          ((size_t)(q_row + t) * g->q_heads + qh) * D);
         }
     }
-    if (bounded(c, layer)) { /* select at attend: this top-K is the next step's */
+    if (policy == FKV_POLICY_FREEKV) { /* select at attend: the next step's */
         memcpy(L->pending_q, cb->query,
                (size_t)g->q_heads * D * sizeof(float));
         L->pending_valid = true;
@@ -791,6 +796,8 @@ static fkv_status cpu_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                              const void *q)
 {
     const fkvi_geometry *g = &c->geo;
+    if (!q) /* the attend's query: its selection is the pending one */
+        return FKV_OK;
     for (int32_t i = 0; i < b->n; i++) {
         int32_t slot = b->slot[i];
         cpu_layer *L = layer_of(c, slot, layer);

@@ -4,11 +4,15 @@
  * Streams: attention and everything on the critical path run on the
  * engine's stream (fkv_set_stream); FREEKV's speculative selection and
  * recall run on the library's high-priority side stream, ordered by events:
- *   fkv_select(l): snapshot q and the length on the engine's stream, then
- *                  the side stream waits for it and selects;
- *   fkv_recall(l): recall on the side stream, recording recall_done[l];
  *   fkv_attend(l): the engine's stream waits for recall_done[l] (the
- *                  previous step's recall), then corrects and attends.
+ *                  previous step's recall), then selects every head with
+ *                  q (the next step's speculative set: select at attend),
+ *                  corrects and attends;
+ *   fkv_select(l): with q NULL only the side stream's wait for the attend;
+ *                  with a query, a snapshot of it on the engine's stream
+ *                  and, where it is not the attend's, a selection on the
+ *                  side stream;
+ *   fkv_recall(l): recall on the side stream, recording recall_done[l].
  * No call synchronises with the host on the decode path; see
  * docs/design.md for CUDA graph capture. */
 #include <stdbool.h>
@@ -1100,12 +1104,13 @@ static fkv_plan_kind attend_plan(const cuda_backend *cb)
     return cb->st_main.gather_bulk ? FKV_PLAN_GATHERED : FKV_PLAN_DONE;
 }
 
-/* BOUNDED: an attend writes the pending selection, which a side-stream
- * fkv_select not yet followed by its fkv_recall (whose recall_done the
- * attend waits for) may still be writing: the engine waits for it. */
-static cudaError_t bounded_join_side(cuda_backend *cb, int32_t layer)
+/* FREEKV's attend writes the pending selection (select at attend), which a
+ * side-stream fkv_select not yet followed by its fkv_recall (whose
+ * recall_done the attend waits for) may still be writing: the engine waits
+ * for it. */
+static cudaError_t join_side_select(cuda_backend *cb, int32_t layer)
 {
-    if (!cb->bounded || !cb->select_unjoined[layer])
+    if (!cb->select_unjoined[layer])
         return cudaSuccess;
     cudaError_t e = cudaEventRecord(cb->stream_switch, cb->side);
     if (e == cudaSuccess)
@@ -1117,16 +1122,16 @@ static cudaError_t bounded_join_side(cuda_backend *cb, int32_t layer)
 
 /* What every attend waits for before its launches: the previous step's
  * speculative recall of this layer (FREEKV; under capture the previous
- * replay has finished before this one starts), and under BOUNDED the side
- * stream's selection. */
+ * replay has finished before this one starts), and the side stream's
+ * selection. */
 static cudaError_t attend_join(cuda_backend *cb, int32_t layer,
                                fkv_policy policy)
 {
     cudaError_t e = cudaSuccess;
     if (policy == FKV_POLICY_FREEKV && !capturing(cb->stream))
         e = cudaStreamWaitEvent(cb->stream, cb->recall_done[layer], 0);
-    if (e == cudaSuccess)
-        e = bounded_join_side(cb, layer);
+    if (e == cudaSuccess && policy == FKV_POLICY_FREEKV)
+        e = join_side_select(cb, layer);
     return e;
 }
 
@@ -1185,7 +1190,9 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->seq_base_host, cb->stream);
     }
-    if (cb->bounded) /* even after an error: some of it may have run */
+    /* Select at attend wrote the pending selection: the side stream waits
+     * before it reads it (even after an error: some of it may have run). */
+    if (policy == FKV_POLICY_FREEKV)
         cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
@@ -1251,7 +1258,9 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                   bound, cb->seq_base_host, cb->stream);
         }
     }
-    if (cb->bounded) /* even after an error: some of it may have run */
+    /* Select at attend wrote the pending selection: the side stream waits
+     * before it reads it (even after an error: some of it may have run). */
+    if (policy == FKV_POLICY_FREEKV)
         cb->attend_unjoined[layer] = true;
     leave(&guard);
     if (e != cudaSuccess)
@@ -1259,13 +1268,20 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
     return FKV_OK;
 }
 
+/* FREEKV's fkv_select. The attend selected at attend (section 4 of
+ * docs/design.md): with q NULL (the attend's query; lib/layer_calls.c
+ * checked that nothing came between) that selection is kept and nothing is
+ * launched, only the side stream ordered after the attend that wrote it.
+ * With a query, the snapshot kernel keeps the attend's selection where the
+ * query and length are the attend's (bitwise) and the side stream selects
+ * the other sequences. */
 static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *q)
 {
     cuda_backend *cb = backend_of(c);
     if (c->opts.policy == FKV_POLICY_EXTERNAL) /* the engine selects */
         return FKV_OK;
-    fkv_status st = need_device_pointer(c, "fkv_select", "q", q);
+    fkv_status st = q ? need_device_pointer(c, "fkv_select", "q", q) : FKV_OK;
     if (st != FKV_OK)
         return st;
     device_guard guard;
@@ -1275,6 +1291,8 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                         c->geo.elem_bytes;
     cudaError_t e = cudaSuccess;
     FOR_EACH_CHUNK(b, first, count) {
+        if (!q)
+            break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
         e = fkv_launch_snapshot(&cb->lgeo[layer], &cb->st_main, &d, layer,
@@ -1286,22 +1304,20 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         e = cudaEventRecord(cb->select_ready[layer], cb->stream);
     if (e == cudaSuccess)
         e = cudaStreamWaitEvent(cb->side, cb->select_ready[layer], 0);
+    if (e == cudaSuccess)
+        cb->attend_unjoined[layer] = false;
     FOR_EACH_CHUNK(b, first, count) {
-        if (e != cudaSuccess)
+        if (e != cudaSuccess || !q)
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
         e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_side, &d, layer, NULL,
                               FKV_SELECT_PENDING, 0, cb->side);
     }
-    if (cb->bounded) {
-        /* The side stream waited for select_ready, recorded after the
-         * attend; the next attend must wait for this selection (even
-         * after an error: some of it may have run). */
-        if (e == cudaSuccess)
-            cb->attend_unjoined[layer] = false;
+    /* The next attend must wait for this selection (even after an error:
+     * some of it may have run). */
+    if (q)
         cb->select_unjoined[layer] = true;
-    }
     leave(&guard);
     if (e != cudaSuccess)
         return cuda_fail(c, e, "fkv_select");
@@ -1318,9 +1334,9 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
     if (st != FKV_OK)
         return st;
     cudaError_t e = cudaSuccess;
-    /* BOUNDED without an fkv_select since the attend: the side stream
-     * recalls the attend's selection, so it waits for that attend. */
-    if (cb->bounded && cb->attend_unjoined[layer]) {
+    /* No fkv_select since the attend: the side stream recalls the attend's
+     * selection, so it waits for that attend. */
+    if (cb->attend_unjoined[layer]) {
         e = cudaEventRecord(cb->select_ready[layer], cb->stream);
         if (e == cudaSuccess)
             e = cudaStreamWaitEvent(cb->side, cb->select_ready[layer], 0);
@@ -1340,7 +1356,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
     }
     if (e == cudaSuccess)
         e = cudaEventRecord(cb->recall_done[layer], cb->side);
-    if (e == cudaSuccess && cb->bounded) /* the next attend waits for it */
+    if (e == cudaSuccess) /* the next attend waits for it */
         cb->select_unjoined[layer] = false;
     /* A captured step must join the side stream back before capture ends:
      * the last layer's recall is the step's last side-stream work. */

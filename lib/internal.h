@@ -75,6 +75,10 @@ typedef struct fkvi_sequence {
     bool open;
     int64_t generation;   /* id = generation * max_sequences + slot */
     int64_t *length;      /* [layers] tokens held per layer */
+    /* [layers] FREEKV: the length at the layer's last fkv_attend while its
+     * selection is the pending one (fkv_select with q NULL keeps it); -1
+     * after an fkv_select with a query, fkv_recall, truncate or fork */
+    int64_t *attended;
     int32_t *mapped;      /* [layers] pages [0, mapped) have pool blocks */
     uint32_t *blocks;     /* [layers][max_pages] pool block of each page */
 } fkvi_sequence;
@@ -110,6 +114,8 @@ typedef struct fkvi_backend_ops {
                          const void *k, const void *v);
     fkv_status (*attend)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                          const void *q, void *out);
+    /* FREEKV layers only. q NULL: keep the selection the batch's attend
+     * made at attend (the caller checked that nothing came between). */
     fkv_status (*select)(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                          const void *q);
     fkv_status (*recall)(fkv_cache *c, int32_t layer, const fkvi_batch *b);

@@ -113,6 +113,24 @@ fkv_status fkv_append_strided(fkv_cache *c, int32_t layer,
     return append_rows(c, "fkv_append_strided", layer, &b, NULL, NULL, k, v);
 }
 
+/* FREEKV selects at attend: the batch's selections are the pending ones,
+ * which fkv_select with q NULL keeps (marks: fkvi_sequence.attended). */
+static void mark_attended(fkv_cache *c, int32_t layer, const fkvi_batch *b)
+{
+    if (fkvi_layer_policy(c, layer) != FKV_POLICY_FREEKV)
+        return;
+    for (int32_t i = 0; i < b->n; i++) {
+        fkvi_sequence *s = &c->seqs[b->slot[i]];
+        s->attended[layer] = s->length[layer];
+    }
+}
+
+static void clear_attended(fkv_cache *c, int32_t layer, const fkvi_batch *b)
+{
+    for (int32_t i = 0; i < b->n; i++)
+        c->seqs[b->slot[i]].attended[layer] = -1;
+}
+
 /* Every sequence must hold tokens at this layer before it can attend. */
 static fkv_status need_tokens(fkv_cache *c, const char *fn, int32_t layer,
                               const fkv_batch *batch, const fkvi_batch *b)
@@ -143,6 +161,8 @@ fkv_status fkv_attend(fkv_cache *c, int32_t layer, const fkv_batch *batch,
     st = c->ops->attend(c, layer, &b, q, out);
     if (st == FKV_OK && layer == 0)
         c->counters.steps++;
+    if (st == FKV_OK)
+        mark_attended(c, layer, &b);
     return st;
 }
 
@@ -155,14 +175,29 @@ fkv_status fkv_select(fkv_cache *c, int32_t layer, const fkv_batch *batch,
         fkvi_resolve_batch(c, "fkv_select", layer, batch, false, &b);
     if (st != FKV_OK)
         return st;
-    NEED_PTR(c, "fkv_select", q);
     st = need_tokens(c, "fkv_select", layer, batch, &b);
     if (st != FKV_OK)
         return st;
     /* A dense layer selects nothing, whatever the policy. */
     if (fkvi_layer_policy(c, layer) != FKV_POLICY_FREEKV)
         return FKV_OK;
-    return c->ops->select(c, layer, &b, q);
+    /* q NULL: the query of the attend just made, whose selection is the
+     * pending one unless something came between. */
+    for (int32_t i = 0; !q && i < b.n; i++) {
+        const fkvi_sequence *s = &c->seqs[b.slot[i]];
+        if (s->attended[layer] != s->length[layer])
+            return fkvi_fail(c, FKV_ERR_INVALID_STATE,
+                             "fkv_select: q is NULL but sequence %lld has "
+                             "no fkv_attend on layer %d since its last "
+                             "fkv_append, fkv_recall, fkv_select with a "
+                             "query or truncate (q NULL keeps the selection "
+                             "an fkv_attend just made)",
+                             (long long)batch->seq_ids[i], layer);
+    }
+    st = c->ops->select(c, layer, &b, q);
+    if (st == FKV_OK && q)
+        clear_attended(c, layer, &b);
+    return st;
 }
 
 fkv_status fkv_recall(fkv_cache *c, int32_t layer, const fkv_batch *batch)
@@ -175,7 +210,10 @@ fkv_status fkv_recall(fkv_cache *c, int32_t layer, const fkv_batch *batch)
         return st;
     if (fkvi_layer_policy(c, layer) != FKV_POLICY_FREEKV)
         return FKV_OK;
-    return c->ops->recall(c, layer, &b);
+    st = c->ops->recall(c, layer, &b);
+    if (st == FKV_OK) /* the pending selection is active now */
+        clear_attended(c, layer, &b);
+    return st;
 }
 
 fkv_status fkv_get_selected_pages(fkv_cache *c, int32_t layer, fkv_seq_id seq,
@@ -263,5 +301,7 @@ fkv_status fkv_attend_tokens(fkv_cache *c, int32_t layer,
     st = c->ops->attend_tokens(c, layer, &b, q, out);
     if (st == FKV_OK && layer == 0)
         c->counters.steps++;
+    if (st == FKV_OK)
+        mark_attended(c, layer, &b);
     return st;
 }

@@ -41,12 +41,15 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
     fkvi_sequence *s = &c->seqs[slot];
     int64_t *length = fkvi_alloc(&c->mem, (size_t)c->geo.layers,
                                  sizeof *length);
+    int64_t *attended = fkvi_alloc(&c->mem, (size_t)c->geo.layers,
+                                   sizeof *attended);
     int32_t *mapped = fkvi_alloc(&c->mem, (size_t)c->geo.layers,
                                  sizeof *mapped);
     uint32_t *blocks =
         fkvi_alloc(&c->mem, page_table_entries(c), sizeof *blocks);
-    if (!length || !mapped || !blocks) {
+    if (!length || !attended || !mapped || !blocks) {
         fkvi_free(&c->mem, length);
+        fkvi_free(&c->mem, attended);
         fkvi_free(&c->mem, mapped);
         fkvi_free(&c->mem, blocks);
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY,
@@ -54,15 +57,20 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
     }
     for (size_t i = 0; i < page_table_entries(c); i++)
         blocks[i] = FKV_POOL_NO_BLOCK;
+    for (int32_t l = 0; l < c->geo.layers; l++)
+        attended[l] = -1;
     s->length = length;
+    s->attended = attended;
     s->mapped = mapped;
     s->blocks = blocks;
     fkv_status st = c->ops->seq_open(c, slot);
     if (st != FKV_OK) {
         fkvi_free(&c->mem, length);
+        fkvi_free(&c->mem, attended);
         fkvi_free(&c->mem, mapped);
         fkvi_free(&c->mem, blocks);
         s->length = NULL;
+        s->attended = NULL;
         s->mapped = NULL;
         s->blocks = NULL;
         return st;
@@ -70,7 +78,8 @@ fkv_status fkv_seq_open(fkv_cache *c, fkv_seq_id *id)
     s->open = true;
     s->generation++; /* ids are never reused */
     c->open_seqs++;
-    c->host_bytes_other += c->geo.layers * (sizeof *length + sizeof *mapped) +
+    c->host_bytes_other += c->geo.layers * (sizeof *length + sizeof *attended +
+                                            sizeof *mapped) +
                            page_table_entries(c) * sizeof *blocks;
     *id = s->generation * (int64_t)c->opts.max_sequences + slot;
     return FKV_OK;
@@ -93,12 +102,15 @@ fkv_status fkv_seq_close(fkv_cache *c, fkv_seq_id id)
         if (s->blocks[i] != FKV_POOL_NO_BLOCK)
             fkvi_block_release(c, s->blocks[i]);
     c->host_bytes_other -= c->geo.layers * (sizeof *s->length +
+                                            sizeof *s->attended +
                                             sizeof *s->mapped) +
                            page_table_entries(c) * sizeof *s->blocks;
     fkvi_free(&c->mem, s->length);
+    fkvi_free(&c->mem, s->attended);
     fkvi_free(&c->mem, s->mapped);
     fkvi_free(&c->mem, s->blocks);
     s->length = NULL;
+    s->attended = NULL;
     s->mapped = NULL;
     s->blocks = NULL;
     s->open = false;

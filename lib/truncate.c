@@ -76,6 +76,7 @@ fkv_status fkv_seq_truncate(fkv_cache *c, fkv_seq_id id, int64_t length)
         if (!fkvi_pool_unused(c, l) && s->mapped[l] > keep)
             fkvi_unmap_pages(c, slot, l, keep);
         s->length[l] = length;
+        s->attended[l] = -1; /* the backend dropped the selections */
     }
     return FKV_OK;
 }

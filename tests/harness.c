@@ -725,6 +725,8 @@ void tst_sim_attend(tst_model *m, int layer, int nseq, const int *slots,
                     m->sim_recalled += (uint64_t)count_missing(act, &prev);
                 }
                 sel_copy(m, used, act);
+                /* Select at attend: the next step's speculative set. */
+                sel_make(m, layer, slots[i], qq, g, &s->pending[layer][g]);
                 break;
             }
             }
@@ -872,6 +874,23 @@ void tst_select(tst_model *m, int layer, int nseq, const int *slots,
         for (g = 0; g < m->KVH; ++g)
             sel_make(m, layer, slots[i], q + i * qs, g,
                      &m->seq[slots[i]].pending[layer][g]);
+}
+
+/* fkv_select with q NULL after tst_attend_check: the attend's selection
+ * (the simulation's pending sets, made at attend) is kept. */
+void tst_select_null(tst_model *m, int layer, int nseq, const int *slots)
+{
+    fkv_seq_id ids[TST_MAX_SEQS];
+    fkv_batch b;
+    fkv_status st;
+    make_batch(m, nseq, slots, ids);
+    b.num_seqs = nseq;
+    b.reserved = 0;
+    b.seq_ids = ids;
+    b.num_tokens = NULL;
+    st = fkv_select(m->c, layer, &b, NULL);
+    ck_assert_msg(st == FKV_OK, "fkv_select(q NULL) returned %d (%s)", (int)st,
+                  fkv_status_string(st));
 }
 
 void tst_recall(tst_model *m, int layer, int nseq, const int *slots)

@@ -329,6 +329,89 @@ START_TEST(fk_select_without_recall)
 }
 END_TEST
 
+/* Select at attend: fkv_recall with no fkv_select since the attend
+ * recalls the attend's top-K (the next step's speculative set). */
+START_TEST(fk_recall_without_select)
+{
+    tst_model m;
+    int slots[2], i, g, differ;
+    size_t pl, qs;
+    float *q0, *qa, *qb;
+    fk_setup(&m, slots, 1, 8, 2, FKV_CORRECTION_OFF, 0, 2470);
+    qs = (size_t)m.QH * m.D;
+    pl = 2 * qs;
+    q0 = (float *)calloc(pl, sizeof(float));
+    qa = (float *)calloc(pl, sizeof(float));
+    qb = (float *)calloc(pl, sizeof(float));
+    tst_good_query(&m, 0, 2, slots, q0);
+    tst_attend_check(&m, 0, 2, slots, q0, TST_TOL_F32);
+    tst_recall(&m, 0, 2, slots);
+    tst_append_rand(&m, 0, 2, slots, NULL);
+    tst_good_query(&m, 0, 2, slots, qa);
+    tst_attend_check(&m, 0, 2, slots, qa, TST_TOL_F32); /* q0's pages */
+    tst_recall(&m, 0, 2, slots);
+    tst_append_rand(&m, 0, 2, slots, NULL);
+    tst_rand_query(&m, 2, qb);
+    tst_attend_check(&m, 0, 2, slots, qb, TST_TOL_F32);
+    differ = 0;
+    for (i = 0; i < 2; ++i)
+        for (g = 0; g < m.KVH; ++g) {
+            expect_pages_of(&m, 0, slots[i], g, qa + i * qs,
+                            "the previous attend's query");
+            differ |= topk_differs(&m, 0, slots[i], g, q0 + i * qs,
+                                   qa + i * qs);
+        }
+    ck_assert_msg(differ, "not discriminating: q0 and qa select alike");
+    free(q0);
+    free(qa);
+    free(qb);
+    tst_model_free(&m);
+}
+END_TEST
+
+/* fkv_select(q NULL), once or twice, keeps the attend's selection: the
+ * recall moves the attend's top-K, which the next step attends. */
+START_TEST(fk_select_null_kept)
+{
+    tst_model m;
+    int slots[2], i, g, differ;
+    size_t pl, qs;
+    float *q0, *qa, *qb;
+    fk_setup(&m, slots, 1, 8, 2, FKV_CORRECTION_OFF, 0, 2480);
+    qs = (size_t)m.QH * m.D;
+    pl = 2 * qs;
+    q0 = (float *)calloc(pl, sizeof(float));
+    qa = (float *)calloc(pl, sizeof(float));
+    qb = (float *)calloc(pl, sizeof(float));
+    tst_good_query(&m, 0, 2, slots, q0);
+    tst_attend_check(&m, 0, 2, slots, q0, TST_TOL_F32);
+    tst_select_null(&m, 0, 2, slots);
+    tst_recall(&m, 0, 2, slots);
+    tst_append_rand(&m, 0, 2, slots, NULL);
+    tst_good_query(&m, 0, 2, slots, qa);
+    tst_attend_check(&m, 0, 2, slots, qa, TST_TOL_F32);
+    tst_select_null(&m, 0, 2, slots);
+    tst_select_null(&m, 0, 2, slots); /* twice: still the attend's */
+    tst_recall(&m, 0, 2, slots);
+    tst_append_rand(&m, 0, 2, slots, NULL);
+    tst_rand_query(&m, 2, qb);
+    tst_attend_check(&m, 0, 2, slots, qb, TST_TOL_F32);
+    differ = 0;
+    for (i = 0; i < 2; ++i)
+        for (g = 0; g < m.KVH; ++g) {
+            expect_pages_of(&m, 0, slots[i], g, qa + i * qs,
+                            "the attend's query (select with q NULL)");
+            differ |= topk_differs(&m, 0, slots[i], g, q0 + i * qs,
+                                   qa + i * qs);
+        }
+    ck_assert_msg(differ, "not discriminating: q0 and qa select alike");
+    free(q0);
+    free(qa);
+    free(qb);
+    tst_model_free(&m);
+}
+END_TEST
+
 /* Two selects before a recall: the last one wins. */
 START_TEST(fk_last_select_wins)
 {
@@ -538,7 +621,7 @@ START_TEST(fk_multistep_drift)
     o.policy = FKV_POLICY_FREEKV;
     o.group_score = (_i & 1) ? FKV_GROUP_MEAN_SCORE : FKV_GROUP_MEAN_SOFTMAX;
     o.correction_threshold = (_i & 2) ? 0.9f : 0.8f;
-    tst_model_init(&m, &o, 2800 + (uint64_t)_i);
+    tst_model_init(&m, &o, 2800 + (uint64_t)(_i & 3));
     slots[0] = tst_open(&m);
     slots[1] = tst_open(&m);
     tst_prefill(&m, 2, slots, ntok);
@@ -553,7 +636,10 @@ START_TEST(fk_multistep_drift)
                 tst_append_rand(&m, l, 2, slots, NULL);
             tst_next_query(&m, l, 2, slots, t ? pq : NULL, ql);
             tst_attend_check(&m, l, 2, slots, ql, TST_TOL_F32);
-            tst_select(&m, l, 2, slots, ql);
+            if (_i & 4) /* the attend's query, as engines pass it */
+                tst_select_null(&m, l, 2, slots);
+            else
+                tst_select(&m, l, 2, slots, ql);
             tst_recall(&m, l, 2, slots);
             memcpy(pq, ql, sizeof(float) * pl);
         }
@@ -590,6 +676,8 @@ Suite *suite_freekv(const char *prefix)
     tcase_add_loop_test(tc, fk_zero_query_corrected, 0, 2);
     tcase_add_test(tc, fk_new_candidate_not_speculative);
     tcase_add_test(tc, fk_sync_no_corrections);
-    tcase_add_loop_test(tc, fk_multistep_drift, 0, 4);
+    tcase_add_loop_test(tc, fk_multistep_drift, 0, 8);
+    tcase_add_test(tc, fk_recall_without_select);
+    tcase_add_test(tc, fk_select_null_kept);
     return s;
 }

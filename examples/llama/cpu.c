@@ -595,7 +595,7 @@ static int cpu_decode(llama_backend *b, int32_t n, const int32_t *slots,
          * resets the slots (the engine treats it as fatal for them). */
         FKV(fkv_append(b->cache, l, &bt, kp, vp), "fkv_append");
         FKV(fkv_attend(b->cache, l, &bt, qp, op), "fkv_attend");
-        FKV(fkv_select(b->cache, l, &bt, qp), "fkv_select");
+        FKV(fkv_select(b->cache, l, &bt, NULL), "fkv_select"); /* attend's q */
         FKV(fkv_recall(b->cache, l, &bt), "fkv_recall");
         cpu_layer_out(b, L, n);
     }

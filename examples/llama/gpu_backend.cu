@@ -940,7 +940,9 @@ static int decode_step(llama_backend *b, const fkv_batch *bt, char *err,
                        b->q, b->k, b->v, s);
         FKV(fkv_append(b->cache, l, bt, b->k, b->v), "fkv_append");
         FKV(fkv_attend(b->cache, l, bt, b->q, b->att), "fkv_attend");
-        FKV(fkv_select(b->cache, l, bt, b->q), "fkv_select");
+        /* q NULL: the attend's query; its selection is kept (nothing is
+         * launched). */
+        FKV(fkv_select(b->cache, l, bt, NULL), "fkv_select");
         FKV(fkv_recall(b->cache, l, bt), "fkv_recall");
         const bf16 *att = (const bf16 *)b->att;
         if (b->dtype != GPU_BF16) {

@@ -62,6 +62,9 @@ typedef struct record {
     fkv_seq_id rid, tid; /* ids in the real cache and in the twin */
     int open;
     int64_t len[2];      /* tokens per layer, as the harness counts them */
+    /* FREEKV: len at the layer's last attend while its selection is the
+     * pending one (fkv_select with q NULL keeps it), else -1 */
+    int64_t attended[2];
     float *k[2], *v[2];  /* [max_tokens][kv_heads][D], decoded */
 } record;
 
@@ -473,6 +476,7 @@ static void op_open(harness *h, input *in)
         r->open = 1;
         size_t n = (size_t)h->max_tokens * (size_t)h->Hkv * (size_t)h->D;
         for (int l = 0; l < h->L; l++) {
+            r->attended[l] = -1;
             r->k[l] = malloc(n * sizeof(float));
             r->v[l] = malloc(n * sizeof(float));
             CHECK(h, r->k[l] && r->v[l], "out of memory in the harness");
@@ -584,6 +588,31 @@ static int all_have_tokens(const harness *h, const call *c)
         if (h->rec[c->idx[i]].len[c->layer] < 1)
             return 0;
     return 1;
+}
+
+/* fkv_select with q NULL keeps the selection of the attend just made:
+ * valid when every sequence's attend is the last call on the layer that
+ * changed its selection (FREEKV; a no-op under the other policies). */
+static int all_attended(const harness *h, const call *c)
+{
+    if (h->o.policy != FKV_POLICY_FREEKV)
+        return 1;
+    for (int i = 0; i < c->n; i++) {
+        const record *r = &h->rec[c->idx[i]];
+        if (r->attended[c->layer] != r->len[c->layer])
+            return 0;
+    }
+    return 1;
+}
+
+static void set_attended(harness *h, const call *c, int on)
+{
+    if (h->o.policy != FKV_POLICY_FREEKV)
+        return;
+    for (int i = 0; i < c->n; i++) {
+        record *r = &h->rec[c->idx[i]];
+        r->attended[c->layer] = on ? r->len[c->layer] : -1;
+    }
 }
 
 /* Whether the pages an attend uses are the top-K of its own query: SYNC and
@@ -702,6 +731,7 @@ static void do_attend(harness *h, input *in, call *c)
         CHECK(h, st == FKV_ERR_INVALID_STATE,
               "attend before append returned %s", fkv_status_string(st));
     if (st == FKV_OK) {
+        set_attended(h, c, 1);
         CHECK(h, fkv_attend(h->twin, c->layer, &c->tb, h->qbuf, h->obuf_t) ==
                      FKV_OK, "attend on the twin failed");
         CHECK(h, memcmp(h->obuf_r, h->obuf_t, obytes) == 0,
@@ -716,22 +746,34 @@ static void do_attend(harness *h, input *in, call *c)
 }
 
 /* select reuses the query in qbuf when keep_q (a decode step's), else a new
- * one. */
+ * one. q NULL (MUT_NULL_TENSOR) is the attend's query: valid right after an
+ * attend (all_attended), INVALID_STATE otherwise. */
 static void do_select(harness *h, input *in, call *c, int keep_q)
 {
     build_batch(h, in, c, 0);
     int w = h->Hq * h->D;
     if (!keep_q)
         random_rows(h, h->qbuf, h->qf, c->n > 0 ? c->n : 1, w, 1.0);
+    const int null_q = c->mut == MUT_NULL_TENSOR;
+    if (null_q) /* not a bad argument in itself */
+        c->bad = c->n < 1;
     int ready = !c->bad && all_have_tokens(h, c);
-    const void *qp = c->mut == MUT_NULL_TENSOR ? NULL : h->qbuf;
+    int valid = ready && (!null_q || all_attended(h, c));
+    const void *qp = null_q ? NULL : h->qbuf;
     fkv_status st = fkv_select(real_cache(h, c), c->layer, real_batch(c), qp);
     check_null_cache(h, c, st, "select");
-    check_outcome(h, real_cache(h, c), st, c->bad || !ready, ready,
+    check_outcome(h, real_cache(h, c), st, c->bad || !valid, valid,
                   "select");
-    if (st == FKV_OK)
-        CHECK(h, fkv_select(h->twin, c->layer, &c->tb, h->qbuf) == FKV_OK,
+    if (ready && !valid)
+        CHECK(h, st == FKV_ERR_INVALID_STATE,
+              "select with q NULL and no attend before returned %s",
+              fkv_status_string(st));
+    if (st == FKV_OK) {
+        if (!null_q)
+            set_attended(h, c, 0);
+        CHECK(h, fkv_select(h->twin, c->layer, &c->tb, qp) == FKV_OK,
               "select on the twin failed");
+    }
     compare_caches(h, "select");
 }
 
@@ -743,9 +785,11 @@ static void do_recall(harness *h, input *in, call *c)
     fkv_status st = fkv_recall(real_cache(h, c), c->layer, real_batch(c));
     check_null_cache(h, c, st, "recall");
     check_outcome(h, real_cache(h, c), st, c->bad, !c->bad, "recall");
-    if (st == FKV_OK)
+    if (st == FKV_OK) {
+        set_attended(h, c, 0);
         CHECK(h, fkv_recall(h->twin, c->layer, &c->tb) == FKV_OK,
               "recall on the twin failed");
+    }
     compare_caches(h, "recall");
 }
 
