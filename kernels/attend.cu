@@ -753,22 +753,30 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     }
 }
 
+// One block per (query head, sequence), a thread per channel. The splits'
+// (max, sum) pairs are read once, by the whole block, into shared memory
+// (dynamic: [splits] float2): read from global memory in the loops they
+// were a chain of dependent L2 round trips per split (13.6 us of a 22 us
+// attend at batch 1 on the H200). The sums run in split order, as before.
 template <typename T, int D>
 __global__ void __launch_bounds__(D)
 combine_kernel(const fkv_dev_state st, const fkv_dev_batch b, int32_t q_heads,
                int32_t splits, T *__restrict__ out) {
+    extern __shared__ float2 ml_s[];
     const int32_t qh = blockIdx.x, i = blockIdx.y, d = threadIdx.x;
     const uint64_t part = ((uint64_t)b.slot[i] * q_heads + qh) * st.max_splits;
     const float2 *ml = reinterpret_cast<const float2 *>(st.part_ml) + part;
-    const float *acc = st.part_acc + part * D + d;
+    const float *__restrict__ acc = st.part_acc + part * D + d;
+    for (int32_t s = d; s < splits; s += D) ml_s[s] = ml[s];
+    __syncthreads();
 
     float mx = -CUDART_INF_F;
-    for (int32_t s = 0; s < splits; s++) mx = fmaxf(mx, ml[s].x);
+    for (int32_t s = 0; s < splits; s++) mx = fmaxf(mx, ml_s[s].x);
     const float mr = ref_max(mx);
     float sum = 0.f, a = 0.f;
-#pragma unroll 4
+#pragma unroll 8
     for (int32_t s = 0; s < splits; s++) {
-        const float2 p = ml[s];
+        const float2 p = ml_s[s];
         const float w = exp2f(p.x - mr);
         sum = fmaf(w, p.y, sum);
         a = fmaf(w, acc[(uint64_t)s * D], a);
@@ -795,8 +803,8 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv
         g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits, chunks,
         regions);
     if (splits > 1)
-        combine_kernel<T, D><<<dim3(g.q_heads, b.n), D, 0, stream>>>(st, b, g.q_heads, splits,
-                                                                     static_cast<T *>(out));
+        combine_kernel<T, D><<<dim3(g.q_heads, b.n), D, splits * sizeof(float2), stream>>>(
+            st, b, g.q_heads, splits, static_cast<T *>(out));
     return cudaGetLastError();
 }
 
