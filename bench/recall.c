@@ -31,6 +31,10 @@
  *       time, slowdown, and the recall bandwidth achieved meanwhile (bytes of
  *       the recall chunks that completed inside the GEMM window).
  *
+ * The host pool comes from cudaHostAlloc (mapped, portable), or with
+ * --host-register from aligned_alloc + cudaHostRegister, as the library's
+ * CUDA pool does (the gathers read both at the same rate on the H200).
+ *
  * Every variant's copied bytes are compared with the host pool (exit 1 on a
  * mismatch). Prints a compact table last; --csv FILE writes its rows.
  *
@@ -78,6 +82,7 @@ typedef struct config {
     int kv_heads, group, head_dim, page;
     bool gemm;
     bool bulk_gather;              /* TMA bulk copies (st.gather_bulk) */
+    bool host_register;            /* pool: aligned_alloc + cudaHostRegister */
     int gemm_batches[MAX_LIST], ngemm_batches;
     int gemm_layers, gemm_reps;
     int conc_pages;                /* pages per (seq, KV head) per recall */
@@ -93,9 +98,13 @@ static const char k_usage[] =
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
     "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
     "              [--small-units 8,16,32,64|none] [--bulk-gather]\n"
+    "              [--host-register]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
     "  --bulk-gather: the gather by TMA bulk copies from one-warp blocks\n"
     "               (sm_90; what FKV_CUDA_EXPERIMENTAL=1 runs)\n"
+    "  --host-register: the host pool is page-aligned memory pinned with\n"
+    "               cudaHostRegister (mapped, portable), as the library's\n"
+    "               CUDA pool is since 0.3, instead of cudaHostAlloc\n"
     "  --pages: K, missing pages per (sequence, KV head) per recall\n"
     "  --conc-pages: pages per (sequence, KV head) of each recall that runs\n"
     "               beside the GEMMs (one layer's worth)\n"
@@ -164,6 +173,8 @@ static int parse_args(int argc, char **argv, config *c)
             c->gemm = false;
         } else if (!strcmp(a, "--bulk-gather")) {
             c->bulk_gather = true;
+        } else if (!strcmp(a, "--host-register")) {
+            c->host_register = true;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(k_usage, stdout);
             exit(0);
@@ -347,7 +358,8 @@ static row *add_row(const char *section, const char *variant, int batch,
 /* ------------------------------------------------------------------------ */
 
 typedef struct pool {
-    unsigned char *host; /* cudaHostAlloc(mapped) */
+    unsigned char *host; /* cudaHostAlloc(mapped), or registered */
+    bool registered;     /* aligned_alloc + cudaHostRegister */
     unsigned char *dev;  /* its device alias */
     uint64_t unit_bytes, block_bytes, bytes;
     int seqs, pages;
@@ -355,7 +367,7 @@ typedef struct pool {
 } pool;
 
 static void pool_create(pool *p, int seqs, int pages, int kv_heads,
-                        uint64_t unit_bytes)
+                        uint64_t unit_bytes, bool registered)
 {
     memset(p, 0, sizeof *p);
     p->seqs = seqs;
@@ -364,9 +376,20 @@ static void pool_create(pool *p, int seqs, int pages, int kv_heads,
     p->block_bytes = unit_bytes * (uint64_t)kv_heads;
     const uint64_t blocks = (uint64_t)seqs * pages;
     p->bytes = blocks * p->block_bytes;
-    BENCH_CUDA_CHECK(
-        cudaHostAlloc((void **)&p->host, p->bytes,
-                      cudaHostAllocMapped | cudaHostAllocPortable));
+    p->registered = registered;
+    if (registered) {
+        const uint64_t page = 4096, n = (p->bytes + page - 1) / page * page;
+        p->host = aligned_alloc(page, n);
+        if (!p->host)
+            bench_die("aligned_alloc of %llu bytes failed",
+                      (unsigned long long)n);
+        BENCH_CUDA_CHECK(cudaHostRegister(
+            p->host, n, cudaHostRegisterMapped | cudaHostRegisterPortable));
+    } else {
+        BENCH_CUDA_CHECK(
+            cudaHostAlloc((void **)&p->host, p->bytes,
+                          cudaHostAllocMapped | cudaHostAllocPortable));
+    }
     void *d = NULL;
     BENCH_CUDA_CHECK(cudaHostGetDevicePointer(&d, p->host, 0));
     p->dev = d;
@@ -388,8 +411,12 @@ static void pool_create(pool *p, int seqs, int pages, int kv_heads,
 
 static void pool_destroy(pool *p)
 {
-    if (p->host)
+    if (p->host && p->registered) {
+        BENCH_CUDA_CHECK(cudaHostUnregister(p->host));
+        free(p->host);
+    } else if (p->host) {
         BENCH_CUDA_CHECK(cudaFreeHost(p->host));
+    }
     free(p->perm);
     memset(p, 0, sizeof *p);
 }
@@ -1466,10 +1493,13 @@ int main(int argc, char **argv)
             if (c.gemm_batches[i] > max_batch)
                 max_batch = c.gemm_batches[i];
     pool p;
-    pool_create(&p, max_batch, c.pool_pages, c.kv_heads, unit);
-    printf("host pool: %.1f MiB pinned mapped (%d sequences x %d pages x %d "
-           "KV heads)\n",
-           (double)p.bytes / (1 << 20), p.seqs, p.pages, c.kv_heads);
+    pool_create(&p, max_batch, c.pool_pages, c.kv_heads, unit,
+                c.host_register);
+    printf("host pool: %.1f MiB pinned mapped by %s (%d sequences x %d "
+           "pages x %d KV heads)\n",
+           (double)p.bytes / (1 << 20),
+           c.host_register ? "cudaHostRegister" : "cudaHostAlloc", p.seqs,
+           p.pages, c.kv_heads);
 
     const double big = bench_big_copy(&c, s);
     bool batch_ok = true;
