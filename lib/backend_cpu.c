@@ -25,12 +25,9 @@ typedef struct cpu_layer {
     int32_t *pending_count;  /* [kv_heads] */
     bool pending_valid;
     float *active_q;  /* [q_heads][D] query that made each active set */
-    float *pending_q; /* [q_heads][D] */
-    /* FREEKV: pending was made by fkv_attend with pending_q at length
-     * pending_len (select at attend), so fkv_select with the same query,
-     * or with q NULL, only keeps it. */
-    bool pending_at_attend;
-    int64_t pending_len;
+    float *pending_q; /* [q_heads][D]; FREEKV: the attend's query while
+                         fkvi_sequence.attended says pending is its
+                         selection (select at attend) */
 } cpu_layer;
 
 typedef struct cpu_segment {
@@ -769,8 +766,6 @@ static void attend_sequence(fkv_cache *c, int32_t layer, int32_t slot,
         memcpy(L->pending_q, cb->query,
                (size_t)g->q_heads * D * sizeof(float));
         L->pending_valid = true;
-        L->pending_at_attend = true;
-        L->pending_len = c->seqs[slot].length[layer];
     }
 }
 
@@ -803,16 +798,15 @@ static fkv_status cpu_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         cpu_layer *L = layer_of(c, slot, layer);
         fkvi_pages r;
         fkvi_page_ranges(g, c->seqs[slot].length[layer], &r);
-        if (L->pending_at_attend) {
+        const fkvi_sequence *s = &c->seqs[slot];
+        if (s->attended[layer] == s->length[layer]) {
             /* Select at attend: the same query (bitwise) at the same length
              * already made this selection. */
             float *query = backend_of(c)->query;
             load_query(c, q, i, query);
-            if (L->pending_len == c->seqs[slot].length[layer] &&
-                memcmp(query, L->pending_q, (size_t)g->q_heads *
+            if (memcmp(query, L->pending_q, (size_t)g->q_heads *
                                                 g->head_dim * sizeof(float)) == 0)
                 continue;
-            L->pending_at_attend = false;
         }
         load_query(c, q, i, L->pending_q);
         for (int32_t h = 0; h < g->kv_heads; h++)
@@ -839,7 +833,6 @@ static fkv_status cpu_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         memcpy(L->active_q, L->pending_q,
                (size_t)g->q_heads * g->head_dim * sizeof(float));
         L->pending_valid = false;
-        L->pending_at_attend = false;
     }
     return FKV_OK;
 }
@@ -880,9 +873,6 @@ static void cpu_truncate(fkv_cache *c, int32_t slot, int32_t layer,
         L->used_count[h] = 0;
     }
     L->pending_valid = false;
-    /* BOUNDED: the attend's selection is gone too; otherwise a select with
-     * its query, back at its length, would keep nothing (as CUDA does). */
-    L->pending_at_attend = false;
     /* The window moves back over pages the ring has overwritten since:
      * reload window and partial page from the pool, which holds every
      * page. Sink pages are never overwritten. Summaries of pages below
@@ -950,7 +940,6 @@ static void cpu_seq_fork(fkv_cache *c, int32_t parent, int32_t child)
             C->used_count[h] = 0;
         }
         C->pending_valid = false;
-        C->pending_at_attend = false;
     }
 }
 

@@ -76,8 +76,10 @@ typedef struct fkvi_sequence {
     int64_t generation;   /* id = generation * max_sequences + slot */
     int64_t *length;      /* [layers] tokens held per layer */
     /* [layers] FREEKV: the length at the layer's last fkv_attend while its
-     * selection is the pending one (fkv_select with q NULL keeps it); -1
-     * after an fkv_select with a query, fkv_recall, truncate or fork */
+     * selection is the pending one (fkv_select with q NULL keeps it; the
+     * CPU backend's select compares a query with the attend's while it
+     * holds); -1 after an fkv_select with a query, fkv_recall, truncate or
+     * fork */
     int64_t *attended;
     int32_t *mapped;      /* [layers] pages [0, mapped) have pool blocks */
     uint32_t *blocks;     /* [layers][max_pages] pool block of each page */

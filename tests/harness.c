@@ -856,7 +856,7 @@ void tst_select(tst_model *m, int layer, int nseq, const int *slots,
     fkv_seq_id ids[TST_MAX_SEQS];
     fkv_batch b;
     size_t qs = (size_t)m->QH * m->D;
-    void *dq = tst_dev_from_floats(m->dt, q, (size_t)nseq * qs);
+    void *dq = q ? tst_dev_from_floats(m->dt, q, (size_t)nseq * qs) : NULL;
     fkv_status st;
     int i, g;
     make_batch(m, nseq, slots, ids);
@@ -865,32 +865,18 @@ void tst_select(tst_model *m, int layer, int nseq, const int *slots,
     b.seq_ids = ids;
     b.num_tokens = NULL;
     st = fkv_select(m->c, layer, &b, dq);
-    tst_dev_free(dq);
-    ck_assert_msg(st == FKV_OK, "fkv_select returned %d (%s)", (int)st,
-                  fkv_status_string(st));
-    if (layer_policy(m, layer) != FKV_POLICY_FREEKV)
+    if (dq)
+        tst_dev_free(dq);
+    ck_assert_msg(st == FKV_OK, "fkv_select(q %s) returned %d (%s)",
+                  q ? "given" : "NULL", (int)st, fkv_status_string(st));
+    /* q NULL keeps the attend's selection: the simulation's pending sets,
+     * made at attend. */
+    if (layer_policy(m, layer) != FKV_POLICY_FREEKV || !q)
         return;
     for (i = 0; i < nseq; ++i)
         for (g = 0; g < m->KVH; ++g)
             sel_make(m, layer, slots[i], q + i * qs, g,
                      &m->seq[slots[i]].pending[layer][g]);
-}
-
-/* fkv_select with q NULL after tst_attend_check: the attend's selection
- * (the simulation's pending sets, made at attend) is kept. */
-void tst_select_null(tst_model *m, int layer, int nseq, const int *slots)
-{
-    fkv_seq_id ids[TST_MAX_SEQS];
-    fkv_batch b;
-    fkv_status st;
-    make_batch(m, nseq, slots, ids);
-    b.num_seqs = nseq;
-    b.reserved = 0;
-    b.seq_ids = ids;
-    b.num_tokens = NULL;
-    st = fkv_select(m->c, layer, &b, NULL);
-    ck_assert_msg(st == FKV_OK, "fkv_select(q NULL) returned %d (%s)", (int)st,
-                  fkv_status_string(st));
 }
 
 void tst_recall(tst_model *m, int layer, int nseq, const int *slots)

@@ -351,7 +351,7 @@ START_TEST(fk_pending_from_attend)
     tst_good_query(&m, 0, 2, slots, qa);
     tst_attend_check(&m, 0, 2, slots, qa, TST_TOL_F32); /* q0's pages */
     for (n = 0; n < _i; ++n)
-        tst_select_null(&m, 0, 2, slots);
+        tst_select(&m, 0, 2, slots, NULL);
     tst_recall(&m, 0, 2, slots);
     tst_append_rand(&m, 0, 2, slots, NULL);
     tst_rand_query(&m, 2, qb);
@@ -597,7 +597,7 @@ START_TEST(fk_multistep_drift)
             tst_next_query(&m, l, 2, slots, t ? pq : NULL, ql);
             tst_attend_check(&m, l, 2, slots, ql, TST_TOL_F32);
             if (_i & 4) /* the attend's query, as engines pass it */
-                tst_select_null(&m, l, 2, slots);
+                tst_select(&m, l, 2, slots, NULL);
             else
                 tst_select(&m, l, 2, slots, ql);
             tst_recall(&m, l, 2, slots);

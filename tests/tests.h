@@ -176,11 +176,10 @@ void tst_attend_check(tst_model *m, int layer, int nseq, const int *slots,
 /* Compares fkv_get_selected_pages with the simulated last attend. */
 void tst_check_selected(tst_model *m, int layer, int slot);
 
-/* fkv_select / fkv_recall (asserting FKV_OK) plus the simulation. */
+/* fkv_select (q NULL: the attend's query) / fkv_recall (asserting FKV_OK)
+ * plus the simulation. */
 void tst_select(tst_model *m, int layer, int nseq, const int *slots,
                 const float *q);
-/* fkv_select with q NULL: keeps the selection the last attend made. */
-void tst_select_null(tst_model *m, int layer, int nseq, const int *slots);
 void tst_recall(tst_model *m, int layer, int nseq, const int *slots);
 /* One decode step on every layer: append 1 random token to each sequence,
  * attend_check with q[layer] (q: [L][nseq][QH][D]), select, recall. */
