@@ -37,6 +37,16 @@
 // Softmax runs in base 2 (scale * log2(e) folded into the logits), so the
 // maxima in part_ml are in log2 units (read only by combine below).
 //
+// Fetch (template flag; fkv_launch_attend's fetch: FREEKV's and SYNC's
+// fkv_attend, which launch no correction gather): a selected page on the
+// correction plan's work list (st.work_src / work_dst, just written by the
+// selection's tail or the plan launch) is read from its pool unit (mapped
+// host memory) instead of its slot, and
+// every lane writes the 16-byte pieces it copied into the ring back to the
+// slot, so the unit crosses PCIe once and the other splits' HBM reads
+// overlap its latency. Only the first group chunk's block writes (the
+// others read the same unit from the pool too).
+//
 // Assumes unit addresses are 16-byte aligned (rows then are: D * sizeof(T)
 // is a multiple of 128 bytes). q and out need only element alignment.
 #include <math_constants.h>
@@ -77,6 +87,9 @@ __device__ __forceinline__ uint4 lds16(uint32_t addr) {
                  : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w) : "r"(addr));
     return w;
 }
+__device__ __forceinline__ void stg16(unsigned char *dst, const uint4 &v) {
+    *reinterpret_cast<uint4 *>(dst) = v;
+}
 __device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -85,13 +98,17 @@ __device__ __forceinline__ uint32_t word(const uint4 &v, int i) {
 // not NaN.
 __device__ __forceinline__ float ref_max(float m) { return m == -CUDART_INF_F ? 0.f : m; }
 
-// Page and row of table row `base + off`, given base's (pg, in); off is
-// small, so no division.
+// Page (in pg) and row within it of table row `base + off`, given base's
+// (pg, in); off is small, so no division.
+__device__ __forceinline__ int32_t row_in(int32_t &pg, int32_t in, int32_t off, int32_t P) {
+    in += off;
+    while (in >= P) { in -= P; ++pg; }
+    return in;
+}
 __device__ __forceinline__ const unsigned char *
 row_at(const unsigned char *const *table, int32_t pg, int32_t in, int32_t off, int32_t P,
        int32_t row_bytes) {
-    in += off;
-    while (in >= P) { in -= P; ++pg; }
+    in = row_in(pg, in, off, P);
     return table[pg] + (uint64_t)in * row_bytes;
 }
 
@@ -166,6 +183,32 @@ template <typename T, int D, int GB> struct simt_engine {
                 const unsigned char *src = row + (sl + j * kLanes) * 16;
                 cp_async16(slot((u * kLoads + j) * 2), src, ok ? 16 : 0);
                 cp_async16(slot((u * kLoads + j) * 2 + 1), src + v_off, ok ? 16 : 0);
+            }
+        }
+    }
+
+    // Fetch: stores the pieces this lane copied (issue's) of rows whose page
+    // has a write-back address in dst (0: none). After the lane's copies of
+    // the step have landed, before the stage is refilled.
+    __device__ __forceinline__ void write_back(uint32_t stage, int lane, unsigned char *const *dst,
+                                               int32_t rows, int32_t P, uint64_t v_off,
+                                               int32_t base) const {
+        auto slot = [&](int i) { return stage + (uint32_t)(i * kThreads + lane) * 16; };
+        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
+#pragma unroll
+        for (int u = 0; u < kUnroll; u++) {
+            const int32_t off = u * kRows + sub;
+            if (base + off >= rows) continue;
+            int32_t pg = pg0;
+            const int32_t in = row_in(pg, in0, off, P);
+            unsigned char *row = dst[pg];
+            if (!row) continue;
+            row += (uint64_t)in * D * sizeof(T);
+#pragma unroll
+            for (int j = 0; j < kLoads; j++) {
+                unsigned char *to = row + (sl + j * kLanes) * 16;
+                stg16(to, lds16(slot((u * kLoads + j) * 2)));
+                stg16(to + v_off, lds16(slot((u * kLoads + j) * 2 + 1)));
             }
         }
     }
@@ -391,6 +434,29 @@ template <typename T, int D> struct mma_engine {
         }
     }
 
+    // Fetch: as simt_engine::write_back, for issue's pieces above.
+    __device__ __forceinline__ void write_back(uint32_t stage, int lane, unsigned char *const *dst,
+                                               int32_t rows, int32_t P, uint64_t v_off,
+                                               int32_t base) const {
+        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
+#pragma unroll
+        for (int tl = 0; tl < kTiles; tl++) {
+            const int s0 = tl * kTileSlots;
+#pragma unroll
+            for (int j = 0; j < kKChunks; j++) {
+                const int f = 32 * j + lane, r = f / kRowChunks, c = f % kRowChunks;
+                if (base + tl * 8 + r >= rows) continue;
+                int32_t pg = pg0;
+                const int32_t in = row_in(pg, in0, tl * 8 + r, P);
+                unsigned char *row = dst[pg];
+                if (!row) continue;
+                unsigned char *to = row + (uint64_t)in * D * sizeof(T) + c * 16;
+                stg16(to, lds16(piece(stage, s0, f)));
+                stg16(to + v_off, lds16(piece(stage, s0 + kKChunks, f)));
+            }
+        }
+    }
+
     __device__ __forceinline__ void compute(uint32_t stage, int lane, int32_t rows, int32_t base) {
 #pragma unroll
         for (int tl = 0; tl < kTiles; tl++) {
@@ -470,8 +536,10 @@ inline int32_t group_chunks(int32_t group, int32_t dtype) {
 template <class E> __host__ __device__ constexpr size_t ring_bytes() {
     return (size_t)kStages * E::kSlots * kThreads * 16;
 }
-template <class E> __host__ __device__ constexpr size_t smem_bytes() {
-    return ring_bytes<E>() + kTablePages * sizeof(void *);
+// The ring, then the page table's read addresses (and with Fetch its
+// write-back addresses).
+template <class E, bool Fetch = false> __host__ __device__ constexpr size_t smem_bytes() {
+    return ring_bytes<E>() + (Fetch ? 2 : 1) * kTablePages * sizeof(void *);
 }
 // Blocks of this engine an SM holds: what shared memory allows, at most the
 // engine's register budget (E::kMaxBlocks: 65536 / (128 threads * regs)).
@@ -505,6 +573,17 @@ virtual_unit(const fkv_dev_geometry &g, const fkv::layer_view &lv,
     }
     // Window pages, then the partial page (page `sealed`).
     return lv.resident_unit(h, r.window_first + (v - nsel));
+}
+
+// Fetch: the pool unit the head's work list (n units) copies into `slot`,
+// or NULL. The list holds at most K units, read through L1.
+__device__ __forceinline__ const unsigned char *listed_source(const uint64_t *src,
+                                                             const uint64_t *dst, int32_t n,
+                                                             const unsigned char *slot) {
+    const uint64_t s = reinterpret_cast<uint64_t>(slot);
+    for (int32_t j = 0; j < n; j++)
+        if (dst[j] == s) return reinterpret_cast<const unsigned char *>(src[j]);
+    return nullptr;
 }
 
 // Each batch entry's (sequence, layer) region, by value (fused path).
@@ -594,7 +673,8 @@ __device__ __forceinline__ void combine_in_block(const fkv_dev_geometry &g, cons
 
 // Fused: partials, then the ticket, then (last block only) the combine.
 // Unfused (the split launch of the two-launch path): partials only.
-template <typename T, int D, class E, bool Fused>
+// Fetch: the correction's listed units read from the pool (top comment).
+template <typename T, int D, class E, bool Fused, bool Fetch>
 __global__ void __launch_bounds__(kThreads, blocks_per_sm<E>())
 split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_batch b,
              int32_t layer, const T *__restrict__ q, T *__restrict__ out,
@@ -606,6 +686,8 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     extern __shared__ uint4 smem[];
     const unsigned char **table =
         reinterpret_cast<const unsigned char **>(smem + kStages * E::kSlots * kThreads);
+    unsigned char **dst_table =  // Fetch only
+        reinterpret_cast<unsigned char **>(smem + kStages * E::kSlots * kThreads) + kTablePages;
     float *w_acc = reinterpret_cast<float *>(smem);  // [kWarps][H][D]
     float *w_ml = w_acc + kWarps * H * D;            // [kWarps][H][2]
     static_assert((kWarps * H * D + kWarps * H * 2) * sizeof(float) <= ring_bytes<E>(), "merge space");
@@ -628,6 +710,19 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
         nsel = lv.h_array(g.off_active_count)[h];  // -1: no selection yet
         nsel = min(max(nsel, 0), g.select_pages);
     }
+    // Fetch: this head's work list (listed units, their pool and slot
+    // addresses); the head's first group chunk writes the slots.
+    int32_t listed = 0;
+    const uint64_t *list_src = nullptr, *list_dst = nullptr;
+    if constexpr (Fetch) {
+        if (!dense && !g.store) {
+            const uint64_t head = (uint64_t)slot * g.kv_heads + h;
+            listed = st.work_count[head];
+            list_src = st.work_src + head * g.select_pages;
+            list_dst = st.work_dst + head * g.select_pages;
+        }
+    }
+    const bool writer = blockIdx.y % chunks == 0;
     const int32_t has_partial = r.partial > 0;
     const int32_t n_virtual = dense ? r.sealed + has_partial
                                     : r.sink_end + nsel + (r.sealed - r.window_first) + has_partial;
@@ -663,9 +758,27 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
     for (int32_t cb = v_begin; cb < v_end; cb += kTablePages) {
         const int32_t ce = min(cb + kTablePages, v_end);
         if (cb != v_begin) __syncthreads();  // the last table's readers are done
-        if ((int32_t)threadIdx.x < ce - cb)
-            table[threadIdx.x] = virtual_unit(g, lv, r, h, nsel, cb + threadIdx.x);
-        __syncthreads();
+        unsigned char *dst = nullptr;
+        if ((int32_t)threadIdx.x < ce - cb) {
+            const int32_t v = cb + threadIdx.x;
+            const unsigned char *u = virtual_unit(g, lv, r, h, nsel, v);
+            if constexpr (Fetch) {
+                // Only selected pages can be listed.
+                const int32_t sel = v - r.sink_end;
+                const unsigned char *src = listed > 0 && sel >= 0 && sel < nsel
+                                               ? listed_source(list_src, list_dst, listed, u)
+                                               : nullptr;
+                if (src) {
+                    if (writer) dst = const_cast<unsigned char *>(u);
+                    u = src;
+                }
+                dst_table[threadIdx.x] = dst;
+            }
+            table[threadIdx.x] = u;
+        }
+        bool writes = false;
+        if constexpr (Fetch) writes = __syncthreads_or(dst != nullptr);
+        else __syncthreads();
         int32_t rows = min((ce - cb) * P, total_rows - cb * P);
         int32_t lo = 0;  // first row of the chunk this split attends
         if constexpr (Fused) {
@@ -690,6 +803,8 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             if (kn < nk) e.issue(stage(kn % kStages), lane, table, rows, P, v_off, base_of(kn));
             cp_async_commit();
             cp_async_wait<kStages - 1>();  // this lane's copies of step k have landed
+            if constexpr (Fetch)
+                if (writes) e.write_back(stage(k % kStages), lane, dst_table, rows, P, v_off, base_of(k));
             __syncwarp();                  // and so have the other lanes'
             e.compute(stage(k % kStages), lane, rows, base_of(k));
         }
@@ -786,40 +901,58 @@ combine_kernel(const fkv_dev_state st, const fkv_dev_batch b, int32_t q_heads,
 
 // ---- host side ----------------------------------------------------------------
 
+template <typename T, int D, class E, bool Fused, bool Fetch>
+cudaError_t launch_split(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                         const fkv_dev_batch &b, int32_t layer, const T *q, T *out, int32_t pps,
+                         int32_t splits, int32_t chunks, const region_table &regions,
+                         cudaStream_t stream) {
+    // Above 48 KiB: the opt-in was set once for this kernel (fkv_attend_init).
+    constexpr size_t smem = smem_bytes<E, Fetch>();
+    const dim3 grid(splits, g.kv_heads * chunks, b.n);
+    split_kernel<T, D, E, Fused, Fetch><<<grid, kThreads, smem, stream>>>(
+        g, st, b, layer, q, out, pps, splits, chunks, regions);
+    return cudaGetLastError();
+}
+
 template <typename T, int D, class E>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv_dev_batch &b,
                    int32_t layer, const void *q, void *out, int32_t pps, int32_t splits,
-                   int32_t chunks, const region_table &regions, cudaStream_t stream) {
-    // Above 48 KiB: the opt-in was set once for this kernel (fkv_attend_init).
-    constexpr size_t smem = smem_bytes<E>();
-    const dim3 grid(splits, g.kv_heads * chunks, b.n);
-    if (st.fused_combine) {
-        split_kernel<T, D, E, true><<<grid, kThreads, smem, stream>>>(
-            g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits,
-            chunks, regions);
-        return cudaGetLastError();
-    }
-    split_kernel<T, D, E, false><<<grid, kThreads, smem, stream>>>(
-        g, st, b, layer, static_cast<const T *>(q), static_cast<T *>(out), pps, splits, chunks,
-        regions);
-    if (splits > 1)
+                   int32_t chunks, const region_table &regions, int32_t fetch,
+                   cudaStream_t stream) {
+    const T *qt = static_cast<const T *>(q);
+    T *ot = static_cast<T *>(out);
+    if (st.fused_combine)
+        return fetch ? launch_split<T, D, E, true, true>(g, st, b, layer, qt, ot, pps, splits,
+                                                         chunks, regions, stream)
+                     : launch_split<T, D, E, true, false>(g, st, b, layer, qt, ot, pps, splits,
+                                                          chunks, regions, stream);
+    cudaError_t e = fetch ? launch_split<T, D, E, false, true>(g, st, b, layer, qt, ot, pps,
+                                                               splits, chunks, regions, stream)
+                          : launch_split<T, D, E, false, false>(g, st, b, layer, qt, ot, pps,
+                                                                splits, chunks, regions, stream);
+    if (e == cudaSuccess && splits > 1) {
         combine_kernel<T, D><<<dim3(g.q_heads, b.n), D, splits * sizeof(float2), stream>>>(
-            st, b, g.q_heads, splits, static_cast<T *>(out));
-    return cudaGetLastError();
+            st, b, g.q_heads, splits, ot);
+        e = cudaGetLastError();
+    }
+    return e;
 }
 
 // The opt-in shared memory of one split kernel: the same value for every
 // cache (it depends on the instantiation only), so caches sharing the
 // kernel never undo each other's setting.
+template <typename T, int D, class E, bool Fused, bool Fetch> cudaError_t init_split() {
+    return cudaFuncSetAttribute(split_kernel<T, D, E, Fused, Fetch>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)smem_bytes<E, Fetch>());
+}
 template <typename T, int D, class E> cudaError_t init_engine(const fkv_dev_limits &lim) {
-    constexpr size_t smem = smem_bytes<E>();
-    if (lim.smem_per_block_optin > 0 && smem > (size_t)lim.smem_per_block_optin)
+    if (lim.smem_per_block_optin > 0 && smem_bytes<E, true>() > (size_t)lim.smem_per_block_optin)
         return cudaErrorInvalidValue;
-    cudaError_t e = cudaFuncSetAttribute(split_kernel<T, D, E, false>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (e == cudaSuccess)
-        e = cudaFuncSetAttribute(split_kernel<T, D, E, true>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    cudaError_t e = init_split<T, D, E, false, false>();
+    if (e == cudaSuccess) e = init_split<T, D, E, true, false>();
+    if (e == cudaSuccess) e = init_split<T, D, E, false, true>();
+    if (e == cudaSuccess) e = init_split<T, D, E, true, true>();
     return e;
 }
 
@@ -913,7 +1046,7 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, void *out, int32_t bound_pages,
                                          unsigned char *const *seq_base_host,
-                                         cudaStream_t stream) {
+                                         int32_t fetch, cudaStream_t stream) {
     return fkv::dispatch_dtype(g->dtype, [&](auto dtype_tag) {
         using T = decltype(dtype_tag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto dim_tag) -> cudaError_t {
@@ -956,7 +1089,7 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
             return with_engine<T, D>(*g, [&](auto e_tag) {
                 return launch<T, D, typename decltype(e_tag)::type>(*g, *st, *b, layer, q, out,
                                                                      pps, splits, chunks, regions,
-                                                                     stream);
+                                                                     fetch, stream);
             });
         });
     });

@@ -310,7 +310,10 @@ typedef enum fkv_plan_kind {
      * made the same plan, only the gather runs. */
     FKV_PLAN_DONE = 1,
     /* The same with st->gather_bulk: the tail gathered too; nothing runs. */
-    FKV_PLAN_GATHERED = 2
+    FKV_PLAN_GATHERED = 2,
+    /* The plan launch without the gather: the attend's split kernel reads
+     * the listed units from the pool (fkv_launch_attend's fetch). */
+    FKV_PLAN_ONLY = 3
 } fkv_plan_kind;
 
 /* Incremental recall: pages of the new set already in a slot stay; the
@@ -333,14 +336,17 @@ cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
  * of st->seq_base, indexed by slot; a slot's value never changes once
  * set) gives the kernel each entry's region by value; otherwise a split
  * launch, then a combine launch, and seq_base_host is unused (may be
- * NULL). */
+ * NULL). fetch (FREEKV's and SYNC's fkv_attend, right after the
+ * correction's plan with no gather between): the units on that
+ * plan's work lists (st) are read from the pool and written back to their
+ * slots by the split kernel, so the correction needs no gather launch. */
 cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, void *out, int32_t bound_pages,
                               unsigned char *const *seq_base_host,
-                              cudaStream_t stream);
+                              int32_t fetch, cudaStream_t stream);
 
 /* The split count fkv_launch_attend uses for bound_pages (for sizing):
  * arithmetic on the geometry and lim only, no device query. */

@@ -10,6 +10,8 @@
 //         16-byte pieces of the units' one global order. With
 //         st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) a few one-warp
 //         blocks do it with TMA bulk copies instead (gather_bulk_kernel).
+// FKV_PLAN_ONLY skips the gather: the attend's split kernel reads the
+// listed units itself (attend.cu, "Fetch").
 // A fixed grid keeps the launch graph-capturable; gather_blocks sets how
 // many SMs recall takes from the engine (DESIGN section 3's trade-off).
 #include "bulk_copy.cuh"
@@ -178,7 +180,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
         plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(
             *g, *st, *b, layer, (int32_t)mode);
         cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess)
+        if (e != cudaSuccess || plan == FKV_PLAN_ONLY)
             return e;
     }
     if (st->gather_bulk) {

@@ -1095,13 +1095,16 @@ static fkv_select_mode attend_select_mode(const cuda_backend *cb,
 /* How the attend's correction recall plans: the selection kernel's tail
  * makes the plan for COSINE and SYNC (their selection is the last launch
  * before the recall); BOUNDED's rule kernel comes between, so its plan
- * stays a launch. */
-static fkv_plan_kind attend_plan(const cuda_backend *cb)
+ * stays a launch. fetch: the split kernel reads the units, so no gather
+ * follows the plan (the tail's plan: nothing is launched; BOUNDED's: the
+ * plan launch alone). */
+static fkv_plan_kind attend_plan(const cuda_backend *cb, bool fetch)
 {
     if (!fuse_plan(cb))
-        return FKV_PLAN_PREFIX;
-    /* With the bulk gather (FKV_CUDA_EXPERIMENTAL) the tail gathers too. */
-    return cb->st_main.gather_bulk ? FKV_PLAN_GATHERED : FKV_PLAN_DONE;
+        return fetch ? FKV_PLAN_ONLY : FKV_PLAN_PREFIX;
+    /* With the bulk gather (FKV_CUDA_EXPERIMENTAL) the tail gathers too,
+     * unless the split kernel fetches (attend_choose turns it off then). */
+    return cb->st_main.gather_bulk || fetch ? FKV_PLAN_GATHERED : FKV_PLAN_DONE;
 }
 
 /* FREEKV's attend writes the pending selection (select at attend), which a
@@ -1137,23 +1140,30 @@ static cudaError_t attend_join(cuda_backend *cb, int32_t layer,
 
 /* The page set of one chunk's attention, chosen with the queries q (row j
  * for entry j): FREEKV's and SYNC's selection, correction and correction
- * recall, or RESIDENT's selection; DENSE and EXTERNAL choose nothing here. */
+ * recall, or RESIDENT's selection; DENSE and EXTERNAL choose nothing here.
+ * fetch: the attention launch that follows reads the correction's units
+ * (one launch: fkv_attend's; fkv_attend_tokens' several launches would
+ * each read them over PCIe, so it gathers). */
 static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
                                  fkv_policy policy, const fkv_dev_batch *d,
-                                 const void *q)
+                                 const void *q, bool fetch)
 {
     const fkv_dev_geometry *g = &cb->lgeo[layer];
     cudaError_t e = cudaSuccess;
     if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-        e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
-                              attend_select_mode(cb, policy),
-                              attend_plan(cb) != FKV_PLAN_PREFIX, cb->stream);
+        const fkv_plan_kind plan = attend_plan(cb, fetch);
+        /* A fetching attend's selection tail plans only (no bulk gather). */
+        fkv_dev_state st = cb->st_main;
+        if (fetch)
+            st.gather_bulk = 0;
+        e = fkv_launch_select(g, &cb->lim, &st, d, layer, q,
+                              attend_select_mode(cb, policy), fuse_plan(cb),
+                              cb->stream);
         if (e == cudaSuccess && cb->bounded)
-            e = fkv_launch_bounded(g, &cb->st_main, d, layer, cb->stream);
+            e = fkv_launch_bounded(g, &st, d, layer, cb->stream);
         if (e == cudaSuccess)
-            e = fkv_launch_recall(g, &cb->st_main, d, layer, FKV_RECALL_FIX,
-                                  cb->gather_blocks_main, attend_plan(cb),
-                                  cb->stream);
+            e = fkv_launch_recall(g, &st, d, layer, FKV_RECALL_FIX,
+                                  cb->gather_blocks_main, plan, cb->stream);
     } else if (policy == FKV_POLICY_RESIDENT) {
         e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
                               FKV_SELECT_ACTIVE, 0, cb->stream);
@@ -1178,6 +1188,9 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                         c->geo.elem_bytes;
     cudaError_t e = attend_join(cb, layer, policy);
     const int32_t bound = bound_pages(c, b, layer);
+    /* The split kernel reads the correction's units from the pool and
+     * writes them back to their slots: no gather launch (section 6). */
+    const bool fetch = policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC;
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
             break;
@@ -1185,10 +1198,10 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         dev_batch(b, first, count, &d);
         const void *qc = (const char *)q + first * qrow;
         void *oc = (char *)out + first * qrow;
-        e = attend_choose(cb, layer, policy, &d, qc);
+        e = attend_choose(cb, layer, policy, &d, qc, fetch);
         if (e == cudaSuccess)
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
-                                  bound, cb->seq_base_host, cb->stream);
+                                  bound, cb->seq_base_host, fetch, cb->stream);
     }
     /* Select at attend wrote the pending selection: the side stream waits
      * before it reads it (even after an error: some of it may have run). */
@@ -1238,7 +1251,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             }
         }
         if (e == cudaSuccess)
-            e = attend_choose(cb, layer, policy, &d, cb->q_last);
+            e = attend_choose(cb, layer, policy, &d, cb->q_last, false);
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
             fkv_dev_batch a;
             memset(&a, 0, sizeof a);
@@ -1255,7 +1268,7 @@ static fkv_status cuda_attend_tokens(fkv_cache *c, int32_t layer,
             a.max_tokens = 1;
             /* Rows are absolute: q and out are not moved per chunk. */
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &a, layer, q, out,
-                                  bound, cb->seq_base_host, cb->stream);
+                                  bound, cb->seq_base_host, 0, cb->stream);
         }
     }
     /* Select at attend wrote the pending selection: the side stream waits
