@@ -470,23 +470,39 @@ END_TEST
  * correction and recall in flight (on the CUDA backend the steps are
  * asynchronous; the audit waits). Drifting queries make some heads
  * correct and others use speculative pages; the audit runs after every
- * step, between attend and recall and after recall. */
+ * step, between attend and recall and after recall. On CUDA the attend's
+ * split kernel reads corrected units from the pool and writes them back to
+ * their slots, so the audit between attend and recall checks that write:
+ * per shape, f32 (the CUDA-core engine), bf16 with head_dim 128 (the
+ * tensor-core engine) and f16 with a GQA group of 16 (two blocks per KV
+ * head, of which only the first writes). */
+static const struct {
+    int q_heads, kv_heads, head_dim;
+    fkv_dtype dtype;
+} ft_audit_shapes[] = {
+    {8, 2, 64, FKV_DTYPE_F32},
+    {8, 2, 128, FKV_DTYPE_BF16},
+    {32, 2, 64, FKV_DTYPE_F16},
+};
+
 START_TEST(ft_audit_after_steps)
 {
     fkv_options o;
-    tst_options(&o, 2, 8, 2, 64, FKV_DTYPE_F32);
+    tst_options(&o, 2, ft_audit_shapes[_i].q_heads, ft_audit_shapes[_i].kv_heads,
+                ft_audit_shapes[_i].head_dim, ft_audit_shapes[_i].dtype);
     tst_model m;
     tst_model_init(&m, &o, 77);
     int slots[2] = {tst_open(&m), tst_open(&m)};
     int n[2] = {700, 1030};
     tst_prefill(&m, 2, slots, n);
-    float q[2][2 * 8 * 64], prev[2][2 * 8 * 64];
+    enum { QMAX = 2 * 32 * 128 };
+    static float q[2][QMAX], prev[2][QMAX];
     for (int l = 0; l < 2; l++)
         tst_next_query(&m, l, 2, slots, NULL, q[l]);
     for (int step = 0; step < 24; step++) {
         for (int l = 0; l < 2; l++) {
             tst_append_rand(&m, l, 2, slots, NULL);
-            tst_attend_check(&m, l, 2, slots, q[l], tst_tol(FKV_DTYPE_F32));
+            tst_attend_check(&m, l, 2, slots, q[l], tst_tol(o.dtype));
             tst_select(&m, l, 2, slots, q[l]);
             ft_audit(m.c);
             tst_recall(&m, l, 2, slots);
@@ -499,6 +515,7 @@ START_TEST(ft_audit_after_steps)
     fkv_stats st;
     tst_stats(&m, &st);
     ck_assert_uint_gt(st.pages_recalled, 0);
+    ck_assert_uint_gt(st.pages_recalled_critical, 0);
     ck_assert_uint_gt(st.corrections, 2 * 2 * 2); /* beyond the first step */
     ck_assert_uint_lt(st.corrections, st.heads_checked);
     tst_model_free(&m);
@@ -550,7 +567,8 @@ Suite *suite_faults(const char *prefix)
     tcase_add_test(tc, ft_allocator_used);
     tcase_add_test(tc, ft_append_gives_back_chunks);
     tc = tst_tcase(s, "audit");
-    tcase_add_test(tc, ft_audit_after_steps);
+    tcase_add_loop_test(tc, ft_audit_after_steps, 0,
+                        (int)(sizeof ft_audit_shapes / sizeof ft_audit_shapes[0]));
     tcase_add_test(tc, ft_audit_finds_corruption);
     tc = tst_tcase(s, "injection");
     tcase_add_test(tc, ft_faults_freekv);
