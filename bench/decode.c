@@ -1195,6 +1195,11 @@ typedef enum run_status {
     RUN_NO_GRAPH     /* --graph: the step could not be captured or replayed */
 } run_status;
 
+/* The four fkv calls of a decode step, for the host time by call. */
+enum call_kind { CALL_APPEND, CALL_ATTEND, CALL_SELECT, CALL_RECALL, CALL_KINDS };
+static const char *const call_names[CALL_KINDS] = {"append", "attend", "select",
+                                                   "recall"};
+
 typedef struct result {
     int64_t ctx;
     int batch, batch_index;
@@ -1207,6 +1212,8 @@ typedef struct result {
     /* Host time per step inside the fkv calls, and enqueueing the GEMM
      * stand-ins (medians; NAN under --graph, where a step is one launch) */
     double lib_host_ms, gemm_host_ms;
+    /* lib_host_ms by call (medians; call_kind order) */
+    double lib_call_ms[CALL_KINDS];
     double crit_pages; /* pages_recalled_critical per step */
     double tokens_per_s;
     double corrections, heads_checked; /* per step */
@@ -1231,6 +1238,7 @@ typedef struct run_ctx {
     /* Host time of the last decode_step inside the fkv calls and in the
      * GEMM enqueues (a host clock read around each call). */
     double lib_ms, gemm_host_ms;
+    double call_ms[CALL_KINDS]; /* lib_ms by call */
     /* Under capture: an fkv call that fails is recorded here (and the
      * step's later fkv calls skipped) instead of ending the program. */
     int soft;
@@ -1257,12 +1265,14 @@ static void step_check(run_ctx *rc, fkv_status st, const char *what,
 }
 
 /* An fkv call of the step: timed into rc->lib_ms, checked. */
-#define STEP_FKV(rc, call)                                                   \
+#define STEP_FKV(rc, kind, call)                                             \
     do {                                                                     \
         if ((rc)->failed == FKV_OK) {                                        \
             double t_ = bench_now_ms();                                      \
             fkv_status st_ = (call);                                         \
-            (rc)->lib_ms += bench_now_ms() - t_;                             \
+            t_ = bench_now_ms() - t_;                                        \
+            (rc)->lib_ms += t_;                                              \
+            (rc)->call_ms[kind] += t_;                                       \
             step_check((rc), st_, #call, __FILE__, __LINE__);                \
         }                                                                    \
     } while (0)
@@ -1278,6 +1288,8 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
     const int B = rc->batch, hid = a->hidden, inter = a->intermediate;
 #endif
     rc->lib_ms = rc->gemm_host_ms = 0.0;
+    for (int k = 0; k < CALL_KINDS; k++)
+        rc->call_ms[k] = 0.0;
     for (int l = 0; l < L; l++) {
 #ifdef FKV_WITH_CUDA
         const uint16_t *wl = NULL;
@@ -1312,11 +1324,12 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
                 q = (const char *)w->q_mem + q_off;
             }
             fkv_cache *c = rc->cache;
-            STEP_FKV(rc, fkv_append(c, l, &rc->step, k, v));
-            STEP_FKV(rc, fkv_attend(c, l, &rc->step, q, e->out));
+            STEP_FKV(rc, CALL_APPEND, fkv_append(c, l, &rc->step, k, v));
+            STEP_FKV(rc, CALL_ATTEND, fkv_attend(c, l, &rc->step, q, e->out));
             /* NULL: the attend's query (nothing launched). */
-            STEP_FKV(rc, fkv_select(c, l, &rc->step, a->select_q ? q : NULL));
-            STEP_FKV(rc, fkv_recall(c, l, &rc->step));
+            STEP_FKV(rc, CALL_SELECT,
+                     fkv_select(c, l, &rc->step, a->select_q ? q : NULL));
+            STEP_FKV(rc, CALL_RECALL, fkv_recall(c, l, &rc->step));
         }
 #ifdef FKV_WITH_CUDA
         if (use_gemm) {
@@ -1335,6 +1348,7 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
  * the fkv calls and in the GEMM enqueues (the last two NAN for a replay). */
 typedef struct step_times {
     double *ms, *host, *lib, *gemm;
+    double *call[CALL_KINDS]; /* lib by call */
 } step_times;
 
 static void step_times_alloc(step_times *st, int steps)
@@ -1343,6 +1357,8 @@ static void step_times_alloc(step_times *st, int steps)
     st->host = bench_xmalloc((size_t)steps * sizeof *st->host);
     st->lib = bench_xmalloc((size_t)steps * sizeof *st->lib);
     st->gemm = bench_xmalloc((size_t)steps * sizeof *st->gemm);
+    for (int k = 0; k < CALL_KINDS; k++)
+        st->call[k] = bench_xmalloc((size_t)steps * sizeof *st->call[k]);
 }
 
 static void step_times_free(step_times *st)
@@ -1351,6 +1367,8 @@ static void step_times_free(step_times *st)
     free(st->host);
     free(st->lib);
     free(st->gemm);
+    for (int k = 0; k < CALL_KINDS; k++)
+        free(st->call[k]);
 }
 
 #ifdef FKV_WITH_CUDA
@@ -1442,6 +1460,8 @@ static bool time_replays(run_ctx *rc, int t0, int steps, int with_fkv,
             break;
         out->ms[i] = bench_timer_elapsed_ms(&tm);
         out->lib[i] = out->gemm[i] = NAN;
+        for (int k = 0; k < CALL_KINDS; k++)
+            out->call[k][i] = NAN;
     }
     bench_timer_free(&tm);
     if (ce != cudaSuccess) {
@@ -1516,6 +1536,8 @@ static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
         decode_step(rc, t0 + warmup + i, with_fkv);
         out->host[i] = bench_timer_stop(&tm);
         out->lib[i] = rc->lib_ms;
+        for (int k = 0; k < CALL_KINDS; k++)
+            out->call[k][i] = rc->call_ms[k];
         out->gemm[i] = rc->gemm_host_ms;
         /* Waits for the step, as an engine waits for its sampled token. */
         out->ms[i] = bench_timer_elapsed_ms(&tm);
@@ -1634,6 +1656,8 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
     res->ms_p90 = bench_percentile(tt.ms, (size_t)a->steps, 90.0);
     res->host_ms = bench_median(tt.host, (size_t)a->steps);
     res->lib_host_ms = bench_median(tt.lib, (size_t)a->steps);
+    for (int k = 0; k < CALL_KINDS; k++)
+        res->lib_call_ms[k] = bench_median(tt.call[k], (size_t)a->steps);
     res->gemm_host_ms = bench_median(tt.gemm, (size_t)a->steps);
     res->crit_pages = (double)st.pages_recalled_critical / n_steps;
     if (!rc->e->use_gemm)
@@ -1930,7 +1954,8 @@ static void csv_header(FILE *f)
                "topics,device_bytes,host_bytes,gemm_ms,pcie_gbs,device_gbs,"
                "recall_bound_ms,attend_bound_ms,lower_bound_ms,prefill_s,"
                "criterion,min_mass,max_pages,graph,lib_host_ms,gemm_host_ms,"
-               "pages_critical_per_step,bound_ratio,reserve_s\n");
+               "pages_critical_per_step,bound_ratio,reserve_s,lib_append_ms,"
+               "lib_attend_ms,lib_select_ms,lib_recall_ms\n");
 }
 
 /* A number, or nothing for NAN. */
@@ -1973,7 +1998,10 @@ static void csv_row(FILE *f, const engine *e, const args *a, const result *r)
     double more[] = {ok ? r->lib_host_ms : NAN, ok ? r->gemm_host_ms : NAN,
                      ok ? r->crit_pages : NAN,
                      ok && r->bound_ms > 0 ? r->ms_median / r->bound_ms : NAN,
-                     ok ? r->reserve_s : NAN};
+                     ok ? r->reserve_s : NAN, ok ? r->lib_call_ms[CALL_APPEND] : NAN,
+                     ok ? r->lib_call_ms[CALL_ATTEND] : NAN,
+                     ok ? r->lib_call_ms[CALL_SELECT] : NAN,
+                     ok ? r->lib_call_ms[CALL_RECALL] : NAN};
     for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
         csv_num(f, more[i]);
     fputc('\n', f);
@@ -1990,6 +2018,39 @@ static int cmp_result(const void *x, const void *y)
     if (a->policy != b->policy)
         return policy_rank(a->policy) - policy_rank(b->policy);
     return a->threshold_index - b->threshold_index;
+}
+
+/* Eager rows: the host time inside each fkv call per step (the decode
+ * path's enqueue cost by call; none under --graph). */
+static void print_call_table(const result *res, int n)
+{
+    int rows = 0;
+    for (int i = 0; i < n; i++)
+        rows += res[i].status == RUN_OK && res[i].lib_call_ms[0] == res[i].lib_call_ms[0];
+    if (rows == 0)
+        return;
+    bench_table t;
+    bench_table_init(&t, 4 + CALL_KINDS);
+    bench_table_add(&t, "%s", "context");
+    bench_table_add(&t, "%s", "batch");
+    bench_table_add(&t, "%s", "policy");
+    bench_table_add(&t, "%s", "lib ms");
+    for (int k = 0; k < CALL_KINDS; k++)
+        bench_table_add(&t, "%s ms", call_names[k]);
+    for (int i = 0; i < n; i++) {
+        const result *r = &res[i];
+        if (r->status != RUN_OK || r->lib_call_ms[0] != r->lib_call_ms[0])
+            continue;
+        bench_table_add(&t, "%lld", (long long)r->ctx);
+        bench_table_add(&t, "%d", r->batch);
+        bench_table_add(&t, "%s", bench_policy_name(r->policy));
+        bench_table_add(&t, "%.3f", r->lib_host_ms);
+        for (int k = 0; k < CALL_KINDS; k++)
+            bench_table_add(&t, "%.3f", r->lib_call_ms[k]);
+    }
+    printf("host time inside each fkv call per step (eager rows, medians):\n");
+    bench_table_print(&t, stdout);
+    bench_table_free(&t);
 }
 
 static void print_tables(const engine *e, const args *a, result *res, int n)
@@ -2047,6 +2108,7 @@ static void print_tables(const engine *e, const args *a, result *res, int n)
     }
     bench_table_print(&t, stdout);
     bench_table_free(&t);
+    print_call_table(res, n);
     printf("ms med/p90: step latency over the timed steps (%s%s); host ms: "
            "host time to enqueue a step\n",
            e->backend == FKV_BACKEND_CUDA ? "CUDA events on the engine's "

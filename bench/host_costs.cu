@@ -1,0 +1,199 @@
+/*
+ * bench/host_costs: the host time of the CUDA runtime calls a decode step
+ * makes (issue 11, item 5: the library's host enqueue per 32-layer step),
+ * so that the library's own time can be told from the runtime's floor.
+ *
+ * Each row is the median over --reps repetitions of the mean host time of
+ * --calls back-to-back calls (host clock; the stream is drained between
+ * repetitions, so launches never wait for queue space):
+ *
+ *   launch 8 B        an empty kernel taking one pointer
+ *   launch N B        an empty kernel taking __grid_constant__ structs of
+ *                     the sizes the library's launches pass (geometry,
+ *                     state, batch: kernels/kernels.h), and of 4 KiB
+ *   event record      cudaEventRecord (events without timing)
+ *   stream wait       cudaStreamWaitEvent on a recorded event
+ *   record + wait     the pair, the way FREEKV orders its two streams
+ *   get device        cudaGetDevice (the library's device guard)
+ *   is capturing      cudaStreamIsCapturing
+ *   get last error    cudaGetLastError (after every launch)
+ *
+ * The last line prints the floor of a FREEKV and a RESIDENT layer-step
+ * (launches and event operations, from docs/design.md section 6) times 32
+ * layers. --smoke: few repetitions. Without a usable CUDA device it prints
+ * one "skipped" line and exits 0 with --smoke, 1 without.
+ *
+ *   make bench && build/bench/host_costs
+ *
+ * SPDX-License-Identifier: MIT
+ */
+#include <cuda_runtime.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "bench.h"
+#include "kernels.h" /* the launch argument structs, for their sizes */
+}
+
+namespace {
+
+template <size_t N> struct blob {
+    unsigned char b[N];
+};
+
+__global__ void empty_ptr(int *p)
+{
+    if (p && threadIdx.x == 1024) *p = 0; /* never: keeps the argument */
+}
+
+/* The library's launches pass these three by value (select, attend, ...). */
+__global__ void empty_lib(const __grid_constant__ fkv_dev_geometry g,
+                          const __grid_constant__ fkv_dev_state st,
+                          const __grid_constant__ fkv_dev_batch b, int32_t layer)
+{
+    if (layer < 0 && threadIdx.x == 0) st.counters[0] = g.layers + b.n;
+}
+
+template <size_t N>
+__global__ void empty_blob(const __grid_constant__ blob<N> x, int *p)
+{
+    if (p && threadIdx.x == 1024) *p = x.b[0];
+}
+
+struct args {
+    int reps = 51, calls = 200, smoke = 0;
+};
+
+template <class F> double per_call_us(const args &a, cudaStream_t s, F call)
+{
+    double *x = (double *)calloc((size_t)a.reps, sizeof(double));
+    for (int w = 0; w < 3; w++) /* warm-up */
+        for (int i = 0; i < a.calls; i++) call();
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(s));
+    for (int r = 0; r < a.reps; r++) {
+        const double t0 = bench_now_ms();
+        for (int i = 0; i < a.calls; i++) call();
+        x[r] = (bench_now_ms() - t0) * 1000.0 / a.calls;
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(s));
+    }
+    const double m = bench_median(x, (size_t)a.reps);
+    free(x);
+    return m;
+}
+
+void usage(void)
+{
+    printf("usage: host_costs [--reps N] [--calls N] [--smoke]\n");
+}
+
+} // namespace
+
+int main(int argc, char **argv)
+{
+    args a;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--smoke")) {
+            a.smoke = 1;
+            a.reps = 5;
+            a.calls = 20;
+        } else if (!strcmp(argv[i], "--reps") && i + 1 < argc) {
+            a.reps = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--calls") && i + 1 < argc) {
+            a.calls = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--help")) {
+            usage();
+            return 0;
+        } else {
+            usage();
+            return 2;
+        }
+    }
+    if (a.reps < 1 || a.calls < 1) {
+        usage();
+        return 2;
+    }
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+        printf("host_costs: skipped (no usable CUDA device)\n");
+        return a.smoke ? 0 : 1;
+    }
+    cudaStream_t s, side;
+    cudaEvent_t ev;
+    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    BENCH_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    fkv_dev_geometry g;
+    fkv_dev_state st;
+    fkv_dev_batch b;
+    memset(&g, 0, sizeof g);
+    memset(&st, 0, sizeof st);
+    memset(&b, 0, sizeof b);
+    const size_t lib_bytes = sizeof g + sizeof st + sizeof b + sizeof(int32_t);
+
+    bench_table t;
+    bench_table_init(&t, 2);
+    bench_table_add(&t, "%s", "call");
+    bench_table_add(&t, "%s", "us per call");
+    auto row = [&](const char *name, double us) {
+        bench_table_add(&t, "%s", name);
+        bench_table_add(&t, "%.2f", us);
+    };
+    const double l8 = per_call_us(a, s, [&] {
+        empty_ptr<<<1, 32, 0, s>>>(nullptr);
+        (void)cudaGetLastError();
+    });
+    row("launch 8 B", l8);
+    char name[64];
+    const double llib = per_call_us(a, s, [&] {
+        empty_lib<<<1, 32, 0, s>>>(g, st, b, 0);
+        (void)cudaGetLastError();
+    });
+    snprintf(name, sizeof name, "launch %zu B (library structs)", lib_bytes);
+    row(name, llib);
+    const blob<4096> big = {};
+    row("launch 4104 B", per_call_us(a, s, [&] {
+            empty_blob<4096><<<1, 32, 0, s>>>(big, nullptr);
+            (void)cudaGetLastError();
+        }));
+    const double rec = per_call_us(a, s, [&] { BENCH_CUDA_CHECK(cudaEventRecord(ev, s)); });
+    row("event record", rec);
+    BENCH_CUDA_CHECK(cudaEventRecord(ev, s));
+    const double wait = per_call_us(a, s, [&] {
+        BENCH_CUDA_CHECK(cudaStreamWaitEvent(side, ev, 0));
+    });
+    row("stream wait", wait);
+    const double pair = per_call_us(a, s, [&] {
+        BENCH_CUDA_CHECK(cudaEventRecord(ev, s));
+        BENCH_CUDA_CHECK(cudaStreamWaitEvent(side, ev, 0));
+    });
+    row("record + wait", pair);
+    int dev = 0;
+    const double gd = per_call_us(a, s, [&] { BENCH_CUDA_CHECK(cudaGetDevice(&dev)); });
+    row("get device", gd);
+    const double cap = per_call_us(a, s, [&] {
+        cudaStreamCaptureStatus cs;
+        BENCH_CUDA_CHECK(cudaStreamIsCapturing(s, &cs));
+    });
+    row("is capturing", cap);
+    row("get last error", per_call_us(a, s, [&] { (void)cudaGetLastError(); }));
+    bench_table_print(&t, stdout);
+    bench_table_free(&t);
+    BENCH_CUDA_CHECK(cudaStreamSynchronize(side));
+    /* Per layer (docs/design.md section 6): FREEKV 7 launches, two
+     * record + wait pairs; RESIDENT 5 launches; every policy 4 calls, each
+     * with a device guard and up to 3 capture checks. */
+    const double guard = 4 * (gd + cap);
+    printf("floor per 32-layer step (library-sized launches): FREEKV %.3f ms, "
+           "RESIDENT %.3f ms (launch %.2f us, record + wait %.2f us, guard "
+           "and capture checks %.2f us per layer)\n",
+           32 * (7 * llib + 2 * pair + guard) / 1000.0,
+           32 * (5 * llib + guard) / 1000.0, llib, pair, guard);
+    BENCH_CUDA_CHECK(cudaEventDestroy(ev));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(side));
+    BENCH_CUDA_CHECK(cudaStreamDestroy(s));
+    return 0;
+}
