@@ -56,6 +56,10 @@
 namespace {
 
 using fkv::kWarp;
+using fkv::cp_async16;
+using fkv::cp_async_commit;
+using fkv::cp_async_wait;
+using fkv::region_table;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * kWarp;
@@ -69,18 +73,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 // ---- small device helpers ---------------------------------------------------
 
-// 16-byte global -> shared copy, L2 only (streamed data); src_bytes 0
-// writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, uint32_t src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
-}
 __device__ __forceinline__ uint4 lds16(uint32_t addr) {
     uint4 w;
     asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -585,11 +577,6 @@ __device__ __forceinline__ const unsigned char *listed_source(const uint64_t *sr
         if (dst[j] == s) return reinterpret_cast<const unsigned char *>(src[j]);
     return nullptr;
 }
-
-// Each batch entry's (sequence, layer) region, by value (fused path).
-struct region_table {
-    unsigned char *base[FKV_DEV_MAX_BATCH];
-};
 
 // The fused kernel's ending, in the block that drew the last ticket: merges
 // the nq heads' partials of all splits (including its own, read back) into

@@ -133,6 +133,33 @@ struct page_ranges {
     }
 };
 
+// Each batch entry's (sequence, layer) region, by value: the host knows
+// them (a slot's region never moves once allocated, so a captured value
+// stays right), which saves the dependent load of st.seq_base.
+struct region_table {
+    unsigned char *base[FKV_DEV_MAX_BATCH];
+};
+
+// ---- asynchronous copies to shared memory (sm_80) -------------------------
+
+// 16-byte global -> shared copy, L2 only (streamed data); src_bytes 0
+// writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, uint32_t src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+// 4-byte global -> shared copy (through L1: .cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async4(void *dst, const void *src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"((uint32_t)__cvta_generic_to_shared(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
 // ---- reductions -----------------------------------------------------------
 
 __device__ __forceinline__ float warp_sum(float v) {

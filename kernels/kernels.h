@@ -270,18 +270,31 @@ typedef enum fkv_select_mode {
     FKV_SELECT_BOUNDED = 4
 } fkv_select_mode;
 
+/* What the selection launch does after the top-K (FKV_SELECT_CORRECT and
+ * FKV_SELECT_FIX_ALL only, and only after fkv_select_init with fuse_plan). */
+typedef enum fkv_select_tail {
+    FKV_TAIL_NONE = 0,
+    /* Each block also makes the correction recall's plan (the one
+     * fkv_launch_recall's FKV_RECALL_FIX would make next, from the set and
+     * the slots in its shared memory), so that the gather follows with
+     * FKV_PLAN_DONE, or nothing when the attention fetches the units. */
+    FKV_TAIL_PLAN = 1,
+    /* The plan and the gather (TMA bulk copies; needs st->gather_bulk,
+     * FKV_CUDA_EXPERIMENTAL): nothing follows. */
+    FKV_TAIL_GATHER = 2
+} fkv_select_tail;
+
 /* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING).
- * fuse_plan (FKV_SELECT_CORRECT and FKV_SELECT_FIX_ALL only, and only after
- * fkv_select_init with fuse_plan): each block then also makes the
- * correction recall's plan (the one fkv_launch_recall's FKV_RECALL_FIX
- * would make next), so that the recall follows with FKV_PLAN_DONE; with
- * st->gather_bulk the gather too (FKV_PLAN_GATHERED). */
+ * seq_base_host: the host's copy of st->seq_base, needed with a tail (the
+ * tail's launch takes each entry's region by value). */
 cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                               const fkv_dev_limits *lim,
                               const fkv_dev_state *st,
                               const fkv_dev_batch *b, int32_t layer,
                               const void *q, fkv_select_mode mode,
-                              int32_t fuse_plan, cudaStream_t stream);
+                              fkv_select_tail tail,
+                              unsigned char *const *seq_base_host,
+                              cudaStream_t stream);
 
 /* BOUNDED's cumulative rule (docs/design.md section 4, step 4) for the
  * heads FKV_SELECT_BOUNDED left to it (more than K candidates, an active
@@ -306,11 +319,9 @@ typedef enum fkv_recall_mode {
  * missing page takes the r-th free slot, from block prefix sums). */
 typedef enum fkv_plan_kind {
     FKV_PLAN_PREFIX = 0,
-    /* FKV_RECALL_FIX after a selection launched with fuse_plan: its tail
-     * made the same plan, only the gather runs. */
+    /* FKV_RECALL_FIX after a selection launched with FKV_TAIL_PLAN: its
+     * tail made the same plan, only the gather runs. */
     FKV_PLAN_DONE = 1,
-    /* The same with st->gather_bulk: the tail gathered too; nothing runs. */
-    FKV_PLAN_GATHERED = 2,
     /* The plan launch without the gather: the attend's split kernel reads
      * the listed units from the pool (fkv_launch_attend's fetch). */
     FKV_PLAN_ONLY = 3

@@ -2,9 +2,12 @@
 // threads (blockDim.x == NT): matches the new page set against the pages
 // already in slots, gives each missing page a slot whose page left the set,
 // writes the copy list (work_src / work_dst / work_count) for the gather
-// and makes the set active. Called by recall.cu's plan kernel (NT 128) and
-// by the selection kernel's tail for the correction recall of COSINE and
-// SYNC (NT 256; select.cu), so that both run the same code.
+// and makes the set active. recall.cu's plan kernel (NT 128) calls
+// recall_plan, which reads the set and the slots from the metadata; the
+// selection kernel's tail for the correction recall of COSINE and SYNC
+// (NT 256; select.cu) calls plan_apply with them in shared memory (the set
+// it just selected, the slots it prefetched at its start), so that both run
+// the same code.
 #pragma once
 
 #include "bulk_copy.cuh"
@@ -38,57 +41,56 @@ __device__ __forceinline__ uint32_t plan_scan(uint32_t v, uint32_t &total,
     return before + x - v;
 }
 
-// smem: 4 * K int32 of shared memory; warp_total: NT / 32 uint32 of shared
-// memory. Every thread of the block must call it, with the same arguments;
-// returns together.
+// What a plan starts from: recall_plan loads it from the (sequence, layer)
+// metadata; the selection kernel's tail has it in shared memory already.
+struct plan_input {
+    const int32_t *pages;         // the new set, ascending (shared or global)
+    int32_t count;                // its size; FKV_RECALL_FIX: < 0, no correction
+    int32_t *slot_page;           // [K] shared: each slot's page (updated in place)
+    const int32_t *active_pages;  // FIX with count < 0: the active set, kept
+    int32_t active_count;         // ... and its size (< 0: none)
+};
+
+// The plan of `in` for (sequence slot, KV head h) of `layer`. scratch: 3 * K
+// int32 of shared memory, not overlapping in.pages or in.slot_page;
+// warp_total: NT / 32 uint32 of shared memory. Every thread of the block
+// must call it with the same arguments, after the barrier that makes
+// in.slot_page visible (unless in.count < 0 under FIX, which needs no
+// slots); returns together.
 template <int NT>
-__device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
-                                            const fkv_dev_state &st, int32_t slot,
-                                            int32_t h, int32_t layer, int32_t mode,
-                                            int32_t *smem,
-                                            uint32_t *warp_total)
+__device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                                           const fkv::layer_view &lv, int32_t slot, int32_t h,
+                                           int32_t layer, int32_t mode, const plan_input &in,
+                                           int32_t *scratch, uint32_t *warp_total)
 {
     const int32_t K = g.select_pages;
-    int32_t *slot_page = smem;      // [K]
-    int32_t *new_slot = smem + K;   // [K]
-    int32_t *keep = smem + 2 * K;   // [K]
-    int32_t *free_list = smem + 3 * K;  // [K] (the prefix-sum assignment)
-
-    fkv::layer_view lv(g, st, slot, layer);
     int32_t *work_count = st.work_count + (uint64_t)slot * g.kv_heads + h;
+    const int32_t count = in.count;
+    if (mode == FKV_RECALL_FIX && count < 0) {
+        // No correction: attention uses the active set as it is.
+        const int32_t n = in.active_count < 0 ? 0 : in.active_count;
+        int32_t *used = lv.k_array(g.off_used_pages, h);
+        for (int32_t j = threadIdx.x; j < n; j += blockDim.x) used[j] = in.active_pages[j];
+        if (threadIdx.x == 0) {
+            lv.h_array(g.off_used_count)[h] = n;
+            *work_count = 0;
+        }
+        return;
+    }
+    const int32_t *pages = in.pages;
+    int32_t *slot_page = in.slot_page;  // [K]
+    int32_t *new_slot = scratch;        // [K]
+    int32_t *keep = scratch + K;        // [K]
+    int32_t *free_list = scratch + 2 * K;  // [K] (the prefix-sum assignment)
     int32_t *active_pages = lv.k_array(g.off_active_pages, h);
     int32_t *active_count = lv.h_array(g.off_active_count) + h;
+    const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
 
-    const int32_t *pages;
-    int32_t count;
-    if (mode == FKV_RECALL_PENDING) {
-        if (!lv.h_array(g.off_pending_valid)[h]) {
-            if (threadIdx.x == 0) *work_count = 0;
-            return;
-        }
-        pages = lv.k_array(g.off_pending_pages, h);
-        count = lv.h_array(g.off_pending_count)[h];
-    } else {
-        count = lv.h_array(g.off_fix_count)[h];
-        if (count < 0) {
-            // No correction: attention uses the active set as it is.
-            int32_t n = *active_count < 0 ? 0 : *active_count;
-            int32_t *used = lv.k_array(g.off_used_pages, h);
-            for (int32_t j = threadIdx.x; j < n; j += blockDim.x) used[j] = active_pages[j];
-            if (threadIdx.x == 0) {
-                lv.h_array(g.off_used_count)[h] = n;
-                *work_count = 0;
-            }
-            return;
-        }
-        pages = lv.k_array(g.off_fix_pages, h);
-    }
-
-    int32_t *slots_of = lv.k_array(g.off_slot_page, h);
-    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) {
-        slot_page[s] = slots_of[s];
-        keep[s] = 0;
-    }
+    // The first round's pool blocks (below), loaded now so that the loads
+    // are in flight during the matching; only missing pages use theirs.
+    const int32_t j0 = (int32_t)threadIdx.x;
+    const uint64_t block0 = j0 < count ? blocks[pages[j0]] : 0;
+    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) keep[s] = 0;
     __syncthreads();
     // Pages of the set that are resident keep their slot. Pages are
     // distinct, and so are the pages in slots: no two threads mark one slot.
@@ -101,7 +103,6 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
     }
     __syncthreads();
     const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
-    const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
     // Missing pages in set order take the free slots (those whose pages
     // left the set: the lowest scored) in slot order, from prefix sums:
     // the r-th missing page takes the r-th free slot. The copy list
@@ -120,7 +121,7 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
     for (int32_t base = 0; base < count; base += NT) {
         const int32_t j = base + (int32_t)threadIdx.x;
         const bool miss = j < count && new_slot[j] < 0;
-        const uint64_t block = miss ? blocks[pages[j]] : 0;
+        const uint64_t block = !miss ? 0 : base == 0 ? block0 : blocks[pages[j]];
         // (listed << 16 | missing): each under K < 2^16 per round.
         const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
         uint32_t total;
@@ -154,6 +155,7 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
         }
     }
     __syncthreads();
+    int32_t *slots_of = lv.k_array(g.off_slot_page, h);
     int32_t *active_slot = lv.k_array(g.off_active_slot, h);
     for (int32_t s = threadIdx.x; s < K; s += blockDim.x) slots_of[s] = slot_page[s];
     for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
@@ -183,6 +185,44 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
             if (h == 0) *lv.at<int32_t>(g.off_pending_attend) = 0;
         }
     }
+}
+
+// The plan of the mode's set (FKV_RECALL_PENDING: the pending selection;
+// FKV_RECALL_FIX: the correction) read from the metadata. smem: 4 * K int32
+// of shared memory; warp_total: NT / 32 uint32 of shared memory. Every
+// thread of the block must call it, with the same arguments; returns
+// together.
+template <int NT>
+__device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
+                                            const fkv_dev_state &st, int32_t slot,
+                                            int32_t h, int32_t layer, int32_t mode,
+                                            int32_t *smem,
+                                            uint32_t *warp_total)
+{
+    const int32_t K = g.select_pages;
+    fkv::layer_view lv(g, st, slot, layer);
+    plan_input in;
+    in.slot_page = smem;  // [K]; the plan's scratch follows
+    in.active_pages = lv.k_array(g.off_active_pages, h);
+    in.active_count = 0;
+    if (mode == FKV_RECALL_PENDING) {
+        if (!lv.h_array(g.off_pending_valid)[h]) {
+            if (threadIdx.x == 0) st.work_count[(uint64_t)slot * g.kv_heads + h] = 0;
+            return;
+        }
+        in.pages = lv.k_array(g.off_pending_pages, h);
+        in.count = lv.h_array(g.off_pending_count)[h];
+    } else {
+        in.pages = lv.k_array(g.off_fix_pages, h);
+        in.count = lv.h_array(g.off_fix_count)[h];
+        if (in.count < 0) in.active_count = lv.h_array(g.off_active_count)[h];
+    }
+    if (mode == FKV_RECALL_PENDING || in.count >= 0) {
+        const int32_t *slots_of = lv.k_array(g.off_slot_page, h);
+        for (int32_t s = threadIdx.x; s < K; s += blockDim.x) in.slot_page[s] = slots_of[s];
+    }
+    // plan_apply's first barrier makes slot_page visible.
+    plan_apply<NT>(g, st, lv, slot, h, layer, mode, in, smem + K, warp_total);
 }
 
 #if FKV_HAS_BULK_COPY

@@ -173,7 +173,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
                                          fkv_recall_mode mode, int32_t gather_blocks,
                                          fkv_plan_kind plan, cudaStream_t stream)
 {
-    if (b->n == 0 || plan == FKV_PLAN_GATHERED)
+    if (b->n == 0)
         return cudaSuccess;
     if (plan != FKV_PLAN_DONE) {
         const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);

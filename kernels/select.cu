@@ -8,9 +8,10 @@
 //  - select_kernel, one block per (sequence, KV head): the correction
 //    decision, the group aggregate of those scores and the exact top-K, and
 //    every output and counter. Stream order makes the scores visible to it.
-//    With fuse_plan (the attend's correction under COSINE and SYNC's fix)
-//    the block then makes the correction recall's plan (plan.cuh), which
-//    saves the plan launch on the critical path.
+//    With a tail (fkv_select_tail: the attend's correction under COSINE and
+//    SYNC's fix) the block then makes the correction recall's plan
+//    (plan.cuh), which saves the plan launch on the critical path; what the
+//    plan reads it prefetches at its start and keeps in shared memory.
 // Both kernels take the same decisions (scores needed or not) from the same
 // inputs; every decision of a block is uniform across it, so the whole block
 // returns together.
@@ -608,20 +609,41 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
     score_pages<T, D>(L, h, first + lo, count, G, q_s, scores, g.max_pages, nullptr);
 }
 
+// The selection kernel's shared arrays for its tail's plan (kPlan), past
+// the selection's own: what the plan reads, prefetched with cp.async at the
+// block's start (where they would otherwise be dependent loads on the
+// critical path after the top-K), and the top-K the block selected.
+struct tail_arrays {
+    float *active_q;     // [G][D] the active set's query (FKV_SELECT_CORRECT)
+    int32_t *slot_page;  // [K] page in each slot
+    int32_t *active;     // [K] active pages (FKV_SELECT_CORRECT)
+    int32_t *selected;   // [K] this block's top-K
+};
+
 // One (KV head, sequence) of select_kernel: the correction decision, the
 // selection from the scores and every output and counter. Returns together
-// across the block.
-template <typename T, int D>
-__device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
-                                            const fkv_dev_state &st,
-                                            const fkv_dev_batch &b, int32_t layer,
-                                            const T *__restrict__ q, int32_t mode,
-                                            int32_t key_cap, float4 *dyn_smem,
-                                            block_shared &sh) {
+// across the block. kPlan: also fills t (the selected set, the prefetched
+// arrays) for the plan that follows, and returns the size of the set the
+// plan makes active (FKV_RECALL_FIX's fix_count: -1 for none).
+// What select_head leaves the kPlan tail: the set the plan makes active
+// (FKV_RECALL_FIX's fix_count: -1 for none) and the active count the block
+// read at its start (the set kept when there is none).
+struct tail_counts {
+    int32_t fix_count, active_count;
+};
+
+template <typename T, int D, bool kPlan>
+__device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
+                                               const fkv_dev_state &st,
+                                               const fkv_dev_batch &b, const layer_view &L,
+                                               int32_t layer, const T *__restrict__ q,
+                                               int32_t mode, int32_t key_cap,
+                                               float4 *dyn_smem, block_shared &sh,
+                                               const tail_arrays &t) {
     // Dynamic: q_s [G][D] floats, head_max [G] keys, head_sum [G] floats
     // (the cosines in FKV_SELECT_CORRECT), keys_s [key_cap]. float4: 16-byte
     // aligned rows.
-    const int G = g.group, tid = threadIdx.x;
+    const int G = g.group, K = g.select_pages, tid = threadIdx.x;
     float *q_s = reinterpret_cast<float *>(dyn_smem);
     uint32_t *head_max = reinterpret_cast<uint32_t *>(q_s + (size_t)G * D);
     float *head_sum = reinterpret_cast<float *>(head_max + G);
@@ -629,8 +651,25 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
 
     const int h = blockIdx.x, i = blockIdx.y;
     const int slot = b.slot[i];
-    const layer_view L(g, st, slot, layer);
-    if (kept_from_attend(g, L, mode)) return;  // fkv_select: bookkeeping
+    if (kept_from_attend(g, L, mode)) return {-1, 0};  // fkv_select: bookkeeping
+
+    const size_t q_first = (size_t)h * G * D;
+    int32_t ac_start = 0;  // kPlan: active_count, read once
+    if constexpr (kPlan) {
+        // Prefetch what the correction check and the plan read; they land
+        // while the length and the query load.
+        const int32_t *slots_of = L.k_array(g.off_slot_page, h);
+        for (int j = tid; j < K; j += kThreads) cp_async4(t.slot_page + j, slots_of + j);
+        if (mode == FKV_SELECT_CORRECT) {
+            const int32_t *active = L.k_array(g.off_active_pages, h);
+            for (int j = tid; j < K; j += kThreads) cp_async4(t.active + j, active + j);
+            // 4-byte copies: the metadata's float arrays are 4-byte aligned.
+            const float *aq = L.at<float>(g.off_active_q) + q_first;
+            for (int j = tid; j < G * D; j += kThreads) cp_async4(t.active_q + j, aq + j);
+        }
+        cp_async_commit();
+        ac_start = L.h_array(g.off_active_count)[h];
+    }
 
     // 1. Length and candidate range.
     int first;
@@ -640,9 +679,9 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
         atomicOr(st.error, (unsigned)FKV_DEV_ERR_INTERNAL);
 
     // 2. The group's query as float.
-    const size_t q_first = (size_t)h * G * D;
     load_query<T, D>(g, L, q, mode, i, h, q_s);
     for (int j = tid; j < G; j += kThreads) head_max[j] = 0u;  // below any key
+    if constexpr (kPlan) cp_async_wait<0>();  // the barrier publishes them
     __syncthreads();
 
     int32_t *out_pages, *out_count;
@@ -654,9 +693,9 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
         if (tid == 0) atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
         if (mode == FKV_SELECT_CORRECT) {
             float *active_q = L.at<float>(g.off_active_q) + q_first;
-            need = need_correction<D>(L.h_array(g.off_active_count)[h], cand,
-                                      g.select_pages, G, g.threshold, q_s, active_q,
-                                      head_sum, &sh.need);
+            need = need_correction<D>(kPlan ? ac_start : L.h_array(g.off_active_count)[h],
+                                      cand, g.select_pages, G, g.threshold, q_s,
+                                      kPlan ? t.active_q : active_q, head_sum, &sh.need);
             // Every thread has read active_q (the barrier at its end).
             if (need)
                 for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
@@ -674,22 +713,28 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
         out_count = L.h_array(g.off_fix_count) + h;
     }
 
-    // 4. Select.
-    const int count = select_pages(g, st, slot, h, first, cand, head_max,
-                                   head_sum, keys_s, key_cap, sh, out_pages);
+    // 4. Select (kPlan: into shared memory, then copied out, so that the
+    // plan reads the set without a round trip to global memory).
+    const int count = select_pages(g, st, slot, h, first, cand, head_max, head_sum, keys_s,
+                                   key_cap, sh, kPlan ? t.selected : out_pages);
     if (tid == 0) *out_count = count;
+    const int32_t *selected = out_pages;
+    if constexpr (kPlan) {
+        __syncthreads();  // every page of t.selected written
+        for (int j = tid; j < count; j += kThreads) out_pages[j] = t.selected[j];
+        selected = t.selected;
+    }
     if (at_attend) {
         // The query and length fkv_select compares with (snapshot.cu).
         float *pending_q = L.at<float>(g.off_pending_q) + q_first;
         for (int j = tid; j < G * D; j += kThreads) pending_q[j] = q_s[j];
-        const int K = g.select_pages;
-        const int32_t ac = L.h_array(g.off_active_count)[h];
+        const int32_t ac = kPlan ? ac_start : L.h_array(g.off_active_count)[h];
         const bool full = ac < 0 || (cand <= K && ac < cand);
         __syncthreads();  // every page of out_pages written
         int32_t *fix_count = L.h_array(g.off_fix_count) + h;
         if (mode == FKV_SELECT_CORRECT ? need : full) {  // the whole top-K now
             int32_t *fix = L.k_array(g.off_fix_pages, h);
-            for (int j = tid; j < count; j += kThreads) fix[j] = out_pages[j];
+            for (int j = tid; j < count; j += kThreads) fix[j] = selected[j];
             if (tid == 0) {
                 *fix_count = count;
                 atomicAdd(st.counters + FKV_DEV_CORRECTIONS, 1ull);
@@ -709,34 +754,73 @@ __device__ __forceinline__ void select_head(const fkv_dev_geometry &g,
         __syncthreads();  // every page written before the flag
         if (tid == 0) L.h_array(g.off_pending_valid)[h] = 1;
     }
+    // The set FKV_RECALL_FIX makes active (kPlan modes: CORRECT, FIX_ALL).
+    return {mode == FKV_SELECT_FIX_ALL || need ? count : -1, ac_start};
+}
+
+// Bytes of the selection's own dynamic shared memory in the kPlan kernel,
+// where the tail arrays start (16-byte aligned): the plan's scratch (3 K
+// int32) and the bulk gather's stages reuse it.
+inline size_t tail_arrays_at(size_t select_smem, int32_t K, bool gather) {
+    size_t at = select_smem;
+    const size_t scratch = 3 * (size_t)(K > 0 ? K : 0) * sizeof(int32_t);
+    if (at < scratch) at = scratch;
+    if (gather && at < bulk::kGatherStageBytes) at = bulk::kGatherStageBytes;
+    return (at + 15) / 16 * 16;
+}
+inline size_t tail_arrays_bytes(int32_t G, int32_t D, int32_t K) {
+    return (size_t)G * D * sizeof(float) + 3 * (size_t)(K > 0 ? K : 0) * sizeof(int32_t);
 }
 
 // One block per (KV head, sequence). kPlan (the attend's FKV_SELECT_CORRECT
-// and FKV_SELECT_FIX_ALL with fuse_plan): the block goes on to the
-// correction recall's plan (plan.cuh, prefix sums), which the separate plan
-// launch would make from the same arrays, so that only the gather follows;
-// with st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) its thread 0 then
-// gathers the head's units itself with TMA bulk copies and nothing
-// follows. Its shared memory reuses the selection's (dynamic: at least 4 K
-// int32, and the bulk stages with st.gather_bulk).
+// and FKV_SELECT_FIX_ALL with FKV_TAIL_PLAN or FKV_TAIL_GATHER): the block
+// goes on to the correction recall's plan (plan.cuh), from the set it
+// selected and the slots it prefetched, which the separate plan launch
+// would make from the same arrays, so that only the gather follows, or
+// nothing when the attention fetches; with FKV_TAIL_GATHER (st.gather_bulk:
+// FKV_CUDA_EXPERIMENTAL, sm_90) its thread 0 then gathers the head's units
+// itself with TMA bulk copies. kPlan's region comes by value (regions),
+// saving the dependent load of st.seq_base; its dynamic shared memory is
+// the selection's (reused by the plan's scratch and the bulk stages) and
+// then the tail arrays at tail_at.
 template <typename T, int D, bool kPlan>
 __global__ void __launch_bounds__(kThreads, 2)
 select_kernel(const __grid_constant__ fkv_dev_geometry g,
               const __grid_constant__ fkv_dev_state st,
               const __grid_constant__ fkv_dev_batch b, int32_t layer,
-              const T *__restrict__ q, int32_t mode, int32_t key_cap) {
+              const T *__restrict__ q, int32_t mode, int32_t key_cap, int32_t tail,
+              int32_t tail_at, const __grid_constant__ region_table regions) {
     extern __shared__ float4 dyn_smem[];
     __shared__ block_shared sh;
-    select_head<T, D>(g, st, b, layer, q, mode, key_cap, dyn_smem, sh);
+    const int32_t slot = b.slot[blockIdx.y];
+    const layer_view L = kPlan ? layer_view(g, regions.base[blockIdx.y])
+                               : layer_view(g, st, slot, layer);
+    tail_arrays t = {};
     if constexpr (kPlan) {
-        // fix_pages / fix_count written by the block are visible to it past
-        // the barrier, and the selection's shared memory is free.
+        unsigned char *at = reinterpret_cast<unsigned char *>(dyn_smem) + tail_at;
+        const int32_t K = g.select_pages > 0 ? g.select_pages : 0;
+        t.active_q = reinterpret_cast<float *>(at);
+        t.slot_page = reinterpret_cast<int32_t *>(t.active_q + (size_t)g.group * D);
+        t.active = t.slot_page + K;
+        t.selected = t.active + K;
+    }
+    const tail_counts c =
+        select_head<T, D, kPlan>(g, st, b, L, layer, q, mode, key_cap, dyn_smem, sh, t);
+    if constexpr (kPlan) {
+        // t.selected and the fix arrays written by the block are visible
+        // to it past the barrier, and the selection's shared memory is
+        // free for the plan's scratch.
         __syncthreads();
-        recall_plan<kThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer,
-                              FKV_RECALL_FIX, reinterpret_cast<int32_t *>(dyn_smem),
-                              sh.warp_u);
+        plan_input in;
+        in.pages = t.selected;
+        in.count = c.fix_count;
+        in.slot_page = t.slot_page;
+        in.active_pages = t.active;
+        in.active_count = c.active_count;
+        plan_apply<kThreads>(g, st, L, slot, blockIdx.x, layer, FKV_RECALL_FIX, in,
+                             reinterpret_cast<int32_t *>(dyn_smem), sh.warp_u);
 #if FKV_HAS_BULK_COPY
-        if (st.gather_bulk) {
+        if (tail == FKV_TAIL_GATHER) {
             // The plan's work list and count are visible past the barrier;
             // every thread orders its generic accesses to the shared memory
             // before the async proxy's writes into it.
@@ -744,11 +828,11 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
             bulk::fence_proxy_async();
             __syncthreads();
             if (threadIdx.x == 0)
-                recall_gather_head(g, st, b.slot[blockIdx.y], blockIdx.x,
-                                   bulk::shared_addr(dyn_smem));
+                recall_gather_head(g, st, slot, blockIdx.x, bulk::shared_addr(dyn_smem));
         }
 #endif
     }
+    (void)tail;
 }
 
 // Pages per score_kernel block. The grid may depend only on the geometry,
@@ -793,13 +877,13 @@ template <int D> size_t select_smem(const fkv_dev_geometry &g) {
     const int32_t key_cap = select_key_cap<D>(g);
     return select_base_smem<D>(g) + (key_cap > 0 ? (size_t)key_cap * sizeof(uint32_t) : 0);
 }
-// select_kernel<.., true>: the plan's 4 K int32 reuse the same bytes.
-template <int D> size_t select_plan_smem(const fkv_dev_geometry &g, bool gather_bulk) {
-    const size_t plan = 4 * (size_t)(g.select_pages > 0 ? g.select_pages : 0) * sizeof(int32_t);
-    const size_t sel = select_smem<D>(g);
-    size_t most = plan > sel ? plan : sel;
-    if (gather_bulk && most < bulk::kGatherStageBytes) most = bulk::kGatherStageBytes;
-    return most;
+// select_kernel<.., true>: the selection's bytes (reused by the plan's
+// scratch and, with the gather, the bulk stages), then the tail arrays.
+template <int D> size_t select_tail_at(const fkv_dev_geometry &g, bool gather) {
+    return tail_arrays_at(select_smem<D>(g), g.select_pages, gather);
+}
+template <int D> size_t select_plan_smem(const fkv_dev_geometry &g, bool gather) {
+    return select_tail_at<D>(g, gather) + tail_arrays_bytes(g.group, D, g.select_pages);
 }
 inline bool needs_scores(const fkv_dev_geometry &g) {
     return g.select_pages > 0 && g.max_pages > g.select_pages;
@@ -837,8 +921,8 @@ cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim, bool fuse
 template <typename T, int D>
 cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
                    const fkv_dev_state &st, const fkv_dev_batch &b, int32_t layer,
-                   const void *q, fkv_select_mode mode, bool fuse_plan,
-                   cudaStream_t stream) {
+                   const void *q, fkv_select_mode mode, fkv_select_tail tail,
+                   const region_table &regions, cudaStream_t stream) {
     const T *qt = static_cast<const T *>(q);
     // 1. Scores. None when every sequence's candidates fit in K (a sequence
     // has at most max_pages) or K <= 0; then select_kernel scores nothing.
@@ -853,15 +937,18 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
         if (e != cudaSuccess) return e;
     }
 
-    // 2. Selection (and with fuse_plan the correction recall's plan).
+    // 2. Selection (and with a tail the correction recall's plan).
     const dim3 grid((unsigned)g.kv_heads, (unsigned)b.n);
-    if (fuse_plan)
-        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g, st.gather_bulk != 0),
-                                    stream>>>(
-            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
-    else
+    if (tail != FKV_TAIL_NONE) {
+        const bool gather = tail == FKV_TAIL_GATHER;
+        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g, gather), stream>>>(
+            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
+            (int32_t)select_tail_at<D>(g, gather), regions);
+    } else {
         select_kernel<T, D, false><<<grid, kThreads, select_smem<D>(g), stream>>>(
-            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g));
+            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, 0,
+            regions);
+    }
     return cudaGetLastError();
 }
 
@@ -885,7 +972,9 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
                                          const fkv_dev_state *st,
                                          const fkv_dev_batch *b, int32_t layer,
                                          const void *q, fkv_select_mode mode,
-                                         int32_t fuse_plan, cudaStream_t stream) {
+                                         fkv_select_tail tail,
+                                         unsigned char *const *seq_base_host,
+                                         cudaStream_t stream) {
     if (!g || !lim || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
         return cudaErrorInvalidValue;
     if (b->n == 0) return cudaSuccess;
@@ -896,15 +985,26 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
         mode != FKV_SELECT_BOUNDED)
         return cudaErrorInvalidValue;
     if (mode != FKV_SELECT_PENDING && !q) return cudaErrorInvalidValue;
-    // Only the attend's correction recall (FKV_RECALL_FIX) follows these.
-    if (fuse_plan && mode != FKV_SELECT_CORRECT && mode != FKV_SELECT_FIX_ALL)
+    if (tail != FKV_TAIL_NONE && tail != FKV_TAIL_PLAN && tail != FKV_TAIL_GATHER)
         return cudaErrorInvalidValue;
+    // Only the attend's correction recall (FKV_RECALL_FIX) follows these;
+    // the tail's launch takes the regions by value.
+    fkv::region_table regions = {};
+    if (tail != FKV_TAIL_NONE) {
+        if (mode != FKV_SELECT_CORRECT && mode != FKV_SELECT_FIX_ALL) return cudaErrorInvalidValue;
+        if (tail == FKV_TAIL_GATHER && !st->gather_bulk) return cudaErrorInvalidValue;
+        if (!seq_base_host) return cudaErrorInvalidValue;
+        for (int32_t j = 0; j < b->n; j++) {
+            if (b->slot[j] < 0 || b->slot[j] >= st->max_seqs || !seq_base_host[b->slot[j]])
+                return cudaErrorInvalidValue;
+            regions.base[j] = seq_base_host[b->slot[j]] + g->region_off;
+        }
+    }
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
             constexpr int D = decltype(htag)::value;
-            return fkv::launch<T, D>(*g, *lim, *st, *b, layer, q, mode, fuse_plan != 0,
-                                     stream);
+            return fkv::launch<T, D>(*g, *lim, *st, *b, layer, q, mode, tail, regions, stream);
         });
     });
 }

@@ -1092,21 +1092,6 @@ static fkv_select_mode attend_select_mode(const cuda_backend *cb,
     return cb->bounded ? FKV_SELECT_BOUNDED : FKV_SELECT_CORRECT;
 }
 
-/* How the attend's correction recall plans: the selection kernel's tail
- * makes the plan for COSINE and SYNC (their selection is the last launch
- * before the recall); BOUNDED's rule kernel comes between, so its plan
- * stays a launch. fetch: the split kernel reads the units, so no gather
- * follows the plan (the tail's plan: nothing is launched; BOUNDED's: the
- * plan launch alone). */
-static fkv_plan_kind attend_plan(const cuda_backend *cb, bool fetch)
-{
-    if (!fuse_plan(cb))
-        return fetch ? FKV_PLAN_ONLY : FKV_PLAN_PREFIX;
-    /* With the bulk gather (FKV_CUDA_EXPERIMENTAL) the tail gathers too,
-     * unless the split kernel fetches (attend_choose turns it off then). */
-    return cb->st_main.gather_bulk || fetch ? FKV_PLAN_GATHERED : FKV_PLAN_DONE;
-}
-
 /* FREEKV's attend writes the pending selection (select at attend), which a
  * side-stream fkv_select not yet followed by its fkv_recall (whose
  * recall_done the attend waits for) may still be writing: the engine waits
@@ -1149,24 +1134,35 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
                                  const void *q, bool fetch)
 {
     const fkv_dev_geometry *g = &cb->lgeo[layer];
+    const fkv_dev_state *st = &cb->st_main;
     cudaError_t e = cudaSuccess;
     if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-        const fkv_plan_kind plan = attend_plan(cb, fetch);
-        /* A fetching attend's selection tail plans only (no bulk gather). */
-        fkv_dev_state st = cb->st_main;
-        if (fetch)
-            st.gather_bulk = 0;
-        e = fkv_launch_select(g, &cb->lim, &st, d, layer, q,
-                              attend_select_mode(cb, policy), fuse_plan(cb),
-                              cb->stream);
+        /* COSINE and SYNC: the selection kernel's tail makes the correction
+         * recall's plan (their selection is the last launch before the
+         * recall), and with the bulk gather (FKV_CUDA_EXPERIMENTAL) gathers
+         * too, unless the attention fetches. BOUNDED's rule kernel comes
+         * between, so its plan stays a launch. */
+        fkv_select_tail tail = FKV_TAIL_NONE;
+        if (fuse_plan(cb))
+            tail = st->gather_bulk && !fetch ? FKV_TAIL_GATHER : FKV_TAIL_PLAN;
+        e = fkv_launch_select(g, &cb->lim, st, d, layer, q,
+                              attend_select_mode(cb, policy), tail,
+                              cb->seq_base_host, cb->stream);
         if (e == cudaSuccess && cb->bounded)
-            e = fkv_launch_bounded(g, &st, d, layer, cb->stream);
-        if (e == cudaSuccess)
-            e = fkv_launch_recall(g, &st, d, layer, FKV_RECALL_FIX,
-                                  cb->gather_blocks_main, plan, cb->stream);
+            e = fkv_launch_bounded(g, st, d, layer, cb->stream);
+        /* What is left of the recall: BOUNDED's plan (and the gather
+         * unless the attention fetches); after the tail's plan the gather
+         * unless the attention fetches; after the tail's gather nothing. */
+        if (e == cudaSuccess && tail == FKV_TAIL_NONE)
+            e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
+                                  cb->gather_blocks_main,
+                                  fetch ? FKV_PLAN_ONLY : FKV_PLAN_PREFIX, cb->stream);
+        else if (e == cudaSuccess && tail == FKV_TAIL_PLAN && !fetch)
+            e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
+                                  cb->gather_blocks_main, FKV_PLAN_DONE, cb->stream);
     } else if (policy == FKV_POLICY_RESIDENT) {
-        e = fkv_launch_select(g, &cb->lim, &cb->st_main, d, layer, q,
-                              FKV_SELECT_ACTIVE, 0, cb->stream);
+        e = fkv_launch_select(g, &cb->lim, st, d, layer, q, FKV_SELECT_ACTIVE,
+                              FKV_TAIL_NONE, cb->seq_base_host, cb->stream);
     }
     return e;
 }
@@ -1303,15 +1299,15 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
                         c->geo.elem_bytes;
     cudaError_t e = cudaSuccess;
-    FOR_EACH_CHUNK(b, first, count) {
-        if (!q)
-            break;
-        fkv_dev_batch d;
-        dev_batch(b, first, count, &d);
-        e = fkv_launch_snapshot(&cb->lgeo[layer], &cb->st_main, &d, layer,
-                                (const char *)q + first * qrow, cb->stream);
-        if (e != cudaSuccess)
-            break;
+    if (q) {
+        FOR_EACH_CHUNK(b, first, count) {
+            fkv_dev_batch d;
+            dev_batch(b, first, count, &d);
+            e = fkv_launch_snapshot(&cb->lgeo[layer], &cb->st_main, &d, layer,
+                                    (const char *)q + first * qrow, cb->stream);
+            if (e != cudaSuccess)
+                break;
+        }
     }
     if (e == cudaSuccess)
         e = cudaEventRecord(cb->select_ready[layer], cb->stream);
@@ -1319,13 +1315,16 @@ static fkv_status cuda_select(fkv_cache *c, int32_t layer, const fkvi_batch *b,
         e = cudaStreamWaitEvent(cb->side, cb->select_ready[layer], 0);
     if (e == cudaSuccess)
         cb->attend_unjoined[layer] = false;
-    FOR_EACH_CHUNK(b, first, count) {
-        if (e != cudaSuccess || !q)
-            break;
-        fkv_dev_batch d;
-        dev_batch(b, first, count, &d);
-        e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_side, &d, layer, NULL,
-                              FKV_SELECT_PENDING, 0, cb->side);
+    if (q) {
+        FOR_EACH_CHUNK(b, first, count) {
+            if (e != cudaSuccess)
+                break;
+            fkv_dev_batch d;
+            dev_batch(b, first, count, &d);
+            e = fkv_launch_select(&cb->lgeo[layer], &cb->lim, &cb->st_side, &d, layer,
+                                  NULL, FKV_SELECT_PENDING, FKV_TAIL_NONE,
+                                  cb->seq_base_host, cb->side);
+        }
     }
     /* The next attend must wait for this selection (even after an error:
      * some of it may have run). */
