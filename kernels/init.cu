@@ -36,6 +36,7 @@ extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev
     if (e == cudaSuccess && g->policy == FKV_POLICY_FREEKV &&
         g->criterion == FKV_CRITERION_BOUNDED)
         e = fkv_bounded_init(g);
+    if (e == cudaSuccess) e = fkv_recall_plan_init(g, lim);
     if (e == cudaSuccess) e = fkv_recall_init(g, gather_bulk);
     return e;
 }

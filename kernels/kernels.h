@@ -175,6 +175,9 @@ cudaError_t fkv_select_init(const fkv_dev_geometry *g,
 cudaError_t fkv_bounded_init(const fkv_dev_geometry *g);
 /* gather_bulk: allows the bulk gather its shared memory. */
 cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk);
+/* The plan kernel's shared memory (5 K int32) where K needs the opt-in;
+ * fails for a K beyond what a block may have. */
+cudaError_t fkv_recall_plan_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim);
 /* The bulk gather's dynamic shared memory at the largest batch. */
 size_t fkv_recall_bulk_smem(const fkv_dev_geometry *g);
 

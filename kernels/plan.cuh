@@ -44,19 +44,21 @@ __device__ __forceinline__ uint32_t plan_scan(uint32_t v, uint32_t &total,
 // What a plan starts from: recall_plan loads it from the (sequence, layer)
 // metadata; the selection kernel's tail has it in shared memory already.
 struct plan_input {
-    const int32_t *pages;         // the new set, ascending (shared or global)
+    const int32_t *pages;         // [count] shared: the new set, ascending, distinct
     int32_t count;                // its size; FKV_RECALL_FIX: < 0, no correction
     int32_t *slot_page;           // [K] shared: each slot's page (updated in place)
+    const uint64_t *blocks;       // [count] shared: pages' pool blocks, or null
     const int32_t *active_pages;  // FIX with count < 0: the active set, kept
     int32_t active_count;         // ... and its size (< 0: none)
 };
 
 // The plan of `in` for (sequence slot, KV head h) of `layer`. scratch: 3 * K
-// int32 of shared memory, not overlapping in.pages or in.slot_page;
-// warp_total: NT / 32 uint32 of shared memory. Every thread of the block
-// must call it with the same arguments, after the barrier that makes
-// in.slot_page visible (unless in.count < 0 under FIX, which needs no
-// slots); returns together.
+// int32 of shared memory, not overlapping in's arrays; warp_total: NT / 32
+// uint32 of shared memory. Every thread of the block must call it with the
+// same arguments; in's shared arrays must be visible to every thread, or
+// written by the threads that also read them here before the first barrier
+// (recall_plan: thread t wrote pages[t] and slot_page[t + i * NT]); unless
+// in.count < 0 under FIX, which reads active_pages only. Returns together.
 template <int NT>
 __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_dev_state &st,
                                            const fkv::layer_view &lv, int32_t slot, int32_t h,
@@ -87,19 +89,25 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
     const uint64_t *blocks = st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages;
 
     // The first round's pool blocks (below), loaded now so that the loads
-    // are in flight during the matching; only missing pages use theirs.
+    // are in flight during the matching (unless the caller has them); only
+    // missing pages use theirs.
     const int32_t j0 = (int32_t)threadIdx.x;
-    const uint64_t block0 = j0 < count ? blocks[pages[j0]] : 0;
-    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) keep[s] = 0;
+    const uint64_t block0 = !in.blocks && j0 < count ? blocks[pages[j0]] : 0;
+    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) new_slot[j] = -1;
     __syncthreads();
-    // Pages of the set that are resident keep their slot. Pages are
-    // distinct, and so are the pages in slots: no two threads mark one slot.
-    for (int32_t j = threadIdx.x; j < count; j += blockDim.x) {
-        int32_t found = -1;
-        for (int32_t s = 0; s < K; s++)
-            if (slot_page[s] == pages[j]) { found = s; break; }
-        new_slot[j] = found;
-        if (found >= 0) keep[found] = 1;
+    // Pages of the set that are resident keep their slot: each slot's page
+    // is looked up in the set (ascending) by bisection. Pages are distinct,
+    // and so are the pages in slots: no two threads write one new_slot.
+    for (int32_t s = threadIdx.x; s < K; s += blockDim.x) {
+        const int32_t p = slot_page[s];  // -1: empty, in no set
+        int32_t lo = 0, hi = count;
+        while (lo < hi) {
+            const int32_t mid = (lo + hi) >> 1;
+            if (pages[mid] < p) lo = mid + 1; else hi = mid;
+        }
+        const bool kept = lo < count && pages[lo] == p;
+        keep[s] = kept;
+        if (kept) new_slot[lo] = s;
     }
     __syncthreads();
     const uint64_t list = ((uint64_t)slot * g.kv_heads + h) * K;
@@ -121,7 +129,10 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
     for (int32_t base = 0; base < count; base += NT) {
         const int32_t j = base + (int32_t)threadIdx.x;
         const bool miss = j < count && new_slot[j] < 0;
-        const uint64_t block = !miss ? 0 : base == 0 ? block0 : blocks[pages[j]];
+        const uint64_t block = !miss      ? 0
+                               : in.blocks ? in.blocks[j]
+                               : base == 0 ? block0
+                                           : blocks[pages[j]];
         // (listed << 16 | missing): each under K < 2^16 per round.
         const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
         uint32_t total;
@@ -188,7 +199,7 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
 }
 
 // The plan of the mode's set (FKV_RECALL_PENDING: the pending selection;
-// FKV_RECALL_FIX: the correction) read from the metadata. smem: 4 * K int32
+// FKV_RECALL_FIX: the correction) read from the metadata. smem: 5 * K int32
 // of shared memory; warp_total: NT / 32 uint32 of shared memory. Every
 // thread of the block must call it, with the same arguments; returns
 // together.
@@ -201,28 +212,33 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
 {
     const int32_t K = g.select_pages;
     fkv::layer_view lv(g, st, slot, layer);
+    int32_t *slot_page = smem, *pages = smem + K;  // [K] each; the scratch follows
     plan_input in;
-    in.slot_page = smem;  // [K]; the plan's scratch follows
+    in.pages = pages;
+    in.slot_page = slot_page;
+    in.blocks = nullptr;
     in.active_pages = lv.k_array(g.off_active_pages, h);
     in.active_count = 0;
+    const int32_t *from;
     if (mode == FKV_RECALL_PENDING) {
         if (!lv.h_array(g.off_pending_valid)[h]) {
             if (threadIdx.x == 0) st.work_count[(uint64_t)slot * g.kv_heads + h] = 0;
             return;
         }
-        in.pages = lv.k_array(g.off_pending_pages, h);
+        from = lv.k_array(g.off_pending_pages, h);
         in.count = lv.h_array(g.off_pending_count)[h];
     } else {
-        in.pages = lv.k_array(g.off_fix_pages, h);
+        from = lv.k_array(g.off_fix_pages, h);
         in.count = lv.h_array(g.off_fix_count)[h];
         if (in.count < 0) in.active_count = lv.h_array(g.off_active_count)[h];
     }
     if (mode == FKV_RECALL_PENDING || in.count >= 0) {
         const int32_t *slots_of = lv.k_array(g.off_slot_page, h);
-        for (int32_t s = threadIdx.x; s < K; s += blockDim.x) in.slot_page[s] = slots_of[s];
+        for (int32_t s = threadIdx.x; s < K; s += blockDim.x) slot_page[s] = slots_of[s];
+        for (int32_t j = threadIdx.x; j < in.count; j += blockDim.x) pages[j] = from[j];
     }
-    // plan_apply's first barrier makes slot_page visible.
-    plan_apply<NT>(g, st, lv, slot, h, layer, mode, in, smem + K, warp_total);
+    // plan_apply's first barrier makes them visible.
+    plan_apply<NT>(g, st, lv, slot, h, layer, mode, in, smem + 2 * K, warp_total);
 }
 
 #if FKV_HAS_BULK_COPY

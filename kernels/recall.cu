@@ -161,6 +161,24 @@ extern "C" size_t fkv_recall_bulk_smem(const fkv_dev_geometry *g) {
     return bulk_smem(FKV_DEV_MAX_BATCH * g->kv_heads);
 }
 
+// The plan kernel's dynamic shared memory: the slots, the set and the
+// plan's scratch, K int32 each (plan.cuh, recall_plan).
+static size_t plan_smem(const fkv_dev_geometry *g) {
+    return 5 * (size_t)(g->select_pages > 0 ? g->select_pages : 0) * sizeof(int32_t);
+}
+
+extern "C" cudaError_t fkv_recall_plan_init(const fkv_dev_geometry *g,
+                                            const fkv_dev_limits *lim) {
+    cudaFuncAttributes a;
+    cudaError_t e = cudaFuncGetAttributes(&a, plan_kernel);
+    if (e != cudaSuccess || plan_smem(g) <= (size_t)a.maxDynamicSharedSizeBytes) return e;
+    // Past the default: the device's most (as select.cu's allow_smem).
+    const long long most = (long long)lim->smem_per_block_optin - (long long)a.sharedSizeBytes;
+    if (most < (long long)plan_smem(g)) return cudaErrorInvalidValue;  // K is too large
+    return cudaFuncSetAttribute(plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                (int)most);
+}
+
 extern "C" cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk) {
     if (!gather_bulk) return cudaSuccess;
     return cudaFuncSetAttribute(gather_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -176,8 +194,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
     if (b->n == 0)
         return cudaSuccess;
     if (plan != FKV_PLAN_DONE) {
-        const size_t smem = 4 * (size_t)g->select_pages * sizeof(int32_t);
-        plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, smem, stream>>>(
+        plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, plan_smem(g), stream>>>(
             *g, *st, *b, layer, (int32_t)mode);
         cudaError_t e = cudaGetLastError();
         if (e != cudaSuccess || plan == FKV_PLAN_ONLY)

@@ -269,19 +269,27 @@ __device__ __forceinline__ void score_pages(const layer_view &L, int h, int firs
 // Selects the K pages of [first, first + cand) with the largest aggregated
 // score (ties to the lower page) into out[0..K) in ascending page order and
 // returns the count, from the scores score_kernel wrote. Uniform across the
-// block; all threads must call it.
+// block; all threads must call it. blocks (the sequence layer's page table)
+// and blocks_out (shared): when given, each selected page's entry is copied
+// to blocks_out at its position with cp.async (committed, not waited for).
 __device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
                                             const fkv_dev_state &st, int slot,
                                             int h, int first, int cand,
                                             uint32_t *head_max, float *head_sum,
                                             uint32_t *keys_s, int key_cap,
-                                            block_shared &sh, int32_t *out) {
+                                            block_shared &sh, int32_t *out,
+                                            const uint64_t *blocks, uint64_t *blocks_out) {
     const int K = g.select_pages, G = g.group, tid = threadIdx.x;
+    auto emit = [&](int at, int page) {
+        out[at] = page;
+        if (blocks_out) cp_async8(blocks_out + at, blocks + page);
+    };
     if (cand <= K) {  // everything fits: all candidates, in order
-        for (int j = tid; j < cand; j += kThreads) out[j] = first + j;
+        for (int j = tid; j < cand; j += kThreads) emit(j, first + j);
+        if (blocks_out) cp_async_commit();
         return cand;
     }
-    if (K <= 0) return 0;
+    if (K <= 0) return 0;  // (nothing to commit: the wait covers none)
 
     const size_t row = (size_t)slot * g.kv_heads + h;
     float *scores = st.scores + row * G * g.max_pages;  // [G][max_pages]
@@ -467,8 +475,8 @@ __device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
         for (int j = 0; j < kItems; j++) {
             const bool gt = key[j] > kth, eq = key[j] == kth;
             if (gt || (eq && eq_before < left))
-                out[emitted + gt_before + (eq_before < left ? eq_before : left)] =
-                    first + p0 + j;
+                emit((int)(emitted + gt_before + (eq_before < left ? eq_before : left)),
+                     first + p0 + j);
             gt_before += gt;
             eq_before += eq;
         }
@@ -477,6 +485,7 @@ __device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
         emitted += (total & 0xffffu) + eq_taken;
         eq_seen += eq_taken;
     }
+    if (blocks_out) cp_async_commit();
     return K;
 }
 
@@ -614,6 +623,7 @@ score_kernel(const __grid_constant__ fkv_dev_geometry g,
 // block's start (where they would otherwise be dependent loads on the
 // critical path after the top-K), and the top-K the block selected.
 struct tail_arrays {
+    uint64_t *blocks;    // [K] pool blocks of the selected pages (cp.async)
     float *active_q;     // [G][D] the active set's query (FKV_SELECT_CORRECT)
     int32_t *slot_page;  // [K] page in each slot
     int32_t *active;     // [K] active pages (FKV_SELECT_CORRECT)
@@ -715,8 +725,11 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
 
     // 4. Select (kPlan: into shared memory, then copied out, so that the
     // plan reads the set without a round trip to global memory).
+    const uint64_t *blocks =
+        kPlan ? st.block_ptr + ((uint64_t)slot * g.layers + layer) * g.max_pages : nullptr;
     const int count = select_pages(g, st, slot, h, first, cand, head_max, head_sum, keys_s,
-                                   key_cap, sh, kPlan ? t.selected : out_pages);
+                                   key_cap, sh, kPlan ? t.selected : out_pages, blocks,
+                                   kPlan ? t.blocks : nullptr);
     if (tid == 0) *out_count = count;
     const int32_t *selected = out_pages;
     if constexpr (kPlan) {
@@ -730,7 +743,7 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
         for (int j = tid; j < G * D; j += kThreads) pending_q[j] = q_s[j];
         const int32_t ac = kPlan ? ac_start : L.h_array(g.off_active_count)[h];
         const bool full = ac < 0 || (cand <= K && ac < cand);
-        __syncthreads();  // every page of out_pages written
+        if (!kPlan) __syncthreads();  // every page of out_pages written
         int32_t *fix_count = L.h_array(g.off_fix_count) + h;
         if (mode == FKV_SELECT_CORRECT ? need : full) {  // the whole top-K now
             int32_t *fix = L.k_array(g.off_fix_pages, h);
@@ -769,7 +782,8 @@ inline size_t tail_arrays_at(size_t select_smem, int32_t K, bool gather) {
     return (at + 15) / 16 * 16;
 }
 inline size_t tail_arrays_bytes(int32_t G, int32_t D, int32_t K) {
-    return (size_t)G * D * sizeof(float) + 3 * (size_t)(K > 0 ? K : 0) * sizeof(int32_t);
+    const size_t k = K > 0 ? (size_t)K : 0;
+    return k * sizeof(uint64_t) + (size_t)G * D * sizeof(float) + 3 * k * sizeof(int32_t);
 }
 
 // One block per (KV head, sequence). kPlan (the attend's FKV_SELECT_CORRECT
@@ -799,7 +813,8 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     if constexpr (kPlan) {
         unsigned char *at = reinterpret_cast<unsigned char *>(dyn_smem) + tail_at;
         const int32_t K = g.select_pages > 0 ? g.select_pages : 0;
-        t.active_q = reinterpret_cast<float *>(at);
+        t.blocks = reinterpret_cast<uint64_t *>(at);
+        t.active_q = reinterpret_cast<float *>(t.blocks + K);
         t.slot_page = reinterpret_cast<int32_t *>(t.active_q + (size_t)g.group * D);
         t.active = t.slot_page + K;
         t.selected = t.active + K;
@@ -807,14 +822,17 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     const tail_counts c =
         select_head<T, D, kPlan>(g, st, b, L, layer, q, mode, key_cap, dyn_smem, sh, t);
     if constexpr (kPlan) {
-        // t.selected and the fix arrays written by the block are visible
-        // to it past the barrier, and the selection's shared memory is
-        // free for the plan's scratch.
+        // t.selected, t.blocks (this thread's copies waited for) and the
+        // fix arrays written by the block are visible to it past the
+        // barrier, and the selection's shared memory is free for the plan's
+        // scratch.
+        cp_async_wait<0>();
         __syncthreads();
         plan_input in;
         in.pages = t.selected;
         in.count = c.fix_count;
         in.slot_page = t.slot_page;
+        in.blocks = t.blocks;
         in.active_pages = t.active;
         in.active_count = c.active_count;
         plan_apply<kThreads>(g, st, L, slot, blockIdx.x, layer, FKV_RECALL_FIX, in,
