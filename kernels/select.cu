@@ -630,17 +630,17 @@ struct tail_arrays {
     int32_t *selected;   // [K] this block's top-K
 };
 
-// One (KV head, sequence) of select_kernel: the correction decision, the
-// selection from the scores and every output and counter. Returns together
-// across the block. kPlan: also fills t (the selected set, the prefetched
-// arrays) for the plan that follows, and returns the size of the set the
-// plan makes active (FKV_RECALL_FIX's fix_count: -1 for none).
-// What select_head leaves the kPlan tail: the set the plan makes active
-// (FKV_RECALL_FIX's fix_count: -1 for none) and the active count the block
-// read at its start (the set kept when there is none).
+// What select_head leaves the kPlan tail: the size of the set the plan
+// makes active (FKV_RECALL_FIX's fix_count: -1 for none) and the active
+// count the block read at its start (the set kept when there is none).
 struct tail_counts {
     int32_t fix_count, active_count;
 };
+
+// One (KV head, sequence) of select_kernel: the correction decision, the
+// selection from the scores and every output and counter. Returns together
+// across the block. kPlan: also fills t (the selected set and its pool
+// blocks, the prefetched arrays) for the plan that follows.
 
 template <typename T, int D, bool kPlan>
 __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
