@@ -353,6 +353,47 @@ START_TEST(sel_no_selection_budget)
 }
 END_TEST
 
+/* Sequences whose candidate pages fill one, two and many scoring chunks
+ * (the CUDA backend scores 64 pages or more per block and the last block
+ * of a head to finish selects), in one batch, appending 1-40 tokens a
+ * step so that counts cross chunk edges; every step's selection is the
+ * reference top-K of the current query. _i: policy (SYNC, RESIDENT, the
+ * group score MEAN_SCORE with RESIDENT). */
+START_TEST(sel_chunk_edges)
+{
+    fkv_options o;
+    tst_model m;
+    /* Page 16, sink 2 and window 4 pages: about 64, 65, 128 and 560
+     * candidate pages at the start. */
+    int slots[4], ntok[4] = {1118, 1135, 2150, 9061}, step[4];
+    size_t qn;
+    float *q;
+    int t, l, i;
+    tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
+    o.policy = _i == 0 ? FKV_POLICY_SYNC : FKV_POLICY_RESIDENT;
+    o.group_score = _i == 2 ? FKV_GROUP_MEAN_SCORE : FKV_GROUP_MEAN_SOFTMAX;
+    tst_model_init(&m, &o, 1700 + (uint64_t)_i);
+    for (i = 0; i < 4; ++i)
+        slots[i] = tst_open(&m);
+    tst_prefill(&m, 4, slots, ntok);
+    qn = (size_t)4 * m.QH * m.D;
+    q = (float *)calloc(qn, sizeof(float));
+    for (t = 0; t < 6; ++t)
+        for (l = 0; l < m.L; ++l) {
+            for (i = 0; i < 4; ++i)
+                step[i] = 1 + (int)(ref_rng_u64(&m.rng) % 40);
+            tst_append_rand(&m, l, 4, slots, step);
+            tst_good_query(&m, l, 4, slots, q);
+            tst_attend_check(&m, l, 4, slots, q, TST_TOL_F32);
+            check_topk_of(&m, l, 4, slots, q);
+            tst_select(&m, l, 4, slots, q);
+            tst_recall(&m, l, 4, slots);
+        }
+    free(q);
+    tst_model_free(&m);
+}
+END_TEST
+
 Suite *suite_selection(const char *prefix)
 {
     Suite *s = suite_create(tst_suite_name(prefix, "selection"));
@@ -365,5 +406,6 @@ Suite *suite_selection(const char *prefix)
     tcase_add_loop_test(tc, sel_ties_lower_index, 0, 6);
     tcase_add_loop_test(tc, sel_planted_needle, 0, 3);
     tcase_add_loop_test(tc, sel_no_selection_budget, 0, 3);
+    tcase_add_loop_test(tc, sel_chunk_edges, 0, 3);
     return s;
 }
