@@ -354,8 +354,8 @@ START_TEST(sel_no_selection_budget)
 END_TEST
 
 /* Sequences whose candidate pages fill one, two and many scoring chunks
- * (the CUDA backend scores 64 pages or more per block and the last block
- * of a head to finish selects), in one batch, appending 1-40 tokens a
+ * (the CUDA backend scores 64 pages or more per block, then selects from
+ * all of a head's chunks), in one batch, appending 1-40 tokens a
  * step so that counts cross chunk edges; every step's selection is the
  * reference top-K of the current query. _i: policy (SYNC, RESIDENT, the
  * group score MEAN_SCORE with RESIDENT). */
