@@ -13,24 +13,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* On every layer: append (ntok or 1 each), draw a well separated query,
- * attend and compare, select, recall. */
-static void sel_steps(tst_model *m, int nseq, const int *slots, int steps)
-{
-    size_t qn = (size_t)nseq * m->QH * m->D;
-    float *q = (float *)calloc(qn, sizeof(float));
-    int t, l;
-    for (t = 0; t < steps; ++t)
-        for (l = 0; l < m->L; ++l) {
-            tst_append_rand(m, l, nseq, slots, NULL);
-            tst_good_query(m, l, nseq, slots, q);
-            tst_attend_check(m, l, nseq, slots, q, tst_tol(m->dt));
-            tst_select(m, l, nseq, slots, q);
-            tst_recall(m, l, nseq, slots);
-        }
-    free(q);
-}
-
 /* Asserts that the selected pages of every KV head are the reference top-K
  * of q (independently of the policy simulation). */
 static void check_topk_of(tst_model *m, int layer, int nseq, const int *slots,
@@ -53,6 +35,34 @@ static void check_topk_of(tst_model *m, int layer, int nseq, const int *slots,
         }
 }
 
+/* On every layer: append (1 token each, or 1..max_step drawn per
+ * sequence), draw a well separated query, attend and compare, check the
+ * reported pages against the reference top-K (SYNC and RESIDENT select
+ * with the current query), select, recall. */
+static void sel_steps(tst_model *m, int nseq, const int *slots, int steps,
+                      int max_step)
+{
+    size_t qn = (size_t)nseq * m->QH * m->D;
+    float *q = (float *)calloc(qn, sizeof(float));
+    int ntok[TST_MAX_SEQS];
+    int t, l, i;
+    ck_assert(nseq <= TST_MAX_SEQS);
+    for (t = 0; t < steps; ++t)
+        for (l = 0; l < m->L; ++l) {
+            for (i = 0; i < nseq; ++i)
+                ntok[i] = max_step > 1
+                              ? 1 + (int)(ref_rng_u64(&m->rng) % max_step)
+                              : 1;
+            tst_append_rand(m, l, nseq, slots, ntok);
+            tst_good_query(m, l, nseq, slots, q);
+            tst_attend_check(m, l, nseq, slots, q, tst_tol(m->dt));
+            check_topk_of(m, l, nseq, slots, q);
+            tst_select(m, l, nseq, slots, q);
+            tst_recall(m, l, nseq, slots);
+        }
+    free(q);
+}
+
 /* _i: bit 0 policy (SYNC, RESIDENT), bit 1 group score. */
 START_TEST(sel_current_query)
 {
@@ -66,7 +76,7 @@ START_TEST(sel_current_query)
     slots[0] = tst_open(&m);
     slots[1] = tst_open(&m);
     tst_prefill(&m, 2, slots, ntok);
-    sel_steps(&m, 2, slots, 3);
+    sel_steps(&m, 2, slots, 3, 1);
     tst_model_free(&m);
 }
 END_TEST
@@ -83,7 +93,7 @@ START_TEST(sel_long_context)
     tst_model_init(&m, &o, 1100 + (uint64_t)_i);
     s = tst_open(&m);
     tst_prefill(&m, 1, &s, &n);
-    sel_steps(&m, 1, &s, 2);
+    sel_steps(&m, 1, &s, 2, 1);
     tst_model_free(&m);
 }
 END_TEST
@@ -365,10 +375,8 @@ START_TEST(sel_chunk_edges)
     tst_model m;
     /* Page 16, sink 2 and window 4 pages: about 64, 65, 128 and 560
      * candidate pages at the start. */
-    int slots[4], ntok[4] = {1118, 1135, 2150, 9061}, step[4];
-    size_t qn;
-    float *q;
-    int t, l, i;
+    int slots[4], ntok[4] = {1118, 1135, 2150, 9061};
+    int i;
     tst_options(&o, 2, 4, 2, 64, FKV_DTYPE_F32);
     o.policy = _i == 0 ? FKV_POLICY_SYNC : FKV_POLICY_RESIDENT;
     o.group_score = _i == 2 ? FKV_GROUP_MEAN_SCORE : FKV_GROUP_MEAN_SOFTMAX;
@@ -376,20 +384,7 @@ START_TEST(sel_chunk_edges)
     for (i = 0; i < 4; ++i)
         slots[i] = tst_open(&m);
     tst_prefill(&m, 4, slots, ntok);
-    qn = (size_t)4 * m.QH * m.D;
-    q = (float *)calloc(qn, sizeof(float));
-    for (t = 0; t < 6; ++t)
-        for (l = 0; l < m.L; ++l) {
-            for (i = 0; i < 4; ++i)
-                step[i] = 1 + (int)(ref_rng_u64(&m.rng) % 40);
-            tst_append_rand(&m, l, 4, slots, step);
-            tst_good_query(&m, l, 4, slots, q);
-            tst_attend_check(&m, l, 4, slots, q, TST_TOL_F32);
-            check_topk_of(&m, l, 4, slots, q);
-            tst_select(&m, l, 4, slots, q);
-            tst_recall(&m, l, 4, slots);
-        }
-    free(q);
+    sel_steps(&m, 4, slots, 6, 40);
     tst_model_free(&m);
 }
 END_TEST
