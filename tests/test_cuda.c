@@ -293,8 +293,13 @@ typedef struct agree_cfg {
 } agree_cfg;
 
 /* Every value at least once: the four policies; bf16 (f16, f32 once);
- * head_dim 128 (64, 256 once); group 4 (5 once); budget 1024 and 2048;
- * contexts 4K, 16K, 32K; batches 1, 4, 8 (32K x 8 for FREEKV). */
+ * head_dim 128 (64, 256 once); group 4 (5 and 16 once); budget 1024 and
+ * 2048; contexts 4K, 16K, 32K; batches 1, 4, 8 (32K x 8 for FREEKV). The
+ * last three reach the CUDA selection's longer paths: over 1024 candidates
+ * (each pass of select_pages takes several rounds: 64K, and group 16 at
+ * 96K, four heads a pass over the softmax's statistics), and 384K (12288
+ * pages), whose keys do not fit in the selection block's shared memory and
+ * are read back from the aggregate. */
 static const agree_cfg k_agree[] = {
     {FKV_POLICY_FREEKV, FKV_DTYPE_BF16, 128, 8, 2, 1, 2048, 32768, 8,
      FKV_GROUP_MEAN_SOFTMAX},
@@ -315,6 +320,12 @@ static const agree_cfg k_agree[] = {
     {FKV_POLICY_DENSE, FKV_DTYPE_BF16, 128, 8, 2, 1, 2048, 4096, 8,
      FKV_GROUP_MEAN_SOFTMAX},
     {FKV_POLICY_DENSE, FKV_DTYPE_BF16, 128, 8, 2, 1, 1024, 32768, 1,
+     FKV_GROUP_MEAN_SOFTMAX},
+    {FKV_POLICY_RESIDENT, FKV_DTYPE_BF16, 128, 8, 2, 1, 2048, 65536, 2,
+     FKV_GROUP_MEAN_SOFTMAX},
+    {FKV_POLICY_SYNC, FKV_DTYPE_BF16, 64, 16, 1, 1, 1024, 98304, 1,
+     FKV_GROUP_MEAN_SOFTMAX},
+    {FKV_POLICY_FREEKV, FKV_DTYPE_BF16, 128, 8, 2, 1, 2048, 393216, 1,
      FKV_GROUP_MEAN_SOFTMAX},
 };
 #define AGREE_CONFIGS ((int)(sizeof k_agree / sizeof k_agree[0]))
