@@ -18,7 +18,12 @@
 #        host-pool (bench/host_pool); ncu (per-kernel times of two eager
 #        decode steps, paper trace, for each NCU_SET item: ncu
 #        --clock-control none, NCU_ARGS adds bench/decode flags; summed per
-#        kernel by scripts/ncu_kernels.py into ncu-NAME.txt).
+#        kernel by scripts/ncu_kernels.py into ncu-NAME.txt); ncu-source
+#        (source counters of the kernels matching NCU_KERNEL, default
+#        select_kernel, in two eager steps of DECODE_BIN, default
+#        build/bench/decode, for each NCU_SOURCE_SET item
+#        name=policy:context:batch: the source page as CSV and its summary
+#        by scripts/ncu_source.py; build with NVCCFLAGS="-O3 -lineinfo").
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -93,6 +98,21 @@ for s in "$@"; do
                 --criterion "${crit:-cosine}" --trace paper --steps 2 --warmup 3 \
                 --churn-steps 0 ${NCU_ARGS:-}
             python3 scripts/ncu_kernels.py "$logs/ncu-$name.log" >"$logs/ncu-$name.txt" 2>&1
+        done ;;
+    ncu-source)
+        for item in ${NCU_SOURCE_SET:-freekv-32k-b1=FREEKV:32768:1 resident-32k-b1=RESIDENT:32768:1}; do
+            name=${item%%=*}; IFS=: read -r pol ctx b <<<"${item#*=}"
+            step "ncu-source-$name" "${NCU_LIMIT:-150}" ncu --clock-control none \
+                --profile-from-start off -k regex:"${NCU_KERNEL:-select_kernel}" -c 2 \
+                --section SpeedOfLight --section SourceCounters --section WarpStateStats \
+                --import-source yes -f -o "$logs/ncu-source-$name" "${DECODE_BIN:-build/bench/decode}" \
+                --contexts "$ctx" --batches "$b" --policies "$pol" --trace paper --steps 2 \
+                --warmup 2 --churn-steps 0
+            ncu -i "$logs/ncu-source-$name.ncu-rep" --page source --csv --print-source cuda,sass \
+                >"$logs/ncu-source-$name.csv" 2>&1
+            python3 scripts/ncu_source.py "$logs/ncu-source-$name.csv" \
+                >"$logs/ncu-source-$name.txt" 2>&1
+            rm -f "$logs/ncu-source-$name.ncu-rep"
         done ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
         step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
