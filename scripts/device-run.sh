@@ -23,7 +23,10 @@
 #        select_kernel, in two eager steps of DECODE_BIN, default
 #        build/bench/decode, for each NCU_SOURCE_SET item
 #        name=policy:context:batch: the source page as CSV and its summary
-#        by scripts/ncu_source.py; build with NVCCFLAGS="-O3 -lineinfo").
+#        by scripts/ncu_source.py; build with NVCCFLAGS="-O3 -lineinfo");
+#        x2 (issue 15 on a two-GPU machine, after check: bench/decode at
+#        128K batch 8, the engine's bench at 128K batch 8, and --tp 2
+#        against one GPU at 32K and 128K; LLAMA_BIN; NCCL_NVLS_ENABLE=0).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -114,6 +117,18 @@ for s in "$@"; do
                 >"$logs/ncu-source-$name.txt" 2>&1
             rm -f "$logs/ncu-source-$name.ncu-rep"
         done ;;
+    x2) # issue 15: what needs two GPUs' host memory or two GPUs
+        export NCCL_NVLS_ENABLE=0 # the device's KINDS.md: no NVLink multicast
+        step x2-decode-128k-b8 "${DECODE_LIMIT:-300}" build/bench/decode --contexts 131072 \
+            --batches 8 --trace paper --graph --steps 20 --warmup 3 --churn-steps 0 \
+            --policies FREEKV,SYNC,RESIDENT,DENSE --host-mem-gib "${HOST_MEM_GIB:-220}" \
+            --csv "$logs/x2-decode-128k-b8.csv" # rows that do not fit are reported so
+        step x2-llama-128k-b8 300 "$LLAMA_BIN" bench --backend cuda --graph --shape llama3-8b \
+            --batch 8 --context 131072 --steps 10 --policies freekv,sync
+        for ctx in 32768 131072; do for tp in 1 2; do
+            step "x2-llama-tp$tp-$ctx" 300 "$LLAMA_BIN" bench --backend cuda --graph --tp $tp \
+                --shape llama3-8b --batch 1 --context $ctx --steps 20 --policies freekv,resident
+        done; done ;;
     decode-var) # DECODE_BIN, DECODE_NAME: a variant build's decode
         step "$DECODE_NAME" "${DECODE_LIMIT:-300}" "$DECODE_BIN" \
             --csv "$logs/$DECODE_NAME.csv" ${DECODE_ARGS:-} ;;
