@@ -24,9 +24,10 @@
 #        build/bench/decode, for each NCU_SOURCE_SET item
 #        name=policy:context:batch: the source page as CSV and its summary
 #        by scripts/ncu_source.py; build with NVCCFLAGS="-O3 -lineinfo");
-#        x2 (issue 15 on a two-GPU machine, after check: bench/decode at
-#        128K batch 8, the engine's bench at 128K batch 8, and --tp 2
-#        against one GPU at 32K and 128K; LLAMA_BIN; NCCL_NVLS_ENABLE=0).
+#        x2 (issue 15 on a two-GPU machine; run check too, whose GPU suite
+#        then has the multi-device suite: bench/decode at 128K batch 8, the
+#        engine's bench at 128K batch 8, and --tp 2 against one GPU at 32K
+#        and 128K; LLAMA_BIN; HOST_MEM_GIB; NCCL_NVLS_ENABLE=0).
 # DECODE_ARGS / ACCURACY_ARGS pass flags; *_LIMIT set the time limits.
 # Binaries come from build/ (make check; make bench), built beforehand
 # where Check is installed (the test binary links its static archives).
@@ -122,7 +123,7 @@ for s in "$@"; do
         step x2-decode-128k-b8 "${DECODE_LIMIT:-300}" build/bench/decode --contexts 131072 \
             --batches 8 --trace paper --graph --steps 20 --warmup 3 --churn-steps 0 \
             --policies FREEKV,SYNC,RESIDENT,DENSE --host-mem-gib "${HOST_MEM_GIB:-220}" \
-            --csv "$logs/x2-decode-128k-b8.csv" # rows that do not fit are reported so
+            --csv "$logs/x2-decode-128k-b8.csv" # rows that do not fit: reported, not run
         step x2-llama-128k-b8 300 "$LLAMA_BIN" bench --backend cuda --graph --shape llama3-8b \
             --batch 8 --context 131072 --steps 10 --policies freekv,sync
         for ctx in 32768 131072; do for tp in 1 2; do
