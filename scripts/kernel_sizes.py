@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 
+from ncu_kernels import short  # the same kernel names as the ncu summaries
+
 
 def demangle(names):
     try:
@@ -29,12 +31,6 @@ def demangle(names):
         return out[:len(names)]
     except (OSError, subprocess.CalledProcessError):
         return names
-
-
-def short(name):
-    name = re.sub(r"^void ", "", name)
-    name = name.replace("fkv::(anonymous namespace)::", "").replace("(anonymous namespace)::", "")
-    return name.split("(")[0]
 
 
 def sizes(cu, arch, tmp):
@@ -62,7 +58,7 @@ def main():
         for cu in files:
             rows = sizes(cu, a.arch, tmp)
             names = demangle([r[0] for r in rows])
-            for (mangled, n), name in zip(rows, names):
+            for (_, n), name in zip(rows, names):
                 if a.filter in name:
                     print(f"{n:7d}  {cu}  {short(name)}")
 

@@ -24,8 +24,9 @@ import sys
 
 
 def first_launch(path):
-    """(line rows, code size) of the first launch: a launch's blocks are
-    one per source file; a file seen again starts the next launch."""
+    """(source-line rows, code size, table header) of the first launch: a
+    launch's blocks are one per source file; a file seen again starts the
+    next launch."""
     with open(path, errors="replace", newline="") as f:
         rows = list(csv.reader(f))
     files_seen, header, current = set(), None, None
