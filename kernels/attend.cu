@@ -157,52 +157,35 @@ template <typename T, int D, int GB> struct simt_engine {
         }
     }
 
-    // stage: the warp's part of a ring stage; slot i of lane p is at
-    // stage + (i * kThreads + p) * 16. A lane copies into its own slots.
-    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
-                                          int32_t rows, int32_t P, uint64_t v_off,
-                                          int32_t base) const {
+    // The pieces this lane moves in a step (issue copies them, write_back
+    // stores them): for each, f(ok, off, col, k_slot, v_slot) with row
+    // `base + off` of the table (ok: inside `rows`), its byte column and the
+    // K and V ring slots (slot i of lane p at stage + (i * kThreads + p) * 16;
+    // stage is the warp's part of a ring stage). A lane uses its own slots.
+    template <typename F>
+    __device__ __forceinline__ void pieces(uint32_t stage, int lane, int32_t rows, int32_t base,
+                                           F &&f) const {
         auto slot = [&](int i) { return stage + (uint32_t)(i * kThreads + lane) * 16; };
-        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
 #pragma unroll
         for (int u = 0; u < kUnroll; u++) {
             const int32_t off = u * kRows + sub;
-            const bool ok = base + off < rows;
-            const unsigned char *row =
-                ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) : table[0];
 #pragma unroll
-            for (int j = 0; j < kLoads; j++) {
-                const unsigned char *src = row + (sl + j * kLanes) * 16;
-                cp_async16(slot((u * kLoads + j) * 2), src, ok ? 16 : 0);
-                cp_async16(slot((u * kLoads + j) * 2 + 1), src + v_off, ok ? 16 : 0);
-            }
+            for (int j = 0; j < kLoads; j++)
+                f(base + off < rows, off, (sl + j * kLanes) * 16, slot((u * kLoads + j) * 2),
+                  slot((u * kLoads + j) * 2 + 1));
         }
     }
 
-    // Fetch: stores the pieces this lane copied (issue's) of rows whose page
-    // has a write-back address in dst (0: none). After the lane's copies of
-    // the step have landed, before the stage is refilled.
-    __device__ __forceinline__ void write_back(uint32_t stage, int lane, unsigned char *const *dst,
-                                               int32_t rows, int32_t P, uint64_t v_off,
-                                               int32_t base) const {
-        auto slot = [&](int i) { return stage + (uint32_t)(i * kThreads + lane) * 16; };
+    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
+                                          int32_t rows, int32_t P, uint64_t v_off,
+                                          int32_t base) const {
         const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
-#pragma unroll
-        for (int u = 0; u < kUnroll; u++) {
-            const int32_t off = u * kRows + sub;
-            if (base + off >= rows) continue;
-            int32_t pg = pg0;
-            const int32_t in = row_in(pg, in0, off, P);
-            unsigned char *row = dst[pg];
-            if (!row) continue;
-            row += (uint64_t)in * D * sizeof(T);
-#pragma unroll
-            for (int j = 0; j < kLoads; j++) {
-                unsigned char *to = row + (sl + j * kLanes) * 16;
-                stg16(to, lds16(slot((u * kLoads + j) * 2)));
-                stg16(to + v_off, lds16(slot((u * kLoads + j) * 2 + 1)));
-            }
-        }
+        pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
+            const unsigned char *src =
+                (ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) : table[0]) + col;
+            cp_async16(ks, src, ok ? 16 : 0);
+            cp_async16(vs, src + v_off, ok ? 16 : 0);
+        });
     }
 
     __device__ __forceinline__ void compute(uint32_t stage, int lane, int32_t rows, int32_t base) {
@@ -405,48 +388,35 @@ template <typename T, int D> struct mma_engine {
         return stage + (uint32_t)((s + j) * kThreads + (pos ^ sw)) * 16;
     }
 
-    // stage: the warp's part of a ring stage (slot i of lane p at
-    // stage + (i * kThreads + p) * 16).
-    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
-                                          int32_t rows, int32_t P, uint64_t v_off,
-                                          int32_t base) const {
-        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
+    // The pieces this lane moves in a step (issue copies them, write_back
+    // stores them): for each, f(ok, off, col, k_slot, v_slot) as in
+    // simt_engine::pieces, for the K piece and the V piece of flat piece f
+    // of tile tl (stage: the warp's part of a ring stage).
+    template <typename F>
+    __device__ __forceinline__ void pieces(uint32_t stage, int lane, int32_t rows, int32_t base,
+                                           F &&fn) const {
 #pragma unroll
         for (int tl = 0; tl < kTiles; tl++) {
             const int s0 = tl * kTileSlots;
 #pragma unroll
             for (int j = 0; j < kKChunks; j++) {
                 const int f = 32 * j + lane, r = f / kRowChunks, c = f % kRowChunks;
-                const bool ok = base + tl * 8 + r < rows;
-                const unsigned char *row =
-                    ok ? row_at(table, pg0, in0, tl * 8 + r, P, D * sizeof(T)) + c * 16 : table[0];
-                cp_async16(piece(stage, s0, f), row, ok ? 16 : 0);
-                cp_async16(piece(stage, s0 + kKChunks, f), ok ? row + v_off : row, ok ? 16 : 0);
+                fn(base + tl * 8 + r < rows, tl * 8 + r, c * 16, piece(stage, s0, f),
+                   piece(stage, s0 + kKChunks, f));
             }
         }
     }
 
-    // Fetch: as simt_engine::write_back, for issue's pieces above.
-    __device__ __forceinline__ void write_back(uint32_t stage, int lane, unsigned char *const *dst,
-                                               int32_t rows, int32_t P, uint64_t v_off,
-                                               int32_t base) const {
+    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
+                                          int32_t rows, int32_t P, uint64_t v_off,
+                                          int32_t base) const {
         const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
-#pragma unroll
-        for (int tl = 0; tl < kTiles; tl++) {
-            const int s0 = tl * kTileSlots;
-#pragma unroll
-            for (int j = 0; j < kKChunks; j++) {
-                const int f = 32 * j + lane, r = f / kRowChunks, c = f % kRowChunks;
-                if (base + tl * 8 + r >= rows) continue;
-                int32_t pg = pg0;
-                const int32_t in = row_in(pg, in0, tl * 8 + r, P);
-                unsigned char *row = dst[pg];
-                if (!row) continue;
-                unsigned char *to = row + (uint64_t)in * D * sizeof(T) + c * 16;
-                stg16(to, lds16(piece(stage, s0, f)));
-                stg16(to + v_off, lds16(piece(stage, s0 + kKChunks, f)));
-            }
-        }
+        pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
+            const unsigned char *row =
+                ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) + col : table[0];
+            cp_async16(ks, row, ok ? 16 : 0);
+            cp_async16(vs, ok ? row + v_off : row, ok ? 16 : 0);
+        });
     }
 
     __device__ __forceinline__ void compute(uint32_t stage, int lane, int32_t rows, int32_t base) {
@@ -548,6 +518,27 @@ template <class E> int blocks_on(const fkv_dev_limits &lim) {
                                                                   : 0);
     const long long fit = lim.smem_per_sm > 0 ? lim.smem_per_sm / per_block : 1;
     return fit < 1 ? 1 : fit > E::kMaxBlocks ? E::kMaxBlocks : (int)fit;
+}
+
+// Fetch: stores the pieces this lane copied in a step (the engine's issue,
+// walked by its pieces) of rows whose page has a write-back address in dst
+// (0: none). After the lane's copies of the step have landed, before the
+// stage is refilled.
+template <typename T, int D, class E>
+__device__ __forceinline__ void write_back(const E &e, uint32_t stage, int lane,
+                                           unsigned char *const *dst, int32_t rows, int32_t P,
+                                           uint64_t v_off, int32_t base) {
+    const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
+    e.pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
+        if (!ok) return;
+        int32_t pg = pg0;
+        const int32_t in = row_in(pg, in0, off, P);
+        unsigned char *row = dst[pg];
+        if (!row) return;
+        unsigned char *to = row + (uint64_t)in * D * sizeof(T) + col;
+        stg16(to, lds16(ks));
+        stg16(to + v_off, lds16(vs));
+    });
 }
 
 // ---- kernels ------------------------------------------------------------------
@@ -791,7 +782,7 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             cp_async_commit();
             cp_async_wait<kStages - 1>();  // this lane's copies of step k have landed
             if constexpr (Fetch)
-                if (writes) e.write_back(stage(k % kStages), lane, dst_table, rows, P, v_off, base_of(k));
+                if (writes) write_back<T, D>(e, stage(k % kStages), lane, dst_table, rows, P, v_off, base_of(k));
             __syncwarp();                  // and so have the other lanes'
             e.compute(stage(k % kStages), lane, rows, base_of(k));
         }
