@@ -176,18 +176,6 @@ template <typename T, int D, int GB> struct simt_engine {
         }
     }
 
-    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
-                                          int32_t rows, int32_t P, uint64_t v_off,
-                                          int32_t base) const {
-        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
-        pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
-            const unsigned char *src =
-                (ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) : table[0]) + col;
-            cp_async16(ks, src, ok ? 16 : 0);
-            cp_async16(vs, src + v_off, ok ? 16 : 0);
-        });
-    }
-
     __device__ __forceinline__ void compute(uint32_t stage, int lane, int32_t rows, int32_t base) {
         auto slot = [&](int i) { return stage + (uint32_t)(i * kThreads + lane) * 16; };
         // Logits: partial dots, then a butterfly over the row's lanes.
@@ -407,18 +395,6 @@ template <typename T, int D> struct mma_engine {
         }
     }
 
-    __device__ __forceinline__ void issue(uint32_t stage, int lane, const unsigned char *const *table,
-                                          int32_t rows, int32_t P, uint64_t v_off,
-                                          int32_t base) const {
-        const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
-        pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
-            const unsigned char *row =
-                ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) + col : table[0];
-            cp_async16(ks, row, ok ? 16 : 0);
-            cp_async16(vs, ok ? row + v_off : row, ok ? 16 : 0);
-        });
-    }
-
     __device__ __forceinline__ void compute(uint32_t stage, int lane, int32_t rows, int32_t base) {
 #pragma unroll
         for (int tl = 0; tl < kTiles; tl++) {
@@ -520,8 +496,24 @@ template <class E> int blocks_on(const fkv_dev_limits &lim) {
     return fit < 1 ? 1 : fit > E::kMaxBlocks ? E::kMaxBlocks : (int)fit;
 }
 
-// Fetch: stores the pieces this lane copied in a step (the engine's issue,
-// walked by its pieces) of rows whose page has a write-back address in dst
+// Copies the pieces of a step (walked by the engine's pieces) from rows
+// base.. of table into the lane's ring slots. Rows past `rows` copy 0 bytes
+// (cp.async zero-fills) from table[0], an address that is always valid.
+template <typename T, int D, class E>
+__device__ __forceinline__ void issue(const E &e, uint32_t stage, int lane,
+                                      const unsigned char *const *table, int32_t rows, int32_t P,
+                                      uint64_t v_off, int32_t base) {
+    const int32_t pg0 = (uint32_t)base / (uint32_t)P, in0 = base - pg0 * P;
+    e.pieces(stage, lane, rows, base, [&](bool ok, int32_t off, int col, uint32_t ks, uint32_t vs) {
+        const unsigned char *row =
+            ok ? row_at(table, pg0, in0, off, P, D * sizeof(T)) + col : table[0];
+        cp_async16(ks, row, ok ? 16 : 0);
+        cp_async16(vs, ok ? row + v_off : row, ok ? 16 : 0);
+    });
+}
+
+// Fetch: stores the pieces this lane copied in a step (by issue, walked by
+// the engine's pieces) of rows whose page has a write-back address in dst
 // (0: none). After the lane's copies of the step have landed, before the
 // stage is refilled.
 template <typename T, int D, class E>
@@ -772,13 +764,13 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
 
 #pragma unroll
         for (int k = 0; k < kStages - 1; k++) {
-            if (k < nk) e.issue(stage(k), lane, table, rows, P, v_off, base_of(k));
+            if (k < nk) issue<T, D>(e, stage(k), lane, table, rows, P, v_off, base_of(k));
             cp_async_commit();  // empty groups keep the count uniform
         }
         for (int32_t k = 0; k < nk; k++) {
             const int32_t kn = k + kStages - 1;
             __syncwarp();  // the warp is done reading the stage it refills
-            if (kn < nk) e.issue(stage(kn % kStages), lane, table, rows, P, v_off, base_of(kn));
+            if (kn < nk) issue<T, D>(e, stage(kn % kStages), lane, table, rows, P, v_off, base_of(kn));
             cp_async_commit();
             cp_async_wait<kStages - 1>();  // this lane's copies of step k have landed
             if constexpr (Fetch)
