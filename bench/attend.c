@@ -19,7 +19,12 @@
  *     does not use graphs sees);
  *   - achieved bandwidth = (unique K+V bytes + q + out) / time, and its
  *     share of the copy bandwidth (2 x bytes / time of one large
- *     cudaMemcpyAsync D2D). Target: >= 70% at batch >= 8.
+ *     cudaMemcpyAsync D2D). Target: >= 70% at batch >= 8;
+ *   - beside it the same-traffic copy: a graph of as many D2D copies of
+ *     half the call's bytes (read + written = the call's bytes), rotating
+ *     over as much memory as the calls; copy time / call time is the
+ *     call's share of what a copy of its size achieves (the fixed cost of
+ *     a launch and of the first HBM round trips counted on both sides).
  * Then one RESIDENT configuration (selection + attention in one fkv_attend:
  * context 32K, budget 2048, batch 8 by default) for comparison with DENSE at
  * the same attended size.
@@ -689,6 +694,7 @@ typedef struct arow {
     int context, budget, batch, splits, calls;
     double kv_mib, rot_mib, bytes;
     double graph_us, eager_us, gbps, pct, gbps_sum, err;
+    double copy_us; /* the same-traffic copy (graph), per call */
     bool graph;
 } arow;
 
@@ -703,7 +709,15 @@ static arow *add_row(void)
     memset(r, 0, sizeof *r);
     r->splits = -1;
     r->gbps_sum = NAN;
+    r->copy_us = NAN;
     return r;
+}
+
+/* The call's share of what a copy of the same traffic achieves. */
+static double same_pct(const arow *r)
+{
+    const double t = r->graph ? r->graph_us : r->eager_us;
+    return 100.0 * r->copy_us / t;
 }
 
 static void print_table(const char *device, double copy_gbps, const config *c,
@@ -718,12 +732,13 @@ static void print_table(const char *device, double copy_gbps, const config *c,
                "of it at batch >= 8; L2 %.0f MiB: each timing pass rotates "
                "over the MiB in 'rot'\n",
                copy_gbps, l2_mib);
-    printf("%-8s %7s %6s %5s %6s %8s %6s %9s %9s %8s %6s %8s\n", "policy",
-           "context", "budget", "batch", "splits", "KV_MiB", "rot", "graph_us",
-           "eager_us", "GB/s", "%copy", "rel_err");
+    printf("%-8s %7s %6s %5s %6s %8s %6s %9s %9s %8s %6s %8s %6s %8s\n",
+           "policy", "context", "budget", "batch", "splits", "KV_MiB", "rot",
+           "graph_us", "eager_us", "GB/s", "%copy", "copy_us", "%same",
+           "rel_err");
     for (int i = 0; i < g_nrows; i++) {
         const arow *r = &g_rows[i];
-        char sp[16], gu[24], eu[24], gb[24], pc[24];
+        char sp[16], gu[24], eu[24], gb[24], pc[24], cu[24], ps[24];
         if (r->splits < 0)
             snprintf(sp, sizeof sp, "-");
         else
@@ -732,16 +747,21 @@ static void print_table(const char *device, double copy_gbps, const config *c,
         bench_fmt(eu, sizeof eu, "%.1f", r->eager_us);
         bench_fmt(gb, sizeof gb, "%.1f", r->gbps);
         bench_fmt(pc, sizeof pc, "%.1f", r->pct);
-        printf("%-8s %7d %6d %5d %6s %8.1f %6.0f %9s %9s %8s %6s %8.1e%s\n",
+        bench_fmt(cu, sizeof cu, "%.1f", r->copy_us);
+        bench_fmt(ps, sizeof ps, "%.1f", same_pct(r));
+        printf("%-8s %7d %6d %5d %6s %8.1f %6.0f %9s %9s %8s %6s %8s %6s "
+               "%8.1e%s\n",
                r->policy, r->context, r->budget, r->batch, sp, r->kv_mib,
-               r->rot_mib, gu, eu, gb, pc, r->err,
+               r->rot_mib, gu, eu, gb, pc, cu, ps, r->err,
                !strcmp(r->policy, "DENSE") && r->batch >= 8 && !isnan(r->pct)
                    ? (r->pct >= 70.0 ? "  ok" : "  below")
                    : "");
     }
     printf("GB/s: (unique K+V + q + out bytes) / time (graph time where "
            "captured, else eager); RESIDENT: attended K/V only (its selection "
-           "also reads the page summaries: see the line above the table)\n");
+           "also reads the page summaries: see the line above the table); "
+           "copy_us: a copy of the same traffic in the same kind of graph, "
+           "%%same = copy_us / graph_us\n");
 }
 
 static void write_csv(const char *path, double copy_gbps)
@@ -751,7 +771,8 @@ static void write_csv(const char *path, double copy_gbps)
         bench_die("cannot open %s for writing", path);
     fprintf(f, "policy,context,budget,batch,splits,calls,kv_mib,rot_mib,"
                "bytes,graph_us,eager_us,gbps,pct_of_copy,copy_gbps,"
-               "gbps_incl_summaries,max_rel_err\n");
+               "gbps_incl_summaries,max_rel_err,same_copy_us,"
+               "pct_of_same_copy\n");
     for (int i = 0; i < g_nrows; i++) {
         const arow *r = &g_rows[i];
         fprintf(f, "%s,%d,%d,%d,", r->policy, r->context, r->budget, r->batch);
@@ -760,7 +781,8 @@ static void write_csv(const char *path, double copy_gbps)
         fprintf(f, ",%d,%.3f,%.1f,%.0f", r->calls, r->kv_mib, r->rot_mib,
                 r->bytes);
         const double v[] = {r->graph_us, r->eager_us, r->gbps, r->pct,
-                            copy_gbps, r->gbps_sum, r->err};
+                            copy_gbps, r->gbps_sum, r->err,
+                            r->copy_us,   same_pct(r)};
         for (size_t j = 0; j < sizeof v / sizeof v[0]; j++) {
             fputc(',', f);
             if (!isnan(v[j]))
@@ -855,6 +877,72 @@ static double copy_bandwidth(bool smoke)
 }
 #endif
 
+/* Time per copy (us) of a CUDA graph of `calls` D2D copies of traffic / 2
+ * bytes each (traffic read + written), the k-th at slice k % slices of a
+ * source and a destination of rot_bytes each: the same-traffic bound of a
+ * call timed as run_config times it. NAN on the CPU. */
+static double same_traffic_copy_us(const config *c, double traffic,
+                                   double rot_bytes, int calls)
+{
+#ifdef FKV_WITH_CUDA
+    if (g_cpu)
+        return NAN;
+    const size_t slice = ((size_t)(traffic / 2) + 255) / 256 * 256;
+    size_t slices = (size_t)ceil(rot_bytes / 2 / (double)slice);
+    if (slices < 2)
+        slices = 2; /* consecutive copies never touch the same bytes */
+    unsigned char *src = NULL, *dst = NULL;
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&src, slices * slice));
+    BENCH_CUDA_CHECK(cudaMalloc((void **)&dst, slices * slice));
+    BENCH_CUDA_CHECK(cudaMemsetAsync(src, 0x3C, slices * slice, g_stream));
+    dsync();
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    BENCH_CUDA_CHECK(
+        cudaStreamBeginCapture(g_stream, cudaStreamCaptureModeGlobal));
+    for (int k = 0; k < calls; k++) {
+        const size_t off = (size_t)k % slices * slice;
+        BENCH_CUDA_CHECK(cudaMemcpyAsync(dst + off, src + off, slice,
+                                         cudaMemcpyDeviceToDevice, g_stream));
+    }
+    BENCH_CUDA_CHECK(cudaStreamEndCapture(g_stream, &graph));
+    BENCH_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    bench_timer t;
+    bench_timer_init(&t, true, (void *)g_stream);
+    double *ms = bench_xmalloc((size_t)c->reps * sizeof *ms);
+    for (int k = 0; k < 2; k++)
+        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
+    for (int k = 0; k < c->reps; k++) {
+        bench_timer_start(&t);
+        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
+        bench_timer_stop(&t);
+        ms[k] = bench_timer_elapsed_ms(&t) / calls;
+    }
+    const double us = bench_median(ms, (size_t)c->reps) * 1e3;
+    /* The copies must have happened: the last slice's last bytes. */
+    unsigned char tail[256];
+    const size_t last = ((size_t)(calls - 1) % slices + 1) * slice;
+    BENCH_CUDA_CHECK(cudaMemcpy(tail, dst + last - sizeof tail, sizeof tail,
+                                cudaMemcpyDeviceToHost));
+    for (size_t i = 0; i < sizeof tail; i++)
+        if (tail[i] != 0x3C)
+            bench_die("same-traffic copy: destination bytes differ");
+    free(ms);
+    bench_timer_free(&t);
+    BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
+    BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
+    BENCH_CUDA_CHECK(cudaFree(src));
+    BENCH_CUDA_CHECK(cudaFree(dst));
+    return us;
+#else
+    (void)c;
+    (void)traffic;
+    (void)rot_bytes;
+    (void)calls;
+    return NAN;
+#endif
+}
+
 /* ------------------------------------------------------------------------ */
 
 static double kv_bytes_per_seq(const data *d, int tokens)
@@ -916,13 +1004,17 @@ static void bench_dense(const config *c, const data *d, const bench_device *di,
             row->gbps = row->bytes / (t * 1e-3) / 1e9;
             row->pct = 100.0 * row->gbps / copy_gbps;
             row->err = r.err;
+            row->copy_us = same_traffic_copy_us(
+                c, row->bytes, row->rot_mib * (1 << 20), r.calls);
             char gu[32], pc[32];
             bench_fmt(gu, sizeof gu, "%.1f", row->graph_us);
             bench_fmt(pc, sizeof pc, "%.1f", row->pct);
+            char cu[32];
+            bench_fmt(cu, sizeof cu, "%.1f", row->copy_us);
             printf("  batch %2d: %s us/call (graph), %.1f us/call (eager), "
-                   "%.1f GB/s, %s%% of copy, splits %d, rel err %.1e, "
-                   "verified\n",
-                   batch, gu, row->eager_us, row->gbps, pc, row->splits,
+                   "%.1f GB/s, %s%% of copy (a same-traffic copy: %s us), "
+                   "splits %d, rel err %.1e, verified\n",
+                   batch, gu, row->eager_us, row->gbps, pc, cu, row->splits,
                    row->err);
         }
         cache_destroy(&b);
