@@ -12,10 +12,13 @@
 // missing pages (most mass first) and of the pages they replace (least
 // first), ties to the lower page, is the CPU backend's (lib/correction.c).
 // Every step is parallel: ranks by counting, the stopping point by a warp
-// scan and ballot.
+// scan and ballot. The same block then makes the correction recall's plan
+// (plan.cuh, FKV_RECALL_FIX) for its head, settled or not, so that no plan
+// launch follows (one launch fewer per layer on the critical path).
 #include <math.h>
 
 #include "common.cuh"
+#include "plan.cuh"
 
 namespace {
 
@@ -86,14 +89,15 @@ __device__ __forceinline__ bool lighter(double ma, int32_t pa, double mb, int32_
     return ma < mb || (ma == mb && pa < pb);
 }
 
-__global__ void __launch_bounds__(kThreads)
-bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
-               const __grid_constant__ fkv_dev_state st,
-               const __grid_constant__ fkv_dev_batch b, int32_t layer) {
-    // Dynamic, doubles first: gsum [G], t_mass, a_mass, miss_mass, out_mass
+// The rule for head blockIdx.x of sequence blockIdx.y: writes fix_pages /
+// fix_count unless FKV_SELECT_BOUNDED settled the head. Every thread calls
+// it; its returns are the same for the whole block.
+__device__ __forceinline__ void bounded_rule(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                                             const fkv_dev_batch &b, int32_t layer,
+                                             double *dyn_d) {
+    // dyn_d, doubles first: gsum [G], t_mass, a_mass, miss_mass, out_mass
     // [K]; then gmax [G] floats; then t_page, t_miss, a_page, a_out,
     // a_rank, miss_page, out_page [K] ints.
-    extern __shared__ double dyn_d[];
     __shared__ reduce_shared red;
     __shared__ int32_t nmiss_s, nout_s, nfetch_s;
     const int K = g.select_pages, G = g.group, tid = threadIdx.x;
@@ -278,10 +282,24 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
     }
 }
 
+__global__ void __launch_bounds__(kThreads)
+bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
+               const __grid_constant__ fkv_dev_state st,
+               const __grid_constant__ fkv_dev_batch b, int32_t layer) {
+    extern __shared__ double dyn_d[];
+    __shared__ uint32_t warp_total[kWarps];
+    bounded_rule(g, st, b, layer, dyn_d);
+    // The rule's fix_pages / fix_count (global, this block's writes) are
+    // visible after the barrier, and its shared arrays become the plan's.
+    __syncthreads();
+    fkv::recall_plan<kThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer, FKV_RECALL_FIX,
+                               reinterpret_cast<int32_t *>(dyn_d), warp_total);
+}
+
 // Dynamic shared memory of one block: the group's and the K pages' masses
-// and ranks.
+// and ranks (more than the plan's 5 K int32, which reuse it).
 size_t bounded_smem(const fkv_dev_geometry &g) {
-    const size_t K = (size_t)g.select_pages, G = (size_t)g.group;
+    const size_t K = (size_t)(g.select_pages > 0 ? g.select_pages : 0), G = (size_t)g.group;
     return (G + 4 * K) * sizeof(double) + G * sizeof(float) + 7 * K * sizeof(int32_t);
 }
 
@@ -301,8 +319,8 @@ extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
                                           cudaStream_t stream) {
     if (!g || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
         return cudaErrorInvalidValue;
-    if (b->n == 0 || g->select_pages <= 0 || g->max_pages <= g->select_pages)
-        return cudaSuccess;  // no head has more than K candidates
+    if (b->n == 0) return cudaSuccess;
+    // Launched even where no head has more than K candidates: it plans.
     if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
         return cudaErrorInvalidValue;
     // fkv_bounded_init allowed the shared memory at fkv_create.

@@ -304,7 +304,10 @@ cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
  * selection): from the page scores that launch left in st->scores and its
  * top-K in pending_pages, the missing pages to fetch now and the resident
  * ones they replace; fix_pages/count is the attended set (ascending) when
- * a page is fetched (a correction counted), else fix_count = -1. */
+ * a page is fetched (a correction counted), else fix_count = -1. Then, for
+ * every head of the batch, the correction recall's plan (the one
+ * fkv_launch_recall's FKV_RECALL_FIX would make next), so that the gather
+ * follows with FKV_PLAN_DONE, or nothing when the attention fetches. */
 cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
                                const fkv_dev_state *st,
                                const fkv_dev_batch *b, int32_t layer,

@@ -102,9 +102,9 @@ static cuda_backend *backend_of(fkv_cache *c)
 }
 
 /* Whether the attend's selection launches make the correction recall's
- * plan (attend_plan below): except under BOUNDED, whose rule kernel comes
- * between the selection and the recall. Fixed at fkv_create, which sets up
- * the kernels for it. */
+ * plan (attend_choose below): except under BOUNDED, whose rule kernel
+ * comes between the selection and the recall and makes the plan itself.
+ * Fixed at fkv_create, which sets up the kernels for it. */
 static int32_t fuse_plan(const cuda_backend *cb)
 {
     return !cb->bounded;
@@ -1141,18 +1141,22 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
          * recall's plan (their selection is the last launch before the
          * recall), and with the bulk gather (FKV_CUDA_EXPERIMENTAL) gathers
          * too, unless the attention fetches. BOUNDED's rule kernel comes
-         * between, so its plan stays a launch. */
+         * between and makes the plan after its rule. */
         fkv_select_tail tail = FKV_TAIL_NONE;
         if (fuse_plan(cb))
             tail = st->gather_bulk && !fetch ? FKV_TAIL_GATHER : FKV_TAIL_PLAN;
         e = fkv_launch_select(g, &cb->lim, st, d, layer, q,
                               attend_select_mode(cb, policy), tail,
                               cb->seq_base_host, cb->stream);
-        if (e == cudaSuccess && cb->bounded)
+        /* BOUNDED's rule kernel makes the plan after its rule. */
+        if (e == cudaSuccess && cb->bounded) {
             e = fkv_launch_bounded(g, st, d, layer, cb->stream);
-        /* What is left of the recall: BOUNDED's plan (and the gather
-         * unless the attention fetches); after the tail's plan the gather
-         * unless the attention fetches; after the tail's gather nothing. */
+            tail = FKV_TAIL_PLAN;
+        }
+        /* What is left of the recall: without a tail (no fused plan) the
+         * plan and the gather unless the attention fetches; after a plan
+         * the gather unless the attention fetches; after the tail's gather
+         * nothing. */
         if (e == cudaSuccess && tail == FKV_TAIL_NONE)
             e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
                                   cb->gather_blocks_main,
