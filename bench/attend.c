@@ -592,6 +592,24 @@ static void attend_pass(const bench_cache *b, const data *d, int batch,
     }
 }
 
+#ifdef FKV_WITH_CUDA
+/* Median ms per call of `reps` timed replays of exec (a pass of `calls`),
+ * after 2 warm-up replays; ms: room for reps values. */
+static double graph_ms_per_call(cudaGraphExec_t exec, int calls, int reps,
+                                bench_timer *t, double *ms)
+{
+    for (int k = 0; k < 2; k++)
+        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
+    for (int k = 0; k < reps; k++) {
+        bench_timer_start(t);
+        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
+        bench_timer_stop(t);
+        ms[k] = bench_timer_elapsed_ms(t) / calls;
+    }
+    return bench_median(ms, (size_t)reps);
+}
+#endif
+
 static result run_config(const config *c, const bench_cache *b, const data *d,
                          int batch, const char *what)
 {
@@ -658,15 +676,7 @@ static result run_config(const config *c, const bench_cache *b, const data *d,
             if (graph)
                 BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
         } else {
-            for (int k = 0; k < 2; k++)
-                BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
-            for (int k = 0; k < c->reps; k++) {
-                bench_timer_start(&t);
-                BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
-                bench_timer_stop(&t);
-                ms[k] = bench_timer_elapsed_ms(&t) / r.calls;
-            }
-            r.graph_ms = bench_median(ms, (size_t)c->reps);
+            r.graph_ms = graph_ms_per_call(exec, r.calls, c->reps, &t, ms);
             r.graph_ok = true;
             BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
             BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
@@ -910,15 +920,7 @@ static double same_traffic_copy_us(const config *c, double traffic,
     bench_timer t;
     bench_timer_init(&t, true, (void *)g_stream);
     double *ms = bench_xmalloc((size_t)c->reps * sizeof *ms);
-    for (int k = 0; k < 2; k++)
-        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
-    for (int k = 0; k < c->reps; k++) {
-        bench_timer_start(&t);
-        BENCH_CUDA_CHECK(cudaGraphLaunch(exec, g_stream));
-        bench_timer_stop(&t);
-        ms[k] = bench_timer_elapsed_ms(&t) / calls;
-    }
-    const double us = bench_median(ms, (size_t)c->reps) * 1e3;
+    const double us = graph_ms_per_call(exec, calls, c->reps, &t, ms) * 1e3;
     /* The copies must have happened: the last slice's last bytes. */
     unsigned char tail[256];
     const size_t last = ((size_t)(calls - 1) % slices + 1) * slice;

@@ -325,12 +325,10 @@ typedef enum fkv_recall_mode {
  * missing page takes the r-th free slot, from block prefix sums). */
 typedef enum fkv_plan_kind {
     FKV_PLAN_PREFIX = 0,
-    /* FKV_RECALL_FIX after a selection launched with FKV_TAIL_PLAN: its
-     * tail made the same plan, only the gather runs. */
-    FKV_PLAN_DONE = 1,
-    /* The plan launch without the gather: the attend's split kernel reads
-     * the listed units from the pool (fkv_launch_attend's fetch). */
-    FKV_PLAN_ONLY = 3
+    /* FKV_RECALL_FIX after a selection launched with FKV_TAIL_PLAN or
+     * after fkv_launch_bounded: they made the same plan, only the gather
+     * runs. */
+    FKV_PLAN_DONE = 1
 } fkv_plan_kind;
 
 /* Incremental recall: pages of the new set already in a slot stay; the

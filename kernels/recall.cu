@@ -10,8 +10,9 @@
 //         16-byte pieces of the units' one global order. With
 //         st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) a few one-warp
 //         blocks do it with TMA bulk copies instead (gather_bulk_kernel).
-// FKV_PLAN_ONLY skips the gather: the attend's split kernel reads the
-// listed units itself (attend.cu, "Fetch").
+// fkv_attend launches neither: the plan is made by the selection's tail or
+// BOUNDED's rule kernel, and the split kernel reads the listed units
+// itself (attend.cu, "Fetch").
 // A fixed grid keeps the launch graph-capturable; gather_blocks sets how
 // many SMs recall takes from the engine (DESIGN section 3's trade-off).
 #include "bulk_copy.cuh"
@@ -197,8 +198,7 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
         plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, plan_smem(g), stream>>>(
             *g, *st, *b, layer, (int32_t)mode);
         cudaError_t e = cudaGetLastError();
-        if (e != cudaSuccess || plan == FKV_PLAN_ONLY)
-            return e;
+        if (e != cudaSuccess) return e;
     }
     if (st->gather_bulk) {
         gather_bulk_kernel<<<gather_blocks, fkv::kWarp, bulk_smem(b->n * g->kv_heads), stream>>>(

@@ -1137,31 +1137,21 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
     const fkv_dev_state *st = &cb->st_main;
     cudaError_t e = cudaSuccess;
     if (policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC) {
-        /* COSINE and SYNC: the selection kernel's tail makes the correction
-         * recall's plan (their selection is the last launch before the
-         * recall), and with the bulk gather (FKV_CUDA_EXPERIMENTAL) gathers
-         * too, unless the attention fetches. BOUNDED's rule kernel comes
-         * between and makes the plan after its rule. */
+        /* The correction recall's plan is made by the selection kernel's
+         * tail (COSINE and SYNC: their selection is the last launch before
+         * the recall; with the bulk gather, FKV_CUDA_EXPERIMENTAL, the tail
+         * gathers too unless the attention fetches) or, under BOUNDED, by
+         * the rule kernel that comes between, after its rule. What is left
+         * is the gather, unless the attention fetches or the tail did it. */
         fkv_select_tail tail = FKV_TAIL_NONE;
         if (fuse_plan(cb))
             tail = st->gather_bulk && !fetch ? FKV_TAIL_GATHER : FKV_TAIL_PLAN;
         e = fkv_launch_select(g, &cb->lim, st, d, layer, q,
                               attend_select_mode(cb, policy), tail,
                               cb->seq_base_host, cb->stream);
-        /* BOUNDED's rule kernel makes the plan after its rule. */
-        if (e == cudaSuccess && cb->bounded) {
+        if (e == cudaSuccess && cb->bounded)
             e = fkv_launch_bounded(g, st, d, layer, cb->stream);
-            tail = FKV_TAIL_PLAN;
-        }
-        /* What is left of the recall: without a tail (no fused plan) the
-         * plan and the gather unless the attention fetches; after a plan
-         * the gather unless the attention fetches; after the tail's gather
-         * nothing. */
-        if (e == cudaSuccess && tail == FKV_TAIL_NONE)
-            e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
-                                  cb->gather_blocks_main,
-                                  fetch ? FKV_PLAN_ONLY : FKV_PLAN_PREFIX, cb->stream);
-        else if (e == cudaSuccess && tail == FKV_TAIL_PLAN && !fetch)
+        if (e == cudaSuccess && tail != FKV_TAIL_GATHER && !fetch)
             e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
                                   cb->gather_blocks_main, FKV_PLAN_DONE, cb->stream);
     } else if (policy == FKV_POLICY_RESIDENT) {
