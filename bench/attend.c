@@ -830,9 +830,8 @@ static int split_count(const config *c, const bench_device *di, int batch,
     BENCH_CUDA_CHECK(cudaGetDevice(&dev));
     BENCH_CUDA_CHECK(fkv_dev_limits_query(dev, &lim));
     (void)di;
-    int s = fkv_attend_splits(&g, &lim, batch, bound_pages);
-    const int most = fkv_attend_splits(&g, &lim, 1, max_bound_pages);
-    return s < most ? s : most;
+    return fkv_attend_grid(&g, &lim, batch, bound_pages,
+                           fkv_attend_splits(&g, &lim, 1, max_bound_pages), NULL);
 #else
     (void)c;
     (void)di;

@@ -967,13 +967,23 @@ extern "C" cudaError_t fkv_attend_init(const fkv_dev_geometry *g, const fkv_dev_
     });
 }
 
+// The two-launch path's split count (docs/design.md s.6, "Split count"):
+// a grid of at most kSplitBlocksPerSm blocks per SM (the occupancy permits
+// 3 at bf16 / D 128, but a third wave of short splits cost more in the
+// combine and the splits' starts than it hid), and at least kMinSplitPages
+// pages per split, so a split's start (page table, first loads) is spread
+// over enough rows. Both were swept on the H200 (docs/benchmarks.md).
+constexpr int32_t kSplitBlocksPerSm = 2;
+constexpr int32_t kMinSplitPages = 4;
+
 extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                                      int32_t n, int32_t bound_pages) {
-    int32_t per_sm = 4;
+    int32_t per_sm = kSplitBlocksPerSm;
     fkv::dispatch_dtype(g->dtype, [&](auto dtype_tag) {
         using T = decltype(dtype_tag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto dim_tag) {
-            per_sm = target_blocks_per_sm<T, decltype(dim_tag)::value>(*lim);
+            const int32_t fit = target_blocks_per_sm<T, decltype(dim_tag)::value>(*lim);
+            if (fit < per_sm) per_sm = fit;
             return cudaSuccess;
         });
     });
@@ -983,9 +993,21 @@ extern "C" int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_li
                               group_chunks(g->group, g->dtype);
     const int32_t sms = lim->sm_count > 1 ? lim->sm_count : 1;
     int64_t splits = (int64_t)per_sm * sms / per_split;
-    if (splits > bound_pages) splits = bound_pages;  // at least one page per split
+    const int64_t by_pages = bound_pages / kMinSplitPages;
+    if (splits > by_pages) splits = by_pages;
     if (splits < 1) splits = 1;
     return (int32_t)splits;
+}
+
+extern "C" int32_t fkv_attend_grid(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                                   int32_t n, int32_t bound_pages, int32_t max_splits,
+                                   int32_t *pages_per_split) {
+    const int32_t bound = bound_pages > 1 ? bound_pages : 1;
+    int32_t splits = fkv_attend_splits(g, lim, n, bound);
+    if (max_splits >= 1 && splits > max_splits) splits = max_splits;
+    const int32_t pps = (bound + splits - 1) / splits;
+    if (pages_per_split) *pages_per_split = pps;
+    return (bound + pps - 1) / pps;  // no split empty at the bound
 }
 
 // The fused path's split count: the same grid target, but splits of
@@ -1041,9 +1063,7 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
                 splits = (int32_t)((rows + rps - 1) / rps);
                 pps = (int32_t)rps;
             } else {
-                splits = fkv_attend_splits(g, lim, b->n, bound);
-                if (splits > st->max_splits) splits = st->max_splits;
-                pps = (bound + splits - 1) / splits;
+                splits = fkv_attend_grid(g, lim, b->n, bound, st->max_splits, &pps);
             }
             const int32_t chunks = group_chunks(g->group, g->dtype);
             region_table regions = {};

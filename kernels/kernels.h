@@ -363,10 +363,17 @@ cudaError_t fkv_launch_attend(const fkv_dev_geometry *g,
                               unsigned char *const *seq_base_host,
                               int32_t fetch, cudaStream_t stream);
 
-/* The split count fkv_launch_attend uses for bound_pages (for sizing):
+/* The most splits fkv_launch_attend's two-launch path uses for n
+ * sequences and bound_pages or fewer (for sizing st->max_splits):
  * arithmetic on the geometry and lim only, no device query. */
 int32_t fkv_attend_splits(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
                           int32_t n, int32_t bound_pages);
+/* The grid that path launches: fkv_attend_splits capped at max_splits
+ * (none if < 1), whole pages per split (*pages_per_split, may be NULL),
+ * and no split empty at the bound (so possibly fewer splits). */
+int32_t fkv_attend_grid(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
+                        int32_t n, int32_t bound_pages, int32_t max_splits,
+                        int32_t *pages_per_split);
 /* The most splits the fused path (st->fused_combine) uses for bound_pages:
  * splits of whole steps of rows rather than pages, and a cap on what the
  * combining block reads (for sizing max_splits as well). */
