@@ -132,7 +132,11 @@ __device__ __forceinline__ void bounded_rule(const fkv_dev_geometry &g, const fk
     const double scale = (double)g.scale;
 
     // 1. Per query head, the largest score and the softmax denominator
-    // over the candidates, in double.
+    // over the candidates: each term's exp in float, summed in double. The
+    // double exp of every candidate was this kernel's largest cost at
+    // batch 1 (one block per KV head); a float term is within 2 ulp, so
+    // the sum differs from the CPU's double one by about 1e-7 relative.
+    const float scale_f = g.scale;
     for (int gh = 0; gh < G; gh++) {
         const float *s = scores + (size_t)gh * g.max_pages + first;
         float m = -INFINITY;
@@ -140,7 +144,7 @@ __device__ __forceinline__ void bounded_rule(const fkv_dev_geometry &g, const fk
         m = block_max_f(m, red);
         double sum = 0.0;
         for (int p = tid; p < cand; p += kThreads)
-            sum += exp(scale * ((double)s[p] - (double)m));
+            sum += (double)expf(scale_f * (s[p] - m));
         sum = block_sum_d(sum, red);
         if (tid == 0) {
             gmax[gh] = m;
