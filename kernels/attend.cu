@@ -969,10 +969,11 @@ extern "C" cudaError_t fkv_attend_init(const fkv_dev_geometry *g, const fkv_dev_
 
 // The two-launch path's split count (docs/design.md s.6, "Split count"):
 // a grid of at most kSplitBlocksPerSm blocks per SM (the occupancy permits
-// 3 at bf16 / D 128, but a third wave of short splits cost more in the
-// combine and the splits' starts than it hid), and at least kMinSplitPages
-// pages per split, so a split's start (page table, first loads) is spread
-// over enough rows. Both were swept on the H200 (docs/benchmarks.md).
+// 3 at bf16 / D 128, but the third block per SM, made of shorter splits,
+// cost more in the splits' starts and the combine than it hid), and at
+// least kMinSplitPages pages per split, so a split's start (page table,
+// first loads) is spread over enough rows. Both were swept on the H200
+// (docs/benchmarks.md).
 constexpr int32_t kSplitBlocksPerSm = 2;
 constexpr int32_t kMinSplitPages = 4;
 
