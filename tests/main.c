@@ -24,7 +24,6 @@ static const suite_fn k_suites[] = {
     suite_fork,      suite_external,  suite_critical,  suite_strided,
     suite_llama,     suite_llama_spec,
     suite_correction, suite_dense_layers,
-    suite_llama,
 };
 
 static SRunner *make_runner(const char *prefix)

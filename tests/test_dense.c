@@ -243,5 +243,10 @@ Suite *suite_dense(const char *prefix)
     tcase_add_loop_test(tc, dense_large_budget, 0, 2);
     tcase_add_loop_test(tc, dense_chunked_prefill, 0, 4);
     tcase_add_loop_test(tc, dense_report_all_within_budget, 0, 4);
+#ifdef FKV_WITH_CUDA
+    /* Host arithmetic only: once, in the CPU run (no device needed). */
+    if (!prefix[0])
+        tst_add_attend_grid(s);
+#endif
     return s;
 }

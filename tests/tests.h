@@ -304,6 +304,9 @@ Suite *suite_dense_layers(const char *prefix);
 Suite *suite_cuda(const char *prefix);
 /* Its cuda_recall_plan case (test_recall_plan.c; CUDA build only). */
 void tst_add_recall_plan(Suite *s);
+/* The CUDA attention's split-grid arithmetic, host only (test_attend_grid.c;
+ * CUDA build only): added to the CPU run's dense suite. */
+void tst_add_attend_grid(Suite *s);
 /* GPU-only, added when two CUDA devices exist (test_multidevice.c). */
 Suite *suite_multidevice(const char *prefix);
 /* CUDA devices visible (0 without CUDA or on error). */
