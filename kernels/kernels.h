@@ -307,10 +307,13 @@ cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
  * a page is fetched (a correction counted), else fix_count = -1. Then, for
  * every head of the batch, the correction recall's plan (the one
  * fkv_launch_recall's FKV_RECALL_FIX would make next), so that the gather
- * follows with FKV_PLAN_DONE, or nothing when the attention fetches. */
+ * follows with FKV_PLAN_DONE, or nothing when the attention fetches.
+ * seq_base_host: the host's copy of every slot's region (passed by value,
+ * as the selection's tail takes it). */
 cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
                                const fkv_dev_state *st,
                                const fkv_dev_batch *b, int32_t layer,
+                               unsigned char *const *seq_base_host,
                                cudaStream_t stream);
 
 typedef enum fkv_recall_mode {

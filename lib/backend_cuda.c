@@ -1150,7 +1150,7 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
                               attend_select_mode(cb, policy), tail,
                               cb->seq_base_host, cb->stream);
         if (e == cudaSuccess && cb->bounded)
-            e = fkv_launch_bounded(g, st, d, layer, cb->stream);
+            e = fkv_launch_bounded(g, st, d, layer, cb->seq_base_host, cb->stream);
         if (e == cudaSuccess && tail != FKV_TAIL_GATHER && !fetch)
             e = fkv_launch_recall(g, st, d, layer, FKV_RECALL_FIX,
                                   cb->gather_blocks_main, FKV_PLAN_DONE, cb->stream);
