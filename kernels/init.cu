@@ -22,11 +22,14 @@ extern "C" cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim) {
     lim->smem_reserved_per_block = reserved;
     lim->smem_per_block_optin = optin;
     lim->cc_major = major;
+    lim->bulk_copy = 0;
+    if (major >= 9) return fkv_recall_bulk_built(&lim->bulk_copy);
     return cudaSuccess;
 }
 
 extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
-                                        int32_t fuse_plan, int32_t gather_bulk) {
+                                        int32_t fuse_plan, int32_t gather_bulk,
+                                        int32_t side_bulk) {
     if (!g || !lim) return cudaErrorInvalidValue;
     cudaError_t e = fkv_attend_init(g, lim);
     // Only these policies select on the device (EXTERNAL's engine selects).
@@ -37,6 +40,6 @@ extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev
         g->criterion == FKV_CRITERION_BOUNDED)
         e = fkv_bounded_init(g);
     if (e == cudaSuccess) e = fkv_recall_plan_init(g, lim);
-    if (e == cudaSuccess) e = fkv_recall_init(g, gather_bulk);
+    if (e == cudaSuccess) e = fkv_recall_init(g, gather_bulk || side_bulk);
     return e;
 }

@@ -124,7 +124,8 @@ typedef struct fkv_dev_state {
     unsigned int *part_ticket;
     int32_t fused_combine;           /* 1: one launch per attend */
     /* 1: fkv_launch_recall's gather is TMA bulk copies by one-warp blocks
-     * (FKV_CUDA_EXPERIMENTAL, sm_90; fkv_recall_init must have run). */
+     * (sm_90; fkv_recall_init must have run): the side stream's state on
+     * sm_90 for FREEKV, the engine's with FKV_CUDA_EXPERIMENTAL. */
     int32_t gather_bulk;
 } fkv_dev_state;
 
@@ -152,20 +153,30 @@ typedef struct fkv_dev_limits {
     int32_t smem_per_block_optin;    /* most static + dynamic bytes a block
                                         may opt in to */
     int32_t cc_major;                /* compute capability (9: TMA bulk) */
+    int32_t bulk_copy;               /* 1: the bulk gather's code for this
+                                        device has its TMA copies (cc >= 9
+                                        and code from compute_90 or newer) */
 } fkv_dev_limits;
 
-/* Reads `device`'s limits (attribute queries: call off the decode path). */
+/* Reads `device`'s limits (attribute queries: call off the decode path),
+ * with `device` current. */
 cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
+/* *built = 1 where the bulk gather kernel's code for the current device
+ * comes from sm_90 or newer code (compute_80 PTX, which a build may carry
+ * and the driver compiles for a newer device, has no TMA copies). */
+cudaError_t fkv_recall_bulk_built(int32_t *built);
 
 /* Once per cache at fkv_create, with the cache's device current: sets the
  * function attributes (shared memory opt-in) of every kernel instantiation
  * the geometry launches, so that no launch sets one. A geometry that needs
  * more shared memory than a block may have gives cudaErrorInvalidValue.
  * The parts, one per kernel file, follow. fuse_plan: the selections will
- * be launched with fuse_plan too (every policy but FREEKV under BOUNDED). */
+ * be launched with fuse_plan too (every policy but FREEKV under BOUNDED).
+ * gather_bulk: the engine stream's recalls gather by bulk copies
+ * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do. */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
                              const fkv_dev_limits *lim, int32_t fuse_plan,
-                             int32_t gather_bulk);
+                             int32_t gather_bulk, int32_t side_bulk);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,

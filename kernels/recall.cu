@@ -8,8 +8,9 @@
 //         and V: 16 KiB for bf16, P 32, D 128) from the host pool (mapped
 //         pinned memory, read over PCIe) into their slots, every thread
 //         16-byte pieces of the units' one global order. With
-//         st.gather_bulk (FKV_CUDA_EXPERIMENTAL, sm_90) a few one-warp
-//         blocks do it with TMA bulk copies instead (gather_bulk_kernel).
+//         st.gather_bulk (sm_90: FREEKV's speculative recall; the engine
+//         stream's with FKV_CUDA_EXPERIMENTAL) a few one-warp blocks do it
+//         with TMA bulk copies instead (gather_bulk_kernel).
 // fkv_attend launches neither: the plan is made by the selection's tail or
 // BOUNDED's rule kernel, and the split kernel reads the listed units
 // itself (attend.cu, "Fetch").
@@ -178,6 +179,17 @@ extern "C" cudaError_t fkv_recall_plan_init(const fkv_dev_geometry *g,
     if (most < (long long)plan_smem(g)) return cudaErrorInvalidValue;  // K is too large
     return cudaFuncSetAttribute(plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 (int)most);
+}
+
+extern "C" cudaError_t fkv_recall_bulk_built(int32_t *built) {
+    if (!built) return cudaErrorInvalidValue;
+    cudaFuncAttributes a;
+    const cudaError_t e = cudaFuncGetAttributes(&a, gather_bulk_kernel);
+    if (e != cudaSuccess) return e;
+    // The virtual architecture the code came from: code JIT-compiled for
+    // sm_90 from compute_80 PTX lacks the copies (its binaryVersion is 90).
+    *built = a.ptxVersion >= 90;
+    return cudaSuccess;
 }
 
 extern "C" cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk) {

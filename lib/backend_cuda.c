@@ -116,9 +116,22 @@ static int32_t fuse_plan(const cuda_backend *cb)
 static bool bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 {
     const fkv_policy p = c->opts.policy;
-    return c->cuda_experimental && cb->lim.cc_major >= 9 &&
+    return c->cuda_experimental && cb->lim.bulk_copy &&
            (p == FKV_POLICY_FREEKV || p == FKV_POLICY_SYNC ||
             p == FKV_POLICY_EXTERNAL) &&
+           fkv_recall_bulk_smem(&cb->geo) <=
+               (size_t)cb->lim.smem_per_block_optin;
+}
+
+/* FREEKV's speculative recall on the side stream gathers by TMA bulk copies
+ * from a few one-warp blocks on sm_90 (no switch: validated on the H200):
+ * in the decode step they slow the engine's GEMMs less than the warp
+ * gather's 32 blocks for the same bytes (docs/benchmarks.md, twelfth
+ * session). Where the stages do not fit a block, or the build has no
+ * sm_90 code, the warp gather. */
+static bool side_bulk_gather(const fkv_cache *c, const cuda_backend *cb)
+{
+    return cb->lim.bulk_copy && c->opts.policy == FKV_POLICY_FREEKV &&
            fkv_recall_bulk_smem(&cb->geo) <=
                (size_t)cb->lim.smem_per_block_optin;
 }
@@ -482,7 +495,7 @@ static fkv_status cuda_create(fkv_cache *c)
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb),
-                         bulk_gather(c, cb)),
+                         bulk_gather(c, cb), side_bulk_gather(c, cb)),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -602,6 +615,7 @@ static fkv_status cuda_create(fkv_cache *c)
     m->gather_bulk = bulk_gather(c, cb);
 
     cb->st_side = *m;
+    cb->st_side.gather_bulk = side_bulk_gather(c, cb);
     uint64_t scratch = scratch_layout(c, m, NULL);
     for (int s = 0; s < 2; s++)
         TRY_ST(dev_alloc(c, &cb->scratch[s], scratch, "selection scratch"));
@@ -612,15 +626,16 @@ static fkv_status cuda_create(fkv_cache *c)
      * Speculative recalls overlap the engine's GEMMs. Fewer blocks slow the
      * GEMMs less while they run (bench/recall), but then the side stream
      * falls behind and the next step waits for it: in the decode step 32
-     * blocks beat 16 and 8 (docs/benchmarks.md, "side stream"). */
+     * warp-gather blocks beat 16 and 8, and 4 bulk blocks beat 2, 8 and
+     * the 32 warp-gather blocks (docs/benchmarks.md, "side stream" and
+     * the twelfth session). */
     cb->gather_blocks_main = cb->lim.sm_count;
-    cb->gather_blocks_side = 32;
+    cb->gather_blocks_side = cb->st_side.gather_bulk ? 4 : 32;
     if (m->gather_bulk) {
         /* bench/mapped_probe: two one-warp blocks of bulk copies reach the
          * PCIe limit; the correction's gather gets a few more for its
-         * start-up latency. Not yet tuned in the decode step. */
+         * start-up latency. */
         cb->gather_blocks_main = 8;
-        cb->gather_blocks_side = 2;
     }
     /* attend_tokens gathers each sequence's last query here (sized now:
      * no allocation on the decode path). */

@@ -10,9 +10,10 @@
  * pages keep their slot, the r-th missing page (in set order) takes the
  * r-th free slot (in slot order), one work entry per missing page with a
  * block, in set order, each recalled unit holding its pool bytes and every
- * other slot unit untouched, the counters and the error bit; with
- * FKV_CUDA_EXPERIMENTAL=1 on sm_90 the same again with the TMA bulk
- * gather (st.gather_bulk, 2 one-warp blocks). (Until 0.3
+ * other slot unit untouched, the counters and the error bit; where the
+ * build has the TMA bulk gather for the device (sm_90), the same again with
+ * it (st.gather_bulk, 2 one-warp blocks: FREEKV's speculative recall uses
+ * it by default there). (Until 0.3
  * the reference was the one-thread walk the prefix sums replaced; the two
  * agreed byte for byte on the H200 before the walk was deleted.)
  *
@@ -133,16 +134,19 @@ START_TEST(cuda_recall_plan)
     fkv_dev_geometry g;
     ref_rng r;
     int trial, i, h, j, s, bulk;
-    /* The bulk gather (TMA, sm_90) is behind FKV_CUDA_EXPERIMENTAL. */
+    /* The bulk gather (TMA) runs where the build has it for the device. */
     int cc_major = 0, dev = 0;
+    int32_t built = 0;
     RP_CUDA(cudaGetDevice(&dev));
     RP_CUDA(cudaDeviceGetAttribute(&cc_major,
                                    cudaDevAttrComputeCapabilityMajor, dev));
-    const int gathers = tst_cuda_experimental() && cc_major >= 9 ? 2 : 1;
+    if (cc_major >= 9)
+        RP_CUDA(fkv_recall_bulk_built(&built));
+    const int gathers = built ? 2 : 1;
     if (gathers == 1)
         printf("cuda_recall_plan (K %d): the bulk gather skipped (%s)\n", K,
                cc_major < 9 ? "the device is older than sm_90"
-                            : "FKV_CUDA_EXPERIMENTAL is not 1");
+                            : "this build has no sm_90 code");
 
     rp_layout(&g, K, P, _i == 1 || _i == 4);
     if (gathers == 2)
