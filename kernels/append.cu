@@ -5,7 +5,7 @@
 //    policies that recall from the host (FREEKV, SYNC);
 //  - the device copy: the store (RESIDENT, DENSE), or the sink / window ring;
 // summarises every page it completes (per-channel max and min of the keys),
-// and finally advances the lengths.
+// and advances the lengths.
 //
 // Grid (page chunk, KV head, sequence): each block owns one page of one KV
 // head, so a page's summary is computed by the block that completes it.
@@ -29,6 +29,40 @@ __global__ void append_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batc
 
     if (!fits && j == 0 && h == 0 && threadIdx.x == 0)
         atomicOr(st.error, FKV_DEV_ERR_CAPACITY);
+
+    // The last block to read its base moves the lengths, before any block
+    // writes a row: nothing in this launch reads a length after its base,
+    // and later launches see the rows and the lengths together at its end.
+    // The fence therefore orders only loads here; after the rows it would
+    // also wait for every row written to the host over PCIe.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
+        last = atomicAdd(&st.append_done[layer], 1u) == blocks - 1;
+    }
+    __syncthreads();
+    if (last) {
+        // A sequence whose tokens cannot all land (past the capacity, or a
+        // page with no pool block: a replay beyond fkv_seq_reserve) keeps
+        // its length; the error bit tells fkv_sync.
+        for (int32_t e = threadIdx.x; e < b.n; e += blockDim.x) {
+            int32_t *l = st.len + (uint64_t)b.slot[e] * g.layers + layer;
+            const int32_t from = *l, count = b.tokens[e];
+            bool landed = (int64_t)from + count <= g.max_tokens;
+            if (landed && !g.store) {
+                const uint64_t *blocks =
+                    st.block_ptr + ((uint64_t)b.slot[e] * g.layers + layer) * g.max_pages;
+                for (int32_t p = from / P; landed && p <= (from + count - 1) / P; p++)
+                    landed = blocks[p] != 0;
+            }
+            if (landed)
+                *l = from + count;
+        }
+        if (threadIdx.x == 0)
+            st.append_done[layer] = 0;
+    }
 
     if (fits && page <= last_page) {
         fkv::layer_view lv(g, st, slot, layer);
@@ -112,37 +146,6 @@ __global__ void append_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batc
                 mn[d] = fkv::from_f<T>(lo);
             }
         }
-    }
-
-    // The last block to finish moves the lengths: every block has read its
-    // base by then.
-    __shared__ bool last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned int blocks = gridDim.x * gridDim.y * gridDim.z;
-        last = atomicAdd(&st.append_done[layer], 1u) == blocks - 1;
-    }
-    __syncthreads();
-    if (last) {
-        // A sequence whose tokens did not all land (past the capacity, or a
-        // page with no pool block: a replay beyond fkv_seq_reserve) keeps
-        // its length; the error bit tells fkv_sync.
-        for (int32_t s = threadIdx.x; s < b.n; s += blockDim.x) {
-            int32_t *l = st.len + (uint64_t)b.slot[s] * g.layers + layer;
-            const int32_t from = *l, count = b.tokens[s];
-            bool landed = (int64_t)from + count <= g.max_tokens;
-            if (landed && !g.store) {
-                const uint64_t *blocks =
-                    st.block_ptr + ((uint64_t)b.slot[s] * g.layers + layer) * g.max_pages;
-                for (int32_t p = from / P; landed && p <= (from + count - 1) / P; p++)
-                    landed = blocks[p] != 0;
-            }
-            if (landed)
-                *l = from + count;
-        }
-        if (threadIdx.x == 0)
-            st.append_done[layer] = 0;
     }
 }
 

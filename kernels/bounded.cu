@@ -171,10 +171,11 @@ __device__ __forceinline__ rule_result bounded_rule(const fkv_dev_geometry &g,
     }
     __syncthreads();
     for (int gh = warp; gh < G; gh += kWarps) {
-        float m = -INFINITY;
-        if (lane == 0)
+        if (lane == 0) {
+            float m = -INFINITY;
             for (int w = 0; w < kWarps; w++) m = fmaxf(m, ra.wmax[w * G + gh]);
-        if (lane == 0) ra.gmax[gh] = m;
+            ra.gmax[gh] = m;
+        }
     }
     if (tid == 0) {
         nmiss_s = 0;
@@ -332,8 +333,8 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
     if (rr.settled) {
         // FKV_SELECT_BOUNDED's decision is in the metadata: the plan that
         // fkv_launch_recall would make, reading it there (5 K int32 of the
-        // arrays; the rule used none of them).
-        fkv::recall_plan<kThreads>(g, st, slot, h, layer, FKV_RECALL_FIX,
+        // arrays; the rule used none of them) through this kernel's view.
+        fkv::recall_plan<kThreads>(g, st, L, slot, h, layer, FKV_RECALL_FIX,
                                    reinterpret_cast<int32_t *>(dyn_d), warp_total);
         return;
     }

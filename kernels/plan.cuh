@@ -199,19 +199,20 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
 }
 
 // The plan of the mode's set (FKV_RECALL_PENDING: the pending selection;
-// FKV_RECALL_FIX: the correction) read from the metadata. smem: 5 * K int32
-// of shared memory; warp_total: NT / 32 uint32 of shared memory. Every
-// thread of the block must call it, with the same arguments; returns
-// together.
+// FKV_RECALL_FIX: the correction) read from the metadata of lv, (sequence
+// slot, layer)'s view (the caller's: it may have the region by value).
+// smem: 5 * K int32 of shared memory; warp_total: NT / 32 uint32 of shared
+// memory. Every thread of the block must call it, with the same arguments;
+// returns together.
 template <int NT>
 __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
-                                            const fkv_dev_state &st, int32_t slot,
+                                            const fkv_dev_state &st,
+                                            const fkv::layer_view &lv, int32_t slot,
                                             int32_t h, int32_t layer, int32_t mode,
                                             int32_t *smem,
                                             uint32_t *warp_total)
 {
     const int32_t K = g.select_pages;
-    fkv::layer_view lv(g, st, slot, layer);
     int32_t *slot_page = smem, *pages = smem + K;  // [K] each; the scratch follows
     plan_input in;
     in.pages = pages;

@@ -31,8 +31,10 @@ plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer
 {
     extern __shared__ int32_t smem[];
     __shared__ uint32_t warp_total[kPlanThreads / fkv::kWarp];
-    fkv::recall_plan<kPlanThreads>(g, st, b.slot[blockIdx.y], blockIdx.x, layer, mode,
-                                   smem, warp_total);
+    const int32_t slot = b.slot[blockIdx.y];
+    const fkv::layer_view lv(g, st, slot, layer);
+    fkv::recall_plan<kPlanThreads>(g, st, lv, slot, blockIdx.x, layer, mode, smem,
+                                   warp_total);
 }
 
 // Exclusive prefix sums of the work counts of the batch's (sequence, KV

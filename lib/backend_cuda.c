@@ -110,30 +110,37 @@ static int32_t fuse_plan(const cuda_backend *cb)
     return !cb->bounded;
 }
 
-/* FKV_CUDA_EXPERIMENTAL: the recall's gather by TMA bulk copies from
- * one-warp blocks (sm_90; docs/design.md section 11), for the policies
- * that recall, where its shared memory fits a block. */
+/* Whether this device and build can gather by TMA bulk copies from
+ * one-warp blocks (compute capability 9 and the kernel's code from
+ * compute_90 or newer: fkv_dev_limits.bulk_copy) and the stages for
+ * FKV_DEV_MAX_BATCH sequences fit a block. Both users below add their
+ * policies and, for the engine stream, the switch. */
+static bool bulk_gather_fits(const cuda_backend *cb)
+{
+    return cb->lim.bulk_copy &&
+           fkv_recall_bulk_smem(&cb->geo) <= (size_t)cb->lim.smem_per_block_optin;
+}
+
+/* FKV_CUDA_EXPERIMENTAL: the engine stream's recall gathers
+ * (fkv_attend_tokens' correction, in the selection's tail, and
+ * fkv_set_pages' recall) by TMA bulk copies (docs/design.md section 11),
+ * for the policies that recall. */
 static bool bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 {
     const fkv_policy p = c->opts.policy;
-    return c->cuda_experimental && cb->lim.bulk_copy &&
+    return c->cuda_experimental && bulk_gather_fits(cb) &&
            (p == FKV_POLICY_FREEKV || p == FKV_POLICY_SYNC ||
-            p == FKV_POLICY_EXTERNAL) &&
-           fkv_recall_bulk_smem(&cb->geo) <=
-               (size_t)cb->lim.smem_per_block_optin;
+            p == FKV_POLICY_EXTERNAL);
 }
 
 /* FREEKV's speculative recall on the side stream gathers by TMA bulk copies
- * from a few one-warp blocks on sm_90 (no switch: validated on the H200):
- * in the decode step they slow the engine's GEMMs less than the warp
- * gather's 32 blocks for the same bytes (docs/benchmarks.md, twelfth
- * session). Where the stages do not fit a block, or the build has no
- * sm_90 code, the warp gather. */
+ * from a few one-warp blocks wherever bulk_gather_fits (no switch: validated
+ * on the H200): in the decode step they slow the engine's GEMMs less than
+ * the warp gather's 32 blocks for the same bytes (docs/benchmarks.md,
+ * twelfth session). Elsewhere the warp gather. */
 static bool side_bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 {
-    return cb->lim.bulk_copy && c->opts.policy == FKV_POLICY_FREEKV &&
-           fkv_recall_bulk_smem(&cb->geo) <=
-               (size_t)cb->lim.smem_per_block_optin;
+    return bulk_gather_fits(cb) && c->opts.policy == FKV_POLICY_FREEKV;
 }
 
 /* ---- errors and the current device ------------------------------------ */
