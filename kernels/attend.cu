@@ -38,10 +38,10 @@
 // maxima in part_ml are in log2 units (read only by combine below).
 //
 // Fetch (template flag; fkv_launch_attend's fetch: FREEKV's and SYNC's
-// fkv_attend, which launch no correction gather): a selected page on the
-// correction plan's work list (st.work_src / work_dst, just written by the
-// selection's tail or the plan launch) is read from its pool unit (mapped
-// host memory) instead of its slot, and
+// fkv_attend, which launch no correction gather): a selected page the
+// correction plan listed (st.fetch_src at its position in the set, just
+// written by the selection's tail or the plan launch) is read from its pool
+// unit (mapped host memory) instead of its slot, and
 // every lane writes the 16-byte pieces it copied into the ring back to the
 // slot, so the unit crosses PCIe once and the other splits' HBM reads
 // overlap its latency. Only the first group chunk's block writes (the
@@ -550,17 +550,6 @@ virtual_unit(const fkv_dev_geometry &g, const fkv::layer_view &lv,
     return lv.resident_unit(h, r.window_first + (v - nsel));
 }
 
-// Fetch: the pool unit the head's work list (n units) copies into `slot`,
-// or NULL. The list holds at most K units, read through L1.
-__device__ __forceinline__ const unsigned char *listed_source(const uint64_t *src,
-                                                             const uint64_t *dst, int32_t n,
-                                                             const unsigned char *slot) {
-    const uint64_t s = reinterpret_cast<uint64_t>(slot);
-    for (int32_t j = 0; j < n; j++)
-        if (dst[j] == s) return reinterpret_cast<const unsigned char *>(src[j]);
-    return nullptr;
-}
-
 // The fused kernel's ending, in the block that drew the last ticket: merges
 // the nq heads' partials of all splits (including its own, read back) into
 // out. smem: the ring's space, free again. Partials are read with ld.cg
@@ -680,16 +669,16 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
         nsel = lv.h_array(g.off_active_count)[h];  // -1: no selection yet
         nsel = min(max(nsel, 0), g.select_pages);
     }
-    // Fetch: this head's work list (listed units, their pool and slot
-    // addresses); the head's first group chunk writes the slots.
+    // Fetch: whether this head's plan listed units, and the pool unit of
+    // each selected position (0: its slot holds it); the head's first group
+    // chunk writes the slots.
     int32_t listed = 0;
-    const uint64_t *list_src = nullptr, *list_dst = nullptr;
+    const uint64_t *fetch_src = nullptr;
     if constexpr (Fetch) {
         if (!dense && !g.store) {
             const uint64_t head = (uint64_t)slot * g.kv_heads + h;
             listed = st.work_count[head];
-            list_src = st.work_src + head * g.select_pages;
-            list_dst = st.work_dst + head * g.select_pages;
+            fetch_src = st.fetch_src + head * g.select_pages;
         }
     }
     const bool writer = blockIdx.y % chunks == 0;
@@ -735,9 +724,10 @@ split_kernel(const fkv_dev_geometry g, const fkv_dev_state st, const fkv_dev_bat
             if constexpr (Fetch) {
                 // Only selected pages can be listed.
                 const int32_t sel = v - r.sink_end;
-                const unsigned char *src = listed > 0 && sel >= 0 && sel < nsel
-                                               ? listed_source(list_src, list_dst, listed, u)
-                                               : nullptr;
+                const unsigned char *src =
+                    listed > 0 && sel >= 0 && sel < nsel
+                        ? reinterpret_cast<const unsigned char *>(fetch_src[sel])
+                        : nullptr;
                 if (src) {
                     if (writer) dst = const_cast<unsigned char *>(u);
                     u = src;

@@ -346,6 +346,7 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
     in.count = rr.fix_count;
     in.slot_page = ra.slot_page;
     in.blocks = nullptr;
+    in.blocks_async = false;
     in.active_pages = ra.a_page;
     in.active_count = rr.active;
     if (rr.fix_count < 0 && threadIdx.x == 0) L.h_array(g.off_fix_count)[h] = -1;

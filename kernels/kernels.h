@@ -111,6 +111,11 @@ typedef struct fkv_dev_state {
     uint64_t *work_src;              /* device address of a pool unit */
     uint64_t *work_dst;              /* device address of a slot unit */
     int32_t *work_count;             /* [max_seqs][kv_heads] */
+    /* [max_seqs][kv_heads][K]: a FIX plan's source for each position j of
+     * the set it made active: the pool unit of a listed page (the
+     * attention reads it there and writes it to its slot), 0 where the slot
+     * holds the page. NULL: not written (states that attend nothing). */
+    uint64_t *fetch_src;
     /* split attention partials */
     float *part_ml;                  /* [max_seqs][q_heads][max_splits][2] */
     float *part_acc;                 /* [max_seqs][q_heads][max_splits][D] */

@@ -48,6 +48,7 @@ struct plan_input {
     int32_t count;                // its size; FKV_RECALL_FIX: < 0, no correction
     int32_t *slot_page;           // [K] shared: each slot's page (updated in place)
     const uint64_t *blocks;       // [count] shared: pages' pool blocks, or null
+    bool blocks_async;            // blocks is being filled by this block's cp.async
     const int32_t *active_pages;  // FIX with count < 0: the active set, kept
     int32_t active_count;         // ... and its size (< 0: none)
 };
@@ -58,7 +59,11 @@ struct plan_input {
 // same arguments; in's shared arrays must be visible to every thread, or
 // written by the threads that also read them here before the first barrier
 // (recall_plan: thread t wrote pages[t] and slot_page[t + i * NT]); unless
-// in.count < 0 under FIX, which reads active_pages only. Returns together.
+// in.count < 0 under FIX, which reads active_pages only. With
+// in.blocks_async every thread's cp.async into in.blocks is waited for
+// only where the missing pages' blocks are read, after the matching (their
+// latency hides behind it). Under FIX it also writes st.fetch_src (where
+// not null) for every position of the set. Returns together.
 template <int NT>
 __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_dev_state &st,
                                            const fkv::layer_view &lv, int32_t slot, int32_t h,
@@ -69,6 +74,7 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
     int32_t *work_count = st.work_count + (uint64_t)slot * g.kv_heads + h;
     const int32_t count = in.count;
     if (mode == FKV_RECALL_FIX && count < 0) {
+        if (in.blocks_async) cp_async_wait<0>();  // none outlives the block
         // No correction: attention uses the active set as it is.
         const int32_t n = in.active_count < 0 ? 0 : in.active_count;
         int32_t *used = lv.k_array(g.off_used_pages, h);
@@ -124,8 +130,10 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
         if (f) free_list[nfree + before] = s;
         nfree += total;
     }
+    if (in.blocks_async) cp_async_wait<0>();  // the barrier publishes them
     __syncthreads();  // free_list complete
     uint32_t nmiss = 0, w = 0;
+    uint64_t *fetch = mode == FKV_RECALL_FIX && st.fetch_src ? st.fetch_src + list : nullptr;
     for (int32_t base = 0; base < count; base += NT) {
         const int32_t j = base + (int32_t)threadIdx.x;
         const bool miss = j < count && new_slot[j] < 0;
@@ -137,6 +145,7 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
         const uint32_t v = (uint32_t)miss | (uint32_t)(block != 0) << 16;
         uint32_t total;
         const uint32_t before = plan_scan<NT>(v, total, warp_total);
+        uint64_t src = 0;
         if (miss) {
             const int32_t s = free_list[nmiss + (before & 0xffffu)];
             new_slot[j] = s;
@@ -145,10 +154,12 @@ __device__ __forceinline__ void plan_apply(const fkv_dev_geometry &g, const fkv_
                 atomicOr(st.error, FKV_DEV_ERR_INTERNAL);
             } else {
                 const uint32_t at = w + (before >> 16);
-                st.work_src[list + at] = block + (uint64_t)h * g.unit_bytes;
+                src = block + (uint64_t)h * g.unit_bytes;
+                st.work_src[list + at] = src;
                 st.work_dst[list + at] = reinterpret_cast<uint64_t>(lv.slot_unit(h, s));
             }
         }
+        if (fetch && j < count) fetch[j] = src;
         nmiss += total & 0xffffu;
         w += total >> 16;
     }
@@ -218,6 +229,7 @@ __device__ __forceinline__ void recall_plan(const fkv_dev_geometry &g,
     in.pages = pages;
     in.slot_page = slot_page;
     in.blocks = nullptr;
+    in.blocks_async = false;
     in.active_pages = lv.k_array(g.off_active_pages, h);
     in.active_count = 0;
     const int32_t *from;

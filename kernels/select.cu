@@ -822,17 +822,17 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
     const tail_counts c =
         select_head<T, D, kPlan>(g, st, b, L, layer, q, mode, key_cap, dyn_smem, sh, t);
     if constexpr (kPlan) {
-        // t.selected, t.blocks (this thread's copies waited for) and the
-        // fix arrays written by the block are visible to it past the
-        // barrier, and the selection's shared memory is free for the plan's
-        // scratch.
-        cp_async_wait<0>();
+        // t.selected and the fix arrays written by the block are visible to
+        // it past the barrier, and the selection's shared memory is free
+        // for the plan's scratch. t.blocks may still be landing: the plan
+        // waits for them where it reads them.
         __syncthreads();
         plan_input in;
         in.pages = t.selected;
         in.count = c.fix_count;
         in.slot_page = t.slot_page;
         in.blocks = t.blocks;
+        in.blocks_async = true;
         in.active_pages = t.active;
         in.active_count = c.active_count;
         plan_apply<kThreads>(g, st, L, slot, blockIdx.x, layer, FKV_RECALL_FIX, in,

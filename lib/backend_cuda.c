@@ -343,7 +343,8 @@ static void cuda_destroy(fkv_cache *c)
     c->backend = NULL;
 }
 
-/* Carves one side's scratch (scores, agg, work lists) out of `base`. */
+/* Carves one side's scratch (scores, agg, work lists, fetch sources) out
+ * of `base`. */
 static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
                                unsigned char *base)
 {
@@ -356,12 +357,14 @@ static uint64_t scratch_layout(const fkv_cache *c, fkv_dev_state *st,
     uint64_t src = fkvi_cuda_place(&off, S * H * K, 8);
     uint64_t dst = fkvi_cuda_place(&off, S * H * K, 8);
     uint64_t count = fkvi_cuda_place(&off, S * H, 4);
+    uint64_t fetch = fkvi_cuda_place(&off, S * H * K, 8);
     if (base) {
         st->scores = (float *)(base + scores);
         st->agg = (float *)(base + agg);
         st->work_src = (uint64_t *)(base + src);
         st->work_dst = (uint64_t *)(base + dst);
         st->work_count = (int32_t *)(base + count);
+        st->fetch_src = (uint64_t *)(base + fetch);
     }
     return off;
 }

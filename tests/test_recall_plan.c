@@ -120,7 +120,7 @@ static int32_t *rp_i32(unsigned char *region, uint64_t off)
 /* The outputs of one launch. */
 typedef struct rp_out {
     unsigned char *regions;   /* RP_SEQS regions */
-    unsigned char *work;      /* work_src, work_dst, work_count */
+    unsigned char *work;      /* work_src, work_dst, work_count, fetch_src */
     unsigned long long counters[FKV_DEV_COUNTERS];
     unsigned int error;
 } rp_out;
@@ -188,6 +188,7 @@ START_TEST(cuda_recall_plan)
     const uint64_t o_src = fkvi_cuda_place(&off, units, 8);
     const uint64_t o_dst = fkvi_cuda_place(&off, units, 8);
     const uint64_t o_count = fkvi_cuda_place(&off, (uint64_t)n * H, 4);
+    const uint64_t o_fetch = fkvi_cuda_place(&off, units, 8);
     const size_t work_bytes = (size_t)off;
     RP_CUDA(cudaMalloc((void **)&dwork, work_bytes));
 
@@ -201,6 +202,7 @@ START_TEST(cuda_recall_plan)
     st.work_src = (uint64_t *)(void *)(dwork + o_src);
     st.work_dst = (uint64_t *)(void *)(dwork + o_dst);
     st.work_count = (int32_t *)(void *)(dwork + o_count);
+    st.fetch_src = (uint64_t *)(void *)(dwork + o_fetch);
     st.max_seqs = n;
 
     unsigned char *image = rp_xmalloc(all);
@@ -352,6 +354,10 @@ START_TEST(cuda_recall_plan)
                     const int32_t wc = ((const int32_t *)(const void *)(out.work + o_count))[(size_t)slot * H + h];
                     const uint64_t *wsrc = (const uint64_t *)(const void *)(out.work + o_src) + ((size_t)slot * H + h) * K;
                     const uint64_t *wdst = (const uint64_t *)(const void *)(out.work + o_dst) + ((size_t)slot * H + h) * K;
+                    /* The sources the attention reads by set position
+                     * (FIX only; PENDING leaves them as they were). */
+                    const uint64_t *fsrc = (const uint64_t *)(const void *)(out.work + o_fetch) + ((size_t)slot * H + h) * K;
+                    const uint64_t *fsrc0 = (const uint64_t *)(const void *)(work_image + o_fetch) + ((size_t)slot * H + h) * K;
                     int32_t count;
                     const int32_t *sel;
                     if (mode == FKV_RECALL_FIX) {
@@ -363,6 +369,10 @@ START_TEST(cuda_recall_plan)
                                     : -1;
                         sel = (const int32_t *)(const void *)(R0 + g.off_pending_pages) + (size_t)h * K;
                     }
+                    if (count < 0 || mode != FKV_RECALL_FIX)
+                        ck_assert_msg(memcmp(fsrc, fsrc0, (size_t)K * sizeof *fsrc) == 0,
+                                      "K %d trial %d: fetch sources written "
+                                      "without a correction", K, trial);
                     if (count < 0) {
                         ck_assert_msg(wc == 0, "K %d trial %d: work listed "
                                       "without a set to recall", K, trial);
@@ -389,6 +399,9 @@ START_TEST(cuda_recall_plan)
                                       K, trial, p);
                         if (was >= 0) {
                             ck_assert_int_eq(aslot[j], was);
+                            if (mode == FKV_RECALL_FIX)
+                                ck_assert_msg(fsrc[j] == 0, "K %d trial %d: resident "
+                                              "page %d has a fetch source", K, trial, p);
                             continue;
                         }
                         ck_assert_msg(nmiss < nfree &&
@@ -398,6 +411,10 @@ START_TEST(cuda_recall_plan)
                                       trial, nmiss, p, aslot[j], nmiss);
                         nmiss++;
                         const uint64_t blk = blocks[(size_t)slot * P + p];
+                        if (mode == FKV_RECALL_FIX)
+                            ck_assert_msg(fsrc[j] == (blk ? blk + (uint64_t)h * g.unit_bytes : 0),
+                                          "K %d trial %d: fetch source of position %d "
+                                          "(page %d) is wrong", K, trial, j, p);
                         if (!blk) {
                             missing_no_block++;
                             continue;
