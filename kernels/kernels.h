@@ -178,15 +178,18 @@ cudaError_t fkv_recall_bulk_built(int32_t *built);
  * The parts, one per kernel file, follow. fuse_plan: the selections will
  * be launched with fuse_plan too (every policy but FREEKV under BOUNDED).
  * gather_bulk: the engine stream's recalls gather by bulk copies
- * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do. */
+ * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do; late_check:
+ * the selections will be launched with FKV_TAIL_PLAN_LATE too
+ * (FKV_CUDA_EXPERIMENTAL). */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
                              const fkv_dev_limits *lim, int32_t fuse_plan,
-                             int32_t gather_bulk, int32_t side_bulk);
+                             int32_t gather_bulk, int32_t side_bulk,
+                             int32_t late_check);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim, int32_t fuse_plan,
-                            int32_t gather_bulk);
+                            int32_t gather_bulk, int32_t late_check);
 /* FREEKV under BOUNDED: allows the rule kernel its shared memory. */
 cudaError_t fkv_bounded_init(const fkv_dev_geometry *g);
 /* gather_bulk: allows the bulk gather its shared memory. */
@@ -300,7 +303,12 @@ typedef enum fkv_select_tail {
     FKV_TAIL_PLAN = 1,
     /* The plan and the gather (TMA bulk copies; needs st->gather_bulk,
      * FKV_CUDA_EXPERIMENTAL): nothing follows. */
-    FKV_TAIL_GATHER = 2
+    FKV_TAIL_GATHER = 2,
+    /* FKV_TAIL_PLAN, and under FKV_SELECT_CORRECT the block computes the
+     * cosines before its top-K and decides after it, with no barrier of
+     * its own (select.cu, select_head's kLate): the same decisions. Needs
+     * fkv_select_init with late_check (FKV_CUDA_EXPERIMENTAL). */
+    FKV_TAIL_PLAN_LATE = 3
 } fkv_select_tail;
 
 /* q: [n][q_heads][D] cache dtype (unused by FKV_SELECT_PENDING).

@@ -491,20 +491,13 @@ __device__ __forceinline__ int select_pages(const fkv_dev_geometry &g,
 
 // ---- correction decision ---------------------------------------------------
 
-// FKV_SELECT_CORRECT: does head h need a new selection? Yes when it has none
-// (ac < 0), when the candidates fit in K but are not all active, or when the
-// mean cosine between the group's query q_s and active_q (both [G][D]) is
-// below the threshold. Uniform across the block; all threads must call it,
-// after q_s is complete. cos_s [G] and *need_s are shared scratch; ends with
-// a barrier after the last read of active_q.
+// The cosine of each head gh of the group between q_s and active_q (both
+// [G][D]), a warp per head: lane 0 of warp gh % kWarps stores it in
+// cos_s[gh]. No barrier: the caller's next one publishes them.
 template <int D>
-__device__ __forceinline__ bool need_correction(int32_t ac, int cand, int K, int G,
-                                             float threshold, const float *q_s,
-                                             const float *active_q, float *cos_s,
-                                             int32_t *need_s) {
-    if (ac < 0 || (cand <= K && ac < cand)) return true;  // uniform: one ac
+__device__ __forceinline__ void group_cosines(int G, const float *q_s, const float *active_q,
+                                              float *cos_s) {
     const int lane = threadIdx.x & (kWarp - 1), warp = threadIdx.x / kWarp;
-    // Cosine per head, a warp each; the mean in the CPU's order.
     for (int gh = warp; gh < G; gh += kWarps) {
         const float *x = q_s + gh * D, *y = active_q + gh * D;
         float xy = 0.f, xx = 0.f, yy = 0.f;
@@ -523,12 +516,38 @@ __device__ __forceinline__ bool need_correction(int32_t ac, int cand, int K, int
             cos_s[gh] = xx > 0.f && yy > 0.f
                 ? (float)((double)xy / sqrt((double)xx * (double)yy)) : 0.f;
     }
+}
+
+// Whether the mean of the G cosines in cos_s is below the threshold: the
+// CPU's order, in double.
+__device__ __forceinline__ bool mean_below(const float *cos_s, int G, float threshold) {
+    double total = 0.0;
+    for (int gh = 0; gh < G; gh++) total += cos_s[gh];
+    return total / G < (double)threshold;
+}
+
+// Whether a head's current selection cannot serve at all: none yet (ac <
+// 0), or the candidates fit in K but are not all active. Uniform: one ac.
+__device__ __forceinline__ bool must_correct(int32_t ac, int cand, int K) {
+    return ac < 0 || (cand <= K && ac < cand);
+}
+
+// FKV_SELECT_CORRECT: does head h need a new selection? Yes when it has none
+// (ac < 0), when the candidates fit in K but are not all active, or when the
+// mean cosine between the group's query q_s and active_q (both [G][D]) is
+// below the threshold. Uniform across the block; all threads must call it,
+// after q_s is complete. cos_s [G] and *need_s are shared scratch; ends with
+// a barrier after the last read of active_q.
+template <int D>
+__device__ __forceinline__ bool need_correction(int32_t ac, int cand, int K, int G,
+                                             float threshold, const float *q_s,
+                                             const float *active_q, float *cos_s,
+                                             int32_t *need_s) {
+    if (must_correct(ac, cand, K)) return true;
+    // Cosine per head, a warp each; the mean in the CPU's order.
+    group_cosines<D>(G, q_s, active_q, cos_s);
     __syncthreads();
-    if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int gh = 0; gh < G; gh++) total += cos_s[gh];
-        *need_s = total / G < (double)threshold;
-    }
+    if (threadIdx.x == 0) *need_s = mean_below(cos_s, G, threshold);
     __syncthreads();
     return *need_s != 0;
 }
@@ -628,6 +647,7 @@ struct tail_arrays {
     int32_t *slot_page;  // [K] page in each slot
     int32_t *active;     // [K] active pages (FKV_SELECT_CORRECT)
     int32_t *selected;   // [K] this block's top-K
+    float *cos;          // [G] kLate: the correction check's cosines
 };
 
 // What select_head leaves the kPlan tail: the size of the set the plan
@@ -640,9 +660,13 @@ struct tail_counts {
 // One (KV head, sequence) of select_kernel: the correction decision, the
 // selection from the scores and every output and counter. Returns together
 // across the block. kPlan: also fills t (the selected set and its pool
-// blocks, the prefetched arrays) for the plan that follows.
+// blocks, the prefetched arrays) for the plan that follows. kLate (kPlan
+// only; FKV_CUDA_EXPERIMENTAL): FKV_SELECT_CORRECT's warps compute the
+// cosines before the top-K without waiting for each other, and the block
+// decides after it (the top-K's barriers publish them), instead of two
+// barriers before the top-K; the same arithmetic, so the same decision.
 
-template <typename T, int D, bool kPlan>
+template <typename T, int D, bool kPlan, bool kLate>
 __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
                                                const fkv_dev_state &st,
                                                const fkv_dev_batch &b, const layer_view &L,
@@ -697,18 +721,24 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
     int32_t *out_pages, *out_count;
     const bool at_attend = mode == FKV_SELECT_CORRECT || mode == FKV_SELECT_BOUNDED;
     bool need = false;  // FKV_SELECT_CORRECT: correct this head now
+    [[maybe_unused]] bool must = false;  // kLate: corrected whatever the cosines
     if (at_attend) {
         // Select at attend: every head's top-K with q is the next step's
         // speculative set (pending), whether or not it is corrected now.
         if (tid == 0) atomicAdd(st.counters + FKV_DEV_HEADS_CHECKED, 1ull);
         if (mode == FKV_SELECT_CORRECT) {
-            float *active_q = L.at<float>(g.off_active_q) + q_first;
-            need = need_correction<D>(kPlan ? ac_start : L.h_array(g.off_active_count)[h],
-                                      cand, g.select_pages, G, g.threshold, q_s,
-                                      kPlan ? t.active_q : active_q, head_sum, &sh.need);
-            // Every thread has read active_q (the barrier at its end).
-            if (need)
-                for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+            if constexpr (kLate) {
+                must = must_correct(ac_start, cand, K);
+                if (!must) group_cosines<D>(G, q_s, t.active_q, t.cos);
+            } else {
+                float *active_q = L.at<float>(g.off_active_q) + q_first;
+                need = need_correction<D>(kPlan ? ac_start : L.h_array(g.off_active_count)[h],
+                                          cand, g.select_pages, G, g.threshold, q_s,
+                                          kPlan ? t.active_q : active_q, head_sum, &sh.need);
+                // Every thread has read active_q (the barrier at its end).
+                if (need)
+                    for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+            }
         }
         out_pages = L.k_array(g.off_pending_pages, h);
         out_count = L.h_array(g.off_pending_count) + h;
@@ -733,16 +763,27 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
     if (tid == 0) *out_count = count;
     const int32_t *selected = out_pages;
     if constexpr (kPlan) {
-        __syncthreads();  // every page of t.selected written
+        __syncthreads();  // every page of t.selected written (kLate: and t.cos)
         for (int j = tid; j < count; j += kThreads) out_pages[j] = t.selected[j];
         selected = t.selected;
+        if constexpr (kLate) {
+            if (mode == FKV_SELECT_CORRECT) {
+                // Every thread decides from the same published cosines; the
+                // active query in global memory was read by no one (the
+                // cosines read its prefetched copy).
+                need = must || mean_below(t.cos, G, g.threshold);
+                float *active_q = L.at<float>(g.off_active_q) + q_first;
+                if (need)
+                    for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+            }
+        }
     }
     if (at_attend) {
         // The query and length fkv_select compares with (snapshot.cu).
         float *pending_q = L.at<float>(g.off_pending_q) + q_first;
         for (int j = tid; j < G * D; j += kThreads) pending_q[j] = q_s[j];
         const int32_t ac = kPlan ? ac_start : L.h_array(g.off_active_count)[h];
-        const bool full = ac < 0 || (cand <= K && ac < cand);
+        const bool full = must_correct(ac, cand, K);
         if (!kPlan) __syncthreads();  // every page of out_pages written
         int32_t *fix_count = L.h_array(g.off_fix_count) + h;
         if (mode == FKV_SELECT_CORRECT ? need : full) {  // the whole top-K now
@@ -781,9 +822,10 @@ inline size_t tail_arrays_at(size_t select_smem, int32_t K, bool gather) {
     if (gather && at < bulk::kGatherStageBytes) at = bulk::kGatherStageBytes;
     return (at + 15) / 16 * 16;
 }
-inline size_t tail_arrays_bytes(int32_t G, int32_t D, int32_t K) {
+inline size_t tail_arrays_bytes(int32_t G, int32_t D, int32_t K, bool late) {
     const size_t k = K > 0 ? (size_t)K : 0;
-    return k * sizeof(uint64_t) + (size_t)G * D * sizeof(float) + 3 * k * sizeof(int32_t);
+    return k * sizeof(uint64_t) + (size_t)G * D * sizeof(float) + 3 * k * sizeof(int32_t) +
+           (late ? (size_t)G * sizeof(float) : 0);
 }
 
 // One block per (KV head, sequence). kPlan (the attend's FKV_SELECT_CORRECT
@@ -796,8 +838,8 @@ inline size_t tail_arrays_bytes(int32_t G, int32_t D, int32_t K) {
 // itself with TMA bulk copies. kPlan's region comes by value (regions),
 // saving the dependent load of st.seq_base; its dynamic shared memory is
 // the selection's (reused by the plan's scratch and the bulk stages) and
-// then the tail arrays at tail_at.
-template <typename T, int D, bool kPlan>
+// then the tail arrays at tail_at. kLate: select_head's (kPlan only).
+template <typename T, int D, bool kPlan, bool kLate = false>
 __global__ void __launch_bounds__(kThreads, 2)
 select_kernel(const __grid_constant__ fkv_dev_geometry g,
               const __grid_constant__ fkv_dev_state st,
@@ -818,9 +860,11 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
         t.slot_page = reinterpret_cast<int32_t *>(t.active_q + (size_t)g.group * D);
         t.active = t.slot_page + K;
         t.selected = t.active + K;
+        if constexpr (kLate) t.cos = reinterpret_cast<float *>(t.selected + K);
     }
+    static_assert(kPlan || !kLate, "the late check is the tail's");
     const tail_counts c =
-        select_head<T, D, kPlan>(g, st, b, L, layer, q, mode, key_cap, dyn_smem, sh, t);
+        select_head<T, D, kPlan, kLate>(g, st, b, L, layer, q, mode, key_cap, dyn_smem, sh, t);
     if constexpr (kPlan) {
         // t.selected and the fix arrays written by the block are visible to
         // it past the barrier, and the selection's shared memory is free
@@ -900,8 +944,8 @@ template <int D> size_t select_smem(const fkv_dev_geometry &g) {
 template <int D> size_t select_tail_at(const fkv_dev_geometry &g, bool gather) {
     return tail_arrays_at(select_smem<D>(g), g.select_pages, gather);
 }
-template <int D> size_t select_plan_smem(const fkv_dev_geometry &g, bool gather) {
-    return select_tail_at<D>(g, gather) + tail_arrays_bytes(g.group, D, g.select_pages);
+template <int D> size_t select_plan_smem(const fkv_dev_geometry &g, bool gather, bool late) {
+    return select_tail_at<D>(g, gather) + tail_arrays_bytes(g.group, D, g.select_pages, late);
 }
 inline bool needs_scores(const fkv_dev_geometry &g) {
     return g.select_pages > 0 && g.max_pages > g.select_pages;
@@ -923,14 +967,19 @@ template <typename K> cudaError_t allow_smem(K kernel, size_t need, const fkv_de
 
 template <typename T, int D>
 cudaError_t init(const fkv_dev_geometry &g, const fkv_dev_limits &lim, bool fuse_plan,
-                 bool gather_bulk) {
+                 bool gather_bulk, bool late_check) {
     if (needs_scores(g)) {
         cudaError_t e = allow_smem(score_kernel<T, D>, score_smem<D>(g), lim);
         if (e != cudaSuccess) return e;
     }
     if (fuse_plan) {
-        cudaError_t e =
-            allow_smem(select_kernel<T, D, true>, select_plan_smem<D>(g, gather_bulk), lim);
+        cudaError_t e = allow_smem(select_kernel<T, D, true>,
+                                   select_plan_smem<D>(g, gather_bulk, false), lim);
+        if (e != cudaSuccess) return e;
+    }
+    if (fuse_plan && late_check) {
+        cudaError_t e = allow_smem(select_kernel<T, D, true, true>,
+                                   select_plan_smem<D>(g, gather_bulk, true), lim);
         if (e != cudaSuccess) return e;
     }
     return allow_smem(select_kernel<T, D, false>, select_smem<D>(g), lim);
@@ -959,9 +1008,17 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
     const dim3 grid((unsigned)g.kv_heads, (unsigned)b.n);
     if (tail != FKV_TAIL_NONE) {
         const bool gather = tail == FKV_TAIL_GATHER;
-        select_kernel<T, D, true><<<grid, kThreads, select_plan_smem<D>(g, gather), stream>>>(
-            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
-            (int32_t)select_tail_at<D>(g, gather), regions);
+        const int32_t at = (int32_t)select_tail_at<D>(g, gather);
+        if (tail == FKV_TAIL_PLAN_LATE && mode == FKV_SELECT_CORRECT)
+            select_kernel<T, D, true, true>
+                <<<grid, kThreads, select_plan_smem<D>(g, gather, true), stream>>>(
+                    g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
+                    at, regions);
+        else
+            select_kernel<T, D, true>
+                <<<grid, kThreads, select_plan_smem<D>(g, gather, false), stream>>>(
+                    g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
+                    at, regions);
     } else {
         select_kernel<T, D, false><<<grid, kThreads, select_smem<D>(g), stream>>>(
             g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, 0,
@@ -974,13 +1031,14 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
 } // namespace fkv
 
 extern "C" cudaError_t fkv_select_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
-                                       int32_t fuse_plan, int32_t gather_bulk) {
+                                       int32_t fuse_plan, int32_t gather_bulk,
+                                       int32_t late_check) {
     if (!g || !lim) return cudaErrorInvalidValue;
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);
         return fkv::dispatch_head_dim(g->head_dim, [&](auto htag) {
             return fkv::init<T, decltype(htag)::value>(*g, *lim, fuse_plan != 0,
-                                                       gather_bulk != 0);
+                                                       gather_bulk != 0, late_check != 0);
         });
     });
 }
@@ -1003,7 +1061,8 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
         mode != FKV_SELECT_BOUNDED)
         return cudaErrorInvalidValue;
     if (mode != FKV_SELECT_PENDING && !q) return cudaErrorInvalidValue;
-    if (tail != FKV_TAIL_NONE && tail != FKV_TAIL_PLAN && tail != FKV_TAIL_GATHER)
+    if (tail != FKV_TAIL_NONE && tail != FKV_TAIL_PLAN && tail != FKV_TAIL_GATHER &&
+        tail != FKV_TAIL_PLAN_LATE)
         return cudaErrorInvalidValue;
     // Only the attend's correction recall (FKV_RECALL_FIX) follows these;
     // the tail's launch takes the regions by value.

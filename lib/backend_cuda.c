@@ -70,6 +70,7 @@ typedef struct cuda_backend {
      * which the side stream's recall reads, and the side stream's
      * selection, which the next attend overwrites. */
     bool bounded;
+    bool late_check; /* the attend's selections take FKV_TAIL_PLAN_LATE */
     bool *attend_unjoined; /* [layers] */
     bool *select_unjoined; /* [layers] */
 
@@ -141,6 +142,15 @@ static bool bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 static bool side_bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 {
     return bulk_gather_fits(cb) && c->opts.policy == FKV_POLICY_FREEKV;
+}
+
+/* FKV_CUDA_EXPERIMENTAL: the attend's selection decides the cosine
+ * criterion's correction after its top-K instead of before it (select.cu,
+ * kLate; docs/design.md section 11). Only where the selection has the
+ * plan in its tail. */
+static bool late_check(const fkv_cache *c, const cuda_backend *cb)
+{
+    return c->cuda_experimental && fuse_plan(cb);
 }
 
 /* ---- errors and the current device ------------------------------------ */
@@ -505,7 +515,8 @@ static fkv_status cuda_create(fkv_cache *c)
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb),
-                         bulk_gather(c, cb), side_bulk_gather(c, cb)),
+                         bulk_gather(c, cb), side_bulk_gather(c, cb),
+                         late_check(c, cb)),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -623,6 +634,7 @@ static fkv_status cuda_create(fkv_cache *c)
         m->fused_combine = fused;
     }
     m->gather_bulk = bulk_gather(c, cb);
+    cb->late_check = late_check(c, cb);
 
     cb->st_side = *m;
     cb->st_side.gather_bulk = side_bulk_gather(c, cb);
@@ -1170,7 +1182,9 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
          * is the gather, unless the attention fetches or the tail did it. */
         fkv_select_tail tail = FKV_TAIL_NONE;
         if (fuse_plan(cb))
-            tail = st->gather_bulk && !fetch ? FKV_TAIL_GATHER : FKV_TAIL_PLAN;
+            tail = st->gather_bulk && !fetch ? FKV_TAIL_GATHER
+                   : cb->late_check          ? FKV_TAIL_PLAN_LATE
+                                             : FKV_TAIL_PLAN;
         e = fkv_launch_select(g, &cb->lim, st, d, layer, q,
                               attend_select_mode(cb, policy), tail,
                               cb->seq_base_host, cb->stream);
