@@ -82,6 +82,7 @@ typedef struct config {
     int kv_heads, group, head_dim, page;
     bool gemm;
     bool bulk_gather;              /* TMA bulk copies (st.gather_bulk) */
+    bool fused_plan;               /* FKV_PLAN_FUSED (with bulk_gather) */
     bool host_register;            /* pool: aligned_alloc + cudaHostRegister */
     int gemm_batches[MAX_LIST], ngemm_batches;
     int gemm_layers, gemm_reps;
@@ -98,10 +99,15 @@ static const char k_usage[] =
     "              [--no-gemm] [--gemm-batches 1,8] [--gemm-layers N]\n"
     "              [--gemm-reps N] [--conc-pages N] [--conc-blocks 2,4,8,16,32]\n"
     "              [--small-units 8,16,32,64|none] [--bulk-gather]\n"
+    "              [--fused-plan]\n"
     "              [--host-register]\n"
     "  --blocks: gather blocks of fkv_launch_recall; 0 = the SM count\n"
     "  --bulk-gather: the gather by TMA bulk copies from one-warp blocks\n"
-    "               (sm_90; what FKV_CUDA_EXPERIMENTAL=1 runs)\n"
+    "               (sm_90; FREEKV's speculative recall there)\n"
+    "  --fused-plan: with --bulk-gather, every recall is one FKV_PLAN_FUSED\n"
+    "               launch (each plan block copies its own head's units;\n"
+    "               FKV_CUDA_EXPERIMENTAL's small speculative recalls);\n"
+    "               the gather-block lists then do not apply\n"
     "  --host-register: the host pool is page-aligned memory pinned with\n"
     "               cudaHostRegister (mapped, portable), as the library's\n"
     "               CUDA pool is since 0.3, instead of cudaHostAlloc\n"
@@ -173,6 +179,8 @@ static int parse_args(int argc, char **argv, config *c)
             c->gemm = false;
         } else if (!strcmp(a, "--bulk-gather")) {
             c->bulk_gather = true;
+        } else if (!strcmp(a, "--fused-plan")) {
+            c->fused_plan = true;
         } else if (!strcmp(a, "--host-register")) {
             c->host_register = true;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -448,6 +456,7 @@ typedef struct rctx {
     size_t arm_ints;
     int32_t *set[2];               /* host [n][H][K], ascending pages */
     int parity;                    /* the set the next recall brings in */
+    fkv_plan_kind plan;            /* FKV_PLAN_PREFIX, or --fused-plan's */
     int64_t runs;                  /* recalls since the counters' reset */
     /* per-unit copies of each set, for the memcpy variants */
     unsigned char *unit_dst;       /* device [n][H][K] units */
@@ -573,8 +582,11 @@ static void rctx_create(rctx *x, const config *c, const pool *p, int n,
         if (major < 9)
             bench_die("--bulk-gather needs an sm_90 device (this one is "
                       "sm_%d0)", major);
-        BENCH_CUDA_CHECK(fkv_recall_init(&x->g, 1));
+        BENCH_CUDA_CHECK(fkv_recall_init(&x->g, 1, 1));
     }
+    if (c->fused_plan && !c->bulk_gather)
+        bench_die("--fused-plan needs --bulk-gather");
+    x->plan = c->fused_plan ? FKV_PLAN_FUSED : FKV_PLAN_PREFIX;
 
     memset(&x->b, 0, sizeof x->b);
     x->b.n = n;
@@ -689,7 +701,7 @@ static cudaError_t rctx_enqueue(rctx *x, int blocks, cudaStream_t s,
         e = cudaEventRecord(before, s);
     if (e == cudaSuccess)
         e = fkv_launch_recall(&x->g, &x->st, &x->b, 0, FKV_RECALL_PENDING,
-                              blocks, FKV_PLAN_PREFIX, s);
+                              blocks, x->plan, s);
     if (e == cudaSuccess && after)
         e = cudaEventRecord(after, s);
     if (e == cudaSuccess) {
@@ -964,8 +976,13 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
     }
     double *ms = bench_xmalloc((size_t)reps * sizeof *ms);
     const double bytes = (double)x->units * (double)x->unit_bytes;
-    for (int bi = 0; bi < c->nblocks; bi++) {
-        const int blocks = c->blocks[bi] > 0 ? c->blocks[bi] : sm_count;
+    /* --fused-plan: one launch whose blocks are the (sequence, KV head)s;
+     * the gather-block list does not apply, so one row. */
+    const int nvariants = x->plan == FKV_PLAN_FUSED ? 1 : c->nblocks;
+    for (int bi = 0; bi < nvariants; bi++) {
+        const int blocks = x->plan == FKV_PLAN_FUSED ? x->n * x->H
+                           : c->blocks[bi] > 0       ? c->blocks[bi]
+                                                     : sm_count;
         char what[96];
         snprintf(what, sizeof what, "recall batch %d K %d gather_blocks %d",
                  x->n, x->K, blocks);
@@ -982,8 +999,9 @@ static void bench_recall(const config *c, rctx *x, const pool *p,
         rctx_verify(x, p, what);
         const double t = bench_median(ms, (size_t)reps);
         row *rw = add_row(g_h2d_section,
-                          x->st.gather_bulk ? "recall bulk gather"
-                                            : "recall fkv_launch_recall",
+                          x->plan == FKV_PLAN_FUSED ? "recall fused plan+gather"
+                          : x->st.gather_bulk       ? "recall bulk gather"
+                                                    : "recall fkv_launch_recall",
                           x->n,
                           x->K, blocks);
         rw->mib = bytes / (1 << 20);
@@ -1263,7 +1281,9 @@ static void bench_gemm(const config *c, const pool *p, int device,
             if (kind == FEED_RECALL) {
                 blocks = c->conc_blocks[vi] > 0 ? c->conc_blocks[vi] : sm_count;
                 snprintf(name, sizeof name, "recall %s %d",
-                         c->bulk_gather ? "bulk blocks" : "gather_blocks",
+                         c->fused_plan    ? "fused, ignored blocks"
+                         : c->bulk_gather ? "bulk blocks"
+                                          : "gather_blocks",
                          blocks);
             } else {
                 snprintf(name, sizeof name, "%s",

@@ -178,13 +178,14 @@ cudaError_t fkv_recall_bulk_built(int32_t *built);
  * The parts, one per kernel file, follow. fuse_plan: the selections will
  * be launched with fuse_plan too (every policy but FREEKV under BOUNDED).
  * gather_bulk: the engine stream's recalls gather by bulk copies
- * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do; late_check:
- * the selections will be launched with FKV_TAIL_PLAN_LATE too
- * (FKV_CUDA_EXPERIMENTAL). */
+ * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do;
+ * experimental: FKV_CUDA_EXPERIMENTAL is on, so the selections (with
+ * fuse_plan) may be launched with FKV_TAIL_PLAN_LATE and the side stream's
+ * recalls (with side_bulk) with FKV_PLAN_FUSED. */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
                              const fkv_dev_limits *lim, int32_t fuse_plan,
                              int32_t gather_bulk, int32_t side_bulk,
-                             int32_t late_check);
+                             int32_t experimental);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,
@@ -192,8 +193,10 @@ cudaError_t fkv_select_init(const fkv_dev_geometry *g,
                             int32_t gather_bulk, int32_t late_check);
 /* FREEKV under BOUNDED: allows the rule kernel its shared memory. */
 cudaError_t fkv_bounded_init(const fkv_dev_geometry *g);
-/* gather_bulk: allows the bulk gather its shared memory. */
-cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk);
+/* gather_bulk: allows the bulk gather its shared memory; fused: the
+ * FKV_PLAN_FUSED kernel too. */
+cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk,
+                            int32_t fused);
 /* The plan kernel's shared memory (5 K int32) where K needs the opt-in;
  * fails for a K beyond what a block may have. */
 cudaError_t fkv_recall_plan_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim);
@@ -355,7 +358,13 @@ typedef enum fkv_plan_kind {
     /* FKV_RECALL_FIX after a selection launched with FKV_TAIL_PLAN or
      * after fkv_launch_bounded: they made the same plan, only the gather
      * runs. */
-    FKV_PLAN_DONE = 1
+    FKV_PLAN_DONE = 1,
+    /* One launch: each (sequence, KV head)'s block makes its plan, then its
+     * thread 0 gathers the head's units by TMA bulk copies (needs
+     * st->gather_bulk and fkv_recall_init with fused; gather_blocks
+     * is unused). FKV_CUDA_EXPERIMENTAL: FREEKV's speculative recall at
+     * small batches. */
+    FKV_PLAN_FUSED = 2
 } fkv_plan_kind;
 
 /* Incremental recall: pages of the new set already in a slot stay; the

@@ -11,6 +11,8 @@
 //         st.gather_bulk (sm_90: FREEKV's speculative recall; the engine
 //         stream's with FKV_CUDA_EXPERIMENTAL) a few one-warp blocks do it
 //         with TMA bulk copies instead (gather_bulk_kernel).
+// FKV_PLAN_FUSED (FKV_CUDA_EXPERIMENTAL, sm_90) makes both one launch: each
+// plan block then copies its own head's units (plan_gather_kernel).
 // fkv_attend launches neither: the plan is made by the selection's tail or
 // BOUNDED's rule kernel, and the split kernel reads the listed units
 // itself (attend.cu, "Fetch").
@@ -35,6 +37,40 @@ plan_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer
     const fkv::layer_view lv(g, st, slot, layer);
     fkv::recall_plan<kPlanThreads>(g, st, lv, slot, blockIdx.x, layer, mode, smem,
                                    warp_total);
+}
+
+// FKV_PLAN_FUSED: the plan kernel's block, then its thread 0 copies the
+// head's listed units by TMA bulk copies (plan.cuh's recall_gather_head, as
+// the selection's FKV_TAIL_GATHER does), in the same shared memory: the
+// plan's arrays first, the stages after. Heads start copying as soon as
+// their own plan is made, with no second launch and no prefix pass over
+// the batch. Dynamic shared memory: fused_smem below.
+__global__ void __launch_bounds__(kPlanThreads)
+plan_gather_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_t layer,
+                   int32_t mode)
+{
+#if FKV_HAS_BULK_COPY
+    extern __shared__ __align__(128) int32_t fused[];
+    __shared__ uint32_t warp_total[kPlanThreads / fkv::kWarp];
+    const int32_t slot = b.slot[blockIdx.y];
+    const fkv::layer_view lv(g, st, slot, layer);
+    fkv::recall_plan<kPlanThreads>(g, st, lv, slot, blockIdx.x, layer, mode, fused,
+                                   warp_total);
+    // The work list (global, written by the block) and count are visible
+    // to thread 0 past the barrier; every thread orders its generic
+    // accesses to the shared memory before the async proxy's writes.
+    __syncthreads();
+    fkv::bulk::fence_proxy_async();
+    __syncthreads();
+    if (threadIdx.x == 0)
+        fkv::recall_gather_head(g, st, slot, blockIdx.x, fkv::bulk::shared_addr(fused));
+#else
+    (void)g;
+    (void)st;
+    (void)b;
+    (void)layer;
+    (void)mode;
+#endif
 }
 
 // Exclusive prefix sums of the work counts of the batch's (sequence, KV
@@ -194,10 +230,23 @@ extern "C" cudaError_t fkv_recall_bulk_built(int32_t *built) {
     return cudaSuccess;
 }
 
-extern "C" cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk) {
-    if (!gather_bulk) return cudaSuccess;
-    return cudaFuncSetAttribute(gather_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)fkv_recall_bulk_smem(g));
+// FKV_PLAN_FUSED's: the plan's arrays (plan_smem), then reused by the
+// stages.
+static size_t fused_smem(const fkv_dev_geometry *g) {
+    const size_t plan = plan_smem(g);
+    return plan > fkv::bulk::kGatherStageBytes ? plan : fkv::bulk::kGatherStageBytes;
+}
+
+extern "C" cudaError_t fkv_recall_init(const fkv_dev_geometry *g, int32_t gather_bulk,
+                                       int32_t fused) {
+    cudaError_t e = cudaSuccess;
+    if (gather_bulk)
+        e = cudaFuncSetAttribute(gather_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)fkv_recall_bulk_smem(g));
+    if (e == cudaSuccess && fused)
+        e = cudaFuncSetAttribute(plan_gather_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)fused_smem(g));
+    return e;
 }
 
 extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
@@ -208,6 +257,12 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
 {
     if (b->n == 0)
         return cudaSuccess;
+    if (plan == FKV_PLAN_FUSED) {
+        if (!st->gather_bulk) return cudaErrorInvalidValue;
+        plan_gather_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, fused_smem(g), stream>>>(
+            *g, *st, *b, layer, (int32_t)mode);
+        return cudaGetLastError();
+    }
     if (plan != FKV_PLAN_DONE) {
         plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, plan_smem(g), stream>>>(
             *g, *st, *b, layer, (int32_t)mode);

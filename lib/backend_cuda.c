@@ -31,6 +31,13 @@
  * last PTR_RANGES allocations accepted are remembered, so that the decode
  * path does not query CUDA per call (design §6). */
 #define PTR_RANGES 16
+
+/* FKV_CUDA_EXPERIMENTAL: the side stream's recall of at most this many
+ * (sequence, KV head)s is one FKV_PLAN_FUSED launch, a bulk pipeline per
+ * head. More pipelines beside the GEMMs slowed them in every sweep
+ * (docs/benchmarks.md, twelfth session), so larger batches keep the plan
+ * and the 4-block gather. A guess, to be measured on a GPU. */
+#define FUSED_SIDE_HEADS 16
 typedef struct ptr_range {
     uintptr_t begin, end; /* [begin, end); empty when begin == end */
 } ptr_range;
@@ -71,6 +78,7 @@ typedef struct cuda_backend {
      * selection, which the next attend overwrites. */
     bool bounded;
     bool late_check; /* the attend's selections take FKV_TAIL_PLAN_LATE */
+    bool side_fused; /* small speculative recalls take FKV_PLAN_FUSED */
     bool *attend_unjoined; /* [layers] */
     bool *select_unjoined; /* [layers] */
 
@@ -516,7 +524,7 @@ static fkv_status cuda_create(fkv_cache *c)
         "fkv_create: reading the device's limits");
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb),
                          bulk_gather(c, cb), side_bulk_gather(c, cb),
-                         late_check(c, cb)),
+                         c->cuda_experimental),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -635,6 +643,7 @@ static fkv_status cuda_create(fkv_cache *c)
     }
     m->gather_bulk = bulk_gather(c, cb);
     cb->late_check = late_check(c, cb);
+    cb->side_fused = c->cuda_experimental && cb->st_side.gather_bulk;
 
     cb->st_side = *m;
     cb->st_side.gather_bulk = side_bulk_gather(c, cb);
@@ -1393,9 +1402,13 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
+        /* FKV_CUDA_EXPERIMENTAL: at most FUSED_SIDE_HEADS heads, one
+         * launch whose plan blocks copy their own units. */
+        const bool fused =
+            cb->side_fused && (int64_t)d.n * cb->geo.kv_heads <= FUSED_SIDE_HEADS;
         e = fkv_launch_recall(&cb->lgeo[layer], &cb->st_side, &d, layer,
                               FKV_RECALL_PENDING, cb->gather_blocks_side,
-                              FKV_PLAN_PREFIX, cb->side);
+                              fused ? FKV_PLAN_FUSED : FKV_PLAN_PREFIX, cb->side);
         if (e != cudaSuccess)
             break;
     }

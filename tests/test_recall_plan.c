@@ -13,7 +13,9 @@
  * other slot unit untouched, the counters and the error bit; where the
  * build has the TMA bulk gather for the device (sm_90), the same again with
  * it (st.gather_bulk, 2 one-warp blocks: FREEKV's speculative recall uses
- * it by default there). (Until 0.3
+ * it by default there) and with FKV_PLAN_FUSED (one launch, each plan block
+ * copying its own head's units; FKV_CUDA_EXPERIMENTAL's small speculative
+ * recalls). (Until 0.3
  * the reference was the one-thread walk the prefix sums replaced; the two
  * agreed byte for byte on the H200 before the walk was deleted.)
  *
@@ -133,7 +135,11 @@ START_TEST(cuda_recall_plan)
     const int H = RP_HEADS, n = RP_SEQS;
     fkv_dev_geometry g;
     ref_rng r;
-    int trial, i, h, j, s, bulk;
+    int trial, i, h, j, s, v;
+    /* The gathers: the warp gather (8 blocks), the bulk gather (2 one-warp
+     * blocks: pieces of one block then span several heads and sequences),
+     * the plan blocks' own bulk copies (FKV_PLAN_FUSED). */
+    static const char *const gather_name[3] = {"warp", "bulk", "fused"};
     /* The bulk gather (TMA) runs where the build has it for the device. */
     int cc_major = 0, dev = 0;
     int32_t built = 0;
@@ -142,15 +148,15 @@ START_TEST(cuda_recall_plan)
                                    cudaDevAttrComputeCapabilityMajor, dev));
     if (cc_major >= 9)
         RP_CUDA(fkv_recall_bulk_built(&built));
-    const int gathers = built ? 2 : 1;
+    const int gathers = built ? 3 : 1;
     if (gathers == 1)
         printf("cuda_recall_plan (K %d): the bulk gather skipped (%s)\n", K,
                cc_major < 9 ? "the device is older than sm_90"
                             : "this build has no sm_90 code");
 
     rp_layout(&g, K, P, _i == 1 || _i == 4);
-    if (gathers == 2)
-        RP_CUDA(fkv_recall_init(&g, 1));
+    if (gathers > 1)
+        RP_CUDA(fkv_recall_init(&g, 1, 1));
     ref_rng_seed(&r, 0x9A11E1ull + (uint64_t)K);
 
     const uint64_t region = g.layer_bytes;
@@ -316,18 +322,16 @@ START_TEST(cuda_recall_plan)
             b.tokens[i] = 1;
         }
 
-        for (bulk = 0; bulk < gathers; bulk++) {
+        for (v = 0; v < gathers; v++) {
             RP_CUDA(cudaMemcpy(dregions, image, all, cudaMemcpyHostToDevice));
             RP_CUDA(cudaMemcpy(dblocks, blocks, (size_t)n * P * sizeof *blocks,
                                cudaMemcpyHostToDevice));
             RP_CUDA(cudaMemcpy(dwork, work_image, work_bytes,
                                cudaMemcpyHostToDevice));
             RP_CUDA(cudaMemset(dsmall, 0, small_bytes));
-            /* The warp gather with 8 blocks, the bulk one with 2: pieces
-             * of one block then span several heads and sequences. */
-            st.gather_bulk = bulk;
-            RP_CUDA(fkv_launch_recall(&gt, &st, &b, 0, mode, bulk ? 2 : 8,
-                                      FKV_PLAN_PREFIX, 0));
+            st.gather_bulk = v > 0;
+            RP_CUDA(fkv_launch_recall(&gt, &st, &b, 0, mode, v == 1 ? 2 : 8,
+                                      v == 2 ? FKV_PLAN_FUSED : FKV_PLAN_PREFIX, 0));
             RP_CUDA(cudaDeviceSynchronize());
             RP_CUDA(cudaMemcpy(out.regions, dregions, all, cudaMemcpyDeviceToHost));
             RP_CUDA(cudaMemcpy(out.work, dwork, work_bytes, cudaMemcpyDeviceToHost));
@@ -441,7 +445,7 @@ START_TEST(cuda_recall_plan)
                             ck_assert_msg(memcmp(R1 + at, R0 + at, g.unit_bytes) == 0,
                                           "K %d trial %d: slot %d changed without "
                                           "a recall (%s gather)", K, trial, s,
-                                          bulk ? "bulk" : "warp");
+                                          gather_name[v]);
                             continue;
                         }
                         const int32_t p = slots[s];
@@ -455,7 +459,7 @@ START_TEST(cuda_recall_plan)
                                 ck_abort_msg("K %d trial %d: slot %d byte %llu is "
                                              "not page %d's (%s gather)", K, trial,
                                              s, (unsigned long long)t, p,
-                                             bulk ? "bulk" : "warp");
+                                             gather_name[v]);
                         }
                     }
                     listed += (unsigned long long)w;
