@@ -23,7 +23,11 @@
 #        select_kernel, in two eager steps of DECODE_BIN, default
 #        build/bench/decode, for each NCU_SOURCE_SET item
 #        name=policy:context:batch: the source page as CSV and its summary
-#        by scripts/ncu_source.py; build with NVCCFLAGS="-O3 -lineinfo");
+#        by scripts/ncu_source.py; the SASS page and, where the kernel's
+#        object NCU_OBJECT (default build/kernels/select.cu.o) and nvdisasm
+#        are there, the stall samples by statement of NCU_FRAME (default
+#        select.cu:1-99999) by scripts/ncu_stalls.py; samples every 32
+#        cycles; build with NVCCFLAGS="-O3 -lineinfo");
 #        x2 (issue 15 on a two-GPU machine; run check too, whose GPU suite
 #        then has the multi-device suite: bench/decode at 128K batch 8, the
 #        engine's bench at 128K batch 8, and --tp 2 against one GPU at 32K
@@ -109,6 +113,7 @@ for s in "$@"; do
             step "ncu-source-$name" "${NCU_LIMIT:-150}" ncu --clock-control none \
                 --profile-from-start off -k regex:"${NCU_KERNEL:-select_kernel}" -c 2 \
                 --section SpeedOfLight --section SourceCounters --section WarpStateStats \
+                --warp-sampling-interval 0 \
                 --import-source yes -f -o "$logs/ncu-source-$name" "${DECODE_BIN:-build/bench/decode}" \
                 --contexts "$ctx" --batches "$b" --policies "$pol" --trace paper --steps 2 \
                 --warmup 2 --churn-steps 0
@@ -116,6 +121,24 @@ for s in "$@"; do
                 >"$logs/ncu-source-$name.csv" 2>&1
             python3 scripts/ncu_source.py "$logs/ncu-source-$name.csv" \
                 >"$logs/ncu-source-$name.txt" 2>&1
+            ncu -i "$logs/ncu-source-$name.ncu-rep" --page source --csv --print-source sass \
+                >"$logs/ncu-sass-$name.csv" 2>&1
+            obj=$(realpath -e "${NCU_OBJECT:-build/kernels/select.cu.o}" 2>/dev/null)
+            dis=()
+            if [ -n "$obj" ] && command -v nvdisasm >/dev/null; then
+                tmp=$(mktemp -d)
+                (cd "$tmp" && cuobjdump -xelf all "$obj" >/dev/null 2>&1)
+                for cubin in "$tmp"/*sm_90*.cubin; do
+                    [ -f "$cubin" ] && nvdisasm -gi -c "$cubin" >"$logs/ncu-dis-$name.txt" 2>&1 &&
+                        dis=(--disasm "$logs/ncu-dis-$name.txt" --frame "${NCU_FRAME:-select.cu:1-99999}")
+                done
+                rm -rf "$tmp"
+            fi
+            kernels=$(grep -o '^"Kernel Name","[^"]*' "$logs/ncu-sass-$name.csv" | cut -d'"' -f4 | sort -u)
+            while IFS= read -r k; do
+                [ -n "$k" ] && python3 scripts/ncu_stalls.py "$logs/ncu-sass-$name.csv" "$k" \
+                    "${dis[@]}" --source-root kernels
+            done <<<"$kernels" >"$logs/ncu-stalls-$name.txt" 2>&1
             rm -f "$logs/ncu-source-$name.ncu-rep"
         done ;;
     x2) # issue 15: what needs two GPUs' host memory or two GPUs

@@ -26,6 +26,11 @@ binary was built from.
 Why: at batch 1 the selection and attention kernels run a block per SM, so
 their time is a chain of waits; samples say which waits (barriers, L2 or
 host loads) a change must remove (docs/benchmarks.md, thirteenth session).
+scripts/ncu_source.py reads the cuda,sass export instead: the first
+launch's lines with instructions executed, and two builds compared; it
+attributes to the innermost line only, where this adds the statement of a
+caller that inlined the code (--frame) and sums every launch.
+`scripts/device-run.sh ncu-source` runs both.
 """
 
 import argparse
