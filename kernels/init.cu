@@ -28,19 +28,21 @@ extern "C" cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim) {
 }
 
 extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev_limits *lim,
-                                        int32_t fuse_plan, int32_t gather_bulk,
-                                        int32_t side_bulk, int32_t experimental) {
-    if (!g || !lim) return cudaErrorInvalidValue;
+                                        const fkv_kernel_use *use) {
+    if (!g || !lim || !use) return cudaErrorInvalidValue;
     cudaError_t e = fkv_attend_init(g, lim);
     // Only these policies select on the device (EXTERNAL's engine selects).
     const bool selects = g->policy == FKV_POLICY_FREEKV || g->policy == FKV_POLICY_SYNC ||
                          g->policy == FKV_POLICY_RESIDENT;
-    if (e == cudaSuccess && selects) e = fkv_select_init(g, lim, fuse_plan, gather_bulk, experimental && fuse_plan);
+    if (e == cudaSuccess && selects)
+        e = fkv_select_init(g, lim, use->fuse_plan, use->gather_bulk,
+                            use->fuse_plan && use->late_check);
     if (e == cudaSuccess && g->policy == FKV_POLICY_FREEKV &&
         g->criterion == FKV_CRITERION_BOUNDED)
         e = fkv_bounded_init(g);
     if (e == cudaSuccess) e = fkv_recall_plan_init(g, lim);
     if (e == cudaSuccess)
-        e = fkv_recall_init(g, gather_bulk || side_bulk, experimental && side_bulk);
+        e = fkv_recall_init(g, use->gather_bulk || use->side_bulk,
+                            use->side_bulk && use->side_fused);
     return e;
 }

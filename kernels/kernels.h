@@ -171,21 +171,30 @@ cudaError_t fkv_dev_limits_query(int device, fkv_dev_limits *lim);
  * and the driver compiles for a newer device, has no TMA copies). */
 cudaError_t fkv_recall_bulk_built(int32_t *built);
 
+/* How a cache will launch the kernels, for fkv_kernels_init. */
+typedef struct fkv_kernel_use {
+    /* the attend's selections make the correction's plan in their tail
+     * (every policy but FREEKV under BOUNDED) */
+    int32_t fuse_plan;
+    /* the engine stream's recalls gather by bulk copies
+     * (FKV_CUDA_EXPERIMENTAL) */
+    int32_t gather_bulk;
+    /* the side stream's do (FREEKV on sm_90) */
+    int32_t side_bulk;
+    /* with fuse_plan, FKV_TAIL_PLAN_LATE too (FKV_CUDA_EXPERIMENTAL) */
+    int32_t late_check;
+    /* with side_bulk, FKV_PLAN_FUSED too (FKV_CUDA_EXPERIMENTAL) */
+    int32_t side_fused;
+} fkv_kernel_use;
+
 /* Once per cache at fkv_create, with the cache's device current: sets the
  * function attributes (shared memory opt-in) of every kernel instantiation
- * the geometry launches, so that no launch sets one. A geometry that needs
- * more shared memory than a block may have gives cudaErrorInvalidValue.
- * The parts, one per kernel file, follow. fuse_plan: the selections will
- * be launched with fuse_plan too (every policy but FREEKV under BOUNDED).
- * gather_bulk: the engine stream's recalls gather by bulk copies
- * (FKV_CUDA_EXPERIMENTAL); side_bulk: the side stream's do;
- * experimental: FKV_CUDA_EXPERIMENTAL is on, so the selections (with
- * fuse_plan) may be launched with FKV_TAIL_PLAN_LATE and the side stream's
- * recalls (with side_bulk) with FKV_PLAN_FUSED. */
+ * the geometry launches as `use` says, so that no launch sets one. A
+ * geometry that needs more shared memory than a block may have gives
+ * cudaErrorInvalidValue. The parts, one per kernel file, follow. */
 cudaError_t fkv_kernels_init(const fkv_dev_geometry *g,
-                             const fkv_dev_limits *lim, int32_t fuse_plan,
-                             int32_t gather_bulk, int32_t side_bulk,
-                             int32_t experimental);
+                             const fkv_dev_limits *lim,
+                             const fkv_kernel_use *use);
 cudaError_t fkv_attend_init(const fkv_dev_geometry *g,
                             const fkv_dev_limits *lim);
 cudaError_t fkv_select_init(const fkv_dev_geometry *g,

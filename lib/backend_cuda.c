@@ -119,6 +119,25 @@ static int32_t fuse_plan(const cuda_backend *cb)
     return !cb->bounded;
 }
 
+/* FKV_CUDA_EXPERIMENTAL's parts. The switch is the one run-time control; a
+ * build may define FKV_EXPERIMENTAL_PARTS to a subset of these bits, so
+ * that a benchmark measures one part against the default path
+ * (docs/design.md section 11). */
+enum {
+    EXP_FUSED_COMBINE = 1, /* the split kernel's last block combines */
+    EXP_ENGINE_BULK = 2,   /* the engine stream's gathers by bulk copies */
+    EXP_LATE_CHECK = 4,    /* FKV_TAIL_PLAN_LATE */
+    EXP_SIDE_FUSED = 8     /* FKV_PLAN_FUSED */
+};
+#ifndef FKV_EXPERIMENTAL_PARTS
+#define FKV_EXPERIMENTAL_PARTS 15
+#endif
+
+static bool experimental(const fkv_cache *c, unsigned part)
+{
+    return c->cuda_experimental && (FKV_EXPERIMENTAL_PARTS & part) != 0;
+}
+
 /* Whether this device and build can gather by TMA bulk copies from
  * one-warp blocks (compute capability 9 and the kernel's code from
  * compute_90 or newer: fkv_dev_limits.bulk_copy) and the stages for
@@ -137,7 +156,7 @@ static bool bulk_gather_fits(const cuda_backend *cb)
 static bool bulk_gather(const fkv_cache *c, const cuda_backend *cb)
 {
     const fkv_policy p = c->opts.policy;
-    return c->cuda_experimental && bulk_gather_fits(cb) &&
+    return experimental(c, EXP_ENGINE_BULK) && bulk_gather_fits(cb) &&
            (p == FKV_POLICY_FREEKV || p == FKV_POLICY_SYNC ||
             p == FKV_POLICY_EXTERNAL);
 }
@@ -158,7 +177,15 @@ static bool side_bulk_gather(const fkv_cache *c, const cuda_backend *cb)
  * plan in its tail. */
 static bool late_check(const fkv_cache *c, const cuda_backend *cb)
 {
-    return c->cuda_experimental && fuse_plan(cb);
+    return experimental(c, EXP_LATE_CHECK) && fuse_plan(cb);
+}
+
+/* FKV_CUDA_EXPERIMENTAL: FREEKV's small speculative recalls in one launch
+ * (FKV_PLAN_FUSED, at most FUSED_SIDE_HEADS heads; docs/design.md section
+ * 11), where the side stream gathers by bulk copies. */
+static bool side_fused(const fkv_cache *c, const cuda_backend *cb)
+{
+    return experimental(c, EXP_SIDE_FUSED) && side_bulk_gather(c, cb);
 }
 
 /* ---- errors and the current device ------------------------------------ */
@@ -522,9 +549,10 @@ static fkv_status cuda_create(fkv_cache *c)
      * here: the decode path queries and sets nothing. */
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
-    TRY(fkv_kernels_init(&cb->geo, &cb->lim, fuse_plan(cb),
-                         bulk_gather(c, cb), side_bulk_gather(c, cb),
-                         c->cuda_experimental),
+    const fkv_kernel_use use = {fuse_plan(cb), bulk_gather(c, cb),
+                                side_bulk_gather(c, cb), late_check(c, cb),
+                                side_fused(c, cb)};
+    TRY(fkv_kernels_init(&cb->geo, &cb->lim, &use),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
     cb->range_query = range_query_entry();
@@ -608,7 +636,7 @@ static fkv_status cuda_create(fkv_cache *c)
         c->any_dense ? g->max_pages : cb->max_bound_pages);
     /* FKV_CUDA_EXPERIMENTAL (c->cuda_experimental, read at fkv_create):
      * the fused combine, whose path splits inside pages too. */
-    if (c->cuda_experimental) {
+    if (experimental(c, EXP_FUSED_COMBINE)) {
         int32_t f = fkv_attend_splits_fused(
             &cb->geo, &cb->lim, 1,
             c->any_dense ? g->max_pages : cb->max_bound_pages);
@@ -622,7 +650,7 @@ static fkv_status cuda_create(fkv_cache *c)
         /* Without the switch: the partials of the two-launch path, as run
          * on the H200. With it, 16-byte aligned rows (the fused combine
          * reads them as float4) and the fused combine's counters. */
-        const bool fused = c->cuda_experimental;
+        const bool fused = experimental(c, EXP_FUSED_COMBINE);
         uint64_t acc = fused ? fkvi_cuda_place(&off, n * g->head_dim / 4, 16)
                              : fkvi_cuda_place(&off, n * g->head_dim, 4);
         uint64_t ticket = fused ? fkvi_cuda_place(&off, S * g->q_heads, 4) : 0;
@@ -643,7 +671,7 @@ static fkv_status cuda_create(fkv_cache *c)
     }
     m->gather_bulk = bulk_gather(c, cb);
     cb->late_check = late_check(c, cb);
-    cb->side_fused = c->cuda_experimental && cb->st_side.gather_bulk;
+    cb->side_fused = side_fused(c, cb);
 
     cb->st_side = *m;
     cb->st_side.gather_bulk = side_bulk_gather(c, cb);
