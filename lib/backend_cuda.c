@@ -31,13 +31,6 @@
  * last PTR_RANGES allocations accepted are remembered, so that the decode
  * path does not query CUDA per call (design §6). */
 #define PTR_RANGES 16
-
-/* FKV_CUDA_EXPERIMENTAL: the side stream's recall of at most this many
- * (sequence, KV head)s is one FKV_PLAN_FUSED launch, a bulk pipeline per
- * head. More pipelines beside the GEMMs slowed them in every sweep
- * (docs/benchmarks.md, twelfth session), so larger batches keep the plan
- * and the 4-block gather. A guess, to be measured on a GPU. */
-#define FUSED_SIDE_HEADS 16
 typedef struct ptr_range {
     uintptr_t begin, end; /* [begin, end); empty when begin == end */
 } ptr_range;
@@ -71,14 +64,16 @@ typedef struct cuda_backend {
     /* Set by the first fkv_seq_fork or fkv_seq_truncate: pool blocks were
      * copied on the host, so fkv_seq_close waits for the streams. */
     bool host_block_copies;
+    /* FKV_CUDA_EXPERIMENTAL's parts, set at create: the attend's
+     * selections take FKV_TAIL_PLAN_LATE; small speculative recalls take
+     * FKV_PLAN_FUSED. */
+    bool late_check, side_fused;
     /* FREEKV with FKV_CRITERION_BOUNDED: select at attend.
      * Per layer, whether work of one stream that the other must follow
      * has not been joined yet: the attend's pending selection (engine),
      * which the side stream's recall reads, and the side stream's
      * selection, which the next attend overwrites. */
     bool bounded;
-    bool late_check; /* the attend's selections take FKV_TAIL_PLAN_LATE */
-    bool side_fused; /* small speculative recalls take FKV_PLAN_FUSED */
     bool *attend_unjoined; /* [layers] */
     bool *select_unjoined; /* [layers] */
 
@@ -179,6 +174,13 @@ static bool late_check(const fkv_cache *c, const cuda_backend *cb)
 {
     return experimental(c, EXP_LATE_CHECK) && fuse_plan(cb);
 }
+
+/* FKV_CUDA_EXPERIMENTAL: the side stream's recall of at most this many
+ * (sequence, KV head)s is one FKV_PLAN_FUSED launch, a bulk pipeline per
+ * head. More pipelines beside the GEMMs slowed them in every sweep
+ * (docs/benchmarks.md, twelfth session), so larger batches keep the plan
+ * and the 4-block gather. A guess, to be measured on a GPU. */
+#define FUSED_SIDE_HEADS 16
 
 /* FKV_CUDA_EXPERIMENTAL: FREEKV's small speculative recalls in one launch
  * (FKV_PLAN_FUSED, at most FUSED_SIDE_HEADS heads; docs/design.md section
