@@ -1059,13 +1059,9 @@ extern "C" cudaError_t fkv_launch_attend(const fkv_dev_geometry *g, const fkv_de
             const int32_t chunks = group_chunks(g->group, g->dtype);
             region_table regions = {};
             if (st->fused_combine) {
-                if (!seq_base_host || !st->part_ticket || g->kv_heads * chunks > g->q_heads)
+                if (!st->part_ticket || g->kv_heads * chunks > g->q_heads ||
+                    !fill_regions(*g, *st, *b, seq_base_host, regions))
                     return cudaErrorInvalidValue;
-                for (int32_t j = 0; j < b->n; j++) {
-                    if (b->slot[j] < 0 || b->slot[j] >= st->max_seqs || !seq_base_host[b->slot[j]])
-                        return cudaErrorInvalidValue;
-                    regions.base[j] = seq_base_host[b->slot[j]] + g->region_off;
-                }
             }
             return with_engine<T, D>(*g, [&](auto e_tag) {
                 return launch<T, D, typename decltype(e_tag)::type>(*g, *st, *b, layer, q, out,

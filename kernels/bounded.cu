@@ -377,18 +377,14 @@ extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
                                           const fkv_dev_batch *b, int32_t layer,
                                           unsigned char *const *seq_base_host,
                                           cudaStream_t stream) {
-    if (!g || !st || !b || !seq_base_host || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
+    if (!g || !st || !b || b->n < 0 || b->n > FKV_DEV_MAX_BATCH)
         return cudaErrorInvalidValue;
     if (b->n == 0) return cudaSuccess;
     // Launched even where no head has more than K candidates: it plans.
     if (g->kv_heads <= 0 || g->group <= 0 || layer < 0 || layer >= g->layers)
         return cudaErrorInvalidValue;
     fkv::region_table regions = {};
-    for (int32_t j = 0; j < b->n; j++) {
-        if (b->slot[j] < 0 || b->slot[j] >= st->max_seqs || !seq_base_host[b->slot[j]])
-            return cudaErrorInvalidValue;
-        regions.base[j] = seq_base_host[b->slot[j]] + g->region_off;
-    }
+    if (!fkv::fill_regions(*g, *st, *b, seq_base_host, regions)) return cudaErrorInvalidValue;
     // fkv_bounded_init allowed the shared memory at fkv_create.
     bounded_kernel<<<dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads, bounded_smem(*g),
                      stream>>>(*g, *st, *b, layer, regions);

@@ -140,6 +140,21 @@ struct region_table {
     unsigned char *base[FKV_DEV_MAX_BATCH];
 };
 
+// Host side of a launch that takes the regions by value: the batch's
+// entries from seq_base_host (the host's copy of st.seq_base). False for a
+// slot out of range or without a region (the launch must then refuse).
+inline bool fill_regions(const fkv_dev_geometry &g, const fkv_dev_state &st,
+                         const fkv_dev_batch &b, unsigned char *const *seq_base_host,
+                         region_table &regions) {
+    if (!seq_base_host) return false;
+    for (int32_t j = 0; j < b.n; j++) {
+        if (b.slot[j] < 0 || b.slot[j] >= st.max_seqs || !seq_base_host[b.slot[j]])
+            return false;
+        regions.base[j] = seq_base_host[b.slot[j]] + g.region_off;
+    }
+    return true;
+}
+
 // ---- asynchronous copies to shared memory (sm_80) -------------------------
 
 // 16-byte global -> shared copy, L2 only (streamed data); src_bytes 0

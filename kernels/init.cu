@@ -35,14 +35,12 @@ extern "C" cudaError_t fkv_kernels_init(const fkv_dev_geometry *g, const fkv_dev
     const bool selects = g->policy == FKV_POLICY_FREEKV || g->policy == FKV_POLICY_SYNC ||
                          g->policy == FKV_POLICY_RESIDENT;
     if (e == cudaSuccess && selects)
-        e = fkv_select_init(g, lim, use->fuse_plan, use->gather_bulk,
-                            use->fuse_plan && use->late_check);
+        e = fkv_select_init(g, lim, use->fuse_plan, use->gather_bulk, use->late_check);
     if (e == cudaSuccess && g->policy == FKV_POLICY_FREEKV &&
         g->criterion == FKV_CRITERION_BOUNDED)
         e = fkv_bounded_init(g);
     if (e == cudaSuccess) e = fkv_recall_plan_init(g, lim);
     if (e == cudaSuccess)
-        e = fkv_recall_init(g, use->gather_bulk || use->side_bulk,
-                            use->side_bulk && use->side_fused);
+        e = fkv_recall_init(g, use->gather_bulk || use->side_bulk, use->side_fused);
     return e;
 }

@@ -181,9 +181,11 @@ typedef struct fkv_kernel_use {
     int32_t gather_bulk;
     /* the side stream's do (FREEKV on sm_90) */
     int32_t side_bulk;
-    /* with fuse_plan, FKV_TAIL_PLAN_LATE too (FKV_CUDA_EXPERIMENTAL) */
+    /* the selections' tails also take FKV_TAIL_PLAN_LATE (implies
+     * fuse_plan; FKV_CUDA_EXPERIMENTAL) */
     int32_t late_check;
-    /* with side_bulk, FKV_PLAN_FUSED too (FKV_CUDA_EXPERIMENTAL) */
+    /* the side stream's recalls also take FKV_PLAN_FUSED (implies
+     * side_bulk; FKV_CUDA_EXPERIMENTAL) */
     int32_t side_fused;
 } fkv_kernel_use;
 

@@ -295,9 +295,9 @@ __device__ __forceinline__ void recall_gather(const fkv_dev_state &st, uint64_t 
 }
 
 // One thread copies the units on (sequence slot, KV head h)'s work list
-// (the plan's, above) into their slots. The selection kernel's tail uses
-// it, with st.gather_bulk, so that the correction's gather needs no launch
-// of its own.
+// (the plan's, above) into their slots, for recall_gather_own below: a
+// block that made a head's plan then copies its units without a launch of
+// their own.
 __device__ __forceinline__ void recall_gather_head(const fkv_dev_geometry &g,
                                                    const fkv_dev_state &st, int32_t slot,
                                                    int32_t h, uint32_t stage0)
@@ -309,6 +309,21 @@ __device__ __forceinline__ void recall_gather_head(const fkv_dev_geometry &g,
         at = list + (uint64_t)(j / ppu);
         part = (uint32_t)(j % ppu);
     });
+}
+
+// After a block's plan of (sequence slot, KV head h): its thread 0 copies
+// the head's listed units with the stages at stage0, shared memory the block
+// may have written with generic stores (the plan's scratch). Every thread
+// must call it: the barriers publish the work list, and the fence orders
+// every thread's generic accesses before the async proxy's writes.
+__device__ __forceinline__ void recall_gather_own(const fkv_dev_geometry &g,
+                                                  const fkv_dev_state &st, int32_t slot,
+                                                  int32_t h, uint32_t stage0)
+{
+    __syncthreads();
+    bulk::fence_proxy_async();
+    __syncthreads();
+    if (threadIdx.x == 0) recall_gather_head(g, st, slot, h, stage0);
 }
 #endif
 

@@ -56,14 +56,7 @@ plan_gather_kernel(fkv_dev_geometry g, fkv_dev_state st, fkv_dev_batch b, int32_
     const fkv::layer_view lv(g, st, slot, layer);
     fkv::recall_plan<kPlanThreads>(g, st, lv, slot, blockIdx.x, layer, mode, fused,
                                    warp_total);
-    // The work list (global, written by the block) and count are visible
-    // to thread 0 past the barrier; every thread orders its generic
-    // accesses to the shared memory before the async proxy's writes.
-    __syncthreads();
-    fkv::bulk::fence_proxy_async();
-    __syncthreads();
-    if (threadIdx.x == 0)
-        fkv::recall_gather_head(g, st, slot, blockIdx.x, fkv::bulk::shared_addr(fused));
+    fkv::recall_gather_own(g, st, slot, blockIdx.x, fkv::bulk::shared_addr(fused));
 #else
     (void)g;
     (void)st;

@@ -722,6 +722,11 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
     const bool at_attend = mode == FKV_SELECT_CORRECT || mode == FKV_SELECT_BOUNDED;
     bool need = false;  // FKV_SELECT_CORRECT: correct this head now
     [[maybe_unused]] bool must = false;  // kLate: corrected whatever the cosines
+    // A corrected head's query becomes the active set's (what the next
+    // check compares with), written to active_q after every read of it.
+    auto adopt_query = [&](float *active_q) {
+        for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+    };
     if (at_attend) {
         // Select at attend: every head's top-K with q is the next step's
         // speculative set (pending), whether or not it is corrected now.
@@ -736,8 +741,7 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
                                           cand, g.select_pages, G, g.threshold, q_s,
                                           kPlan ? t.active_q : active_q, head_sum, &sh.need);
                 // Every thread has read active_q (the barrier at its end).
-                if (need)
-                    for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+                if (need) adopt_query(active_q);
             }
         }
         out_pages = L.k_array(g.off_pending_pages, h);
@@ -772,9 +776,7 @@ __device__ __forceinline__ tail_counts select_head(const fkv_dev_geometry &g,
                 // active query in global memory was read by no one (the
                 // cosines read its prefetched copy).
                 need = must || mean_below(t.cos, G, g.threshold);
-                float *active_q = L.at<float>(g.off_active_q) + q_first;
-                if (need)
-                    for (int j = tid; j < G * D; j += kThreads) active_q[j] = q_s[j];
+                if (need) adopt_query(L.at<float>(g.off_active_q) + q_first);
             }
         }
     }
@@ -882,16 +884,8 @@ select_kernel(const __grid_constant__ fkv_dev_geometry g,
         plan_apply<kThreads>(g, st, L, slot, blockIdx.x, layer, FKV_RECALL_FIX, in,
                              reinterpret_cast<int32_t *>(dyn_smem), sh.warp_u);
 #if FKV_HAS_BULK_COPY
-        if (tail == FKV_TAIL_GATHER) {
-            // The plan's work list and count are visible past the barrier;
-            // every thread orders its generic accesses to the shared memory
-            // before the async proxy's writes into it.
-            __syncthreads();
-            bulk::fence_proxy_async();
-            __syncthreads();
-            if (threadIdx.x == 0)
-                recall_gather_head(g, st, slot, blockIdx.x, bulk::shared_addr(dyn_smem));
-        }
+        if (tail == FKV_TAIL_GATHER)
+            recall_gather_own(g, st, slot, blockIdx.x, bulk::shared_addr(dyn_smem));
 #endif
     }
     (void)tail;
@@ -1070,12 +1064,8 @@ extern "C" cudaError_t fkv_launch_select(const fkv_dev_geometry *g,
     if (tail != FKV_TAIL_NONE) {
         if (mode != FKV_SELECT_CORRECT && mode != FKV_SELECT_FIX_ALL) return cudaErrorInvalidValue;
         if (tail == FKV_TAIL_GATHER && !st->gather_bulk) return cudaErrorInvalidValue;
-        if (!seq_base_host) return cudaErrorInvalidValue;
-        for (int32_t j = 0; j < b->n; j++) {
-            if (b->slot[j] < 0 || b->slot[j] >= st->max_seqs || !seq_base_host[b->slot[j]])
-                return cudaErrorInvalidValue;
-            regions.base[j] = seq_base_host[b->slot[j]] + g->region_off;
-        }
+        if (!fkv::fill_regions(*g, *st, *b, seq_base_host, regions))
+            return cudaErrorInvalidValue;
     }
     return fkv::dispatch_dtype(g->dtype, [&](auto dtag) {
         using T = decltype(dtag);

@@ -551,9 +551,11 @@ static fkv_status cuda_create(fkv_cache *c)
      * here: the decode path queries and sets nothing. */
     TRY(fkv_dev_limits_query(cb->device, &cb->lim),
         "fkv_create: reading the device's limits");
+    cb->late_check = late_check(c, cb);
+    cb->side_fused = side_fused(c, cb);
     const fkv_kernel_use use = {fuse_plan(cb), bulk_gather(c, cb),
-                                side_bulk_gather(c, cb), late_check(c, cb),
-                                side_fused(c, cb)};
+                                side_bulk_gather(c, cb), cb->late_check,
+                                cb->side_fused};
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, &use),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
@@ -672,8 +674,6 @@ static fkv_status cuda_create(fkv_cache *c)
         m->fused_combine = fused;
     }
     m->gather_bulk = bulk_gather(c, cb);
-    cb->late_check = late_check(c, cb);
-    cb->side_fused = side_fused(c, cb);
 
     cb->st_side = *m;
     cb->st_side.gather_bulk = side_bulk_gather(c, cb);
