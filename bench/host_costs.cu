@@ -17,10 +17,16 @@
  *   get device        cudaGetDevice (the library's device guard)
  *   is capturing      cudaStreamIsCapturing
  *   get last error    cudaGetLastError (after every launch)
+ *   4 launches        four library-sized launches back to back (an
+ *                     attend's score, selection, split and combine)
+ *   graph of N        cudaGraphLaunch of a graph of N library-sized
+ *                     kernels in a chain (N = 1, 2, 4): what the launch
+ *                     cache (FKV_CUDA_EXPERIMENTAL, lib/cuda_launch_cache.c)
+ *                     pays for a repeated attend or recall
  *
- * The last line prints the floor of a FREEKV and a RESIDENT layer-step
+ * The last lines print the floor of a FREEKV and a RESIDENT layer-step
  * (launches and event operations, from docs/design.md section 6) times 32
- * layers. --smoke: few repetitions. Without a usable CUDA device it prints
+ * layers, with direct launches and with the launch cache's graphs. --smoke: few repetitions. Without a usable CUDA device it prints
  * one "skipped" line and exits 0 with --smoke, 1 without.
  *
  *   make bench && build/bench/host_costs
@@ -180,6 +186,27 @@ int main(int argc, char **argv)
     });
     row("is capturing", cap);
     row("get last error", per_call_us(a, s, [&] { (void)cudaGetLastError(); }));
+    row("4 launches (library structs)", per_call_us(a, s, [&] {
+            for (int k = 0; k < 4; k++) {
+                empty_lib<<<1, 32, 0, s>>>(g, st, b, 0);
+                (void)cudaGetLastError();
+            }
+        }));
+    double graph_us[5] = {0};
+    for (int n = 1; n <= 4; n *= 2) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        BENCH_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        for (int k = 0; k < n; k++) empty_lib<<<1, 32, 0, s>>>(g, st, b, 0);
+        BENCH_CUDA_CHECK(cudaStreamEndCapture(s, &graph));
+        BENCH_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        graph_us[n] = per_call_us(a, s, [&] { BENCH_CUDA_CHECK(cudaGraphLaunch(exec, s)); });
+        snprintf(name, sizeof name, "graph of %d kernel%s", n, n > 1 ? "s" : "");
+        row(name, graph_us[n]);
+        BENCH_CUDA_CHECK(cudaStreamSynchronize(s));
+        BENCH_CUDA_CHECK(cudaGraphExecDestroy(exec));
+        BENCH_CUDA_CHECK(cudaGraphDestroy(graph));
+    }
     bench_table_print(&t, stdout);
     bench_table_free(&t);
     BENCH_CUDA_CHECK(cudaStreamSynchronize(side));
@@ -192,6 +219,13 @@ int main(int argc, char **argv)
            "and capture checks %.2f us per layer)\n",
            32 * (7 * llib + 2 * pair + guard) / 1000.0,
            32 * (5 * llib + guard) / 1000.0, llib, pair, guard);
+    /* With the launch cache: the append as it is; FREEKV's attend (4
+     * kernels) and recall (2) as one graph launch each, RESIDENT's attend
+     * (4) as one. */
+    printf("floor with the launch cache: FREEKV %.3f ms, RESIDENT %.3f ms "
+           "(graph of 4 %.2f us, of 2 %.2f us)\n",
+           32 * (llib + graph_us[4] + graph_us[2] + 2 * pair + guard) / 1000.0,
+           32 * (llib + graph_us[4] + guard) / 1000.0, graph_us[4], graph_us[2]);
     BENCH_CUDA_CHECK(cudaEventDestroy(ev));
     BENCH_CUDA_CHECK(cudaStreamDestroy(side));
     BENCH_CUDA_CHECK(cudaStreamDestroy(s));

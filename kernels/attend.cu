@@ -52,6 +52,7 @@
 #include <math_constants.h>
 
 #include "common.cuh"
+#include "launch.cuh"
 
 namespace {
 
@@ -869,9 +870,8 @@ cudaError_t launch_split(const fkv_dev_geometry &g, const fkv_dev_state &st,
     // Above 48 KiB: the opt-in was set once for this kernel (fkv_attend_init).
     constexpr size_t smem = smem_bytes<E, Fetch>();
     const dim3 grid(splits, g.kv_heads * chunks, b.n);
-    split_kernel<T, D, E, Fused, Fetch><<<grid, kThreads, smem, stream>>>(
-        g, st, b, layer, q, out, pps, splits, chunks, regions);
-    return cudaGetLastError();
+    return fkv::enqueue(split_kernel<T, D, E, Fused, Fetch>, grid, kThreads, smem, stream, g, st, b,
+                   layer, q, out, pps, splits, chunks, regions);
 }
 
 template <typename T, int D, class E>
@@ -890,11 +890,9 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_state &st, const fkv
                                                                splits, chunks, regions, stream)
                           : launch_split<T, D, E, false, false>(g, st, b, layer, qt, ot, pps,
                                                                 splits, chunks, regions, stream);
-    if (e == cudaSuccess && splits > 1) {
-        combine_kernel<T, D><<<dim3(g.q_heads, b.n), D, splits * sizeof(float2), stream>>>(
-            st, b, g.q_heads, splits, ot);
-        e = cudaGetLastError();
-    }
+    if (e == cudaSuccess && splits > 1)
+        e = fkv::enqueue(combine_kernel<T, D>, dim3(g.q_heads, b.n), D, splits * sizeof(float2),
+                    stream, st, b, g.q_heads, splits, ot);
     return e;
 }
 

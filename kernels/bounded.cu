@@ -23,6 +23,7 @@
 #include <math.h>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "plan.cuh"
 
 namespace {
@@ -386,7 +387,6 @@ extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
     fkv::region_table regions = {};
     if (!fkv::fill_regions(*g, *st, *b, seq_base_host, regions)) return cudaErrorInvalidValue;
     // fkv_bounded_init allowed the shared memory at fkv_create.
-    bounded_kernel<<<dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads, bounded_smem(*g),
-                     stream>>>(*g, *st, *b, layer, regions);
-    return cudaGetLastError();
+    return fkv::enqueue(bounded_kernel, dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads,
+                        bounded_smem(*g), stream, *g, *st, *b, layer, regions);
 }

@@ -214,6 +214,46 @@ cudaError_t fkv_recall_plan_init(const fkv_dev_geometry *g, const fkv_dev_limits
 /* The bulk gather's dynamic shared memory at the largest batch. */
 size_t fkv_recall_bulk_smem(const fkv_dev_geometry *g);
 
+/* ---- recorded launches (FKV_CUDA_EXPERIMENTAL) -------------------------
+ * Between fkv_record_begin and fkv_record_end on one thread, the launches
+ * that fkv_launch_select, fkv_launch_bounded, fkv_launch_attend and
+ * fkv_launch_recall make on the record's stream are appended to the record
+ * (kernel, grid, block, shared memory and the argument bytes) instead of
+ * being enqueued; the caller then enqueues the record, as it is
+ * (fkv_record_enqueue) or as a CUDA graph (lib/cuda_launch_cache.c), so
+ * that the kernels of a repeated call cost one launch of host time. A
+ * launch that does not fit, or is for another stream, first enqueues what
+ * the record holds and then goes to its stream as without a record
+ * (`spilled`), so the order of the launches is always kept. */
+#define FKV_RECORD_OPS 12
+#define FKV_RECORD_ARGS 12
+#define FKV_RECORD_BYTES 16384
+typedef struct fkv_record_op {
+    const void *func;                 /* the kernel (its host symbol) */
+    uint32_t grid[3], block[3];
+    uint32_t smem;                    /* dynamic shared memory, bytes */
+    int32_t nargs;
+    uint32_t arg_off[FKV_RECORD_ARGS]; /* each argument's bytes in blob */
+} fkv_record_op;
+typedef struct fkv_launch_record {
+    cudaStream_t stream;
+    int32_t n_ops;
+    int32_t spilled; /* 1: the launches go to the stream (see above) */
+    uint32_t bytes;  /* of blob in use */
+    fkv_record_op op[FKV_RECORD_OPS];
+    uint64_t blob[FKV_RECORD_BYTES / 8]; /* arguments, 8-byte aligned */
+} fkv_launch_record;
+
+/* Resets r; this thread's launches on `stream` are recorded into it. */
+void fkv_record_begin(fkv_launch_record *r, cudaStream_t stream);
+/* This thread's launches are enqueued again. */
+void fkv_record_end(void);
+/* The record this thread's launches go to (NULL: none). */
+fkv_launch_record *fkv_recording(void);
+/* Enqueues the record's launches on its stream in order (nothing if it
+ * spilled: those were enqueued then). */
+cudaError_t fkv_record_enqueue(const fkv_launch_record *r);
+
 /* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
  * zeroes its length; g is the layer's geometry. */
 cudaError_t fkv_launch_seq_init(const fkv_dev_geometry *g,

@@ -20,6 +20,7 @@
 // many SMs recall takes from the engine (DESIGN section 3's trade-off).
 #include "bulk_copy.cuh"
 #include "common.cuh"
+#include "launch.cuh"
 #include "plan.cuh"
 
 namespace {
@@ -252,23 +253,20 @@ extern "C" cudaError_t fkv_launch_recall(const fkv_dev_geometry *g,
         return cudaSuccess;
     if (plan == FKV_PLAN_FUSED) {
         if (!st->gather_bulk) return cudaErrorInvalidValue;
-        plan_gather_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, fused_smem(g), stream>>>(
-            *g, *st, *b, layer, (int32_t)mode);
-        return cudaGetLastError();
+        return fkv::enqueue(plan_gather_kernel, dim3(g->kv_heads, b->n), kPlanThreads,
+                            fused_smem(g), stream, *g, *st, *b, layer, (int32_t)mode);
     }
     if (plan != FKV_PLAN_DONE) {
-        plan_kernel<<<dim3(g->kv_heads, b->n), kPlanThreads, plan_smem(g), stream>>>(
-            *g, *st, *b, layer, (int32_t)mode);
-        cudaError_t e = cudaGetLastError();
+        const cudaError_t e = fkv::enqueue(plan_kernel, dim3(g->kv_heads, b->n), kPlanThreads,
+                                           plan_smem(g), stream, *g, *st, *b, layer,
+                                           (int32_t)mode);
         if (e != cudaSuccess) return e;
     }
-    if (st->gather_bulk) {
-        gather_bulk_kernel<<<gather_blocks, fkv::kWarp, bulk_smem(b->n * g->kv_heads), stream>>>(
-            *st, *b, g->kv_heads, g->select_pages, g->unit_bytes);
-    } else {
-        const size_t smem = 4u * ((size_t)b->n * g->kv_heads + 1);
-        gather_kernel<<<gather_blocks, kGatherThreads, smem, stream>>>(
-            *st, *b, g->kv_heads, g->select_pages, g->unit_bytes);
-    }
-    return cudaGetLastError();
+    if (st->gather_bulk)
+        return fkv::enqueue(gather_bulk_kernel, gather_blocks, fkv::kWarp,
+                            bulk_smem(b->n * g->kv_heads), stream, *st, *b, g->kv_heads,
+                            g->select_pages, g->unit_bytes);
+    const size_t smem = 4u * ((size_t)b->n * g->kv_heads + 1);
+    return fkv::enqueue(gather_kernel, gather_blocks, kGatherThreads, smem, stream, *st, *b,
+                        g->kv_heads, g->select_pages, g->unit_bytes);
 }

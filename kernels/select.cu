@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "launch.cuh"
 #include "plan.cuh"
 
 namespace fkv {
@@ -991,10 +992,9 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
     if (needs_scores(g)) {
         const int32_t chunk = score_chunk<D>(g, lim, b.n);
         const unsigned chunks = (unsigned)((g.max_pages + chunk - 1) / chunk);
-        score_kernel<T, D><<<dim3(chunks, (unsigned)g.kv_heads, (unsigned)b.n), kThreads,
-                             score_smem<D>(g), stream>>>(g, st, b, layer, qt, (int32_t)mode,
-                                                         chunk);
-        cudaError_t e = cudaGetLastError();
+        const cudaError_t e =
+            enqueue(score_kernel<T, D>, dim3(chunks, (unsigned)g.kv_heads, (unsigned)b.n),
+                    kThreads, score_smem<D>(g), stream, g, st, b, layer, qt, (int32_t)mode, chunk);
         if (e != cudaSuccess) return e;
     }
 
@@ -1004,21 +1004,15 @@ cudaError_t launch(const fkv_dev_geometry &g, const fkv_dev_limits &lim,
         const bool gather = tail == FKV_TAIL_GATHER;
         const int32_t at = (int32_t)select_tail_at<D>(g, gather);
         if (tail == FKV_TAIL_PLAN_LATE && mode == FKV_SELECT_CORRECT)
-            select_kernel<T, D, true, true>
-                <<<grid, kThreads, select_plan_smem<D>(g, gather, true), stream>>>(
-                    g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
-                    at, regions);
-        else
-            select_kernel<T, D, true>
-                <<<grid, kThreads, select_plan_smem<D>(g, gather, false), stream>>>(
-                    g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail,
-                    at, regions);
-    } else {
-        select_kernel<T, D, false><<<grid, kThreads, select_smem<D>(g), stream>>>(
-            g, st, b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, 0,
-            regions);
+            return enqueue(select_kernel<T, D, true, true>, grid, kThreads,
+                           select_plan_smem<D>(g, gather, true), stream, g, st, b, layer, qt,
+                           (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, at, regions);
+        return enqueue(select_kernel<T, D, true>, grid, kThreads,
+                       select_plan_smem<D>(g, gather, false), stream, g, st, b, layer, qt,
+                       (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, at, regions);
     }
-    return cudaGetLastError();
+    return enqueue(select_kernel<T, D, false>, grid, kThreads, select_smem<D>(g), stream, g, st,
+                   b, layer, qt, (int32_t)mode, select_key_cap<D>(g), (int32_t)tail, 0, regions);
 }
 
 } // namespace

@@ -24,6 +24,7 @@
                       range_query below) */
 #include <cuda_runtime_api.h>
 
+#include "cuda_launch_cache.h"
 #include "internal.h"
 #include "kernels.h"
 
@@ -68,6 +69,10 @@ typedef struct cuda_backend {
      * selections take FKV_TAIL_PLAN_LATE; small speculative recalls take
      * FKV_PLAN_FUSED. */
     bool late_check, side_fused;
+    /* FKV_CUDA_EXPERIMENTAL: eager attends' and recalls' kernels as one
+     * graph launch where a call repeats (cuda_launch_cache.h); n_slots 0:
+     * off. */
+    fkv_launch_cache launches;
     /* FREEKV with FKV_CRITERION_BOUNDED: select at attend.
      * Per layer, whether work of one stream that the other must follow
      * has not been joined yet: the attend's pending selection (engine),
@@ -122,10 +127,11 @@ enum {
     EXP_FUSED_COMBINE = 1, /* the split kernel's last block combines */
     EXP_ENGINE_BULK = 2,   /* the engine stream's gathers by bulk copies */
     EXP_LATE_CHECK = 4,    /* FKV_TAIL_PLAN_LATE */
-    EXP_SIDE_FUSED = 8     /* FKV_PLAN_FUSED */
+    EXP_SIDE_FUSED = 8,    /* FKV_PLAN_FUSED */
+    EXP_LAUNCH_CACHE = 16  /* cuda_launch_cache.h */
 };
 #ifndef FKV_EXPERIMENTAL_PARTS
-#define FKV_EXPERIMENTAL_PARTS 15
+#define FKV_EXPERIMENTAL_PARTS 31
 #endif
 
 static bool experimental(const fkv_cache *c, unsigned part)
@@ -354,6 +360,7 @@ static void cuda_destroy(fkv_cache *c)
     /* The host pool's chunks are pinned: free them while the context and
      * this backend (its allocator context) still exist. */
     fkv_pool_destroy(&c->pool);
+    fkvi_launch_cache_free(&cb->launches, &c->mem);
     for (int32_t l = 0; cb->select_ready && l < c->geo.layers; l++)
         if (cb->select_ready[l])
             (void)cudaEventDestroy(cb->select_ready[l]);
@@ -559,6 +566,12 @@ static fkv_status cuda_create(fkv_cache *c)
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, &use),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
+    if (experimental(c, EXP_LAUNCH_CACHE) &&
+        !fkvi_launch_cache_init(&cb->launches, &c->mem,
+                                2 * g->layers)) {
+        st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
+        goto out;
+    }
     cb->range_query = range_query_entry();
     int least = 0, greatest = 0;
     TRY(cudaDeviceGetStreamPriorityRange(&least, &greatest),
@@ -1026,6 +1039,17 @@ static bool capturing(cudaStream_t s)
     return status == cudaStreamCaptureStatusActive;
 }
 
+/* FKV_CUDA_EXPERIMENTAL: whether this call's launches on `s` go through the
+ * launch cache, which then records them until cache_end. Eager calls only:
+ * under a stream capture the launches are captured as they come. */
+static bool cache_begin(cuda_backend *cb, cudaStream_t s)
+{
+    if (cb->launches.n_slots == 0 || capturing(s))
+        return false;
+    fkvi_launch_cache_begin(&cb->launches, s);
+    return true;
+}
+
 static fkv_status cuda_append(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                               const void *k, const void *v)
 {
@@ -1259,6 +1283,7 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
     /* The split kernel reads the correction's units from the pool and
      * writes them back to their slots: no gather launch (section 6). */
     const bool fetch = policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC;
+    const bool cached = e == cudaSuccess && cache_begin(cb, cb->stream);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
             break;
@@ -1271,6 +1296,8 @@ static fkv_status cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
                                   bound, cb->seq_base_host, fetch, cb->stream);
     }
+    if (cached)
+        e = fkvi_launch_cache_end(&cb->launches, FKV_LAUNCH_SLOT_ATTEND(layer), e);
     /* Select at attend wrote the pending selection: the side stream waits
      * before it reads it (even after an error: some of it may have run). */
     if (policy == FKV_POLICY_FREEKV)
@@ -1427,6 +1454,7 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         if (e == cudaSuccess)
             cb->attend_unjoined[layer] = false;
     }
+    const bool cached = e == cudaSuccess && cache_begin(cb, cb->side);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
             break;
@@ -1442,6 +1470,8 @@ static fkv_status cuda_recall(fkv_cache *c, int32_t layer, const fkvi_batch *b)
         if (e != cudaSuccess)
             break;
     }
+    if (cached)
+        e = fkvi_launch_cache_end(&cb->launches, FKV_LAUNCH_SLOT_RECALL(layer), e);
     if (e == cudaSuccess)
         e = cudaEventRecord(cb->recall_done[layer], cb->side);
     if (e == cudaSuccess) /* the next attend waits for it */
@@ -1725,6 +1755,25 @@ const fkvi_backend_ops fkvi_cuda_backend = {
     .seq_fork = cuda_seq_fork, .truncate = cuda_truncate,
     .set_pages = cuda_set_pages,
 };
+
+bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
+                             uint64_t *graphs_built)
+{
+    *graph_launches = *graphs_built = 0;
+    if (!c || !c->backend || c->ops != &fkvi_cuda_backend)
+        return false;
+    const cuda_backend *cb = (const cuda_backend *)c->backend;
+    *graph_launches = cb->launches.graph_launches;
+    *graphs_built = cb->launches.graphs_built;
+    return cb->launches.n_slots > 0;
+}
+
+void fkvi_debug_launch_cache_off(fkv_cache *c)
+{
+    if (!c || !c->backend || c->ops != &fkvi_cuda_backend)
+        return;
+    fkvi_launch_cache_free(&backend_of(c)->launches, &c->mem);
+}
 
 uint64_t fkvi_debug_pointer_queries(const fkv_cache *c)
 {

@@ -240,6 +240,12 @@ fkv_status fkvi_debug_audit(fkv_cache *c);
  * about a user pointer (its allocation was not among those remembered);
  * 0 for other backends. */
 uint64_t fkvi_debug_pointer_queries(const fkv_cache *c);
+/* Tests only (CUDA): whether the launch cache is on (FKV_CUDA_EXPERIMENTAL),
+ * and its graph launches and graphs built so far; and turning it off for a
+ * twin that launches the same kernels directly. */
+bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
+                             uint64_t *graphs_built);
+void fkvi_debug_launch_cache_off(fkv_cache *c);
 
 /* options.c */
 fkv_status fkvi_options_load(const fkv_options *user, fkv_options *out);

@@ -15,7 +15,8 @@
 #        logs named TOOL-gpu_SUITE.log: the device tool returns no file
 #        whose name holds a colon); probe (bench/mapped_probe);
 #        recall-bulk (bench/recall with --bulk-gather, 2-8 blocks);
-#        host-pool (bench/host_pool); ncu (per-kernel times of two eager
+#        host-pool (bench/host_pool); host-costs (bench/host_costs: the
+#        runtime calls' host time, graph launches too); ncu (per-kernel times of two eager
 #        decode steps, paper trace, for each NCU_SET item: ncu
 #        --clock-control none, NCU_ARGS adds bench/decode flags; summed per
 #        kernel by scripts/ncu_kernels.py into ncu-NAME.txt); ncu-source
@@ -93,6 +94,7 @@ for s in "$@"; do
     recall-bulk) step recall-bulk "${RECALL_LIMIT:-150}" build/bench/recall --bulk-gather \
             --blocks 2,4,8 --conc-blocks 2,4,8 --csv "$logs/recall-bulk.csv" ;;
     probe) step probe "${PROBE_LIMIT:-90}" build/bench/mapped_probe --csv "$logs/probe.csv" ;;
+    host-costs) step host-costs "${HOST_COSTS_LIMIT:-90}" build/bench/host_costs ;;
     host-pool) step host-pool "${HOST_POOL_LIMIT:-90}" build/bench/host_pool \
             --csv "$logs/host_pool.csv" ;;
     ncu) # NCU_SET: name=policy:context:batch[:criterion] items; bench/decode

@@ -36,6 +36,12 @@
  *                            replays (the ticket counters reset), bf16,
  *                            f16, f32, head_dim 64 and 128, batch 1-8,
  *                            splits of whole and of parts of pages.
+ *  cuda_launch_cache         with FKV_CUDA_EXPERIMENTAL=1 only: eager
+ *                            attends and recalls through the launch cache
+ *                            (repeated calls as graph launches, batches
+ *                            that change) against a twin with the cache
+ *                            off: byte-identical outputs and state, five
+ *                            policies, BOUNDED, a dense layer.
  *  cuda_recall_plan          (test_recall_plan.c) the recall plan's
  *                            prefix-sum slot assignment and the gather
  *                            against the rule, from random slot states.
@@ -50,6 +56,7 @@
 #include "tests.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -2111,6 +2118,140 @@ START_TEST(cuda_fused_combine)
 }
 END_TEST
 
+/* ====================================================================== */
+/* cuda_launch_cache                                                      */
+/* ====================================================================== */
+
+bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
+                             uint64_t *graphs_built); /* libfreekv.a */
+void fkvi_debug_launch_cache_off(fkv_cache *c);
+
+/* 1: FREEKV under BOUNDED; 4: FREEKV with a dense first layer. */
+static const fkv_policy k_lc_policies[6] = {
+    FKV_POLICY_FREEKV, FKV_POLICY_FREEKV, FKV_POLICY_SYNC,
+    FKV_POLICY_RESIDENT, FKV_POLICY_FREEKV, FKV_POLICY_DENSE};
+#define LC_BATCH 3
+
+/* One eager step of every layer over the first n sequences (the fixed
+ * tensors' first n rows); out as gc_get. */
+static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
+{
+    fkv_batch b;
+    int l;
+    gc_put(gc, in);
+    gc_batch(gc, &b, NULL);
+    b.num_seqs = n;
+    for (l = 0; l < gc->L; ++l) {
+        CU_OK(gc->c, fkv_append(gc->c, l, &b, gc->dk[l], gc->dv[l]));
+        CU_OK(gc->c, fkv_attend(gc->c, l, &b, gc->dq[l], gc->dout[l]));
+        CU_OK(gc->c, fkv_select(gc->c, l, &b, NULL));
+        CU_OK(gc->c, fkv_recall(gc->c, l, &b));
+    }
+    gc_get(gc, out);
+}
+
+/* _i: the policy. With FKV_CUDA_EXPERIMENTAL=1 only ("skipped" otherwise).
+ * Cache X launches through the launch cache; its twin U is made the same
+ * way with the cache turned off, so both run the same kernels with the
+ * same arguments, X's as graph launches where a call repeats. Steps: 4 over
+ * the whole batch (the second of each call builds its graph, the next ones
+ * replay it), 3 over one sequence fewer (other records: direct, then a new
+ * graph), 2 over the whole batch again. Every step's outputs are
+ * byte-identical to U's, and so are the lengths, selections and counters;
+ * X made graph launches wherever a call has two kernels or more. */
+START_TEST(cuda_launch_cache)
+{
+    const fkv_policy policy = k_lc_policies[_i];
+    const fkv_dtype dt = FKV_DTYPE_BF16;
+    const int32_t prompt[LC_BATCH] = {1500, 2103, 1777};
+    static const int sizes[9] = {LC_BATCH, LC_BATCH, LC_BATCH, LC_BATCH,
+                                 LC_BATCH - 1, LC_BATCH - 1, LC_BATCH - 1,
+                                 LC_BATCH, LC_BATCH};
+    static const uint8_t dense_first[3] = {1, 0, 0};
+    fkv_options o;
+    gcache X, U;
+    gcache *both[2] = {&X, &U};
+    gstep in;
+    unsigned char **outX, **outU;
+    uint64_t rng = 0x7D0000ull + (uint64_t)_i;
+    uint64_t launches = 0, built = 0, u_launches = 0, u_built = 0;
+    ref_rng qr;
+    char what[96];
+    int step;
+    double max_err = 0.0;
+
+    if (!tst_cuda_experimental()) {
+        printf("  cuda_launch_cache: skipped (FKV_CUDA_EXPERIMENTAL is not "
+               "1: the launch cache is off)\n");
+        fflush(stdout);
+        return;
+    }
+    ref_rng_seed(&qr, 0x7D1000ull + (uint64_t)_i);
+    cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, LC_BATCH,
+               4096);
+    if (_i == 1) {
+        o.correction_criterion = FKV_CRITERION_BOUNDED;
+        o.correction_min_mass = 0.002f;
+        o.correction_max_pages = 4;
+    }
+    if (_i == 4)
+        o.dense_layers = dense_first;
+    fused_open(&X, &o, LC_BATCH, "1");
+    fused_open(&U, &o, LC_BATCH, "1");
+    ck_assert_msg(fkvi_debug_launch_cache(X.c, &launches, &built),
+                  "the launch cache is off with FKV_CUDA_EXPERIMENTAL=1");
+    fkvi_debug_launch_cache_off(U.c);
+    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built));
+    gc_prefill_all(both, 2, prompt, dt, &rng);
+    outX = gc_outs(&X);
+    outU = gc_outs(&U);
+    gstep_alloc(&in, &X);
+
+    for (step = 0; step < 9; ++step) {
+        gstep_fill(&in, &X, dt, &rng, &qr, step == 0);
+        lc_step(&X, &in, sizes[step], outX);
+        lc_step(&U, &in, sizes[step], outU);
+        snprintf(what, sizeof what, "%s config %d step %d (%d sequences)",
+                 cu_policy_name(policy), _i, step, sizes[step]);
+        gc_compare(&X, dt, outX, outU, 1, 0.0, &max_err, what);
+        CU_OK(X.c, fkv_sync(X.c));
+        CU_OK(U.c, fkv_sync(U.c));
+        gc_same_state(&X, &U, what);
+    }
+    ck_assert(fkvi_debug_launch_cache(X.c, &launches, &built));
+    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built));
+    ck_assert(u_launches == 0 && u_built == 0);
+    /* Every attend of a layer that selects has two kernels or more (the
+     * selection, the attention): its record repeats on steps 1-3, 5-6 and
+     * 8 (a new batch on steps 4 and 7 is enqueued directly, then built at
+     * its first repeat), so at least 6 graph launches and 3 graphs per such
+     * layer (recalls of two kernels add theirs). Fewer: a record that
+     * changes between identical calls. */
+    if (policy != FKV_POLICY_DENSE) {
+        const uint64_t sparse = (uint64_t)(_i == 4 ? 2 : 3);
+        ck_assert_msg(launches >= 6 * sparse && built >= 3 * sparse,
+                      "%s: %llu graph launches, %llu graphs built over %llu "
+                      "selecting layers (at least 6 and 3 each)",
+                      cu_policy_name(policy), (unsigned long long)launches,
+                      (unsigned long long)built, (unsigned long long)sparse);
+    }
+    ck_assert_msg(built <= launches,
+                  "%llu graphs built for %llu graph launches",
+                  (unsigned long long)built, (unsigned long long)launches);
+    printf("  launch cache %s config %d: %llu graph launches, %llu graphs "
+           "built over 9 steps of 3 layers; outputs byte-identical\n",
+           cu_policy_name(policy), _i, (unsigned long long)launches,
+           (unsigned long long)built);
+    fflush(stdout);
+
+    gstep_free(&in);
+    gc_outs_free(outX);
+    gc_outs_free(outU);
+    gc_close(&X);
+    gc_close(&U);
+}
+END_TEST
+
 #endif /* FKV_WITH_CUDA */
 
 Suite *suite_cuda(const char *prefix)
@@ -2129,6 +2270,8 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_test(tst_tcase(s, "cuda_pointer_checks"), cuda_pointer_checks);
     tcase_add_loop_test(tst_tcase(s, "cuda_fused_combine"), cuda_fused_combine,
                         0, FUSED_CONFIGS);
+    tcase_add_loop_test(tst_tcase(s, "cuda_launch_cache"), cuda_launch_cache,
+                        0, 6);
     /* These two run only with FKV_CUDA_EXPERIMENTAL=1. */
     tst_add_recall_plan(s);
 #else

@@ -1,0 +1,183 @@
+/* The launch cache (cuda_launch_cache.h; FKV_CUDA_EXPERIMENTAL).
+ *
+ * Why it is safe: a graph is only ever built from a record that was just
+ * enqueued kernel by kernel without error, and it is launched only for a
+ * call whose record is byte-identical to it: the same kernels, grids,
+ * shared memory and argument bytes, in the same order on the same stream,
+ * which is what the direct launches would have enqueued. Everything a
+ * launch reads that changes between steps is in device memory (the
+ * launches take only values that a captured step may replay:
+ * kernels/kernels.h), so the same record does the same work.
+ *
+ * Why a record is built into a graph only when it repeats: a call whose
+ * arguments change every time (an engine that passes fresh q and out
+ * buffers each step) then never pays for building graphs it cannot reuse;
+ * it pays the recording (a copy of about 1.5 KiB per kernel) and a
+ * comparison. */
+#include "cuda_launch_cache.h"
+
+#include <string.h>
+
+/* The record's fixed part and the bytes in use, so that a slot's copy and
+ * the comparison touch only what the call wrote. */
+static bool same_record(const fkv_launch_record *a, const fkv_launch_record *b)
+{
+    if (a->n_ops != b->n_ops || a->bytes != b->bytes)
+        return false;
+    for (int32_t i = 0; i < a->n_ops; i++) {
+        const fkv_record_op *x = &a->op[i], *y = &b->op[i];
+        if (x->func != y->func || x->smem != y->smem || x->nargs != y->nargs ||
+            memcmp(x->grid, y->grid, sizeof x->grid) != 0 ||
+            memcmp(x->block, y->block, sizeof x->block) != 0 ||
+            memcmp(x->arg_off, y->arg_off,
+                   (size_t)x->nargs * sizeof x->arg_off[0]) != 0)
+            return false;
+    }
+    return memcmp(a->blob, b->blob, a->bytes) == 0;
+}
+
+static void copy_record(fkv_launch_record *to, const fkv_launch_record *from)
+{
+    to->stream = from->stream;
+    to->n_ops = from->n_ops;
+    to->spilled = from->spilled;
+    to->bytes = from->bytes;
+    memcpy(to->op, from->op, (size_t)from->n_ops * sizeof from->op[0]);
+    memcpy(to->blob, from->blob, from->bytes);
+}
+
+/* The record's launches as a chain of kernel nodes (each node copies its
+ * parameters), instantiated without node priorities: the graph's kernels
+ * run at the priority of the stream it is launched into, as the direct
+ * launches do. */
+static cudaError_t build_graph(const fkv_launch_record *r, cudaGraphExec_t *exec)
+{
+    /* Relaxed for this thread meanwhile: if another stream is being
+     * captured in global mode, a call CUDA deems unsafe would end that
+     * capture (the engine's), not just fail here. */
+    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaError_t e = cudaThreadExchangeStreamCaptureMode(&mode);
+    if (e != cudaSuccess)
+        return e;
+    cudaGraph_t g = NULL;
+    e = cudaGraphCreate(&g, 0);
+    cudaGraphNode_t prev = NULL;
+    const unsigned char *blob = (const unsigned char *)r->blob;
+    for (int32_t i = 0; e == cudaSuccess && i < r->n_ops; i++) {
+        const fkv_record_op *op = &r->op[i];
+        void *args[FKV_RECORD_ARGS];
+        for (int32_t j = 0; j < op->nargs; j++)
+            args[j] = (void *)(blob + op->arg_off[j]);
+        struct cudaKernelNodeParams p;
+        memset(&p, 0, sizeof p);
+        p.func = (void *)op->func;
+        p.gridDim.x = op->grid[0];
+        p.gridDim.y = op->grid[1];
+        p.gridDim.z = op->grid[2];
+        p.blockDim.x = op->block[0];
+        p.blockDim.y = op->block[1];
+        p.blockDim.z = op->block[2];
+        p.sharedMemBytes = op->smem;
+        p.kernelParams = args;
+        cudaGraphNode_t node = NULL;
+        e = cudaGraphAddKernelNode(&node, g, prev ? &prev : NULL, prev ? 1 : 0, &p);
+        prev = node;
+    }
+    if (e == cudaSuccess)
+        e = cudaGraphInstantiate(exec, g, 0);
+    if (g && cudaGraphDestroy(g) != cudaSuccess)
+        (void)cudaGetLastError();
+    if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess)
+        (void)cudaGetLastError();
+    return e;
+}
+
+static void drop_graph(fkv_launch_slot *s)
+{
+    /* Not a synchronisation: an executable graph still in flight is freed
+     * when it completes. */
+    if (s->exec && cudaGraphExecDestroy(s->exec) != cudaSuccess)
+        (void)cudaGetLastError();
+    s->exec = NULL;
+}
+
+bool fkvi_launch_cache_init(fkv_launch_cache *lc, const fkvi_mem *m,
+                            int32_t n_slots)
+{
+    memset(lc, 0, sizeof *lc);
+    lc->slot = fkvi_alloc(m, (size_t)n_slots, sizeof *lc->slot);
+    lc->scratch = fkvi_alloc(m, 1, sizeof *lc->scratch);
+    if (!lc->slot || !lc->scratch) {
+        fkvi_launch_cache_free(lc, m);
+        return false;
+    }
+    lc->n_slots = n_slots;
+    for (int32_t i = 0; i < n_slots; i++) {
+        lc->slot[i].seen = fkvi_alloc(m, 1, sizeof *lc->slot[i].seen);
+        if (!lc->slot[i].seen) {
+            fkvi_launch_cache_free(lc, m);
+            return false;
+        }
+    }
+    return true;
+}
+
+void fkvi_launch_cache_free(fkv_launch_cache *lc, const fkvi_mem *m)
+{
+    for (int32_t i = 0; lc->slot && i < lc->n_slots; i++) {
+        drop_graph(&lc->slot[i]);
+        fkvi_free(m, lc->slot[i].seen);
+    }
+    fkvi_free(m, lc->slot);
+    fkvi_free(m, lc->scratch);
+    memset(lc, 0, sizeof *lc);
+}
+
+void fkvi_launch_cache_begin(fkv_launch_cache *lc, cudaStream_t stream)
+{
+    fkv_record_begin(lc->scratch, stream);
+}
+
+cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
+                                  cudaError_t e)
+{
+    fkv_record_end();
+    const fkv_launch_record *r = lc->scratch;
+    if (e != cudaSuccess) {
+        /* Direct launches before the failure would have been enqueued. */
+        (void)fkv_record_enqueue(r);
+        return e;
+    }
+    /* One kernel gains nothing from a graph; a spilled record has been
+     * enqueued already. */
+    if (r->spilled || r->n_ops < 2 || slot < 0 || slot >= lc->n_slots)
+        return fkv_record_enqueue(r);
+    fkv_launch_slot *s = &lc->slot[slot];
+    if (s->have_seen && same_record(s->seen, r)) {
+        if (!s->exec && !s->broken) {
+            if (build_graph(r, &s->exec) == cudaSuccess) {
+                lc->graphs_built++;
+            } else {
+                /* Not an error of the call: the launches go as they are. */
+                (void)cudaGetLastError();
+                s->exec = NULL;
+                s->broken = true;
+            }
+        }
+        if (!s->exec)
+            return fkv_record_enqueue(r);
+        e = cudaGraphLaunch(s->exec, r->stream);
+        if (e == cudaSuccess)
+            lc->graph_launches++;
+        return e;
+    }
+    /* Another record than last time: as it is, and kept for the next call
+     * (its graph, if any, no longer applies). */
+    drop_graph(s);
+    s->broken = false;
+    e = fkv_record_enqueue(r);
+    s->have_seen = e == cudaSuccess;
+    if (s->have_seen)
+        copy_record(s->seen, r);
+    return e;
+}
