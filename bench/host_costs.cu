@@ -19,6 +19,11 @@
  *   get last error    cudaGetLastError (after every launch)
  *   4 launches        four library-sized launches back to back (an
  *                     attend's score, selection, split and combine)
+ *   record 4 + compare  the launch cache's own work for an attend: four
+ *                     library-sized launches recorded (fkv::enqueue into a
+ *                     launch record) and the record compared with the
+ *                     last one, byte for byte (no CUDA call; measured
+ *                     first, also where there is no device)
  *   graph of N        cudaGraphLaunch of a graph of N library-sized
  *                     kernels in a chain (N = 1, 2, 4): what the launch
  *                     cache (FKV_CUDA_EXPERIMENTAL, lib/cuda_launch_cache.c)
@@ -44,6 +49,7 @@ extern "C" {
 #include "bench.h"
 #include "kernels.h" /* the launch argument structs, for their sizes */
 }
+#include "launch.cuh" /* fkv::enqueue: the launch cache's recording */
 
 namespace {
 
@@ -68,6 +74,60 @@ template <size_t N>
 __global__ void empty_blob(const __grid_constant__ blob<N> x, int *p)
 {
     if (p && threadIdx.x == 1024) *p = x.b[0];
+}
+
+/* The argument lists of an attend's four launches (kernels/select.cu,
+ * attend.cu): geometry, state, batch, scalars, and the by-value region
+ * table. Never launched: only recorded. */
+typedef blob<FKV_DEV_MAX_BATCH * sizeof(void *)> regions;
+__global__ void rec_score(fkv_dev_geometry, fkv_dev_state, fkv_dev_batch, int32_t,
+                          const void *, int32_t, int32_t) {}
+__global__ void rec_select(fkv_dev_geometry, fkv_dev_state, fkv_dev_batch, int32_t,
+                           const void *, int32_t, int32_t, int32_t, int32_t, regions) {}
+__global__ void rec_split(fkv_dev_geometry, fkv_dev_state, fkv_dev_batch, int32_t,
+                          const void *, void *, int32_t, int32_t, int32_t, regions) {}
+__global__ void rec_combine(fkv_dev_state, fkv_dev_batch, int32_t, int32_t, void *) {}
+
+/* Host time of recording an attend's four launches and comparing the
+ * record with the previous call's (what fkvi_launch_cache_end compares),
+ * median over reps of calls x the mean; CUDA is not called. */
+double record_compare_us(int reps, int calls)
+{
+    static fkv_launch_record r, seen;
+    fkv_dev_geometry g;
+    fkv_dev_state st;
+    fkv_dev_batch b;
+    regions rt;
+    memset(&g, 0, sizeof g);
+    memset(&st, 0, sizeof st);
+    memset(&b, 0, sizeof b);
+    memset(&rt, 0, sizeof rt);
+    b.n = 1;
+    double *x = (double *)calloc((size_t)reps, sizeof(double));
+    int same = 0;
+    for (int k = 0; k < reps; k++) {
+        const double t0 = bench_now_ms();
+        for (int i = 0; i < calls; i++) {
+            fkv_record_begin(&r, nullptr);
+            (void)fkv::enqueue(rec_score, dim3(8, 8), 256, 4096, nullptr, g, st, b, 3,
+                               (const void *)nullptr, 1, 64);
+            (void)fkv::enqueue(rec_select, dim3(8), 256, 8192, nullptr, g, st, b, 3,
+                               (const void *)nullptr, 1, 100, 1, 0, rt);
+            (void)fkv::enqueue(rec_split, dim3(16, 8), 128, 0, nullptr, g, st, b, 3,
+                               (const void *)nullptr, (void *)nullptr, 4, 16, 1, rt);
+            (void)fkv::enqueue(rec_combine, dim3(32), 128, 128, nullptr, st, b, 32, 16,
+                               (void *)nullptr);
+            fkv_record_end();
+            if (k == 0 && i == 0) seen = r;
+            same += r.bytes == seen.bytes &&
+                    memcmp(r.op, seen.op, sizeof r.op[0] * (size_t)r.n_ops) == 0 &&
+                    memcmp(r.blob, seen.blob, r.bytes) == 0;
+        }
+        x[k] = (bench_now_ms() - t0) * 1000.0 / calls;
+    }
+    const double m = bench_median(x, (size_t)reps);
+    free(x);
+    return same == reps * calls ? m : -1.0;
 }
 
 struct args {
@@ -122,6 +182,10 @@ int main(int argc, char **argv)
         usage();
         return 2;
     }
+    /* No device needed: recording calls no CUDA function. */
+    const double record_us = record_compare_us(a.reps, a.calls * 10);
+    printf("record 4 + compare: %.3f us per call (the launch cache's own "
+           "host time for an attend's four launches)\n", record_us);
     int count = 0;
     if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
         printf("host_costs: skipped (no usable CUDA device)\n");
