@@ -1560,7 +1560,7 @@ static fkv_status cuda_stats(fkv_cache *c, fkv_stats *s)
     s->corrections += counters[FKV_DEV_CORRECTIONS];
     s->heads_checked += counters[FKV_DEV_HEADS_CHECKED];
     s->pages_recalled_critical += counters[FKV_DEV_PAGES_RECALLED_CRITICAL];
-    s->host_bytes += sizeof *cb;
+    s->host_bytes += sizeof *cb + fkvi_launch_cache_bytes(&cb->launches);
     s->device_bytes = cb->device_bytes;
     return FKV_OK;
 }

@@ -133,6 +133,14 @@ void fkvi_launch_cache_free(fkv_launch_cache *lc, const fkvi_mem *m)
     memset(lc, 0, sizeof *lc);
 }
 
+size_t fkvi_launch_cache_bytes(const fkv_launch_cache *lc)
+{
+    if (lc->n_slots == 0)
+        return 0;
+    return (size_t)lc->n_slots * (sizeof *lc->slot + sizeof *lc->slot[0].seen) +
+           sizeof *lc->scratch;
+}
+
 void fkvi_launch_cache_begin(fkv_launch_cache *lc, cudaStream_t stream)
 {
     fkv_record_begin(lc->scratch, stream);

@@ -44,6 +44,8 @@ bool fkvi_launch_cache_init(fkv_launch_cache *lc, const fkvi_mem *m,
 /* Frees the graphs and records (the device may still run a graph: CUDA
  * frees an executable graph in flight when it completes). */
 void fkvi_launch_cache_free(fkv_launch_cache *lc, const fkvi_mem *m);
+/* Host memory the cache holds (its records), for fkv_stats.host_bytes. */
+size_t fkvi_launch_cache_bytes(const fkv_launch_cache *lc);
 /* Starts recording this thread's launches on `stream` into the scratch. */
 void fkvi_launch_cache_begin(fkv_launch_cache *lc, cudaStream_t stream);
 /* Stops recording and enqueues what was recorded on the stream: one graph
