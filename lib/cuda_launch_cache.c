@@ -18,8 +18,8 @@
 
 #include <string.h>
 
-/* The record's fixed part and the bytes in use, so that a slot's copy and
- * the comparison touch only what the call wrote. */
+/* Whether two records enqueue the same work: the ops and the argument bytes
+ * in use are compared (and copied below), not the whole arrays. */
 static bool same_record(const fkv_launch_record *a, const fkv_launch_record *b)
 {
     if (a->n_ops != b->n_ops || a->bytes != b->bytes)
