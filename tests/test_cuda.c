@@ -1967,6 +1967,18 @@ static const fused_cfg k_fused[] = {
 #define FUSED_CONFIGS ((int)(sizeof k_fused / sizeof k_fused[0]))
 #define FUSED_REPLAYS 3
 
+/* Whether FKV_CUDA_EXPERIMENTAL=1, which `test` needs for `part`; else says
+ * "skipped". */
+static int switch_on(const char *test, const char *part)
+{
+    if (tst_cuda_experimental())
+        return 1;
+    printf("  %s: skipped (FKV_CUDA_EXPERIMENTAL is not 1: %s is off)\n",
+           test, part);
+    fflush(stdout);
+    return 0;
+}
+
 /* A cache created with FKV_CUDA_EXPERIMENTAL set to `value` (the switch is
  * read at fkv_create only), the caller's setting restored after. */
 static void fused_open(gcache *gc, const fkv_options *o, int nseq,
@@ -2015,12 +2027,8 @@ START_TEST(cuda_fused_combine)
     int l, i, r, step, diff = 0, total = 0;
     double max_err = 0.0;
 
-    if (!tst_cuda_experimental()) {
-        printf("  cuda_fused_combine: skipped (FKV_CUDA_EXPERIMENTAL is not "
-               "1: the fused combine is off)\n");
-        fflush(stdout);
+    if (!switch_on("cuda_fused_combine", "the fused combine"))
         return;
-    }
     for (i = 0; i < cf->batch; ++i)
         prompt[i] = cf->ctx - 97 * i;
     ref_rng_seed(&qr, 0x7C1000ull + (uint64_t)_i);
@@ -2180,12 +2188,8 @@ START_TEST(cuda_launch_cache)
     int step;
     double max_err = 0.0;
 
-    if (!tst_cuda_experimental()) {
-        printf("  cuda_launch_cache: skipped (FKV_CUDA_EXPERIMENTAL is not "
-               "1: the launch cache is off)\n");
-        fflush(stdout);
+    if (!switch_on("cuda_launch_cache", "the launch cache"))
         return;
-    }
     ref_rng_seed(&qr, 0x7D1000ull + (uint64_t)_i);
     cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, LC_BATCH,
                4096);
