@@ -149,14 +149,17 @@ BENCH_SUPPORT_OBJS := $(BENCH_SUPPORT_C:%.c=$(BUILD)/%.o)
 # tests do not.
 BENCH_GEMM_C   := bench/gemm_model.c
 BENCH_GEMM_OBJ := $(BENCH_GEMM_C:%.c=$(BUILD)/%.o)
-# bench/decode_*.c: the parts of bench/decode (bench/decode.h), linked into
-# that program only.
-BENCH_DECODE_C    := $(wildcard bench/decode_*.c)
-BENCH_DECODE_OBJS := $(BENCH_DECODE_C:%.c=$(BUILD)/%.o)
-BENCH_C    := $(filter-out $(BENCH_SUPPORT_C) $(BENCH_GEMM_C) $(BENCH_DECODE_C),$(wildcard bench/*.c))
+# bench/decode_*.c and bench/recall_*.c: the parts of bench/decode and
+# bench/recall (bench/decode.h, bench/recall.h), each linked into its
+# program only.
+BENCH_DECODE_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(wildcard bench/decode_*.c))
+BENCH_RECALL_OBJS := $(patsubst %.c,$(BUILD)/%.o,$(wildcard bench/recall_*.c))
+BENCH_PART_C      := $(wildcard bench/decode_*.c bench/recall_*.c)
+BENCH_C    := $(filter-out $(BENCH_SUPPORT_C) $(BENCH_GEMM_C) $(BENCH_PART_C),$(wildcard bench/*.c))
 BENCH_CU   := $(if $(filter 1,$(CUDA)),$(wildcard bench/*.cu))
 BENCH_OBJS := $(BENCH_C:%.c=$(BUILD)/%.o) $(BENCH_CU:%.cu=$(BUILD)/%.cu.o) \
-              $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(BENCH_DECODE_OBJS)
+              $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(BENCH_DECODE_OBJS) \
+              $(BENCH_RECALL_OBJS)
 BENCH_C_BINS  := $(BENCH_C:bench/%.c=$(BUILD)/bench/%)
 BENCH_CU_BINS := $(BENCH_CU:bench/%.cu=$(BUILD)/bench/%)
 # cuBLAS for the benchmarks' model stand-in. Static when the toolkit has the
@@ -393,8 +396,8 @@ demo: $(BUILD)/examples/demo
 # BENCH_SUPPORT_C (bench.c, bench_data.c, workload_*.c: the definitions of
 # bench/bench.h and bench/workload.h) and BENCH_GEMM_C (gemm_model.c: the
 # GEMM stand-ins of bench/gemm_model.h), which each program links, and
-# bench/decode_*.c (bench/decode's parts); scripts (bench/*.py) are not
-# built.
+# bench/decode_*.c and bench/recall_*.c (those programs' parts); scripts
+# (bench/*.py) are not built.
 #   make bench         build them
 #   make bench-smoke   build them and run each with --smoke (tiny sizes, CPU
 #                      backend where there is no GPU; what CI runs)
@@ -406,6 +409,7 @@ $(BENCH_C_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.o $(BENCH_SUPPORT_OBJS) $(BE
 	$(CC) $(ALL_LDFLAGS) -o $@ $(filter %.o,$^) $(STATIC_LIB) $(BENCH_LIBS) $(SYS_LIBS)
 
 $(BUILD)/bench/decode: $(BENCH_DECODE_OBJS)
+$(BUILD)/bench/recall: $(BENCH_RECALL_OBJS)
 
 $(BENCH_CU_BINS): $(BUILD)/bench/%: $(BUILD)/bench/%.cu.o $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB)
 	$(CC) $(LDFLAGS) -o $@ $< $(BENCH_SUPPORT_OBJS) $(BENCH_GEMM_OBJ) $(STATIC_LIB) \
