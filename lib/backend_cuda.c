@@ -1757,14 +1757,15 @@ const fkvi_backend_ops fkvi_cuda_backend = {
 };
 
 bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built)
+                             uint64_t *graphs_built, uint64_t *spilled)
 {
-    *graph_launches = *graphs_built = 0;
+    *graph_launches = *graphs_built = *spilled = 0;
     if (!c || !c->backend || c->ops != &fkvi_cuda_backend)
         return false;
     const cuda_backend *cb = (const cuda_backend *)c->backend;
     *graph_launches = cb->launches.graph_launches;
     *graphs_built = cb->launches.graphs_built;
+    *spilled = cb->launches.spilled_calls;
     return cb->launches.n_slots > 0;
 }
 

@@ -158,6 +158,7 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     }
     /* One kernel gains nothing from a graph; a spilled record has been
      * enqueued already. */
+    lc->spilled_calls += r->spilled != 0;
     if (r->spilled || r->n_ops < 2 || slot < 0 || slot >= lc->n_slots)
         return fkv_record_enqueue(r);
     fkv_launch_slot *s = &lc->slot[slot];

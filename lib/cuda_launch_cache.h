@@ -32,6 +32,7 @@ typedef struct fkv_launch_cache {
     fkv_launch_record *scratch; /* the call being recorded */
     uint64_t graph_launches;  /* fkvi_debug_launch_cache */
     uint64_t graphs_built;
+    uint64_t spilled_calls;
 } fkv_launch_cache;
 
 /* Slot of layer l's fkv_attend and fkv_recall. */

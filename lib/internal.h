@@ -241,10 +241,11 @@ fkv_status fkvi_debug_audit(fkv_cache *c);
  * 0 for other backends. */
 uint64_t fkvi_debug_pointer_queries(const fkv_cache *c);
 /* Tests only (CUDA): whether the launch cache is on (FKV_CUDA_EXPERIMENTAL),
- * and its graph launches and graphs built so far; and turning it off for a
- * twin that launches the same kernels directly. */
+ * and its graph launches, graphs built and calls whose record spilled so
+ * far; and turning it off for a twin that launches the same kernels
+ * directly. */
 bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built);
+                             uint64_t *graphs_built, uint64_t *spilled);
 void fkvi_debug_launch_cache_off(fkv_cache *c);
 
 /* options.c */

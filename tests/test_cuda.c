@@ -41,7 +41,8 @@
  *                            (repeated calls as graph launches, batches
  *                            that change) against a twin with the cache
  *                            off: byte-identical outputs and state, five
- *                            policies, BOUNDED, a dense layer.
+ *                            policies, BOUNDED, a dense layer, and an
+ *                            attend of 70 sequences that spills.
  *  cuda_recall_plan          (test_recall_plan.c) the recall plan's
  *                            prefix-sum slot assignment and the gather
  *                            against the rule, from random slot states.
@@ -74,7 +75,7 @@
 #define CU_WINDOW 128
 #define CU_STEPS 4       /* decode steps of the agreement case */
 #define CU_REPLAYS 5     /* graph replays */
-#define CU_MAX_BATCH 8
+#define CU_MAX_BATCH 72
 
 /* Tolerances of CUDA against CPU outputs (the GPU computes in float). */
 static double cu_tol(fkv_dtype dt)
@@ -2131,14 +2132,28 @@ END_TEST
 /* ====================================================================== */
 
 bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built); /* libfreekv.a */
+                             uint64_t *graphs_built,
+                             uint64_t *spilled); /* libfreekv.a */
 void fkvi_debug_launch_cache_off(fkv_cache *c);
 
-/* 1: FREEKV under BOUNDED; 4: FREEKV with a dense first layer. */
-static const fkv_policy k_lc_policies[6] = {
-    FKV_POLICY_FREEKV, FKV_POLICY_FREEKV, FKV_POLICY_SYNC,
-    FKV_POLICY_RESIDENT, FKV_POLICY_FREEKV, FKV_POLICY_DENSE};
-#define LC_BATCH 3
+typedef struct lc_cfg {
+    fkv_policy policy;
+    int bounded;     /* FKV_CRITERION_BOUNDED */
+    int dense_first; /* dense_layers = {1, 0, 0} */
+    int batch;       /* sequences; the middle steps run one fewer */
+    int spills;      /* the attend's record outgrows a record */
+} lc_cfg;
+/* The last: 70 sequences are three launch chunks, and BOUNDED's four
+ * kernels a chunk outgrow a record's 16 KiB in the third, so the attend
+ * spills (its recorded kernels first, the rest straight to the stream)
+ * while the recall (two kernels a chunk) is still cached. */
+static const lc_cfg k_lc[] = {
+    {FKV_POLICY_FREEKV, 0, 0, 3, 0},   {FKV_POLICY_FREEKV, 1, 0, 3, 0},
+    {FKV_POLICY_SYNC, 0, 0, 3, 0},     {FKV_POLICY_RESIDENT, 0, 0, 3, 0},
+    {FKV_POLICY_FREEKV, 0, 1, 3, 0},   {FKV_POLICY_DENSE, 0, 0, 3, 0},
+    {FKV_POLICY_FREEKV, 1, 0, 70, 1},
+};
+#define LC_CONFIGS ((int)(sizeof k_lc / sizeof k_lc[0]))
 
 /* One eager step of every layer over the first n sequences (the fixed
  * tensors' first n rows); out as gc_get. */
@@ -2158,7 +2173,7 @@ static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
     gc_get(gc, out);
 }
 
-/* _i: the policy. With FKV_CUDA_EXPERIMENTAL=1 only ("skipped" otherwise).
+/* _i: k_lc. With FKV_CUDA_EXPERIMENTAL=1 only ("skipped" otherwise).
  * Cache X launches through the launch cache; its twin U is made the same
  * way with the cache turned off, so both run the same kernels with the
  * same arguments, X's as graph launches where a call repeats. Steps: 4 over
@@ -2169,43 +2184,48 @@ static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
  * X made graph launches wherever a call has two kernels or more. */
 START_TEST(cuda_launch_cache)
 {
-    const fkv_policy policy = k_lc_policies[_i];
+    const lc_cfg *cf = &k_lc[_i];
+    const fkv_policy policy = cf->policy;
     const fkv_dtype dt = FKV_DTYPE_BF16;
-    const int32_t prompt[LC_BATCH] = {1500, 2103, 1777};
-    static const int sizes[9] = {LC_BATCH, LC_BATCH, LC_BATCH, LC_BATCH,
-                                 LC_BATCH - 1, LC_BATCH - 1, LC_BATCH - 1,
-                                 LC_BATCH, LC_BATCH};
+    const int B = cf->batch;
     static const uint8_t dense_first[3] = {1, 0, 0};
+    int32_t prompt[CU_MAX_BATCH];
+    int sizes[9];
     fkv_options o;
     gcache X, U;
     gcache *both[2] = {&X, &U};
     gstep in;
     unsigned char **outX, **outU;
     uint64_t rng = 0x7D0000ull + (uint64_t)_i;
-    uint64_t launches = 0, built = 0, u_launches = 0, u_built = 0;
+    uint64_t launches = 0, built = 0, spilled = 0;
+    uint64_t u_launches = 0, u_built = 0, u_spilled = 0;
     ref_rng qr;
     char what[96];
-    int step;
+    int step, i;
     double max_err = 0.0;
 
     if (!switch_on("cuda_launch_cache", "the launch cache"))
         return;
+    ck_assert(B <= CU_MAX_BATCH);
+    for (i = 0; i < B; ++i)
+        prompt[i] = B > 3 ? 1000 + 13 * i : 1500 + 301 * i;
+    for (step = 0; step < 9; ++step)
+        sizes[step] = step >= 4 && step < 7 ? B - 1 : B;
     ref_rng_seed(&qr, 0x7D1000ull + (uint64_t)_i);
-    cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, LC_BATCH,
-               4096);
-    if (_i == 1) {
+    cu_options(&o, FKV_BACKEND_CUDA, policy, dt, 3, 8, 2, 128, 512, B, 4096);
+    if (cf->bounded) {
         o.correction_criterion = FKV_CRITERION_BOUNDED;
         o.correction_min_mass = 0.002f;
         o.correction_max_pages = 4;
     }
-    if (_i == 4)
+    if (cf->dense_first)
         o.dense_layers = dense_first;
-    fused_open(&X, &o, LC_BATCH, "1");
-    fused_open(&U, &o, LC_BATCH, "1");
-    ck_assert_msg(fkvi_debug_launch_cache(X.c, &launches, &built),
+    fused_open(&X, &o, B, "1");
+    fused_open(&U, &o, B, "1");
+    ck_assert_msg(fkvi_debug_launch_cache(X.c, &launches, &built, &spilled),
                   "the launch cache is off with FKV_CUDA_EXPERIMENTAL=1");
     fkvi_debug_launch_cache_off(U.c);
-    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built));
+    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built, &u_spilled));
     gc_prefill_all(both, 2, prompt, dt, &rng);
     outX = gc_outs(&X);
     outU = gc_outs(&U);
@@ -2222,30 +2242,35 @@ START_TEST(cuda_launch_cache)
         CU_OK(U.c, fkv_sync(U.c));
         gc_same_state(&X, &U, what);
     }
-    ck_assert(fkvi_debug_launch_cache(X.c, &launches, &built));
-    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built));
-    ck_assert(u_launches == 0 && u_built == 0);
+    ck_assert(fkvi_debug_launch_cache(X.c, &launches, &built, &spilled));
+    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built, &u_spilled));
+    ck_assert(u_launches == 0 && u_built == 0 && u_spilled == 0);
     /* Every attend of a layer that selects has two kernels or more (the
-     * selection, the attention): its record repeats on steps 1-3, 5-6 and
-     * 8 (a new batch on steps 4 and 7 is enqueued directly, then built at
-     * its first repeat), so at least 6 graph launches and 3 graphs per such
-     * layer (recalls of two kernels add theirs). Fewer: a record that
-     * changes between identical calls. */
+     * selection, the attention), and so has a recall of two chunks: a
+     * call's record repeats on steps 1-3, 5-6 and 8 (a new batch on steps 4
+     * and 7 is enqueued directly, then built at its first repeat), so at
+     * least 6 graph launches and 3 graphs per such layer. Fewer: a record
+     * that changes between identical calls. A spilling attend makes no
+     * graph, and spills on each of its 27 calls. */
     if (policy != FKV_POLICY_DENSE) {
-        const uint64_t sparse = (uint64_t)(_i == 4 ? 2 : 3);
+        const uint64_t sparse = (uint64_t)(cf->dense_first ? 2 : 3);
         ck_assert_msg(launches >= 6 * sparse && built >= 3 * sparse,
                       "%s: %llu graph launches, %llu graphs built over %llu "
                       "selecting layers (at least 6 and 3 each)",
                       cu_policy_name(policy), (unsigned long long)launches,
                       (unsigned long long)built, (unsigned long long)sparse);
     }
+    ck_assert_msg(cf->spills ? spilled >= 27 : spilled == 0,
+                  "%llu calls spilled their record (config %d)",
+                  (unsigned long long)spilled, _i);
     ck_assert_msg(built <= launches,
                   "%llu graphs built for %llu graph launches",
                   (unsigned long long)built, (unsigned long long)launches);
-    printf("  launch cache %s config %d: %llu graph launches, %llu graphs "
-           "built over 9 steps of 3 layers; outputs byte-identical\n",
-           cu_policy_name(policy), _i, (unsigned long long)launches,
-           (unsigned long long)built);
+    printf("  launch cache %s config %d, %d sequences: %llu graph launches, "
+           "%llu graphs built, %llu spilled calls over 9 steps of 3 layers; "
+           "outputs byte-identical\n",
+           cu_policy_name(policy), _i, B, (unsigned long long)launches,
+           (unsigned long long)built, (unsigned long long)spilled);
     fflush(stdout);
 
     gstep_free(&in);
@@ -2275,7 +2300,7 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_fused_combine"), cuda_fused_combine,
                         0, FUSED_CONFIGS);
     tcase_add_loop_test(tst_tcase(s, "cuda_launch_cache"), cuda_launch_cache,
-                        0, 6);
+                        0, LC_CONFIGS);
     /* These two run only with FKV_CUDA_EXPERIMENTAL=1. */
     tst_add_recall_plan(s);
 #else
