@@ -1756,16 +1756,14 @@ const fkvi_backend_ops fkvi_cuda_backend = {
     .set_pages = cuda_set_pages,
 };
 
-bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built, uint64_t *spilled)
+bool fkvi_debug_launch_cache(const fkv_cache *c,
+                             fkvi_launch_cache_counts *counts)
 {
-    *graph_launches = *graphs_built = *spilled = 0;
+    memset(counts, 0, sizeof *counts);
     if (!c || !c->backend || c->ops != &fkvi_cuda_backend)
         return false;
     const cuda_backend *cb = (const cuda_backend *)c->backend;
-    *graph_launches = cb->launches.graph_launches;
-    *graphs_built = cb->launches.graphs_built;
-    *spilled = cb->launches.spilled_calls;
+    *counts = cb->launches.counts;
     return cb->launches.n_slots > 0;
 }
 

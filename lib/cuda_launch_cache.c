@@ -1,19 +1,22 @@
 /* The launch cache (cuda_launch_cache.h; FKV_CUDA_EXPERIMENTAL).
  *
- * Why it is safe: a graph is only ever built from a record that was just
- * enqueued kernel by kernel without error, and it is launched only for a
- * call whose record is byte-identical to it: the same kernels, grids,
- * shared memory and argument bytes, in the same order on the same stream,
+ * Why it is safe: a graph is only ever built from (or updated to) a record
+ * that was just enqueued kernel by kernel without error, and it is
+ * launched only for a call whose record is byte-identical to it: the same
+ * kernels, grids, shared memory and argument bytes, in the same order,
  * which is what the direct launches would have enqueued. Everything a
  * launch reads that changes between steps is in device memory (the
  * launches take only values that a captured step may replay:
  * kernels/kernels.h), so the same record does the same work.
  *
- * Why a record is built into a graph only when it repeats: a call whose
+ * Why a record becomes a graph only when it repeats: a call whose
  * arguments change every time (an engine that passes fresh q and out
- * buffers each step) then never pays for building graphs it cannot reuse;
- * it pays the recording (a copy of about 1.5 KiB per kernel) and a
- * comparison. */
+ * buffers each step) then never pays for graphs it cannot reuse; it pays
+ * the recording (a copy of about 1.5 KiB per kernel) and a comparison.
+ * Why a slot keeps its graph when the record changes: a serving engine's
+ * batch changes now and then and then holds; the graph of the old batch
+ * is then updated node by node to the new one, instead of being
+ * instantiated again for every layer. */
 #include "cuda_launch_cache.h"
 
 #include <string.h>
@@ -46,49 +49,57 @@ static void copy_record(fkv_launch_record *to, const fkv_launch_record *from)
     memcpy(to->blob, from->blob, from->bytes);
 }
 
-/* The record's launches as a chain of kernel nodes (each node copies its
- * parameters), instantiated without node priorities: the graph's kernels
- * run at the priority of the stream it is launched into, as the direct
- * launches do. */
-static cudaError_t build_graph(const fkv_launch_record *r, cudaGraphExec_t *exec)
+/* Op i of r as kernel node parameters; args (FKV_RECORD_ARGS entries)
+ * point into r's blob, which CUDA copies when it takes the parameters. */
+static void node_params(const fkv_launch_record *r, int32_t i, void **args,
+                        struct cudaKernelNodeParams *p)
 {
-    /* Relaxed for this thread meanwhile: if another stream is being
-     * captured in global mode, a call CUDA deems unsafe would end that
-     * capture (the engine's), not just fail here. */
-    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
-    cudaError_t e = cudaThreadExchangeStreamCaptureMode(&mode);
-    if (e != cudaSuccess)
-        return e;
-    cudaGraph_t g = NULL;
-    e = cudaGraphCreate(&g, 0);
-    cudaGraphNode_t prev = NULL;
+    const fkv_record_op *op = &r->op[i];
     const unsigned char *blob = (const unsigned char *)r->blob;
+    for (int32_t j = 0; j < op->nargs; j++)
+        args[j] = (void *)(blob + op->arg_off[j]);
+    memset(p, 0, sizeof *p);
+    p->func = (void *)op->func;
+    p->gridDim.x = op->grid[0];
+    p->gridDim.y = op->grid[1];
+    p->gridDim.z = op->grid[2];
+    p->blockDim.x = op->block[0];
+    p->blockDim.y = op->block[1];
+    p->blockDim.z = op->block[2];
+    p->sharedMemBytes = op->smem;
+    p->kernelParams = args;
+}
+
+/* r's launches as a chain of kernel nodes, instantiated without node
+ * priorities: the graph's kernels run at the priority of the stream it is
+ * launched into, as the direct launches do. */
+static cudaError_t build_graph(fkv_launch_slot *s, const fkv_launch_record *r)
+{
+    cudaError_t e = cudaGraphCreate(&s->graph, 0);
     for (int32_t i = 0; e == cudaSuccess && i < r->n_ops; i++) {
-        const fkv_record_op *op = &r->op[i];
         void *args[FKV_RECORD_ARGS];
-        for (int32_t j = 0; j < op->nargs; j++)
-            args[j] = (void *)(blob + op->arg_off[j]);
         struct cudaKernelNodeParams p;
-        memset(&p, 0, sizeof p);
-        p.func = (void *)op->func;
-        p.gridDim.x = op->grid[0];
-        p.gridDim.y = op->grid[1];
-        p.gridDim.z = op->grid[2];
-        p.blockDim.x = op->block[0];
-        p.blockDim.y = op->block[1];
-        p.blockDim.z = op->block[2];
-        p.sharedMemBytes = op->smem;
-        p.kernelParams = args;
-        cudaGraphNode_t node = NULL;
-        e = cudaGraphAddKernelNode(&node, g, prev ? &prev : NULL, prev ? 1 : 0, &p);
-        prev = node;
+        node_params(r, i, args, &p);
+        e = cudaGraphAddKernelNode(&s->node[i], s->graph, i ? &s->node[i - 1] : NULL,
+                                   i ? 1 : 0, &p);
     }
+    s->n_nodes = r->n_ops;
     if (e == cudaSuccess)
-        e = cudaGraphInstantiate(exec, g, 0);
-    if (g && cudaGraphDestroy(g) != cudaSuccess)
-        (void)cudaGetLastError();
-    if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess)
-        (void)cudaGetLastError();
+        e = cudaGraphInstantiate(&s->exec, s->graph, 0);
+    return e;
+}
+
+/* An executable graph of as many kernels made r's, node by node (which
+ * leaves launches already enqueued as they were). */
+static cudaError_t update_graph(fkv_launch_slot *s, const fkv_launch_record *r)
+{
+    cudaError_t e = cudaSuccess;
+    for (int32_t i = 0; e == cudaSuccess && i < r->n_ops; i++) {
+        void *args[FKV_RECORD_ARGS];
+        struct cudaKernelNodeParams p;
+        node_params(r, i, args, &p);
+        e = cudaGraphExecKernelNodeSetParams(s->exec, s->node[i], &p);
+    }
     return e;
 }
 
@@ -98,7 +109,56 @@ static void drop_graph(fkv_launch_slot *s)
      * when it completes. */
     if (s->exec && cudaGraphExecDestroy(s->exec) != cudaSuccess)
         (void)cudaGetLastError();
+    if (s->graph && cudaGraphDestroy(s->graph) != cudaSuccess)
+        (void)cudaGetLastError();
     s->exec = NULL;
+    s->graph = NULL;
+    s->n_nodes = 0;
+    s->fresh = false;
+}
+
+/* Makes s's executable graph hold r's launches (r is s->seen): as it is,
+ * updated in place where it has r's kernel count (a batch that changed
+ * and then repeats: far cheaper than a new instance), else built anew.
+ * False where none can be had: the slot enqueues directly until its record
+ * changes. The calls run with this thread's capture mode relaxed: if
+ * another stream is being captured in global mode, a call CUDA deems
+ * unsafe would end that capture (the engine's), not just fail here. */
+static bool graph_for(fkv_launch_cache *lc, fkv_launch_slot *s,
+                      const fkv_launch_record *r)
+{
+    if (s->exec && s->fresh)
+        return true;
+    if (s->broken)
+        return false;
+    enum cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    if (s->exec && s->n_nodes == r->n_ops) {
+        if (update_graph(s, r) == cudaSuccess) {
+            lc->counts.graphs_updated++;
+            s->fresh = true;
+        } else {
+            (void)cudaGetLastError();
+        }
+    }
+    if (!s->fresh) {
+        drop_graph(s);
+        if (build_graph(s, r) == cudaSuccess) {
+            lc->counts.graphs_built++;
+            s->fresh = true;
+        } else {
+            /* Not an error of the call: the launches go as they are. */
+            (void)cudaGetLastError();
+            drop_graph(s);
+            s->broken = true;
+        }
+    }
+    if (cudaThreadExchangeStreamCaptureMode(&mode) != cudaSuccess)
+        (void)cudaGetLastError();
+    return s->fresh;
 }
 
 bool fkvi_launch_cache_init(fkv_launch_cache *lc, const fkvi_mem *m,
@@ -158,31 +218,21 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     }
     /* One kernel gains nothing from a graph; a spilled record has been
      * enqueued already. */
-    lc->spilled_calls += r->spilled != 0;
+    lc->counts.spilled_calls += r->spilled != 0;
     if (r->spilled || r->n_ops < 2 || slot < 0 || slot >= lc->n_slots)
         return fkv_record_enqueue(r);
     fkv_launch_slot *s = &lc->slot[slot];
     if (s->have_seen && same_record(s->seen, r)) {
-        if (!s->exec && !s->broken) {
-            if (build_graph(r, &s->exec) == cudaSuccess) {
-                lc->graphs_built++;
-            } else {
-                /* Not an error of the call: the launches go as they are. */
-                (void)cudaGetLastError();
-                s->exec = NULL;
-                s->broken = true;
-            }
-        }
-        if (!s->exec)
+        if (!graph_for(lc, s, r))
             return fkv_record_enqueue(r);
         e = cudaGraphLaunch(s->exec, r->stream);
         if (e == cudaSuccess)
-            lc->graph_launches++;
+            lc->counts.graph_launches++;
         return e;
     }
-    /* Another record than last time: as it is, and kept for the next call
-     * (its graph, if any, no longer applies). */
-    drop_graph(s);
+    /* Another record than last time: as it is, and kept for the next call;
+     * the graph stays, to be updated to it if it repeats. */
+    s->fresh = false;
     s->broken = false;
     e = fkv_record_enqueue(r);
     s->have_seen = e == cudaSuccess;

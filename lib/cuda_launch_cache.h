@@ -19,20 +19,24 @@
 typedef struct fkv_launch_slot {
     fkv_launch_record *seen; /* the slot's last record enqueued */
     bool have_seen;
-    /* seen as a graph (a chain of kernel nodes); NULL: not built, or
-     * building it failed (`broken`: the slot enqueues directly from then
-     * on) */
+    /* A chain of n_nodes kernel nodes (graph, node: its template, kept to
+     * update exec's nodes in place) and its executable graph; NULL: not
+     * built, or building it failed (`broken`: the slot enqueues directly
+     * until its record changes). `fresh`: exec holds seen's launches; else
+     * those of an earlier record, which an update of each node's
+     * parameters turns into seen's where the kernel counts agree. */
+    cudaGraph_t graph;
     cudaGraphExec_t exec;
-    bool broken;
+    cudaGraphNode_t node[FKV_RECORD_OPS];
+    int32_t n_nodes;
+    bool fresh, broken;
 } fkv_launch_slot;
 
 typedef struct fkv_launch_cache {
     int32_t n_slots;          /* 0: off */
     fkv_launch_slot *slot;
     fkv_launch_record *scratch; /* the call being recorded */
-    uint64_t graph_launches;  /* fkvi_debug_launch_cache */
-    uint64_t graphs_built;
-    uint64_t spilled_calls;
+    fkvi_launch_cache_counts counts;
 } fkv_launch_cache;
 
 /* Slot of layer l's fkv_attend and fkv_recall. */

@@ -240,12 +240,17 @@ fkv_status fkvi_debug_audit(fkv_cache *c);
  * about a user pointer (its allocation was not among those remembered);
  * 0 for other backends. */
 uint64_t fkvi_debug_pointer_queries(const fkv_cache *c);
-/* Tests only (CUDA): whether the launch cache is on (FKV_CUDA_EXPERIMENTAL),
- * and its graph launches, graphs built and calls whose record spilled so
- * far; and turning it off for a twin that launches the same kernels
- * directly. */
-bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built, uint64_t *spilled);
+/* What the CUDA backend's launch cache (FKV_CUDA_EXPERIMENTAL) has done. */
+typedef struct fkvi_launch_cache_counts {
+    uint64_t graph_launches;
+    uint64_t graphs_built;   /* instantiated */
+    uint64_t graphs_updated; /* an earlier record's graph updated in place */
+    uint64_t spilled_calls;  /* records that outgrew a record */
+} fkvi_launch_cache_counts;
+/* Tests only (CUDA): whether the launch cache is on, and its counts so far;
+ * and turning it off for a twin that launches the same kernels directly. */
+bool fkvi_debug_launch_cache(const fkv_cache *c,
+                             fkvi_launch_cache_counts *counts);
 void fkvi_debug_launch_cache_off(fkv_cache *c);
 
 /* options.c */

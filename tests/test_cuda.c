@@ -64,6 +64,8 @@
 
 #ifdef FKV_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "internal.h" /* the launch cache's test hooks (libfreekv.a) */
 #endif
 
 #ifndef TST_CUDA_PEER
@@ -1869,7 +1871,6 @@ END_TEST
 /* 6. cuda_pointer_checks                                                 */
 /* ====================================================================== */
 
-uint64_t fkvi_debug_pointer_queries(const fkv_cache *c); /* libfreekv.a */
 
 /* The user tensors are checked once per allocation: a decode step with the
  * tensors of the step before asks CUDA nothing; rows at an offset inside
@@ -2131,27 +2132,25 @@ END_TEST
 /* cuda_launch_cache                                                      */
 /* ====================================================================== */
 
-bool fkvi_debug_launch_cache(const fkv_cache *c, uint64_t *graph_launches,
-                             uint64_t *graphs_built,
-                             uint64_t *spilled); /* libfreekv.a */
-void fkvi_debug_launch_cache_off(fkv_cache *c);
-
 typedef struct lc_cfg {
     fkv_policy policy;
     int bounded;     /* FKV_CRITERION_BOUNDED */
     int dense_first; /* dense_layers = {1, 0, 0} */
     int batch;       /* sequences; the middle steps run one fewer */
     int spills;      /* the attend's record outgrows a record */
+    int rebuilds;    /* one fewer sequence is one launch chunk fewer */
 } lc_cfg;
-/* The last: 70 sequences are three launch chunks, and BOUNDED's four
- * kernels a chunk outgrow a record's 16 KiB in the third, so the attend
- * spills (its recorded kernels first, the rest straight to the stream)
- * while the recall (two kernels a chunk) is still cached. */
+/* 33 sequences are two launch chunks and 32 one: the attend's graph then
+ * has other kernel counts, so it is built again instead of updated. 70
+ * are three chunks, and BOUNDED's four kernels a chunk outgrow a record's
+ * 16 KiB in the third, so the attend spills (its recorded kernels first,
+ * the rest straight to the stream) while the recall (two kernels a chunk)
+ * is still cached. */
 static const lc_cfg k_lc[] = {
-    {FKV_POLICY_FREEKV, 0, 0, 3, 0},   {FKV_POLICY_FREEKV, 1, 0, 3, 0},
-    {FKV_POLICY_SYNC, 0, 0, 3, 0},     {FKV_POLICY_RESIDENT, 0, 0, 3, 0},
-    {FKV_POLICY_FREEKV, 0, 1, 3, 0},   {FKV_POLICY_DENSE, 0, 0, 3, 0},
-    {FKV_POLICY_FREEKV, 1, 0, 70, 1},
+    {FKV_POLICY_FREEKV, 0, 0, 3, 0, 0},  {FKV_POLICY_FREEKV, 1, 0, 3, 0, 0},
+    {FKV_POLICY_SYNC, 0, 0, 3, 0, 0},    {FKV_POLICY_RESIDENT, 0, 0, 3, 0, 0},
+    {FKV_POLICY_FREEKV, 0, 1, 3, 0, 0},  {FKV_POLICY_DENSE, 0, 0, 3, 0, 0},
+    {FKV_POLICY_FREEKV, 0, 0, 33, 0, 1}, {FKV_POLICY_FREEKV, 1, 0, 70, 1, 0},
 };
 #define LC_CONFIGS ((int)(sizeof k_lc / sizeof k_lc[0]))
 
@@ -2178,10 +2177,11 @@ static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
  * way with the cache turned off, so both run the same kernels with the
  * same arguments, X's as graph launches where a call repeats. Steps: 4 over
  * the whole batch (the second of each call builds its graph, the next ones
- * replay it), 3 over one sequence fewer (other records: direct, then a new
- * graph), 2 over the whole batch again. Every step's outputs are
- * byte-identical to U's, and so are the lengths, selections and counters;
- * X made graph launches wherever a call has two kernels or more. */
+ * replay it), 3 over one sequence fewer (other records: direct, then the
+ * graph updated in place, or built again where the kernel count changed),
+ * 2 over the whole batch again. Every step's outputs are byte-identical to
+ * U's, and so are the lengths, selections and counters; X made graph
+ * launches wherever a call has two kernels or more. */
 START_TEST(cuda_launch_cache)
 {
     const lc_cfg *cf = &k_lc[_i];
@@ -2197,8 +2197,7 @@ START_TEST(cuda_launch_cache)
     gstep in;
     unsigned char **outX, **outU;
     uint64_t rng = 0x7D0000ull + (uint64_t)_i;
-    uint64_t launches = 0, built = 0, spilled = 0;
-    uint64_t u_launches = 0, u_built = 0, u_spilled = 0;
+    fkvi_launch_cache_counts n, un;
     ref_rng qr;
     char what[96];
     int step, i;
@@ -2222,10 +2221,10 @@ START_TEST(cuda_launch_cache)
         o.dense_layers = dense_first;
     fused_open(&X, &o, B, "1");
     fused_open(&U, &o, B, "1");
-    ck_assert_msg(fkvi_debug_launch_cache(X.c, &launches, &built, &spilled),
+    ck_assert_msg(fkvi_debug_launch_cache(X.c, &n),
                   "the launch cache is off with FKV_CUDA_EXPERIMENTAL=1");
     fkvi_debug_launch_cache_off(U.c);
-    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built, &u_spilled));
+    ck_assert(!fkvi_debug_launch_cache(U.c, &un));
     gc_prefill_all(both, 2, prompt, dt, &rng);
     outX = gc_outs(&X);
     outU = gc_outs(&U);
@@ -2242,35 +2241,46 @@ START_TEST(cuda_launch_cache)
         CU_OK(U.c, fkv_sync(U.c));
         gc_same_state(&X, &U, what);
     }
-    ck_assert(fkvi_debug_launch_cache(X.c, &launches, &built, &spilled));
-    ck_assert(!fkvi_debug_launch_cache(U.c, &u_launches, &u_built, &u_spilled));
-    ck_assert(u_launches == 0 && u_built == 0 && u_spilled == 0);
+    ck_assert(fkvi_debug_launch_cache(X.c, &n));
+    ck_assert(!fkvi_debug_launch_cache(U.c, &un));
+    ck_assert(un.graph_launches == 0 && un.graphs_built == 0 &&
+              un.graphs_updated == 0 && un.spilled_calls == 0);
     /* Every attend of a layer that selects has two kernels or more (the
      * selection, the attention), and so has a recall of two chunks: a
      * call's record repeats on steps 1-3, 5-6 and 8 (a new batch on steps 4
-     * and 7 is enqueued directly, then built at its first repeat), so at
-     * least 6 graph launches and 3 graphs per such layer. Fewer: a record
-     * that changes between identical calls. A spilling attend makes no
-     * graph, and spills on each of its 27 calls. */
-    if (policy != FKV_POLICY_DENSE) {
+     * and 7 is enqueued directly, then its graph made at its first
+     * repeat), so at least 6 graph launches per such layer, one graph built
+     * and two updates (or three builds where the kernel count changes).
+     * Fewer: a record that changes between identical calls. A spilling
+     * attend makes no graph, and spills on each of its 27 calls. */
+    if (cf->policy != FKV_POLICY_DENSE) {
         const uint64_t sparse = (uint64_t)(cf->dense_first ? 2 : 3);
-        ck_assert_msg(launches >= 6 * sparse && built >= 3 * sparse,
-                      "%s: %llu graph launches, %llu graphs built over %llu "
-                      "selecting layers (at least 6 and 3 each)",
-                      cu_policy_name(policy), (unsigned long long)launches,
-                      (unsigned long long)built, (unsigned long long)sparse);
+        ck_assert_msg(n.graph_launches >= 6 * sparse &&
+                          n.graphs_built >= (cf->rebuilds ? 3 : 1) * sparse &&
+                          (cf->rebuilds || n.graphs_updated >= 2 * sparse),
+                      "%s config %d: %llu graph launches, %llu graphs built, "
+                      "%llu updated over %llu selecting layers",
+                      cu_policy_name(policy), _i,
+                      (unsigned long long)n.graph_launches,
+                      (unsigned long long)n.graphs_built,
+                      (unsigned long long)n.graphs_updated,
+                      (unsigned long long)sparse);
     }
-    ck_assert_msg(cf->spills ? spilled >= 27 : spilled == 0,
+    ck_assert_msg(cf->spills ? n.spilled_calls >= 27 : n.spilled_calls == 0,
                   "%llu calls spilled their record (config %d)",
-                  (unsigned long long)spilled, _i);
-    ck_assert_msg(built <= launches,
-                  "%llu graphs built for %llu graph launches",
-                  (unsigned long long)built, (unsigned long long)launches);
+                  (unsigned long long)n.spilled_calls, _i);
+    ck_assert_msg(n.graphs_built + n.graphs_updated <= n.graph_launches,
+                  "%llu graphs built and %llu updated for %llu graph launches",
+                  (unsigned long long)n.graphs_built,
+                  (unsigned long long)n.graphs_updated,
+                  (unsigned long long)n.graph_launches);
     printf("  launch cache %s config %d, %d sequences: %llu graph launches, "
-           "%llu graphs built, %llu spilled calls over 9 steps of 3 layers; "
-           "outputs byte-identical\n",
-           cu_policy_name(policy), _i, B, (unsigned long long)launches,
-           (unsigned long long)built, (unsigned long long)spilled);
+           "%llu graphs built, %llu updated, %llu spilled calls over 9 steps "
+           "of 3 layers; outputs byte-identical\n",
+           cu_policy_name(policy), _i, B, (unsigned long long)n.graph_launches,
+           (unsigned long long)n.graphs_built,
+           (unsigned long long)n.graphs_updated,
+           (unsigned long long)n.spilled_calls);
     fflush(stdout);
 
     gstep_free(&in);
