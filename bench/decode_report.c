@@ -51,7 +51,7 @@ void csv_header(FILE *f)
                "recall_bound_ms,attend_bound_ms,lower_bound_ms,prefill_s,"
                "criterion,min_mass,max_pages,graph,lib_host_ms,gemm_host_ms,"
                "pages_critical_per_step,bound_ratio,reserve_s,lib_append_ms,"
-               "lib_attend_ms,lib_select_ms,lib_recall_ms\n");
+               "lib_attend_ms,lib_select_ms,lib_recall_ms,lib_graphs_per_step\n");
 }
 
 /* A number, or nothing for NAN. */
@@ -97,7 +97,8 @@ void csv_row(FILE *f, const engine *e, const args *a, const result *r)
                      ok ? r->reserve_s : NAN, ok ? r->lib_call_ms[CALL_APPEND] : NAN,
                      ok ? r->lib_call_ms[CALL_ATTEND] : NAN,
                      ok ? r->lib_call_ms[CALL_SELECT] : NAN,
-                     ok ? r->lib_call_ms[CALL_RECALL] : NAN};
+                     ok ? r->lib_call_ms[CALL_RECALL] : NAN,
+                     ok ? r->lib_graphs : NAN};
     for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
         csv_num(f, more[i]);
     fputc('\n', f);
@@ -120,19 +121,23 @@ static int cmp_result(const void *x, const void *y)
  * path's enqueue cost by call; none under --graph). */
 static void print_call_table(const result *res, int n)
 {
-    int rows = 0;
-    for (int i = 0; i < n; i++)
+    int rows = 0, graphs = 0;
+    for (int i = 0; i < n; i++) {
         rows += res[i].status == RUN_OK && res[i].lib_call_ms[0] == res[i].lib_call_ms[0];
+        graphs |= res[i].status == RUN_OK && res[i].lib_graphs == res[i].lib_graphs;
+    }
     if (rows == 0)
         return;
     bench_table t;
-    bench_table_init(&t, 4 + CALL_KINDS);
+    bench_table_init(&t, 4 + CALL_KINDS + graphs);
     bench_table_add(&t, "%s", "context");
     bench_table_add(&t, "%s", "batch");
     bench_table_add(&t, "%s", "policy");
     bench_table_add(&t, "%s", "lib ms");
     for (int k = 0; k < CALL_KINDS; k++)
         bench_table_add(&t, "%s ms", call_names[k]);
+    if (graphs)
+        bench_table_add(&t, "%s", "graphs/st");
     for (int i = 0; i < n; i++) {
         const result *r = &res[i];
         if (r->status != RUN_OK || r->lib_call_ms[0] != r->lib_call_ms[0])
@@ -143,8 +148,12 @@ static void print_call_table(const result *res, int n)
         bench_table_add(&t, "%.3f", r->lib_host_ms);
         for (int k = 0; k < CALL_KINDS; k++)
             bench_table_add(&t, "%.3f", r->lib_call_ms[k]);
+        if (graphs)
+            bench_table_add(&t, "%.1f", r->lib_graphs);
     }
-    printf("host time inside each fkv call per step (eager rows, medians):\n");
+    printf("host time inside each fkv call per step (eager rows, medians)%s:\n",
+           graphs ? "; graphs/st: the launch cache's graph launches per step "
+                    "(FKV_CUDA_EXPERIMENTAL)" : "");
     bench_table_print(&t, stdout);
     bench_table_free(&t);
 }

@@ -8,6 +8,8 @@
 
 #ifdef FKV_WITH_CUDA
 #include <cuda_profiler_api.h>
+
+#include "internal.h" /* fkvi_debug_launch_cache: the launch cache's counts */
 #endif
 
 /* ------------------------------------------------------------------------ */
@@ -135,7 +137,21 @@ static void decode_step(run_ctx *rc, int t, int with_fkv)
 typedef struct step_times {
     double *ms, *host, *lib, *gemm;
     double *call[CALL_KINDS]; /* lib by call */
+    double graphs; /* launch cache graph launches per timed eager step */
 } step_times;
+
+/* The launch cache's graph launches so far (NAN: off, or not CUDA). */
+static double cache_graph_launches(const fkv_cache *c)
+{
+#ifdef FKV_WITH_CUDA
+    fkvi_launch_cache_counts n;
+    if (c && fkvi_debug_launch_cache(c, &n))
+        return (double)n.graph_launches;
+#else
+    (void)c;
+#endif
+    return NAN;
+}
 
 static void step_times_alloc(step_times *st, int steps)
 {
@@ -145,6 +161,7 @@ static void step_times_alloc(step_times *st, int steps)
     st->gemm = bench_xmalloc((size_t)steps * sizeof *st->gemm);
     for (int k = 0; k < CALL_KINDS; k++)
         st->call[k] = bench_xmalloc((size_t)steps * sizeof *st->call[k]);
+    st->graphs = NAN; /* replays: the cache is bypassed under capture */
 }
 
 static void step_times_free(step_times *st)
@@ -317,6 +334,7 @@ static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
     if (e->backend == FKV_BACKEND_CUDA && with_fkv)
         BENCH_CUDA_CHECK(cudaProfilerStart());
 #endif
+    const double graphs0 = with_fkv ? cache_graph_launches(rc->cache) : NAN;
     for (int i = 0; i < steps; i++) {
         bench_timer_start(&tm);
         decode_step(rc, t0 + warmup + i, with_fkv);
@@ -328,6 +346,8 @@ static bool time_steps(run_ctx *rc, int t0, int warmup, int steps,
         /* Waits for the step, as an engine waits for its sampled token. */
         out->ms[i] = bench_timer_elapsed_ms(&tm);
     }
+    out->graphs = with_fkv ? (cache_graph_launches(rc->cache) - graphs0) / steps
+                           : NAN;
 #ifdef FKV_WITH_CUDA
     if (e->backend == FKV_BACKEND_CUDA && with_fkv)
         BENCH_CUDA_CHECK(cudaProfilerStop());
@@ -444,6 +464,7 @@ static void measure(run_ctx *rc, const fkv_seq_id *seqs, fkv_policy policy,
     res->lib_host_ms = bench_median(tt.lib, (size_t)a->steps);
     for (int k = 0; k < CALL_KINDS; k++)
         res->lib_call_ms[k] = bench_median(tt.call[k], (size_t)a->steps);
+    res->lib_graphs = tt.graphs;
     res->gemm_host_ms = bench_median(tt.gemm, (size_t)a->steps);
     res->crit_pages = (double)st.pages_recalled_critical / n_steps;
     if (!rc->e->use_gemm)
