@@ -89,7 +89,7 @@ __global__ void rec_split(fkv_dev_geometry, fkv_dev_state, fkv_dev_batch, int32_
 __global__ void rec_combine(fkv_dev_state, fkv_dev_batch, int32_t, int32_t, void *) {}
 
 /* Host time of recording an attend's four launches and comparing the
- * record with the previous call's (what fkvi_launch_cache_end compares),
+ * record with the previous call's (fkv_record_same, as fkvi_launch_cache_end),
  * median over reps of calls x the mean; CUDA is not called. */
 double record_compare_us(int reps, int calls)
 {
@@ -118,10 +118,8 @@ double record_compare_us(int reps, int calls)
             (void)fkv::enqueue(rec_combine, dim3(32), 128, 128, nullptr, st, b, 32, 16,
                                (void *)nullptr);
             fkv_record_end();
-            if (k == 0 && i == 0) seen = r;
-            same += r.bytes == seen.bytes &&
-                    memcmp(r.op, seen.op, sizeof r.op[0] * (size_t)r.n_ops) == 0 &&
-                    memcmp(r.blob, seen.blob, r.bytes) == 0;
+            if (k == 0 && i == 0) fkv_record_copy(&seen, &r);
+            same += fkv_record_same(&r, &seen);
         }
         x[k] = (bench_now_ms() - t0) * 1000.0 / calls;
     }

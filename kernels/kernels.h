@@ -253,6 +253,12 @@ fkv_launch_record *fkv_recording(void);
 /* Enqueues the record's launches on its stream in order (nothing if it
  * spilled: those were enqueued then). */
 cudaError_t fkv_record_enqueue(const fkv_launch_record *r);
+/* 1 where two records enqueue the same work (the ops and the argument
+ * bytes in use compared, not the whole arrays; the stream is not part of
+ * it); 0 otherwise. */
+int32_t fkv_record_same(const fkv_launch_record *a, const fkv_launch_record *b);
+/* Copies the part of `from` in use into `to`. */
+void fkv_record_copy(fkv_launch_record *to, const fkv_launch_record *from);
 
 /* Sets the "-1" arrays of (slot, layer) of a freshly opened slot and
  * zeroes its length; g is the layer's geometry. */

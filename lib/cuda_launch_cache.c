@@ -21,34 +21,6 @@
 
 #include <string.h>
 
-/* Whether two records enqueue the same work: the ops and the argument bytes
- * in use are compared (and copied below), not the whole arrays. */
-static bool same_record(const fkv_launch_record *a, const fkv_launch_record *b)
-{
-    if (a->n_ops != b->n_ops || a->bytes != b->bytes)
-        return false;
-    for (int32_t i = 0; i < a->n_ops; i++) {
-        const fkv_record_op *x = &a->op[i], *y = &b->op[i];
-        if (x->func != y->func || x->smem != y->smem || x->nargs != y->nargs ||
-            memcmp(x->grid, y->grid, sizeof x->grid) != 0 ||
-            memcmp(x->block, y->block, sizeof x->block) != 0 ||
-            memcmp(x->arg_off, y->arg_off,
-                   (size_t)x->nargs * sizeof x->arg_off[0]) != 0)
-            return false;
-    }
-    return memcmp(a->blob, b->blob, a->bytes) == 0;
-}
-
-static void copy_record(fkv_launch_record *to, const fkv_launch_record *from)
-{
-    to->stream = from->stream;
-    to->n_ops = from->n_ops;
-    to->spilled = from->spilled;
-    to->bytes = from->bytes;
-    memcpy(to->op, from->op, (size_t)from->n_ops * sizeof from->op[0]);
-    memcpy(to->blob, from->blob, from->bytes);
-}
-
 /* Op i of r as kernel node parameters; args (FKV_RECORD_ARGS entries)
  * point into r's blob, which CUDA copies when it takes the parameters. */
 static void node_params(const fkv_launch_record *r, int32_t i, void **args,
@@ -222,7 +194,7 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     if (r->spilled || r->n_ops < 2 || slot < 0 || slot >= lc->n_slots)
         return fkv_record_enqueue(r);
     fkv_launch_slot *s = &lc->slot[slot];
-    if (s->have_seen && same_record(s->seen, r)) {
+    if (s->have_seen && fkv_record_same(s->seen, r)) {
         if (!graph_for(lc, s, r))
             return fkv_record_enqueue(r);
         e = cudaGraphLaunch(s->exec, r->stream);
@@ -237,6 +209,6 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     e = fkv_record_enqueue(r);
     s->have_seen = e == cudaSuccess;
     if (s->have_seen)
-        copy_record(s->seen, r);
+        fkv_record_copy(s->seen, r);
     return e;
 }

@@ -1078,18 +1078,27 @@ static void gc_get(gcache *gc, unsigned char **out)
     CK_CUDA(cudaStreamSynchronize(gc->s));
 }
 
-/* One eager decode step of every layer from the fixed tensors. */
-static void gc_step(gcache *gc)
+/* One eager decode step of every layer from the fixed tensors, over the
+ * first n sequences (their first n rows); fkv_select with the attend's
+ * query, or with NULL (keep the attend's selection) unless select_q. */
+static void gc_step_n(gcache *gc, int n, int select_q)
 {
     fkv_batch b;
     int l;
     gc_batch(gc, &b, NULL);
+    b.num_seqs = n;
     for (l = 0; l < gc->L; ++l) {
         CU_OK(gc->c, fkv_append(gc->c, l, &b, gc->dk[l], gc->dv[l]));
         CU_OK(gc->c, fkv_attend(gc->c, l, &b, gc->dq[l], gc->dout[l]));
-        CU_OK(gc->c, fkv_select(gc->c, l, &b, gc->dq[l]));
+        CU_OK(gc->c, fkv_select(gc->c, l, &b, select_q ? gc->dq[l] : NULL));
         CU_OK(gc->c, fkv_recall(gc->c, l, &b));
     }
+}
+
+/* The whole batch, selecting with the query. */
+static void gc_step(gcache *gc)
+{
+    gc_step_n(gc, gc->B, 1);
 }
 
 /* Inputs, one eager step, outputs. */
@@ -2154,21 +2163,12 @@ static const lc_cfg k_lc[] = {
 };
 #define LC_CONFIGS ((int)(sizeof k_lc / sizeof k_lc[0]))
 
-/* One eager step of every layer over the first n sequences (the fixed
- * tensors' first n rows); out as gc_get. */
+/* Inputs, one eager step over the first n sequences with fkv_select(NULL)
+ * (nothing launched between the attend and the recall), outputs. */
 static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
 {
-    fkv_batch b;
-    int l;
     gc_put(gc, in);
-    gc_batch(gc, &b, NULL);
-    b.num_seqs = n;
-    for (l = 0; l < gc->L; ++l) {
-        CU_OK(gc->c, fkv_append(gc->c, l, &b, gc->dk[l], gc->dv[l]));
-        CU_OK(gc->c, fkv_attend(gc->c, l, &b, gc->dq[l], gc->dout[l]));
-        CU_OK(gc->c, fkv_select(gc->c, l, &b, NULL));
-        CU_OK(gc->c, fkv_recall(gc->c, l, &b));
-    }
+    gc_step_n(gc, n, 0);
     gc_get(gc, out);
 }
 
