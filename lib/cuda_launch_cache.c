@@ -194,7 +194,7 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     if (r->spilled || r->n_ops < 2 || slot < 0 || slot >= lc->n_slots)
         return fkv_record_enqueue(r);
     fkv_launch_slot *s = &lc->slot[slot];
-    if (s->have_seen && fkv_record_same(s->seen, r)) {
+    if (fkv_record_same(s->seen, r)) {
         if (!graph_for(lc, s, r))
             return fkv_record_enqueue(r);
         e = cudaGraphLaunch(s->exec, r->stream);
@@ -207,8 +207,9 @@ cudaError_t fkvi_launch_cache_end(fkv_launch_cache *lc, int32_t slot,
     s->fresh = false;
     s->broken = false;
     e = fkv_record_enqueue(r);
-    s->have_seen = e == cudaSuccess;
-    if (s->have_seen)
+    if (e == cudaSuccess)
         fkv_record_copy(s->seen, r);
+    else
+        s->seen->n_ops = 0;
     return e;
 }

@@ -17,8 +17,9 @@
 #include "kernels.h"
 
 typedef struct fkv_launch_slot {
-    fkv_launch_record *seen; /* the slot's last record enqueued */
-    bool have_seen;
+    /* the slot's last record enqueued; none: no ops (a call with fewer
+     * than two kernels is never kept, so it matches no call) */
+    fkv_launch_record *seen;
     /* A chain of n_nodes kernel nodes (graph, node: its template, kept to
      * update exec's nodes in place) and its executable graph; NULL: not
      * built, or building it failed (`broken`: the slot enqueues directly
