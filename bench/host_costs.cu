@@ -94,14 +94,10 @@ __global__ void rec_combine(fkv_dev_state, fkv_dev_batch, int32_t, int32_t, void
 double record_compare_us(int reps, int calls)
 {
     static fkv_launch_record r, seen;
-    fkv_dev_geometry g;
-    fkv_dev_state st;
-    fkv_dev_batch b;
-    regions rt;
-    memset(&g, 0, sizeof g);
-    memset(&st, 0, sizeof st);
-    memset(&b, 0, sizeof b);
-    memset(&rt, 0, sizeof rt);
+    fkv_dev_geometry g{};
+    fkv_dev_state st{};
+    fkv_dev_batch b{};
+    regions rt{};
     b.n = 1;
     double *x = (double *)calloc((size_t)reps, sizeof(double));
     int same = 0;
@@ -194,12 +190,9 @@ int main(int argc, char **argv)
     BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     BENCH_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
     BENCH_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-    fkv_dev_geometry g;
-    fkv_dev_state st;
-    fkv_dev_batch b;
-    memset(&g, 0, sizeof g);
-    memset(&st, 0, sizeof st);
-    memset(&b, 0, sizeof b);
+    fkv_dev_geometry g{};
+    fkv_dev_state st{};
+    fkv_dev_batch b{};
     const size_t lib_bytes = sizeof g + sizeof st + sizeof b + sizeof(int32_t);
 
     bench_table t;
