@@ -126,8 +126,8 @@ int main(int argc, char **argv)
             "selected pages), threshold %s, criterion %s", a.page, a.budget,
             a.sink, a.window, K, taus, criterion_name(a.criterion));
     if (a.criterion == FKV_CRITERION_BOUNDED)
-        fprintf(stderr, " (min mass %g, max pages %d)", a.min_mass,
-                a.max_pages);
+        fprintf(stderr, " (min mass %g, max pages %d, speculative mass %g)",
+                a.min_mass, a.max_pages, a.spec_mass);
     fprintf(stderr, "%s%s\n", a.graph ? "; timed steps replay a CUDA graph"
                                        : "",
             a.select_q ? "; fkv_select given the query" : "");

@@ -39,6 +39,7 @@ typedef struct args {
     int criterion;                   /* fkv_correction_criterion */
     double min_mass;                 /* BOUNDED */
     int max_pages;                   /* BOUNDED */
+    double spec_mass;                /* BOUNDED: speculative_min_mass */
     int graph;                       /* --graph: replay a captured step */
     int reserve;                     /* --reserve: time the pool apart */
     int select_q;                    /* --select-q: fkv_select(q), not NULL */

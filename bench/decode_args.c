@@ -55,6 +55,8 @@ void usage(FILE *f)
         "                        the rows say \"unsupported\"\n"
         "  --min-mass X --max-pages N   bounded's correction_min_mass (default\n"
         "                        0.002) and correction_max_pages (default 32)\n"
+        "  --spec-mass X         bounded's speculative_min_mass (default 0: the\n"
+        "                        speculative recall moves the whole top-K)\n"
         "  --graph               (CUDA) capture one whole decode step (every\n"
         "                        layer's fkv calls and GEMMs) in a CUDA graph\n"
         "                        after the warm-up, replay it for the timed\n"
@@ -139,6 +141,7 @@ void parse_args(int argc, char **argv, args *a, int smoke_sizes)
         a->criterion = lib.correction_criterion;
         a->min_mass = lib.correction_min_mass;
         a->max_pages = lib.correction_max_pages;
+        a->spec_mass = lib.speculative_min_mass;
     }
     a->contexts[0] = 8192;
     a->contexts[1] = 32768;
@@ -219,6 +222,7 @@ void parse_args(int argc, char **argv, args *a, int smoke_sizes)
             "--steps", "--warmup", "--churn-steps", "--prefill-chunk",
             "--page", "--budget", "--sink", "--window", "--threshold", "--trace",
             "--thresholds", "--criterion", "--min-mass", "--max-pages",
+            "--spec-mass",
             "--host-mem-gib", "--time-limit", "--backend", "--device", "--csv",
             "--seed"};
         size_t flag_len = eq ? (size_t)(eq - flag) : strlen(flag);
@@ -311,6 +315,8 @@ void parse_args(int argc, char **argv, args *a, int smoke_sizes)
                 bench_die("--criterion: cosine or bounded, not '%s'", val);
         } else if (!strcmp(name, "--min-mass"))
             a->min_mass = parse_double(name, val);
+        else if (!strcmp(name, "--spec-mass"))
+            a->spec_mass = parse_double(name, val);
         else if (!strcmp(name, "--max-pages"))
             a->max_pages = parse_int(name, val, 0, 1 << 20);
         else if (!strcmp(name, "--trace")) {

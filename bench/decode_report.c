@@ -51,7 +51,8 @@ void csv_header(FILE *f)
                "recall_bound_ms,attend_bound_ms,lower_bound_ms,prefill_s,"
                "criterion,min_mass,max_pages,graph,lib_host_ms,gemm_host_ms,"
                "pages_critical_per_step,bound_ratio,reserve_s,lib_append_ms,"
-               "lib_attend_ms,lib_select_ms,lib_recall_ms,lib_graphs_per_step\n");
+               "lib_attend_ms,lib_select_ms,lib_recall_ms,lib_graphs_per_step,"
+               "spec_mass\n");
 }
 
 /* A number, or nothing for NAN. */
@@ -101,7 +102,7 @@ void csv_row(FILE *f, const engine *e, const args *a, const result *r)
                      ok ? r->lib_graphs : NAN};
     for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
         csv_num(f, more[i]);
-    fputc('\n', f);
+    fprintf(f, ",%g\n", a->spec_mass);
     fflush(f);
 }
 

@@ -623,6 +623,7 @@ void run_config(engine *e, const args *a, int ci, int bi,
     o.correction_criterion = a->criterion;
     o.correction_min_mass = (float)a->min_mass;
     o.correction_max_pages = a->max_pages;
+    o.speculative_min_mass = (float)a->spec_mass;
     o.policy = policy;
     o.max_sequences = batch;
     o.max_tokens_per_sequence = ctx + T;

@@ -35,8 +35,8 @@ extern "C" {
 /* ------------------------------------------------------------------------ */
 
 #define FKV_VERSION_MAJOR 0
-#define FKV_VERSION_MINOR 4
-#define FKV_VERSION_PATCH 2
+#define FKV_VERSION_MINOR 5
+#define FKV_VERSION_PATCH 0
 #define FKV_VERSION_NUMBER \
     (FKV_VERSION_MAJOR * 10000 + FKV_VERSION_MINOR * 100 + FKV_VERSION_PATCH)
 
@@ -197,6 +197,16 @@ typedef struct fkv_options {
      * head_dim * elem_size bytes per token of capacity
      * (max_tokens_per_sequence) per sequence and dense layer. */
     const uint8_t *dense_layers;
+
+    /* Speculative set under BOUNDED (added in 0.5; a caller compiled
+     * against an older header gets 0). 0: the set fkv_attend leaves for
+     * the next step's speculative recall is the whole top-K of its query.
+     * Otherwise the attended set moves towards that top-K only until it
+     * holds (1 - speculative_min_mass) of the top-K's estimated mass, most
+     * mass first, so that near-ties at the top-K's edge do not move pages
+     * every step (docs/design.md section 4). In [0, 1]; ignored under
+     * COSINE and by the other policies. */
+    float speculative_min_mass;
 } fkv_options;
 
 /* Fills *opts with the defaults and sets opts->struct_size to opts_size.

@@ -115,17 +115,83 @@ struct rule_result {
     bool settled;       // FKV_SELECT_BOUNDED decided: the plan reads its fix
 };
 
+// The first j in [from, lim) at which the running deficit is no longer
+// positive (lim if none), where taking missing page j adds its mass and,
+// past the free positions, takes away the replaced page's; `deficit` is the
+// deficit before page 0. One warp: a scan of those changes and a ballot per
+// 32 pages. Every lane returns the same value.
+__device__ __forceinline__ int32_t first_met(const rule_arrays &ra, double deficit,
+                                             int32_t from, int32_t lim, int32_t free_pos,
+                                             int32_t nout, int lane) {
+    for (int base = 0; base < lim; base += fkv::kWarp) {
+        const int j = base + lane;
+        double delta = 0.0;
+        if (j < lim) {
+            delta = ra.miss_mass[j];
+            const int x = j - free_pos;
+            if (x >= 0 && x < nout) delta -= ra.out_mass[x];
+        }
+        double incl = delta;
+#pragma unroll
+        for (int o = 1; o < fkv::kWarp; o <<= 1) {
+            const double y = __shfl_up_sync(kFull, incl, o);
+            if (lane >= o) incl += y;
+        }
+        // The deficit before page j is taken; !(> 0) also stops at NaN, as
+        // the CPU's have < want does.
+        const bool stop = j >= from && j < lim && !(deficit - (incl - delta) > 0.0);
+        const unsigned stops = __ballot_sync(kFull, stop);
+        if (stops) return base + __ffs(stops) - 1;
+        deficit -= __shfl_sync(kFull, incl, fkv::kWarp - 1);
+    }
+    return lim;
+}
+
+// With speculative_min_mass (kSpec): the pending set of head h becomes the
+// walk's set after nspec missing pages, (A - R') + F', R' the first
+// nspec - (K - na) pages outside T, in ascending order (each page's
+// position is how many pages of the set are below it), replacing the top-K
+// that select_kernel left there. The block staged that top-K at its start.
+__device__ __forceinline__ void write_speculative_set(const fkv_dev_geometry &g,
+                                                      const fkv::layer_view &L, int h,
+                                                      const rule_arrays &ra, int32_t na,
+                                                      int32_t nspec) {
+    const int K = g.select_pages;
+    int32_t replace = nspec - (K - na);
+    if (replace < 0) replace = 0;
+    int32_t *pending = L.k_array(g.off_pending_pages, h);
+    auto kept = [&](int x) { return !ra.a_out[x] || ra.a_rank[x] >= replace; };
+    for (int j = threadIdx.x; j < na + nspec; j += kThreads) {
+        int32_t p;
+        if (j < na) {
+            if (!kept(j)) continue;
+            p = ra.a_page[j];
+        } else {
+            p = ra.miss_page[j - na];
+        }
+        int32_t pos = 0;
+        for (int x = 0; x < na; x++) pos += kept(x) && ra.a_page[x] < p;
+        for (int x = 0; x < nspec; x++) pos += ra.miss_page[x] < p;
+        if (pos < K) pending[pos] = p;  // always (|set| <= K); bounds kept anyway
+    }
+    if (threadIdx.x == 0) {
+        const int32_t n = na - replace + nspec;
+        L.h_array(g.off_pending_count)[h] = n < K ? n : K;
+    }
+}
+
 // The rule for head blockIdx.x of sequence blockIdx.y. Every thread calls
 // it; its result is the same for the whole block. The inputs (T, A, the
 // slots) are copied into shared memory first, with the scores' first pass
 // in flight, so that the rule's searches and the plan touch no global
 // memory; per query head the reductions write per-warp results and one
 // barrier serves every head.
+template <bool kSpec>
 __device__ __forceinline__ rule_result bounded_rule(const fkv_dev_geometry &g,
                                                     const fkv_dev_state &st,
                                                     const fkv::layer_view &L, int32_t slot,
                                                     int32_t layer, const rule_arrays &ra) {
-    __shared__ int32_t nmiss_s, nout_s, nfetch_s;
+    __shared__ int32_t nmiss_s, nout_s, nfetch_s, nspec_s;
     const int K = g.select_pages, G = g.group, tid = threadIdx.x;
     const int lane = tid & (fkv::kWarp - 1), warp = tid / fkv::kWarp;
     const int h = blockIdx.x;
@@ -264,36 +330,21 @@ __device__ __forceinline__ rule_result bounded_rule(const fkv_dev_geometry &g,
         sm = warp_sum_d(sm);
         so = warp_sum_d(so);
         st_ = warp_sum_d(st_);
-        double deficit = sm - so - (double)g.min_mass * st_;
-        int32_t nfetch = lim;
-        for (int base = 0; base < lim; base += fkv::kWarp) {
-            const int j = base + lane;
-            double delta = 0.0;
-            if (j < lim) {
-                delta = ra.miss_mass[j];
-                const int x = j - free_pos;
-                if (x >= 0 && x < nout) delta -= ra.out_mass[x];
-            }
-            double incl = delta;
-#pragma unroll
-            for (int o = 1; o < fkv::kWarp; o <<= 1) {
-                const double y = __shfl_up_sync(kFull, incl, o);
-                if (lane >= o) incl += y;
-            }
-            // The deficit before page j is fetched; !(> 0) also stops at NaN,
-            // as the CPU's have < want does.
-            const bool stop = j < lim && !(deficit - (incl - delta) > 0.0);
-            const unsigned stops = __ballot_sync(kFull, stop);
-            if (stops) {
-                nfetch = base + __ffs(stops) - 1;
-                break;
-            }
-            deficit -= __shfl_sync(kFull, incl, fkv::kWarp - 1);
-        }
+        const double deficit = sm - so - (double)g.min_mass * st_;
+        const int32_t nfetch = first_met(ra, deficit, 0, lim, free_pos, nout, lane);
         if (lane == 0) nfetch_s = nfetch;
+        if constexpr (kSpec) {
+            // The same walk on from the attended set, without the cap, to
+            // (1 - s) of T's mass.
+            const double spec_deficit = sm - so - (double)g.spec_min_mass * st_;
+            const int32_t nspec =
+                first_met(ra, spec_deficit, nfetch, nmiss, free_pos, nout, lane);
+            if (lane == 0) nspec_s = nspec;
+        }
     }
     __syncthreads();
     const int32_t nfetch = nfetch_s;
+    if constexpr (kSpec) write_speculative_set(g, L, h, ra, na, nspec_s);
     if (nfetch <= 0) return {-1, na, false};  // the active set stands
 
     // 5. The attended set (A - R) + F in ascending order, R the first
@@ -320,6 +371,7 @@ __device__ __forceinline__ rule_result bounded_rule(const fkv_dev_geometry &g,
     return {n < K ? n : K, na, false};
 }
 
+template <bool kSpec>
 __global__ void __launch_bounds__(kThreads)
 bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
                const __grid_constant__ fkv_dev_state st,
@@ -330,7 +382,7 @@ bounded_kernel(const __grid_constant__ fkv_dev_geometry g,
     const int32_t slot = b.slot[blockIdx.y], h = blockIdx.x;
     const fkv::layer_view L(g, regions.base[blockIdx.y]);
     const rule_arrays ra(dyn_d, g.group, g.select_pages > 0 ? g.select_pages : 0);
-    const rule_result rr = bounded_rule(g, st, L, slot, layer, ra);
+    const rule_result rr = bounded_rule<kSpec>(g, st, L, slot, layer, ra);
     if (rr.settled) {
         // FKV_SELECT_BOUNDED's decision is in the metadata: the plan that
         // fkv_launch_recall would make, reading it there (5 K int32 of the
@@ -369,8 +421,8 @@ extern "C" cudaError_t fkv_bounded_init(const fkv_dev_geometry *g) {
     if (!g) return cudaErrorInvalidValue;
     const size_t smem = bounded_smem(*g);
     if (smem <= 48 * 1024) return cudaSuccess;  // large K needs the opt-in limit
-    return cudaFuncSetAttribute(bounded_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                (int)smem);
+    auto kernel = g->spec_min_mass > 0.0f ? bounded_kernel<true> : bounded_kernel<false>;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
 }
 
 extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
@@ -387,6 +439,7 @@ extern "C" cudaError_t fkv_launch_bounded(const fkv_dev_geometry *g,
     fkv::region_table regions = {};
     if (!fkv::fill_regions(*g, *st, *b, seq_base_host, regions)) return cudaErrorInvalidValue;
     // fkv_bounded_init allowed the shared memory at fkv_create.
-    return fkv::enqueue(bounded_kernel, dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads,
+    auto kernel = g->spec_min_mass > 0.0f ? bounded_kernel<true> : bounded_kernel<false>;
+    return fkv::enqueue(kernel, dim3((unsigned)g->kv_heads, (unsigned)b->n), kThreads,
                         bounded_smem(*g), stream, *g, *st, *b, layer, regions);
 }

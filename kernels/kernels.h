@@ -58,6 +58,10 @@ typedef struct fkv_dev_geometry {
     int32_t criterion;
     float min_mass;
     int32_t max_fetch;
+    /* BOUNDED's speculative_min_mass; 0: the pending set is the top-K.
+     * Fills what was the padding before unit_bytes, so the offsets of the
+     * fields below are those of the kernels validated without it. */
+    float spec_min_mass;
     uint64_t unit_bytes;
     uint64_t layer_bytes; /* this layout's region size */
     uint64_t region_off;  /* this layer's region from seq_base[slot] */

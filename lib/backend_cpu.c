@@ -431,8 +431,9 @@ static void recall_head(fkv_cache *c, int32_t slot, int32_t layer,
 }
 
 /* BOUNDED at attend for KV head h with the sequence's query in cb->query
- * (docs/design.md section 4; the caller counts its recalls as critical): the top-K with it becomes the pending
- * selection; `full` (no selection yet, or candidates that fit but are not
+ * (docs/design.md section 4; the caller counts its recalls as critical):
+ * the top-K with it, or the speculative set of speculative_min_mass,
+ * becomes the pending selection; `full` (no selection yet, or candidates that fit but are not
  * all resident) recalls all of it now, otherwise only the missing pages
  * with mass are fetched. Returns whether the head counts as corrected. */
 static bool bounded_head(fkv_cache *c, int32_t slot, int32_t layer,
@@ -456,8 +457,7 @@ static bool bounded_head(fkv_cache *c, int32_t slot, int32_t layer,
         g, &c->opts, L->smax + off, L->smin + off,
         cb->query + (size_t)h * g->group * g->head_dim, r->cand_first,
         r->cand_count, L->active_pages + (size_t)h * K, L->active_count[h],
-        &cb->corr, top, cb->selected, &fetched);
-    L->pending_count[h] = K;
+        &cb->corr, top, &L->pending_count[h], cb->selected, &fetched);
     if (fetched > 0)
         recall_head(c, slot, layer, L, h, cb->selected, n, false);
     return fetched > 0;

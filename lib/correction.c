@@ -2,7 +2,9 @@
  * section 4): at fkv_attend every KV head is scored with the current query;
  * the missing pages of the new top-K are fetched now, most mass first, only
  * until the attended set holds (1 - m) of the top-K's estimated mass and at
- * most M per head; the rest come with the next speculative recall. Scores are accumulated in double, in the same order as
+ * most M per head; the rest come with the next speculative recall, which
+ * moves the whole top-K or, with a speculative mass, the walk continued to
+ * its own target. Scores are accumulated in double, in the same order as
  * selection.c, so that the top-K is the one fkvi_select_pages gives. */
 #include <math.h>
 #include <stdlib.h>
@@ -26,6 +28,10 @@ fkv_status fkvi_correction_validate(const fkv_options *o)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "correction_min_mass is %g; it must be in [0, 1]",
                          (double)o->correction_min_mass);
+    if (!(o->speculative_min_mass >= 0.0f && o->speculative_min_mass <= 1.0f))
+        return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
+                         "speculative_min_mass is %g; it must be in [0, 1]",
+                         (double)o->speculative_min_mass);
     if (o->correction_max_pages < 0)
         return fkvi_fail(NULL, FKV_ERR_INVALID_ARGUMENT,
                          "correction_max_pages is %d; it must be >= 0",
@@ -124,15 +130,43 @@ static void score_candidates(const fkvi_geometry *g, fkv_group_score mode,
     }
 }
 
+/* The set the walk reaches after `steps` of the nmiss missing pages
+ * (most mass first): active less the first steps - free_slots pages of
+ * out (least mass first), plus those missing pages; ascending into set[].
+ * Returns its size. */
+static int32_t walked_set(const ranked_page *miss, const ranked_page *out,
+                          int32_t steps, int32_t free_slots,
+                          const int32_t *active, int32_t nactive,
+                          int32_t *set)
+{
+    int32_t replace = steps - free_slots;
+    if (replace < 0)
+        replace = 0;
+    int32_t n = 0;
+    for (int32_t i = 0; i < steps; i++)
+        set[n++] = miss[i].page;
+    for (int32_t j = 0; j < nactive; j++) {
+        bool dropped = false;
+        for (int32_t i = 0; i < replace && !dropped; i++)
+            dropped = out[i].page == active[j];
+        if (!dropped)
+            set[n++] = active[j];
+    }
+    qsort(set, (size_t)n, sizeof *set, by_page);
+    return n;
+}
+
 int32_t fkvi_correction_bounded(const fkvi_geometry *g, const fkv_options *o,
                                 const float *smax, const float *smin,
                                 const float *q, int32_t first, int32_t count,
                                 const int32_t *active, int32_t nactive,
-                                fkvi_correction_scratch *s, int32_t *top,
-                                int32_t *attended, int32_t *fetched)
+                                fkvi_correction_scratch *s, int32_t *pending,
+                                int32_t *npending, int32_t *attended,
+                                int32_t *fetched)
 {
     const int32_t K = g->select_pages;
     ranked_page *order = s->order;
+    int32_t *top = pending; /* T until the speculative set replaces it */
     score_candidates(g, o->group_score, smax, smin, q, first, count, s);
 
     /* The top-K with the current query. */
@@ -186,21 +220,25 @@ int32_t fkvi_correction_bounded(const fkvi_geometry *g, const fkv_options *o,
         mass_att += order[nfetch].score;
         nfetch++;
     }
-    int32_t replace = nfetch - free_slots;
-    if (replace < 0)
-        replace = 0;
-
-    int32_t n = 0;
-    for (int32_t i = 0; i < nfetch; i++)
-        attended[n++] = order[i].page;
-    for (int32_t j = 0; j < nactive; j++) {
-        bool dropped = false;
-        for (int32_t i = 0; i < replace && !dropped; i++)
-            dropped = out[i].page == active[j];
-        if (!dropped)
-            attended[n++] = active[j];
-    }
-    qsort(attended, (size_t)n, sizeof *attended, by_page);
+    int32_t n = walked_set(order, out, nfetch, free_slots, active, nactive,
+                           attended);
     *fetched = nfetch;
+
+    /* The speculative set: the same walk on from the attended set, without
+     * the cap, to (1 - s) of T's mass. s = 0 keeps T itself. */
+    *npending = K;
+    if (o->speculative_min_mass > 0.0f) {
+        const double spec_target =
+            (1.0 - (double)o->speculative_min_mass) * mass_top;
+        int32_t nspec = nfetch;
+        while (nspec < nmiss && mass_att < spec_target) {
+            if (nspec >= free_slots)
+                mass_att -= out[nspec - free_slots].score;
+            mass_att += order[nspec].score;
+            nspec++;
+        }
+        *npending = walked_set(order, out, nspec, free_slots, active,
+                               nactive, pending);
+    }
     return n;
 }

@@ -47,6 +47,9 @@ void fkvi_cuda_layout(const fkv_options *o, const fkvi_geometry *g,
                                                : FKV_CRITERION_COSINE;
     d->min_mass = o->correction_min_mass;
     d->max_fetch = o->correction_max_pages;
+    d->spec_min_mass = d->criterion == FKV_CRITERION_BOUNDED
+                           ? o->speculative_min_mass
+                           : 0.0f;
     d->unit_bytes = g->unit_bytes;
 
     const uint64_t H = (uint64_t)g->kv_heads, K = (uint64_t)g->select_pages;

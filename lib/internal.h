@@ -337,17 +337,21 @@ fkv_status fkvi_correction_scratch_init(fkvi_correction_scratch *s,
                                         const fkvi_geometry *g);
 void fkvi_correction_scratch_free(fkvi_correction_scratch *s);
 /* BOUNDED at attend for one KV head with more than K candidates
- * [first, first + count): top[] (ascending, K pages) is the top-K with the
- * current queries q [group][D]; active[nactive] (ascending) is the resident
- * selection, all candidates. Writes the attended set (ascending) to
- * attended[] and returns its size; *fetched is how many of its pages are
- * not in active. smax/smin: [max_pages][D] of this KV head. */
+ * [first, first + count), with the current queries q [group][D];
+ * active[nactive] (ascending) is the resident selection, all candidates.
+ * Writes the attended set (ascending) to attended[] and returns its size;
+ * *fetched is how many of its pages are not in active. Writes the next
+ * step's speculative set (ascending) to pending[] and its size to
+ * *npending: the top-K T, or with o->speculative_min_mass > 0 the set the
+ * same walk reaches (design.md section 4). smax/smin: [max_pages][D] of
+ * this KV head. */
 int32_t fkvi_correction_bounded(const fkvi_geometry *g, const fkv_options *o,
                                 const float *smax, const float *smin,
                                 const float *q, int32_t first, int32_t count,
                                 const int32_t *active, int32_t nactive,
-                                fkvi_correction_scratch *s, int32_t *top,
-                                int32_t *attended, int32_t *fetched);
+                                fkvi_correction_scratch *s, int32_t *pending,
+                                int32_t *npending, int32_t *attended,
+                                int32_t *fetched);
 
 /* Page ranges of one (sequence, layer) holding n tokens. */
 typedef struct fkvi_pages {

@@ -31,6 +31,9 @@ typedef struct cr_sim {
     uint64_t checks, corrections, recalled, recalled_attend;
     /* Heads where the cap M or the threshold left a missing page out. */
     uint64_t capped, target_met;
+    /* Heads whose speculative set (speculative_min_mass) left pages of the
+     * top-K out, and heads where it holds pages the attend did not fetch. */
+    uint64_t spec_short, spec_ahead;
     int via_tokens; /* attend through fkv_attend_tokens, one token each */
 } cr_sim;
 
@@ -49,11 +52,23 @@ static int cmp_int(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* BOUNDED is created on this run's backend (both have it). */
+/* BOUNDED is created on this run's backend (both have it); a speculative
+ * mass needs FKV_CUDA_EXPERIMENTAL on CUDA (not yet run on a GPU), and
+ * without it fkv_create says FKV_ERR_UNSUPPORTED. */
 static int bounded_supported(const fkv_options *o)
 {
     fkv_cache *c = NULL;
     fkv_status st = fkv_create(o, &c);
+    if (o->speculative_min_mass > 0.0f &&
+        g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
+        ck_assert_msg(st == FKV_ERR_UNSUPPORTED && c == NULL,
+                      "fkv_create(speculative_min_mass) without the switch "
+                      "returned %d", (int)st);
+        printf("  speculative_min_mass: skipped (FKV_CUDA_EXPERIMENTAL is "
+               "not 1)\n");
+        fflush(stdout);
+        return 0;
+    }
     ck_assert_msg(st == FKV_OK, "fkv_create(BOUNDED) returned %d", (int)st);
     fkv_destroy(c);
     return 1;
@@ -156,6 +171,8 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
     cr_head *hd = &s->head[i][layer][g];
     const int K = m->lay.K;
     const float thr = m->o.correction_min_mass;
+    const float spec = m->o.speculative_min_mass;
+    int spec_set[CR_MAXK], nspec_set = -1; /* -1: the top-K */
     const int M = m->o.correction_max_pages;
     int64_t n = m->seq[s->slots[i]].len[layer];
     int first, end, nc = ref_candidates(&m->lay, n, &first, &end);
@@ -180,8 +197,8 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
         double *mass = (double *)malloc(sizeof(double) * (size_t)nc);
         ranked miss[CR_MAXK], out[CR_MAXK];
         int nmiss = 0, nout = 0, nfetch, replace, na = 0, heavy = 0;
-        int next[CR_MAXK];
-        double have = 0.0, want = 0.0;
+        int next[CR_MAXK], na0 = hd->nactive;
+        double have = 0.0, want = 0.0, mass_top = 0.0;
         cr_mass(s, layer, i, g, q_seq, first, end, mass);
         /* docs/design.md section 4 step 4: the missing pages of T, most
          * mass first, until the attended set holds (1 - m) of T's mass. */
@@ -201,6 +218,7 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
                 nout++;
             }
         }
+        mass_top = want;
         want *= 1.0 - (double)thr;
         (void)heavy;
         qsort(miss, (size_t)nmiss, sizeof *miss, by_mass_desc);
@@ -229,6 +247,35 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
         for (j = 0; j < nfetch; ++j)
             next[na++] = miss[j].page;
         qsort(next, (size_t)na, sizeof(int), cmp_int);
+        if (spec > 0.0f) {
+            /* The walk goes on from the attended set, without the cap, to
+             * (1 - spec) of T's mass; that set is the pending one. */
+            int ns = nfetch, rs, r;
+            double spec_want = (1.0 - (double)spec) * mass_top;
+            for (; ns < nmiss && have < spec_want; ++ns) {
+                if (ns >= K - na0)
+                    have -= out[ns - (K - na0)].mass;
+                have += miss[ns].mass;
+            }
+            rs = ns - (K - na0);
+            if (rs < 0)
+                rs = 0;
+            nspec_set = 0;
+            for (j = 0; j < na0; ++j) {
+                int dropped = 0;
+                for (r = 0; r < rs; ++r)
+                    dropped |= out[r].page == hd->active[j];
+                if (!dropped)
+                    spec_set[nspec_set++] = hd->active[j];
+            }
+            for (j = 0; j < ns; ++j)
+                spec_set[nspec_set++] = miss[j].page;
+            qsort(spec_set, (size_t)nspec_set, sizeof(int), cmp_int);
+            if (ns < nmiss)
+                s->spec_short++;
+            if (ns > nfetch)
+                s->spec_ahead++;
+        }
         memcpy(hd->active, next, sizeof(int) * (size_t)na);
         hd->nactive = na;
         s->recalled += (uint64_t)nfetch;
@@ -237,8 +284,13 @@ static void cr_sim_head(cr_sim *s, int layer, int i, int g,
             s->corrections++;
         free(mass);
     }
-    memcpy(hd->pending, top, sizeof(int) * (size_t)ntop);
-    hd->npending = ntop;
+    if (nspec_set >= 0) {
+        memcpy(hd->pending, spec_set, sizeof(int) * (size_t)nspec_set);
+        hd->npending = nspec_set;
+    } else {
+        memcpy(hd->pending, top, sizeof(int) * (size_t)ntop);
+        hd->npending = ntop;
+    }
     hd->pending_valid = 1;
 }
 
@@ -401,15 +453,24 @@ static void cr_expect_stats(cr_sim *s, const char *when)
                   (unsigned long long)s->recalled_attend);
 }
 
-/* (min_mass, M) of the drift cases. */
+/* (min_mass, M, dtype, speculative_min_mass) of the drift cases. */
 static const struct {
     float min_mass;
     int M;
     fkv_dtype dt;
-} k_params[] = {{0.02f, 2, FKV_DTYPE_F32},  {0.0f, 1, FKV_DTYPE_F32},
-                {0.0f, 64, FKV_DTYPE_F32},  {0.05f, 4, FKV_DTYPE_F32},
-                {0.02f, 0, FKV_DTYPE_F32},  {0.01f, 3, FKV_DTYPE_BF16},
-                {0.01f, 64, FKV_DTYPE_F32}};
+    float spec;
+} k_params[] = {{0.02f, 2, FKV_DTYPE_F32, 0.0f},
+                {0.0f, 1, FKV_DTYPE_F32, 0.0f},
+                {0.0f, 64, FKV_DTYPE_F32, 0.0f},
+                {0.05f, 4, FKV_DTYPE_F32, 0.0f},
+                {0.02f, 0, FKV_DTYPE_F32, 0.0f},
+                {0.01f, 3, FKV_DTYPE_BF16, 0.0f},
+                {0.01f, 64, FKV_DTYPE_F32, 0.0f},
+                /* the speculative set short of T, ahead of the attend */
+                {0.1f, 4, FKV_DTYPE_F32, 0.02f},
+                {0.05f, 1, FKV_DTYPE_BF16, 0.01f},
+                /* beyond m: it goes on only where the cap stopped */
+                {0.0f, 1, FKV_DTYPE_F32, 0.1f}};
 
 /* Drifting queries over decode steps (append, attend, select, recall on
  * every layer); every third step selects with another query than the one
@@ -424,6 +485,7 @@ static void cr_drift_run(int pi, int layers, int via_tokens)
     int step, l;
     cr_options(&o, layers, k_params[pi].min_mass, k_params[pi].M);
     o.dtype = k_params[pi].dt;
+    o.speculative_min_mass = k_params[pi].spec;
     if (!cr_init(&s, &o, 0xc0 + (uint64_t)pi + 0x100 * (uint64_t)via_tokens))
         return;
     s.via_tokens = via_tokens;
@@ -458,6 +520,12 @@ static void cr_drift_run(int pi, int layers, int via_tokens)
         ck_assert_msg(s.recalled_attend > (uint64_t)10 * 2 * 2 * s.m.L,
                       "no page was fetched inside fkv_attend after the "
                       "first step");
+    if (k_params[pi].spec > 0.0f) {
+        ck_assert_msg(s.spec_short > 0,
+                      "the speculative set always held the whole top-K");
+        ck_assert_msg(s.spec_ahead > 0, "the speculative set never held a "
+                                        "page the attend had not fetched");
+    }
     free(q);
     free(prev);
     free(other);
@@ -472,9 +540,11 @@ END_TEST
 
 /* The same through fkv_attend_tokens (one token per sequence), 3 layers:
  * every layer's own state (the CUDA rule kernel once got layer 0's). */
+static const int k_tokens_cases[] = {0, 1, 7};
+
 START_TEST(cr_drift_attend_tokens)
 {
-    cr_drift_run(_i, 3, 1);
+    cr_drift_run(k_tokens_cases[_i], 3, 1);
 }
 END_TEST
 
@@ -522,6 +592,46 @@ static uint64_t recalled_now(tst_model *m)
     tst_stats(m, &st);
     return st.pages_recalled;
 }
+
+/* speculative_min_mass 1 with no cap (M = K): the speculative set is the
+ * attended set, so after the first step fkv_recall moves nothing, every
+ * page comes inside fkv_attend, and the next attend starts from what this
+ * one attended. */
+START_TEST(cr_spec_whole_mass_moves_nothing)
+{
+    cr_sim s;
+    fkv_options o;
+    float q[2 * 4 * 64], prev[2 * 4 * 64];
+    int step, i, g, j;
+    uint64_t before;
+    cr_options(&o, 1, 0.02f, 10);
+    o.speculative_min_mass = 1.0f;
+    if (!cr_init(&s, &o, 0xd7))
+        return;
+    for (step = 0; step < 6; ++step) {
+        tst_append_rand(&s.m, 0, 2, s.slots, NULL);
+        tst_next_query(&s.m, 0, 2, s.slots, step ? prev : NULL, q);
+        cr_attend(&s, 0, q);
+        for (i = 0; i < 2; ++i)
+            for (g = 0; g < s.m.KVH; ++g) {
+                cr_head *hd = &s.head[i][0][g];
+                ck_assert_int_eq(hd->npending, hd->nactive);
+                for (j = 0; j < hd->nactive; ++j)
+                    ck_assert_int_eq(hd->pending[j], hd->active[j]);
+            }
+        before = recalled_now(&s.m);
+        cr_select(&s, 0, q);
+        cr_recall(&s, 0);
+        ck_assert_uint_eq(recalled_now(&s.m), before);
+        memcpy(prev, q, sizeof q);
+        cr_expect_stats(&s, "speculative mass 1");
+    }
+    ck_assert(s.recalled == s.recalled_attend);
+    ck_assert_msg(s.recalled_attend > (uint64_t)2 * 2 * 10,
+                  "no page moved inside fkv_attend after the first step");
+    cr_free(&s);
+}
+END_TEST
 
 /* Select at attend: with M = 0 nothing moves inside fkv_attend, so
  * fkv_recall moves exactly the top-K the attend made (fkv_select with the
@@ -690,15 +800,52 @@ START_TEST(cr_defaults_and_old_struct_size)
 }
 END_TEST
 
+/* speculative_min_mass defaults to 0; a caller compiled against 0.4's
+ * header (struct_size ending before it) gets 0, and what lies beyond its
+ * struct is neither read nor written. */
+START_TEST(cr_spec_default_and_old_struct_size)
+{
+    const size_t v4 = offsetof(fkv_options, speculative_min_mass);
+    fkv_options o, got;
+    fkv_cache *c = NULL;
+    size_t i;
+    tst_ok(fkv_options_init(&o, sizeof o));
+    ck_assert(o.speculative_min_mass == 0.0f);
+    memset(&o, 0xab, sizeof o);
+    tst_ok(fkv_options_init(&o, v4));
+    for (i = v4; i < sizeof o; ++i)
+        ck_assert_msg(((unsigned char *)&o)[i] == 0xab,
+                      "fkv_options_init wrote byte %zu beyond opts_size", i);
+    cr_options(&o, 1, 0.02f, 4);
+    o.struct_size = v4;
+    o.speculative_min_mass = -5.0f; /* beyond v4: must not be read */
+    tst_ok(fkv_create(&o, &c));
+    memset(&got, 0xcd, sizeof got);
+    got.struct_size = sizeof got;
+    tst_ok(fkv_get_options(c, &got));
+    ck_assert(got.speculative_min_mass == 0.0f);
+    ck_assert_int_eq(got.correction_criterion, FKV_CRITERION_BOUNDED);
+    memset(&got, 0xcd, sizeof got);
+    got.struct_size = v4;
+    tst_ok(fkv_get_options(c, &got));
+    for (i = v4; i < sizeof got; ++i)
+        ck_assert(((unsigned char *)&got)[i] == 0xcd);
+    fkv_destroy(c);
+}
+END_TEST
+
 /* Bad correction options: FKV_ERR_INVALID_ARGUMENT, no cache, a message. */
 START_TEST(cr_bad_options)
 {
     fkv_options o;
     fkv_cache *c;
     int k;
-    for (k = 0; k < 7; ++k) {
+    for (k = 0; k < 10; ++k) {
         cr_options(&o, 1, 0.02f, 4);
         switch (k) {
+        case 7: o.speculative_min_mass = -0.01f; break;
+        case 8: o.speculative_min_mass = 1.01f; break;
+        case 9: o.speculative_min_mass = NAN; break;
         case 0: o.correction_criterion = 2; break;
         case 1: o.correction_criterion = -1; break;
         case 2: o.correction_min_mass = -0.01f; break;
@@ -714,6 +861,8 @@ START_TEST(cr_bad_options)
     }
     /* The bounds themselves are valid. */
     cr_options(&o, 1, 1.0f, 0);
+    (void)bounded_supported(&o);
+    o.speculative_min_mass = 1.0f;
     (void)bounded_supported(&o);
     cr_options(&o, 1, 0.0f, 1000);
     (void)bounded_supported(&o);
@@ -830,7 +979,9 @@ Suite *suite_correction(const char *prefix)
     TCase *tc = tst_tcase(s, "bounded");
     tcase_add_loop_test(tc, cr_drift, 0,
                         (int)(sizeof k_params / sizeof k_params[0]));
-    tcase_add_loop_test(tc, cr_drift_attend_tokens, 0, 2);
+    tcase_add_loop_test(tc, cr_drift_attend_tokens, 0,
+                        (int)(sizeof k_tokens_cases / sizeof k_tokens_cases[0]));
+    tcase_add_test(tc, cr_spec_whole_mass_moves_nothing);
     tcase_add_test(tc, cr_unbounded_is_current_topk);
     tcase_add_test(tc, cr_candidates_grow_past_k);
     tcase_add_test(tc, cr_select_bookkeeping);
@@ -838,6 +989,7 @@ Suite *suite_correction(const char *prefix)
     tcase_add_test(tc, cr_truncate_drops_attend_selection);
     tcase_add_test(tc, cr_attend_counter_other_policies);
     tcase_add_test(tc, cr_defaults_and_old_struct_size);
+    tcase_add_test(tc, cr_spec_default_and_old_struct_size);
     tcase_add_test(tc, cr_bad_options);
     return s;
 }

@@ -52,7 +52,8 @@ static void usage(FILE *f)
         "cache options (defaults: the library's fkv_options_init):\n"
         "  --policy dense|resident|sync|freekv  --budget N  --page N  --sink N\n"
         "  --window N  --threshold X|off  --dtype f32|f16|bf16 (default f32)\n"
-        "  --criterion cosine|bounded  --min-mass X  --max-pages N (BOUNDED)\n"
+        "  --criterion cosine|bounded  --min-mass X  --max-pages N  --spec-mass X\n"
+        "           (BOUNDED; --spec-mass: speculative_min_mass)\n"
         "  --dense-layers LIST  layers attending every token whatever the policy:\n"
         "           comma-separated indices, 'last' = the last layer (e.g. 0,last)\n"
         "other: --backend cpu|cuda|auto (default auto)  --threads N  --json\n"
@@ -207,6 +208,11 @@ static int parse_args(int argc, char **argv, args *a)
             double t = strtod(val, &end);
             if (*end || end == val) { fprintf(stderr, "llama: --min-mass needs a number\n"); return -1; }
             a->opts.correction_min_mass = (float)t;
+        } else if (!strcmp(f, "--spec-mass")) {
+            char *end;
+            double t = strtod(val, &end);
+            if (*end || end == val) { fprintf(stderr, "llama: --spec-mass needs a number\n"); return -1; }
+            a->opts.speculative_min_mass = (float)t;
         } else if (!strcmp(f, "--max-pages")) {
             if (parse_int(f, val, 0, INT32_MAX, &v)) return -1;
             a->opts.correction_max_pages = (int32_t)v;
@@ -841,14 +847,14 @@ static int cmd_eval(const args *a)
             if (dense_ppl > 0) printf("%.6f", ppl / dense_ppl); else printf("null");
             printf(",\"corrections\":%llu,\"heads_checked\":%llu,\"pages_recalled_per_step\":%.3f,"
                    "\"pages_recalled_critical_per_step\":%.3f,\"criterion\":\"%s\","
-                   "\"min_mass\":%g,\"max_pages\":%d,"
+                   "\"min_mass\":%g,\"max_pages\":%d,\"spec_mass\":%g,"
                    "\"ms_per_step\":%.3f,\"prefill_ms\":%.1f,\"replay_ms\":%.1f}\n",
                    (unsigned long long)st.corrections, (unsigned long long)st.heads_checked,
                    (double)st.pages_recalled / (double)M,
                    (double)st.pages_recalled_critical / (double)M,
                    o.correction_criterion == FKV_CRITERION_BOUNDED ? "bounded" : "cosine",
                    (double)o.correction_min_mass, (int)o.correction_max_pages,
-                   ms / (double)M, prefill_ms, replay_ms);
+                   (double)o.speculative_min_mass, ms / (double)M, prefill_ms, replay_ms);
         } else {
             printf("%-8s budget %6d page %d sink %d window %d threshold ", policy_name(o.policy),
                    o.budget_tokens, o.page_tokens, o.sink_tokens, o.window_tokens);
