@@ -5,8 +5,9 @@
  * against DENSE, needle hits, correction rate and pages recalled, for
  * FREEKV (library default threshold, 0.9), SYNC, RESIDENT, DENSE and FREEKV
  * at correction thresholds 0.7, 0.8, 0.95 and off. See docs/accuracy.md.
- * --bounded MASS:M[,MASS:M...] (at most 4) compares the BOUNDED correction
- * criterion (correction_min_mass MASS, correction_max_pages M) with the
+ * --bounded MASS:M[:S][,...] (at most 4) compares the BOUNDED correction
+ * criterion (correction_min_mass MASS, correction_max_pages M,
+ * speculative_min_mass S, default 0) with the
  * cosine criterion instead: FREEKV at 0.9 and 0.8, RESIDENT, DENSE and one
  * BOUNDED variant per pair. --dense-layers LIST (layer indices, "last" for
  * the last layer) adds FREEKV and RESIDENT with those layers dense
@@ -16,7 +17,7 @@
  *            [--workload all|topics|needles|drift[,...]]
  *            [--contexts 8k,16k,32k,64k,128k] [--steps N] [--needles N]
  *            [--layers N] [--budget TOKENS] [--dtype bf16|f16|f32]
- *            [--head-dim D] [--bounded MASS:M[,MASS:M...]]
+ *            [--head-dim D] [--bounded MASS:M[:S][,MASS:M[:S]...]]
  *            [--dense-layers LIST]
  *
  * --steps sets the decode steps of W1 and W3 (W2 runs 2 + 3 x needles:
@@ -71,7 +72,8 @@ typedef struct options {
     int steps;  /* 0: per context default */
     int needles; /* 0: per context default */
     wl_shape shape;
-    float bounded_mass[4]; /* --bounded pairs */
+    float bounded_mass[4]; /* --bounded items */
+    float bounded_spec[4];
     int bounded_pages[4];
     int nbounded;
     uint64_t dense_mask; /* --dense-layers: indices */
@@ -89,7 +91,7 @@ static void usage(FILE *f)
             "[--needles N] [--layers N]\n"
             "                [--budget TOKENS] [--dtype bf16|f16|f32] "
             "[--head-dim D]\n"
-            "                [--bounded MASS:M[,MASS:M...]] "
+            "                [--bounded MASS:M[:S][,MASS:M[:S]...]] "
             "[--dense-layers LIST|last]\n");
 }
 
@@ -206,13 +208,14 @@ static int parse_args(int argc, char **argv, options *o)
             o->nbounded = 0;
             for (tok = strtok_r(buf, ",", &save); tok;
                  tok = strtok_r(NULL, ",", &save)) {
-                float mass;
-                int pages;
-                if (o->nbounded == 4 ||
-                    sscanf(tok, "%f:%d", &mass, &pages) != 2 ||
-                    !(mass >= 0.0f && mass <= 1.0f) || pages < 0)
+                float mass, spec = 0.0f;
+                int pages, got = o->nbounded == 4 ? 0
+                                 : sscanf(tok, "%f:%d:%f", &mass, &pages, &spec);
+                if (got < 2 || !(mass >= 0.0f && mass <= 1.0f) || pages < 0 ||
+                    !(spec >= 0.0f && spec <= 1.0f))
                     return fprintf(stderr, "accuracy: bad --bounded %s "
-                                           "(MASS:M, at most 4)\n", tok), -1;
+                                           "(MASS:M[:S], at most 4)\n", tok), -1;
+                o->bounded_spec[o->nbounded] = spec;
                 o->bounded_mass[o->nbounded] = mass;
                 o->bounded_pages[o->nbounded++] = pages;
             }
@@ -309,13 +312,19 @@ static int bounded_variants(const options *o, wl_variant *v)
     v[n++] = wl_make_variant("RESIDENT", FKV_POLICY_RESIDENT, NAN);
     v[n++] = wl_make_variant("DENSE", FKV_POLICY_DENSE, NAN);
     for (i = 0; i < o->nbounded; ++i) {
-        char name[40];
-        snprintf(name, sizeof name, "BOUNDED m=%g M=%d",
-                 (double)o->bounded_mass[i], o->bounded_pages[i]);
+        char name[64];
+        if (o->bounded_spec[i] > 0.0f)
+            snprintf(name, sizeof name, "BOUNDED m=%g M=%d s=%g",
+                     (double)o->bounded_mass[i], o->bounded_pages[i],
+                     (double)o->bounded_spec[i]);
+        else
+            snprintf(name, sizeof name, "BOUNDED m=%g M=%d",
+                     (double)o->bounded_mass[i], o->bounded_pages[i]);
         v[n] = wl_make_variant(name, FKV_POLICY_FREEKV, NAN);
         v[n].criterion = FKV_CRITERION_BOUNDED;
         v[n].min_mass = o->bounded_mass[i];
         v[n].max_pages = o->bounded_pages[i];
+        v[n].spec_mass = o->bounded_spec[i];
         n++;
     }
     return n;

@@ -244,6 +244,7 @@ typedef struct wl_variant {
     int32_t criterion;
     float min_mass;
     int32_t max_pages;
+    float spec_mass; /* BOUNDED's speculative_min_mass */
     /* Bit l: layer l attends every token (fkv_options.dense_layers); 0:
      * none. The oracle (the first RESIDENT) and the SYNC check use
      * variants without. */

@@ -223,6 +223,7 @@ int wl_session_open(wl_session *s, wl_gen *g, const wl_variant *var,
             o.correction_criterion = var[v].criterion;
             o.correction_min_mass = var[v].min_mass;
             o.correction_max_pages = var[v].max_pages;
+            o.speculative_min_mass = var[v].spec_mass;
         }
         o.max_sequences = 1;
         o.max_tokens_per_sequence = g->cap;
