@@ -43,6 +43,7 @@ typedef struct args {
     int graph;                       /* --graph: replay a captured step */
     int reserve;                     /* --reserve: time the pool apart */
     int select_q;                    /* --select-q: fkv_select(q), not NULL */
+    int fixed_inputs; /* --fixed-inputs: eager steps read staged buffers */
     int paper_trace; /* --trace paper (else drift) */
     int64_t contexts[MAX_LIST];
     int n_contexts;

@@ -65,6 +65,12 @@ void usage(FILE *f)
         "  --select-q            pass the query to fkv_select (the library then\n"
         "                        compares it with the attend's on the device)\n"
         "                        instead of NULL, the attend's query (default)\n"
+        "  --fixed-inputs        (CUDA) eager steps read q, k and v from one\n"
+        "                        buffer each, as an engine's GEMM outputs are,\n"
+        "                        staged before each step (outside its timing)\n"
+        "                        instead of a pointer into the trace per step,\n"
+        "                        so the launch cache (FKV_CUDA_EXPERIMENTAL)\n"
+        "                        sees the attend's launches repeat\n"
         "  --reserve             fkv_seq_reserve every sequence's tokens\n"
         "                        before the prefill, timed apart from it (the\n"
         "                        host pool's pinned allocations, then the\n"
@@ -214,6 +220,10 @@ void parse_args(int argc, char **argv, args *a, int smoke_sizes)
         }
         if (!strcmp(flag, "--select-q")) {
             a->select_q = 1;
+            continue;
+        }
+        if (!strcmp(flag, "--fixed-inputs")) {
+            a->fixed_inputs = 1;
             continue;
         }
         static const char *const with_value[] = {

@@ -385,7 +385,7 @@ void workload_alloc(engine *e, workload *w)
         w->vbasis_dev = bench_dev_alloc(0, basis);
         h2d(e, w->kbasis_dev, w->kbasis, basis);
         h2d(e, w->vbasis_dev, w->vbasis, basis);
-        if (w->a->graph) {
+        if (w->a->graph || w->a->fixed_inputs) {
             w->q_cur = bench_dev_alloc(0, L * B * (size_t)w->QH * w->D * 2);
             w->k_cur = bench_dev_alloc(0, L * B * HD * 2);
             w->v_cur = bench_dev_alloc(0, L * B * HD * 2);
