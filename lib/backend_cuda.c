@@ -128,11 +128,12 @@ enum {
     EXP_ENGINE_BULK = 2,   /* the engine stream's gathers by bulk copies */
     EXP_LATE_CHECK = 4,    /* FKV_TAIL_PLAN_LATE */
     EXP_SIDE_FUSED = 8,    /* FKV_PLAN_FUSED */
-    EXP_LAUNCH_CACHE = 16, /* cuda_launch_cache.h */
-    EXP_SPEC_MASS = 32     /* BOUNDED's speculative_min_mass */
+    EXP_LAUNCH_CACHE = 16  /* cuda_launch_cache.h */
+    /* 32 was BOUNDED's speculative_min_mass, on since it passed on the
+     * H200 (2026-12-05) */
 };
 #ifndef FKV_EXPERIMENTAL_PARTS
-#define FKV_EXPERIMENTAL_PARTS 63
+#define FKV_EXPERIMENTAL_PARTS 31
 #endif
 
 static bool experimental(const fkv_cache *c, unsigned part)
@@ -523,15 +524,6 @@ static fkv_status layer_layouts(fkv_cache *c, cuda_backend *cb)
 static fkv_status cuda_create(fkv_cache *c)
 {
     const fkvi_geometry *g = &c->geo;
-    /* BOUNDED's speculative set (kernels/bounded.cu's speculative walk)
-     * has not run on a GPU yet: only behind the switch. */
-    if (c->opts.policy == FKV_POLICY_FREEKV &&
-        c->opts.correction_criterion == FKV_CRITERION_BOUNDED &&
-        c->opts.speculative_min_mass > 0.0f && !experimental(c, EXP_SPEC_MASS))
-        return fkvi_fail(c, FKV_ERR_UNSUPPORTED,
-                         "fkv_create: speculative_min_mass on the CUDA "
-                         "backend is not yet validated on a GPU; it needs "
-                         "FKV_CUDA_EXPERIMENTAL=1");
     cuda_backend *cb = fkvi_alloc(&c->mem, 1, sizeof *cb);
     if (!cb)
         return fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");

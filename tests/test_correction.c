@@ -52,26 +52,14 @@ static int cmp_int(const void *a, const void *b)
     return (x > y) - (x < y);
 }
 
-/* BOUNDED is created on this run's backend (both have it); a speculative
- * mass needs FKV_CUDA_EXPERIMENTAL on CUDA (not yet run on a GPU), and
- * without it fkv_create says FKV_ERR_UNSUPPORTED. */
-static int bounded_supported(const fkv_options *o)
+/* BOUNDED, with or without a speculative mass, is created on this run's
+ * backend (both have it). */
+static void check_bounded_creates(const fkv_options *o)
 {
     fkv_cache *c = NULL;
     fkv_status st = fkv_create(o, &c);
-    if (o->speculative_min_mass > 0.0f &&
-        g_test_backend == FKV_BACKEND_CUDA && !tst_cuda_experimental()) {
-        ck_assert_msg(st == FKV_ERR_UNSUPPORTED && c == NULL,
-                      "fkv_create(speculative_min_mass) without the switch "
-                      "returned %d", (int)st);
-        printf("  speculative_min_mass: skipped (FKV_CUDA_EXPERIMENTAL is "
-               "not 1)\n");
-        fflush(stdout);
-        return 0;
-    }
     ck_assert_msg(st == FKV_OK, "fkv_create(BOUNDED) returned %d", (int)st);
     fkv_destroy(c);
-    return 1;
 }
 
 static void cr_options(fkv_options *o, int layers, float min_mass, int M)
@@ -84,15 +72,14 @@ static void cr_options(fkv_options *o, int layers, float min_mass, int M)
 }
 
 /* Two sequences of n0 and n1 tokens. */
-static int cr_init_len(cr_sim *s, const fkv_options *o, uint64_t seed, int n0,
-                       int n1)
+static void cr_init_len(cr_sim *s, const fkv_options *o, uint64_t seed,
+                        int n0, int n1)
 {
     int ntok[2], i, l;
     ntok[0] = n0;
     ntok[1] = n1;
     memset(s, 0, sizeof *s);
-    if (!bounded_supported(o))
-        return 0;
+    check_bounded_creates(o);
     tst_model_init(&s->m, o, seed);
     s->nseq = 2;
     s->slots[0] = tst_open(&s->m);
@@ -102,13 +89,12 @@ static int cr_init_len(cr_sim *s, const fkv_options *o, uint64_t seed, int n0,
         for (l = 0; l < s->m.L; ++l)
             s->pending_q[i][l] = (float *)calloc(
                 (size_t)s->m.QH * s->m.D, sizeof(float));
-    return 1;
 }
 
 /* 1000 and 1203 tokens: K = 10 of 56 and 69 candidates. */
-static int cr_init(cr_sim *s, const fkv_options *o, uint64_t seed)
+static void cr_init(cr_sim *s, const fkv_options *o, uint64_t seed)
 {
-    return cr_init_len(s, o, seed, 1000, 1203);
+    cr_init_len(s, o, seed, 1000, 1203);
 }
 
 static void cr_free(cr_sim *s)
@@ -486,8 +472,7 @@ static void cr_drift_run(int pi, int layers, int via_tokens)
     cr_options(&o, layers, k_params[pi].min_mass, k_params[pi].M);
     o.dtype = k_params[pi].dt;
     o.speculative_min_mass = k_params[pi].spec;
-    if (!cr_init(&s, &o, 0xc0 + (uint64_t)pi + 0x100 * (uint64_t)via_tokens))
-        return;
+    cr_init(&s, &o, 0xc0 + (uint64_t)pi + 0x100 * (uint64_t)via_tokens);
     s.via_tokens = via_tokens;
     qs = (size_t)s.m.QH * s.m.D;
     q = (float *)malloc(sizeof(float) * qs * 2 * s.m.L);
@@ -558,8 +543,7 @@ START_TEST(cr_unbounded_is_current_topk)
     float q[2 * 4 * 64];
     int step, i, g, j;
     cr_options(&o, 1, 0.0f, 10);
-    if (!cr_init(&s, &o, 0xd1))
-        return;
+    cr_init(&s, &o, 0xd1);
     qs = (size_t)s.m.QH * s.m.D;
     for (step = 0; step < 4; ++step) {
         tst_append_rand(&s.m, 0, 2, s.slots, NULL);
@@ -606,8 +590,7 @@ START_TEST(cr_spec_whole_mass_moves_nothing)
     uint64_t before;
     cr_options(&o, 1, 0.02f, 10);
     o.speculative_min_mass = 1.0f;
-    if (!cr_init(&s, &o, 0xd7))
-        return;
+    cr_init(&s, &o, 0xd7);
     for (step = 0; step < 6; ++step) {
         tst_append_rand(&s.m, 0, 2, s.slots, NULL);
         tst_next_query(&s.m, 0, 2, s.slots, step ? prev : NULL, q);
@@ -645,8 +628,7 @@ START_TEST(cr_select_bookkeeping)
     int i, g, j;
     uint64_t before, want;
     cr_options(&o, 1, 0.0f, 0);
-    if (!cr_init(&s, &o, 0xe2))
-        return;
+    cr_init(&s, &o, 0xe2);
     qs = (size_t)s.m.QH * s.m.D;
     tst_good_query(&s.m, 0, 2, s.slots, q);
     cr_attend(&s, 0, q); /* the first step corrects fully */
@@ -861,11 +843,11 @@ START_TEST(cr_bad_options)
     }
     /* The bounds themselves are valid. */
     cr_options(&o, 1, 1.0f, 0);
-    (void)bounded_supported(&o);
+    check_bounded_creates(&o);
     o.speculative_min_mass = 1.0f;
-    (void)bounded_supported(&o);
+    check_bounded_creates(&o);
     cr_options(&o, 1, 0.0f, 1000);
-    (void)bounded_supported(&o);
+    check_bounded_creates(&o);
 }
 END_TEST
 
@@ -879,8 +861,7 @@ START_TEST(cr_candidates_grow_past_k)
     float q[2 * 4 * 64], prev[2 * 4 * 64];
     int step, ntok[2] = {16, 16};
     cr_options(&o, 1, 0.02f, 2);
-    if (!cr_init_len(&s, &o, 0xa7, 250, 200))
-        return;
+    cr_init_len(&s, &o, 0xa7, 250, 200);
     for (step = 0; step < 9; ++step) {
         tst_append_rand(&s.m, 0, 2, s.slots, ntok);
         tst_next_query(&s.m, 0, 2, s.slots, step ? prev : NULL, q);
@@ -905,8 +886,7 @@ START_TEST(cr_recall_without_select)
     float q[2 * 4 * 64], prev[2 * 4 * 64];
     int step, l;
     cr_options(&o, 2, 0.01f, 2);
-    if (!cr_init(&s, &o, 0xb8))
-        return;
+    cr_init(&s, &o, 0xb8);
     for (step = 0; step < 6; ++step) {
         for (l = 0; l < s.m.L; ++l) {
             tst_append_rand(&s.m, l, 2, s.slots, NULL);
@@ -933,8 +913,7 @@ START_TEST(cr_truncate_drops_attend_selection)
     int g;
     int64_t n0;
     cr_options(&o, 1, 0.0f, 0);
-    if (!cr_init(&s, &o, 0x9e))
-        return;
+    cr_init(&s, &o, 0x9e);
     tst_good_query(&s.m, 0, 2, s.slots, q);
     cr_attend(&s, 0, q); /* full correction */
     cr_recall(&s, 0);
