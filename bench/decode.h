@@ -185,8 +185,8 @@ typedef struct result {
     double lib_host_ms, gemm_host_ms;
     /* lib_host_ms by call (medians; call_kind order) */
     double lib_call_ms[CALL_KINDS];
-    /* CUDA graph launches per step of the library's launch cache
-     * (FKV_CUDA_EXPERIMENTAL; eager rows); NAN: the cache is off */
+    /* CUDA graph launches per step of the library's launch cache (eager
+     * rows); NAN: the cache is off (the CPU backend) */
     double lib_graphs;
     double crit_pages; /* pages_recalled_critical per step */
     double tokens_per_s;

@@ -69,7 +69,7 @@ void usage(FILE *f)
         "                        buffer each, as an engine's GEMM outputs are,\n"
         "                        staged before each step (outside its timing)\n"
         "                        instead of a pointer into the trace per step,\n"
-        "                        so the launch cache (FKV_CUDA_EXPERIMENTAL)\n"
+        "                        so the library's launch cache\n"
         "                        sees the attend's launches repeat\n"
         "  --reserve             fkv_seq_reserve every sequence's tokens\n"
         "                        before the prefill, timed apart from it (the\n"

@@ -153,8 +153,8 @@ static void print_call_table(const result *res, int n)
             bench_table_add(&t, "%.1f", r->lib_graphs);
     }
     printf("host time inside each fkv call per step (eager rows, medians)%s:\n",
-           graphs ? "; graphs/st: the launch cache's graph launches per step "
-                    "(FKV_CUDA_EXPERIMENTAL)" : "");
+           graphs ? "; graphs/st: the launch cache's graph launches per step"
+                  : "");
     bench_table_print(&t, stdout);
     bench_table_free(&t);
 }

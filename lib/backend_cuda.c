@@ -69,9 +69,8 @@ typedef struct cuda_backend {
      * selections take FKV_TAIL_PLAN_LATE; small speculative recalls take
      * FKV_PLAN_FUSED. */
     bool late_check, side_fused;
-    /* FKV_CUDA_EXPERIMENTAL: eager attends' and recalls' kernels as one
-     * graph launch where a call repeats (cuda_launch_cache.h); n_slots 0:
-     * off. */
+    /* Eager attends' and recalls' kernels as one graph launch where a
+     * call repeats (cuda_launch_cache.h); n_slots 0: off (tests only). */
     fkv_launch_cache launches;
     /* FREEKV with FKV_CRITERION_BOUNDED: select at attend.
      * Per layer, whether work of one stream that the other must follow
@@ -127,13 +126,13 @@ enum {
     EXP_FUSED_COMBINE = 1, /* the split kernel's last block combines */
     EXP_ENGINE_BULK = 2,   /* the engine stream's gathers by bulk copies */
     EXP_LATE_CHECK = 4,    /* FKV_TAIL_PLAN_LATE */
-    EXP_SIDE_FUSED = 8,    /* FKV_PLAN_FUSED */
-    EXP_LAUNCH_CACHE = 16  /* cuda_launch_cache.h */
-    /* 32 was BOUNDED's speculative_min_mass, on since it passed on the
-     * H200 (2026-12-05) */
+    EXP_SIDE_FUSED = 8     /* FKV_PLAN_FUSED */
+    /* 16 was the launch cache, 32 BOUNDED's speculative_min_mass: both on
+     * since they passed the GPU suite and the sanitizers on the H200
+     * (2026-12-05) */
 };
 #ifndef FKV_EXPERIMENTAL_PARTS
-#define FKV_EXPERIMENTAL_PARTS 31
+#define FKV_EXPERIMENTAL_PARTS 15
 #endif
 
 static bool experimental(const fkv_cache *c, unsigned part)
@@ -568,8 +567,7 @@ static fkv_status cuda_create(fkv_cache *c)
     TRY(fkv_kernels_init(&cb->geo, &cb->lim, &use),
         "fkv_create: setting the kernels' shared memory (this head_dim and "
         "GQA group may need more than a block may have)");
-    if (experimental(c, EXP_LAUNCH_CACHE) &&
-        !fkvi_launch_cache_init(&cb->launches, &c->mem,
+    if (!fkvi_launch_cache_init(&cb->launches, &c->mem,
                                 2 * g->layers)) {
         st = fkvi_fail(c, FKV_ERR_OUT_OF_MEMORY, "fkv_create: no memory");
         goto out;
@@ -1041,8 +1039,7 @@ static bool capturing(cudaStream_t s)
     return status == cudaStreamCaptureStatusActive;
 }
 
-/* FKV_CUDA_EXPERIMENTAL: whether this call's launches on `s` go through the
- * launch cache, which then records them until cache_end. Eager calls only:
+/* Whether this call's launches on `s` go through the launch cache, which then records them until cache_end. Eager calls only:
  * under a stream capture the launches are captured as they come. */
 static bool cache_begin(cuda_backend *cb, cudaStream_t s)
 {

@@ -1,10 +1,12 @@
-/* The launch cache (FKV_CUDA_EXPERIMENTAL; docs/design.md section 11): an
+/* The launch cache (on since 0.5.0; docs/design.md section 11): an
  * eager fkv_attend or fkv_recall records its kernels (kernels.h, "recorded
  * launches"); when a call's record is the same, byte for byte, as the last
  * one of its slot (a layer's attend or recall), its kernels are enqueued as
  * one CUDA graph built from that record, so that they cost about one launch
  * of host time instead of one each. Every other call enqueues its record as
- * it is, kernel by kernel, as without the cache. */
+ * it is, kernel by kernel, as without the cache. A slot's graph is
+ * instantiated at its call's first repeat (the only allocation, inside
+ * CUDA, in an engine's first steps) and updated in place after. */
 #ifndef FKV_CUDA_LAUNCH_CACHE_H
 #define FKV_CUDA_LAUNCH_CACHE_H
 

@@ -36,8 +36,9 @@
  *                            replays (the ticket counters reset), bf16,
  *                            f16, f32, head_dim 64 and 128, batch 1-8,
  *                            splits of whole and of parts of pages.
- *  cuda_launch_cache         with FKV_CUDA_EXPERIMENTAL=1 only: eager
- *                            attends and recalls through the launch cache
+ *  cuda_launch_cache         eager attends and recalls through the
+ *                            launch cache (on by default: both caches
+ *                            are made with FKV_CUDA_EXPERIMENTAL at 0)
  *                            (repeated calls as graph launches, batches
  *                            that change) against a twin with the cache
  *                            off: byte-identical outputs and state, five
@@ -2172,8 +2173,8 @@ static void lc_step(gcache *gc, const gstep *in, int n, unsigned char **out)
     gc_get(gc, out);
 }
 
-/* _i: k_lc. With FKV_CUDA_EXPERIMENTAL=1 only ("skipped" otherwise).
- * Cache X launches through the launch cache; its twin U is made the same
+/* _i: k_lc. Cache X launches through the launch cache, on by default
+ * (X is made with FKV_CUDA_EXPERIMENTAL at 0); its twin U is made the same
  * way with the cache turned off, so both run the same kernels with the
  * same arguments, X's as graph launches where a call repeats. Steps: 4 over
  * the whole batch (the second of each call builds its graph, the next ones
@@ -2203,8 +2204,6 @@ START_TEST(cuda_launch_cache)
     int step, i;
     double max_err = 0.0;
 
-    if (!switch_on("cuda_launch_cache", "the launch cache"))
-        return;
     ck_assert(B <= CU_MAX_BATCH);
     for (i = 0; i < B; ++i)
         prompt[i] = B > 3 ? 1000 + 13 * i : 1500 + 301 * i;
@@ -2219,10 +2218,10 @@ START_TEST(cuda_launch_cache)
     }
     if (cf->dense_first)
         o.dense_layers = dense_first;
-    fused_open(&X, &o, B, "1");
-    fused_open(&U, &o, B, "1");
+    fused_open(&X, &o, B, "0");
+    fused_open(&U, &o, B, "0");
     ck_assert_msg(fkvi_debug_launch_cache(X.c, &n),
-                  "the launch cache is off with FKV_CUDA_EXPERIMENTAL=1");
+                  "the launch cache is off by default");
     fkvi_debug_launch_cache_off(U.c);
     ck_assert(!fkvi_debug_launch_cache(U.c, &un));
     gc_prefill_all(both, 2, prompt, dt, &rng);
@@ -2307,11 +2306,11 @@ Suite *suite_cuda(const char *prefix)
     tcase_add_loop_test(tst_tcase(s, "cuda_slot_reuse"), cuda_slot_reuse, 0,
                         4);
     tcase_add_test(tst_tcase(s, "cuda_pointer_checks"), cuda_pointer_checks);
+    /* With FKV_CUDA_EXPERIMENTAL=1 only ("skipped" otherwise). */
     tcase_add_loop_test(tst_tcase(s, "cuda_fused_combine"), cuda_fused_combine,
                         0, FUSED_CONFIGS);
     tcase_add_loop_test(tst_tcase(s, "cuda_launch_cache"), cuda_launch_cache,
                         0, LC_CONFIGS);
-    /* These two run only with FKV_CUDA_EXPERIMENTAL=1. */
     tst_add_recall_plan(s);
 #else
     /* Without CUDA the suite has no cases (main.c never adds it then). */
