@@ -809,7 +809,7 @@ static void write_csv(const char *path, double copy_gbps)
 /* Device facts                                                             */
 /* ------------------------------------------------------------------------ */
 
-/* The split count fkv_attend uses (as lib/backend_cuda.c: capped by the
+/* The split count fkv_attend uses (as lib/cuda_create.c: capped by the
  * max_splits it sized for one sequence); -1 on the CPU. */
 static int split_count(const config *c, const bench_device *di, int batch,
                        int bound_pages, int max_bound_pages)

@@ -86,7 +86,7 @@ int main(int argc, char **argv)
     printf("recall: %s, %d SMs, libfreekv %s%s\n", dev.name, sm_count,
            fkv_version_string(), c.smoke ? " (smoke)" : "");
     printf("method: direct, through kernels/kernels.h: each sequence's "
-           "device region laid out as lib/backend_cuda.c does for a FREEKV "
+           "device region laid out as lib/cuda_create.c does for a FREEKV "
            "layer; fkv_launch_recall(FKV_RECALL_PENDING) = plan + gather; "
            "units of %llu B (K and V of %d tokens x %d dims, bf16), %d KV "
            "heads; pool pages per sequence %d (random block order)\n",

@@ -1,7 +1,8 @@
-/* The C interface between the CUDA backend's host code (lib/backend_cuda.c)
- * and the kernels (kernels/ *.cu). Plain C structs passed by value, so that
- * a launch captured in a CUDA graph holds everything it needs; all state
- * that changes from step to step lives in device memory.
+/* The C interface between the CUDA backend's host code (lib/backend_cuda.c
+ * and the lib/cuda_*.c files beside it) and the kernels (kernels/ *.cu).
+ * Plain C structs passed by value, so that a launch captured in a CUDA
+ * graph holds everything it needs; all state that changes from step to
+ * step lives in device memory.
  *
  * Every launcher enqueues on `stream` and returns cudaGetLastError(). */
 #ifndef FKV_KERNELS_H

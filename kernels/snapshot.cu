@@ -3,7 +3,7 @@
 // This kernel, on the engine's stream, keeps what the selection must see:
 // the query (as float, in pending_q) and the length at the time of the call,
 // unless they are those the attend selected with (select at attend). With
-// q NULL fkv_select launches nothing (lib/backend_cuda.c).
+// q NULL fkv_select launches nothing (lib/cuda_layer_calls.c).
 #include "common.cuh"
 
 namespace {

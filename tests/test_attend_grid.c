@@ -11,7 +11,7 @@
  *    s.6, "Split count");
  *  - at most 2 blocks per SM unless one split of the batch is more;
  *  - fkv_attend_splits at one sequence and the largest bound (what
- *    lib/backend_cuda.c sizes the partials with) is at least every grid a
+ *    lib/cuda_create.c sizes the partials with) is at least every grid a
  *    smaller batch or bound launches, and it never grows with the batch.
  *
  * SPDX-License-Identifier: MIT
