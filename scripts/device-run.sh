@@ -6,7 +6,7 @@
 # steps: check memcheck racecheck synccheck (the test binary: the whole run,
 #        then the GPU suite under compute-sanitizer), attend recall decode
 #        decode-paper accuracy (the benchmarks), decode-spec (BOUNDED m
-#        0.05 at speculative masses 0, 0.01, 0.02, with the switch),
+#        0.05 at speculative masses 0, 0.01, 0.02),
 #        decode-var (DECODE_BIN,
 #        DECODE_NAME: another build's decode), plot (a PNG per decode CSV);
 #        check-exp memcheck-exp (the same with FKV_CUDA_EXPERIMENTAL=1);
@@ -164,9 +164,9 @@ for s in "$@"; do
             ${DECODE_ARGS:-} ;;
     decode-paper) step decode-paper "${DECODE_LIMIT:-300}" build/bench/decode --trace paper \
             --csv "$logs/decode-paper.csv" ${DECODE_ARGS:-} ;;
-    decode-spec) # BOUNDED's speculative_min_mass (behind the switch), 32K
+    decode-spec) # BOUNDED's speculative_min_mass, 32K
         for sm in 0 0.01 0.02; do
-            FKV_CUDA_EXPERIMENTAL=1 step "decode-spec-$sm" "${DECODE_LIMIT:-300}" \
+            step "decode-spec-$sm" "${DECODE_LIMIT:-300}" \
                 build/bench/decode --trace paper --graph --contexts 32768 --batches 1,8 \
                 --policies FREEKV,RESIDENT --criterion bounded --min-mass 0.05 \
                 --spec-mass $sm --csv "$logs/decode-spec-$sm.csv" ${DECODE_ARGS:-}
