@@ -101,7 +101,7 @@ static inline cuda_backend *backend_of(fkv_cache *c)
 }
 
 /* Whether the attend's selection launches make the correction recall's
- * plan (attend_choose below): except under BOUNDED, whose rule kernel
+ * plan (attend_choose, cuda_layer_calls.c): except under BOUNDED, whose rule kernel
  * comes between the selection and the recall and makes the plan itself.
  * Fixed at fkv_create, which sets up the kernels for it. */
 static inline int32_t fuse_plan(const cuda_backend *cb)
