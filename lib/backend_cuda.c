@@ -1,5 +1,6 @@
-/* The CUDA backend's ops table, its errors and the device guard; the rest
- * is split by concern (lib/cuda_backend.h lists the files). It lays out
+/* The CUDA backend's ops table and its errors (the device guard is inline
+ * in cuda_backend.h); the rest is split by concern (lib/cuda_backend.h
+ * lists the files). It lays out
  * device memory, streams and events, and launches the kernels in kernels/
  * in the order each policy needs.
  *
@@ -22,7 +23,7 @@
 
 #include "cuda_backend.h"
 
-/* ---- errors and the current device ------------------------------------ */
+/* ---- errors and the device check -------------------------------------- */
 
 fkv_status fkvi_cuda_fail(fkv_cache *c, cudaError_t e, const char *what)
 {
@@ -31,25 +32,6 @@ fkv_status fkvi_cuda_fail(fkv_cache *c, cudaError_t e, const char *what)
                                                    : FKV_ERR_DEVICE;
     return fkvi_fail(c, st, "%s: %s (%s)", what, cudaGetErrorString(e),
                      cudaGetErrorName(e));
-}
-
-/* The library works on its device and gives the caller's thread its own
- * current device back. */
-fkv_status fkvi_cuda_enter(fkv_cache *c, device_guard *g)
-{
-    g->switched = 0;
-    CUDA_TRY(c, cudaGetDevice(&g->previous), "cudaGetDevice");
-    if (g->previous != backend_of(c)->device) {
-        CUDA_TRY(c, cudaSetDevice(backend_of(c)->device), "cudaSetDevice");
-        g->switched = 1;
-    }
-    return FKV_OK;
-}
-
-void fkvi_cuda_leave(const device_guard *g)
-{
-    if (g->switched)
-        (void)cudaSetDevice(g->previous);
 }
 
 const char *fkvi_cuda_unavailable(int device)

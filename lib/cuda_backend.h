@@ -1,10 +1,10 @@
 /* The CUDA backend's state and what its files share. The backend is split
- * by concern: lib/backend_cuda.c (errors, the device guard, the ops
- * table), cuda_create.c (fkv_create's device side, the engine's stream),
- * cuda_sequences.c (sequence regions and page tables), cuda_layer_calls.c
- * (the per-layer calls of the decode path) and cuda_host_calls.c (the
- * calls off it: stats, sync, the debug audit). Streams and events: the
- * comment at the top of backend_cuda.c. */
+ * by concern: lib/backend_cuda.c (errors, the ops table; the device guard
+ * is inline here), cuda_create.c (fkv_create's device side, the engine's
+ * stream), cuda_sequences.c (sequence regions and page tables),
+ * cuda_layer_calls.c (the per-layer calls of the decode path) and
+ * cuda_host_calls.c (the calls off it: stats, sync, the debug audit).
+ * Streams and events: the comment at the top of backend_cuda.c. */
 #ifndef FKV_CUDA_BACKEND_H
 #define FKV_CUDA_BACKEND_H
 
@@ -109,7 +109,7 @@ static inline int32_t fuse_plan(const cuda_backend *cb)
     return !cb->bounded;
 }
 
-/* ---- errors and the current device (backend_cuda.c) ------------------ */
+/* ---- errors (backend_cuda.c) and the current device --------------------- */
 
 /* An fkv_status and fkv_last_error's message for a failed CUDA call. */
 fkv_status fkvi_cuda_fail(fkv_cache *c, cudaError_t e, const char *what);
@@ -126,8 +126,24 @@ typedef struct device_guard {
     int switched;
 } device_guard;
 
-fkv_status fkvi_cuda_enter(fkv_cache *c, device_guard *g);
-void fkvi_cuda_leave(const device_guard *g);
+/* The library works on its device and gives the caller's thread its own
+ * current device back. Inline: every call of the decode path enters. */
+static inline fkv_status fkvi_cuda_enter(fkv_cache *c, device_guard *g)
+{
+    g->switched = 0;
+    CUDA_TRY(c, cudaGetDevice(&g->previous), "cudaGetDevice");
+    if (g->previous != backend_of(c)->device) {
+        CUDA_TRY(c, cudaSetDevice(backend_of(c)->device), "cudaSetDevice");
+        g->switched = 1;
+    }
+    return FKV_OK;
+}
+
+static inline void fkvi_cuda_leave(const device_guard *g)
+{
+    if (g->switched)
+        (void)cudaSetDevice(g->previous);
+}
 
 /* ---- cuda_create.c ---------------------------------------------------- */
 

@@ -333,49 +333,79 @@ static cudaError_t attend_choose(cuda_backend *cb, int32_t layer,
     return e;
 }
 
+/* What fkv_attend and fkv_attend_tokens share: their pointer checks, the
+ * device guard and attend_join before the launches; after them the side
+ * stream's duty to wait and the error's report. */
+typedef struct attend_call {
+    device_guard guard;
+    fkv_policy policy;
+    size_t qrow;   /* bytes of one token's q (and out) row */
+    int32_t bound; /* the attention's page bound */
+} attend_call;
+
+/* FKV_OK with the guard entered (*e: attend_join's result), or the
+ * status of a bad pointer or of the guard, with nothing entered. */
+static fkv_status attend_begin(fkv_cache *c, int32_t layer,
+                               const fkvi_batch *b, const char *call,
+                               const void *q, const void *out,
+                               attend_call *a, cudaError_t *e)
+{
+    fkv_status st = need_device_pointer(c, call, "q", q);
+    if (st == FKV_OK)
+        st = need_device_pointer(c, call, "out", out);
+    if (st == FKV_OK)
+        st = fkvi_cuda_enter(c, &a->guard);
+    if (st != FKV_OK)
+        return st;
+    a->policy = fkvi_layer_policy(c, layer);
+    a->qrow = (size_t)c->geo.q_heads * c->geo.head_dim * c->geo.elem_bytes;
+    *e = attend_join(backend_of(c), layer, a->policy);
+    a->bound = bound_pages(c, b, layer);
+    return FKV_OK;
+}
+
+static fkv_status attend_end(fkv_cache *c, int32_t layer, const char *call,
+                             const attend_call *a, cudaError_t e)
+{
+    /* Select at attend wrote the pending selection: the side stream waits
+     * before it reads it (even after an error: some of it may have run). */
+    if (a->policy == FKV_POLICY_FREEKV)
+        backend_of(c)->attend_unjoined[layer] = true;
+    fkvi_cuda_leave(&a->guard);
+    if (e != cudaSuccess)
+        return fkvi_cuda_fail(c, e, call);
+    return FKV_OK;
+}
+
 fkv_status fkvi_cuda_attend(fkv_cache *c, int32_t layer, const fkvi_batch *b,
                             const void *q, void *out)
 {
     cuda_backend *cb = backend_of(c);
-    fkv_status st = need_device_pointer(c, "fkv_attend", "q", q);
-    if (st == FKV_OK)
-        st = need_device_pointer(c, "fkv_attend", "out", out);
+    attend_call a;
+    cudaError_t e;
+    fkv_status st = attend_begin(c, layer, b, "fkv_attend", q, out, &a, &e);
     if (st != FKV_OK)
         return st;
-    device_guard guard;
-    if ((st = fkvi_cuda_enter(c, &guard)) != FKV_OK)
-        return st;
-    const fkv_policy policy = fkvi_layer_policy(c, layer);
-    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
-                        c->geo.elem_bytes;
-    cudaError_t e = attend_join(cb, layer, policy);
-    const int32_t bound = bound_pages(c, b, layer);
     /* The split kernel reads the correction's units from the pool and
      * writes them back to their slots: no gather launch (section 6). */
-    const bool fetch = policy == FKV_POLICY_FREEKV || policy == FKV_POLICY_SYNC;
+    const bool fetch = a.policy == FKV_POLICY_FREEKV ||
+                       a.policy == FKV_POLICY_SYNC;
     const bool cached = e == cudaSuccess && cache_begin(cb, cb->stream);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        const void *qc = (const char *)q + first * qrow;
-        void *oc = (char *)out + first * qrow;
-        e = attend_choose(cb, layer, policy, &d, qc, fetch);
+        const void *qc = (const char *)q + first * a.qrow;
+        void *oc = (char *)out + first * a.qrow;
+        e = attend_choose(cb, layer, a.policy, &d, qc, fetch);
         if (e == cudaSuccess)
             e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &d, layer, qc, oc,
-                                  bound, cb->seq_base_host, fetch, cb->stream);
+                                  a.bound, cb->seq_base_host, fetch, cb->stream);
     }
     if (cached)
         e = fkvi_launch_cache_end(&cb->launches, FKV_LAUNCH_SLOT_ATTEND(layer), e);
-    /* Select at attend wrote the pending selection: the side stream waits
-     * before it reads it (even after an error: some of it may have run). */
-    if (policy == FKV_POLICY_FREEKV)
-        cb->attend_unjoined[layer] = true;
-    fkvi_cuda_leave(&guard);
-    if (e != cudaSuccess)
-        return fkvi_cuda_fail(c, e, "fkv_attend");
-    return FKV_OK;
+    return attend_end(c, layer, "fkv_attend", &a, e);
 }
 
 /* T query tokens per sequence (b->tokens, rows from b->offset): the page
@@ -387,63 +417,49 @@ fkv_status fkvi_cuda_attend_tokens(fkv_cache *c, int32_t layer,
                                    void *out)
 {
     cuda_backend *cb = backend_of(c);
-    fkv_status st = need_device_pointer(c, "fkv_attend_tokens", "q", q);
-    if (st == FKV_OK)
-        st = need_device_pointer(c, "fkv_attend_tokens", "out", out);
+    attend_call a;
+    cudaError_t e;
+    fkv_status st = attend_begin(c, layer, b, "fkv_attend_tokens", q, out,
+                                 &a, &e);
     if (st != FKV_OK)
         return st;
-    device_guard guard;
-    if ((st = fkvi_cuda_enter(c, &guard)) != FKV_OK)
-        return st;
-    const fkv_policy policy = fkvi_layer_policy(c, layer);
-    const size_t qrow = (size_t)c->geo.q_heads * c->geo.head_dim *
-                        c->geo.elem_bytes;
-    cudaError_t e = attend_join(cb, layer, policy);
-    const int32_t bound = bound_pages(c, b, layer);
     FOR_EACH_CHUNK(b, first, count) {
         if (e != cudaSuccess)
             break;
         fkv_dev_batch d;
         dev_batch(b, first, count, &d);
-        if (policy != FKV_POLICY_DENSE) {
+        if (a.policy != FKV_POLICY_DENSE) {
             /* The select kernel reads entry j's query at row j. */
             for (int32_t j = 0; e == cudaSuccess && j < count; j++) {
                 const int64_t last = b->offset[first + j] +
                                      b->tokens[first + j] - 1;
-                e = cudaMemcpyAsync((char *)cb->q_last + (size_t)j * qrow,
-                                    (const char *)q + (size_t)last * qrow,
-                                    qrow, cudaMemcpyDefault, cb->stream);
+                e = cudaMemcpyAsync((char *)cb->q_last + (size_t)j * a.qrow,
+                                    (const char *)q + (size_t)last * a.qrow,
+                                    a.qrow, cudaMemcpyDefault, cb->stream);
             }
         }
         if (e == cudaSuccess)
-            e = attend_choose(cb, layer, policy, &d, cb->q_last, false);
+            e = attend_choose(cb, layer, a.policy, &d, cb->q_last, false);
         for (int32_t t = 0; e == cudaSuccess && t < d.max_tokens; t++) {
-            fkv_dev_batch a;
-            memset(&a, 0, sizeof a);
+            fkv_dev_batch one;
+            memset(&one, 0, sizeof one);
             for (int32_t j = 0; j < count; j++) {
                 const int32_t T = b->tokens[first + j];
                 if (T <= t)
                     continue;
-                a.slot[a.n] = b->slot[first + j];
-                a.tokens[a.n] = 1;
-                a.row[a.n] = (int32_t)(b->offset[first + j] + t);
-                a.cut[a.n] = T - 1 - t;
-                a.n++;
+                one.slot[one.n] = b->slot[first + j];
+                one.tokens[one.n] = 1;
+                one.row[one.n] = (int32_t)(b->offset[first + j] + t);
+                one.cut[one.n] = T - 1 - t;
+                one.n++;
             }
-            a.max_tokens = 1;
+            one.max_tokens = 1;
             /* Rows are absolute: q and out are not moved per chunk. */
-            e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &a, layer, q, out,
-                                  bound, cb->seq_base_host, 0, cb->stream);
+            e = fkv_launch_attend(&cb->lgeo[layer], &cb->lim, &cb->st_main, &one, layer, q, out,
+                                  a.bound, cb->seq_base_host, 0, cb->stream);
         }
     }
-    /* Select at attend wrote the pending selection: the side stream waits
-     * before it reads it (even after an error: some of it may have run). */
-    if (policy == FKV_POLICY_FREEKV)
-        cb->attend_unjoined[layer] = true;
-    fkvi_cuda_leave(&guard);
-    if (e != cudaSuccess)
-        return fkvi_cuda_fail(c, e, "fkv_attend_tokens");
-    return FKV_OK;
+    return attend_end(c, layer, "fkv_attend_tokens", &a, e);
 }
 
 /* FREEKV's fkv_select. The attend selected at attend (section 4 of
